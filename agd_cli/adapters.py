@@ -1,0 +1,306 @@
+"""Guidance adapters (AGD, arXiv 2503.07274 §3): small residual modules inside a frozen base.
+
+One shared embedding of (ω, t, condition) per model feeds small per-block adapters:
+  * cross_attention: block tokens attend to [ω, t, prompt tokens] (paper: best for SD/SDXL);
+  * offset: a vector from (ω, t, class/pooled condition) added after self-attention (DiT).
+Adapters live in attention processors that wrap the base's own processors; the base's modules
+and weights are never edited. ω travels with each call in `cross_attention_kwargs["agd_omega"]`;
+a forward pre-hook turns it into a per-call context, so nothing is tied to a batch size and
+gradient checkpointing recomputes with the same inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from agd_cli.errors import DataError, ModelError
+from agd_cli.presets import AdapterConfig
+
+
+@dataclass(frozen=True)
+class Site:
+    """An attention module that gets an adapter: its dotted name and output width."""
+
+    name: str
+    dim: int
+
+
+@dataclass
+class AgdContext:
+    """Per-call adapter inputs: context tokens (B, n, D) and a pooled vector (B, D)."""
+
+    tokens: torch.Tensor
+    vector: torch.Tensor
+
+
+class OmegaEmbedding(nn.Module):
+    """Smooth embedding of ω: sin/cos at low, fixed frequencies plus log ω, then an MLP.
+
+    The official code used Fourier(1000·ω) with N(0,1) frequencies — effectively a hash of ω.
+    Frequencies here span 0.05–2 rad per unit ω, so nearby ω give nearby embeddings.
+    """
+
+    def __init__(self, dim: int, n_freq: int = 16):
+        super().__init__()
+        self.register_buffer("freqs", torch.logspace(math.log10(0.05), math.log10(2.0), n_freq),
+                             persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * n_freq + 2, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, omega: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, D)
+        w = omega.float()[:, None]
+        ang = w * self.freqs[None, :]
+        feats = torch.cat([ang.sin(), ang.cos(), w.clamp_min(1e-3).log(), w / 10], dim=1)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class SharedConditioning(nn.Module):
+    """The one (ω, t, condition) embedding per model, shared by all blocks."""
+
+    def __init__(self, cfg: AdapterConfig, cond_spec: dict):
+        super().__init__()
+        d = cfg.context_dim
+        self.inputs = set(cfg.inputs)
+        self.kind = cfg.kind
+        self.omega = OmegaEmbedding(d)
+        self.time_proj = Timesteps(128, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time = TimestepEmbedding(128, d)
+        self.token_proj = nn.Linear(cond_spec["token_dim"], d) if cond_spec.get("token_dim") else None
+        self.pooled_proj = (nn.Linear(cond_spec["pooled_dim"], d)
+                            if cond_spec.get("pooled_dim") else None)
+        self.class_emb = (nn.Embedding(cond_spec["num_classes"] + 1, d)
+                          if cond_spec.get("num_classes") else None)
+
+    def _cond_vector(self, cond: dict, batch: int, like: torch.Tensor) -> torch.Tensor:
+        if self.class_emb is not None and cond.get("class_labels") is not None:
+            return self.class_emb(cond["class_labels"].long().view(batch))
+        if self.pooled_proj is not None and cond.get("pooled") is not None:
+            return self.pooled_proj(cond["pooled"].to(like.dtype))
+        if self.token_proj is not None and cond.get("tokens") is not None:
+            return self.token_proj(cond["tokens"].to(like.dtype)).mean(dim=1)
+        return torch.zeros_like(like)
+
+    def forward(self, omega: torch.Tensor, timestep: torch.Tensor, cond: dict) -> AgdContext:
+        batch = omega.shape[0]
+        w = self.omega(omega)  # (B, D)
+        zeros = torch.zeros_like(w)
+        w = w if "omega" in self.inputs else zeros
+        t = self.time(self.time_proj(timestep.float().view(-1).expand(batch)).to(w.dtype))
+        t = t if "timestep" in self.inputs else zeros
+        c_vec = self._cond_vector(cond, batch, w) if "condition" in self.inputs else zeros
+        parts = [w[:, None], t[:, None]]
+        if "condition" in self.inputs and self.token_proj is not None and cond.get("tokens") is not None:
+            parts.append(self.token_proj(cond["tokens"].to(w.dtype)))  # (B, L, D)
+        else:
+            parts.append(c_vec[:, None])
+        return AgdContext(tokens=torch.cat(parts, dim=1), vector=w + t + c_vec)
+
+
+class CrossAttentionAdapter(nn.Module):
+    """Block tokens (queries) attend to the context tokens [ω, t, prompt]; residual output."""
+
+    def __init__(self, dim: int, cfg: AdapterConfig):
+        super().__init__()
+        h = cfg.hidden_dim
+        self.heads = cfg.heads
+        self.q = nn.Linear(dim, h, bias=False)
+        self.k = nn.Linear(cfg.context_dim, h, bias=False)
+        self.v = nn.Linear(cfg.context_dim, h, bias=False)
+        self.out = nn.Linear(h, dim)
+
+    def forward(self, hidden: torch.Tensor, ctx: AgdContext) -> torch.Tensor:
+        b, n, _ = hidden.shape  # (B, N, C)
+        split = lambda x: x.view(b, -1, self.heads, x.shape[-1] // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(hidden)), split(self.k(ctx.tokens)), split(self.v(ctx.tokens))
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, h/heads)
+        return self.out(a.transpose(1, 2).reshape(b, n, -1))
+
+
+class OffsetAdapter(nn.Module):
+    """A per-block vector from the shared (ω, t, condition) embedding (paper: best for DiT)."""
+
+    def __init__(self, dim: int, cfg: AdapterConfig):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cfg.context_dim, cfg.hidden_dim), nn.SiLU(),
+                                 nn.Linear(cfg.hidden_dim, dim))
+
+    def forward(self, hidden: torch.Tensor, ctx: AgdContext) -> torch.Tensor:
+        return self.net(ctx.vector)[:, None, :]  # (B, 1, C), broadcast over tokens
+
+
+ADAPTER_CLASSES = {"cross_attention": CrossAttentionAdapter, "offset": OffsetAdapter}
+
+
+class AgdAttnProcessor:
+    """Wraps a base attention processor: base output + adapter(hidden_states, ctx) when active."""
+
+    def __init__(self, base, adapter: nn.Module | None):
+        self.base = base
+        self.adapter = adapter
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 agd: AgdContext | None = None, **kwargs) -> torch.Tensor:
+        out = self.base(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                        attention_mask=attention_mask, temb=temb, **kwargs)
+        if agd is None or self.adapter is None:
+            return out
+        dtype = agd.tokens.dtype
+        return out + self.adapter(hidden_states.to(dtype), agd).to(out.dtype)
+
+
+def site_key(name: str) -> str:
+    """Module names with dots are not valid ModuleDict keys."""
+    return name.replace(".", "__")
+
+
+class AdapterSet(nn.Module):
+    """All adapters of one base model, the shared embedding, and the hooks that drive them."""
+
+    def __init__(self, cfg: AdapterConfig, sites: list[Site], cond_spec: dict):
+        super().__init__()
+        self.config = cfg
+        self.sites = list(sites)
+        self.cond_spec = dict(cond_spec)
+        self.shared = SharedConditioning(cfg, cond_spec)
+        cls = ADAPTER_CLASSES[cfg.kind]
+        self.blocks = nn.ModuleDict({site_key(s.name): cls(s.dim, cfg) for s in sites})
+        self.enabled = True
+        self._attached: tuple | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier init (paper: beat zero init); `init = "zero"` zeroes each block's output."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.weight.device.type != "meta":
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if self.config.init == "zero":
+            for block in self.blocks.values():
+                last = block.out if hasattr(block, "out") else block.net[-1]
+                nn.init.zeros_(last.weight)
+
+    def signature(self) -> str:
+        """Identifies the base architecture the adapters fit: sites, widths and condition dims."""
+        spec = {"sites": [[s.name, s.dim] for s in self.sites], "cond": self.cond_spec}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def context(self, omega, timestep, cond: dict, batch: int, device) -> AgdContext:
+        """The per-call context from ω, t and the condition the base was called with."""
+        p = next(self.parameters())
+        w = torch.as_tensor(omega, dtype=torch.float32, device=device).view(-1).expand(batch)
+        t = torch.as_tensor(timestep, device=device).view(-1).expand(batch)
+        return self.shared(w.to(p.device), t.to(p.device), cond)
+
+    # --- attaching to a base model -------------------------------------------------------
+    def attach(self, model: nn.Module, extract: Callable[[dict], tuple[int, dict]]) -> None:
+        """Install agd processors on every attention module and the ω pre-hook on `model`."""
+        if self._attached is not None:
+            raise ModelError("adapters are already attached to a model")
+        wanted = {s.name for s in self.sites}
+        originals = {}
+        for name, module in model.named_modules():
+            if isinstance(module, Attention):
+                originals[name] = module.processor
+                adapter = self.blocks[site_key(name)] if name in wanted else None
+                module.set_processor(AgdAttnProcessor(module.processor, adapter))
+        missing = wanted - set(originals)
+        if missing:
+            raise ModelError(f"adapter sites not found in the base model: {sorted(missing)[:3]}",
+                             hint="the adapters were built for a different architecture")
+        sig = inspect.signature(model.forward)
+
+        def pre_hook(mod, args, kwargs):
+            bound = sig.bind(*args, **kwargs)
+            cak = dict(bound.arguments.get("cross_attention_kwargs") or {})
+            omega = cak.pop("agd_omega", None)
+            if omega is not None and self.enabled:
+                batch, cond = extract(bound.arguments)
+                device = next(iter(bound.arguments.values())).device
+                cak["agd"] = self.context(omega, bound.arguments["timestep"], cond, batch, device)
+            bound.arguments["cross_attention_kwargs"] = cak or None
+            return bound.args, bound.kwargs
+
+        handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        self._attached = (model, originals, handle)
+
+    def detach(self) -> None:
+        """Give the base model back exactly as it was."""
+        if self._attached is None:
+            return
+        model, originals, handle = self._attached
+        handle.remove()
+        for name, module in model.named_modules():
+            if name in originals:
+                module.set_processor(originals[name])
+        self._attached = None
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Within this block the base runs exactly as without adapters."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    # --- files ----------------------------------------------------------------------------
+    def save(self, path: str | Path, metadata: dict) -> None:
+        """One safetensors file, written atomically, with self-describing metadata."""
+        from agd_cli import __version__
+        from agd_cli.io import atomic_path
+
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+        meta.update(agd_version=__version__, adapter_config=json.dumps(self.config.to_dict()),
+                    signature=self.signature(), sites=json.dumps([[s.name, s.dim] for s in self.sites]),
+                    cond_spec=json.dumps(self.cond_spec), format="agd-adapter/1")
+        state = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=meta)
+
+
+def read_adapter_file(path: str | Path) -> tuple[dict, dict]:
+    """(state_dict, metadata) of an agd adapter file, with a clear error if it is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"adapter file not found: {path}",
+                        hint="train one with `agd train`, or pass --adapter PATH")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise DataError(f"cannot read adapter file {path}: {e}",
+                        hint="the file is corrupt or not a safetensors file") from None
+    if meta.get("format") != "agd-adapter/1":
+        raise DataError(f"{path} is not an agd adapter file (no agd metadata)",
+                        hint="pass a file written by `agd train`")
+    return state, meta
+
+
+def adapter_metadata(meta: dict) -> dict:
+    """Metadata with JSON fields decoded."""
+    out = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v)
+        except (json.JSONDecodeError, TypeError):
+            out[k] = v
+    return out

@@ -1,0 +1,54 @@
+"""Model families behind one interface (registry: FAMILIES).
+
+Each family loads from a hub id or a local folder, or builds from the preset's architecture
+config with seeded random weights; encodes conditions once (including the unconditional one);
+predicts for (x_t, t, cond) with adapters fed ω; and runs real CFG through guidance.cfg_combine.
+"""
+
+from __future__ import annotations
+
+import agd_cli.runtime  # noqa: F401 - quiets library logs before they load
+from agd_cli.families.base import (
+    Denoiser,
+    cond_cat,
+    cond_select,
+    cond_to,
+    count_truncated,
+    resolve_device,
+    resolve_dtype,
+)
+from agd_cli.families.dit import DiTDenoiser
+from agd_cli.families.sd import SDDenoiser
+from agd_cli.families.sdxl import SDXLDenoiser
+from agd_cli.presets import Preset
+
+FAMILIES: dict[str, type[Denoiser]] = {"sd": SDDenoiser, "sdxl": SDXLDenoiser, "dit": DiTDenoiser}
+
+__all__ = ["FAMILIES", "Denoiser", "cond_cat", "cond_select", "cond_to", "count_truncated",
+           "load_denoiser", "resolve_device", "resolve_dtype"]
+
+
+def load_denoiser(preset: Preset, device=None, dtype: str = "fp32", weights: str = "pretrained",
+                  text: bool = True) -> Denoiser:
+    """The registry's entry point: the preset's family, loaded (or built with random weights)."""
+    return FAMILIES[preset.family].load(preset, device=device, dtype=dtype, weights=weights,
+                                        text=text)
+
+
+def count_parameters(preset: Preset) -> dict:
+    """Base (UNet/transformer) and adapter parameter counts; real-size bases on the meta device."""
+    import torch
+    from accelerate import init_empty_weights
+
+    cls = FAMILIES[preset.family]
+    if preset.architecture.get("unet") or preset.architecture.get("transformer"):
+        with init_empty_weights():
+            den = cls.load(preset, device=torch.device("meta"), weights="random", text=False)
+            adapters = den.new_adapters()
+    else:  # a small shipped model without an architecture section: load it for real
+        den = cls.load(preset, device="cpu", text=False)
+        adapters = den.new_adapters()
+    base = sum(p.numel() for p in den.model.parameters())
+    extra = sum(p.numel() for p in adapters.parameters())
+    return {"base_params": base, "adapter_params": extra, "ratio": extra / base,
+            "adapter_sites": len(adapters.sites)}

@@ -1,0 +1,69 @@
+"""DiT (class-conditional latent transformer with learned sigma), e.g. DiT-XL/2."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from agd_cli.errors import InputError
+from agd_cli.families.base import Denoiser, _load_scheduler_config, _seeded, _vae_config
+
+
+class DiTDenoiser(Denoiser):
+    """cond = {"class_labels": (B,) int64}; the null class is num_embeds_ada_norm (1000)."""
+
+    family = "dit"
+    adapter_kinds = ("offset",)  # no token sequence to attend to
+
+    @classmethod
+    def _build_random(cls, preset):
+        from diffusers import DiTTransformer2DModel
+
+        arch = preset.architecture
+        model = _seeded(lambda: DiTTransformer2DModel(**arch["transformer"]))
+        return model, {"id2label": {}}, arch["scheduler"], arch.get("vae")
+
+    @classmethod
+    def _load_pretrained(cls, preset, source, text, dtype):
+        from diffusers import DiTPipeline, DiTTransformer2DModel
+
+        model = DiTTransformer2DModel.from_pretrained(source, subfolder="transformer",
+                                                      torch_dtype=dtype)
+        try:
+            id2label = dict(DiTPipeline.load_config(source).get("id2label") or {})
+        except (OSError, ValueError):
+            id2label = {}
+        return model, {"id2label": id2label}, _load_scheduler_config(source), _vae_config(source)
+
+    @property
+    def null_class(self) -> int:
+        return int(self.model.config.num_embeds_ada_norm)
+
+    def class_id(self, prompt) -> int:
+        """A class id from an int, a numeric string or an ImageNet class name."""
+        text = str(prompt).strip()
+        if text.isdigit() and int(text) < self.null_class:
+            return int(text)
+        for idx, names in self.text.get("id2label", {}).items():
+            if text.lower() in [n.strip().lower() for n in str(names).split(",")]:
+                return int(idx)
+        raise InputError(f"unknown class '{prompt}' for {self.preset.name}",
+                         hint=f"use a class id 0-{self.null_class - 1}"
+                              + (" or an ImageNet class name" if self.text.get("id2label") else ""))
+
+    def encode(self, prompts: Sequence, size=None) -> dict:
+        labels = [self.class_id(p) for p in prompts]
+        return {"class_labels": torch.tensor(labels, dtype=torch.long, device=self.device)}
+
+    def encode_null(self, n: int, size=None) -> dict:
+        return {"class_labels": torch.full((n,), self.null_class, dtype=torch.long, device=self.device)}
+
+    def _model_kwargs(self, cond: dict) -> dict:
+        return {"class_labels": cond["class_labels"]}
+
+    def cond_spec(self) -> dict:
+        return {"num_classes": self.null_class}
+
+    def extract_adapter_cond(self, arguments: dict) -> tuple[int, dict]:
+        return arguments["hidden_states"].shape[0], {"class_labels": arguments["class_labels"]}

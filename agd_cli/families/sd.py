@@ -1,0 +1,77 @@
+"""Stable Diffusion 1.x/2.x (latent, ε or v) and its pixel-space variant (no VAE)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from agd_cli.errors import ModelError
+from agd_cli.families.base import (
+    Denoiser,
+    _clip_config,
+    _load_scheduler_config,
+    _seeded,
+    _tokenize,
+    _vae_config,
+)
+from agd_cli.text import build_char_tokenizer
+
+
+class SDDenoiser(Denoiser):
+    """UNet2DConditionModel + one CLIP text encoder; cond = {"prompt_embeds": (B, L, D)}."""
+
+    family = "sd"
+
+    @classmethod
+    def _build_random(cls, preset):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        arch = preset.architecture
+        tok = build_char_tokenizer(arch.get("tokenizer", {}).get("model_max_length", 77))
+        unet = _seeded(lambda: UNet2DConditionModel(**arch["unet"]))
+        te = _seeded(lambda: CLIPTextModel(_clip_config(arch["text_encoder"], tok)))
+        return unet, {"tokenizer": tok, "text_encoder": te}, arch["scheduler"], arch.get("vae")
+
+    @classmethod
+    def _load_pretrained(cls, preset, source, text, dtype):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+        parts = {}
+        if text:
+            parts["tokenizer"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+            parts["text_encoder"] = CLIPTextModel.from_pretrained(
+                source, subfolder="text_encoder", dtype=dtype)
+        vae = None if preset.pixel_space else _vae_config(source)
+        return unet, parts, _load_scheduler_config(source), vae
+
+    def _text(self):
+        if "text_encoder" not in self.text:
+            raise ModelError("the text encoder was not loaded or has been freed",
+                             hint="encode all conditions before free_text_encoders()")
+        return self.text["tokenizer"], self.text["text_encoder"]
+
+    @property
+    def tokenizer(self):
+        return self._text()[0]
+
+    def encode(self, prompts: Sequence[str], size=None) -> dict:
+        tok, te = self._text()
+        with torch.no_grad():
+            emb = te(_tokenize(tok, prompts, self.device)).last_hidden_state
+        return {"prompt_embeds": emb}
+
+    def encode_null(self, n: int, size=None) -> dict:
+        return {k: v.expand(n, *v.shape[1:]).clone() for k, v in self.encode([""]).items()}
+
+    def _model_kwargs(self, cond: dict) -> dict:
+        return {"encoder_hidden_states": cond["prompt_embeds"]}
+
+    def cond_spec(self) -> dict:
+        return {"token_dim": self.model.config.cross_attention_dim}
+
+    def extract_adapter_cond(self, arguments: dict) -> tuple[int, dict]:
+        return arguments["sample"].shape[0], {"tokens": arguments["encoder_hidden_states"]}

@@ -1,0 +1,81 @@
+"""Stable Diffusion XL: two CLIP text encoders, pooled embeddings and size/crop time ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from agd_cli.families.base import _clip_config, _load_scheduler_config, _seeded, _tokenize, _vae_config
+from agd_cli.families.sd import SDDenoiser
+from agd_cli.text import build_char_tokenizer
+
+
+class SDXLDenoiser(SDDenoiser):
+    """cond = {"prompt_embeds": (B, L, 2048), "pooled": (B, 1280), "time_ids": (B, 6)}."""
+
+    family = "sdxl"
+
+    @classmethod
+    def _build_random(cls, preset):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        arch = preset.architecture
+        tok = build_char_tokenizer(arch.get("tokenizer", {}).get("model_max_length", 77))
+        unet = _seeded(lambda: UNet2DConditionModel(**arch["unet"]))
+        te = _seeded(lambda: CLIPTextModel(_clip_config(arch["text_encoder"], tok)))
+        te2 = _seeded(lambda: CLIPTextModelWithProjection(_clip_config(arch["text_encoder_2"], tok)))
+        text = {"tokenizer": tok, "text_encoder": te, "tokenizer_2": tok, "text_encoder_2": te2}
+        return unet, text, arch["scheduler"], arch.get("vae")
+
+    @classmethod
+    def _load_pretrained(cls, preset, source, text, dtype):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+        parts = {}
+        if text:
+            for sub, cls_ in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
+                parts["tokenizer" + sub] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer" + sub)
+                parts["text_encoder" + sub] = cls_.from_pretrained(
+                    source, subfolder="text_encoder" + sub, dtype=dtype)
+        return unet, parts, _load_scheduler_config(source), _vae_config(source)
+
+    def _time_ids(self, n: int, size) -> torch.Tensor:
+        h, w = size or (self.preset.resolution, self.preset.resolution)
+        # (original size, crop top-left, target size), as SDXL was trained with
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=self.device).repeat(n, 1)
+
+    def encode(self, prompts: Sequence[str], size=None) -> dict:
+        self._text()
+        embs = []
+        with torch.no_grad():
+            for sub in ("", "_2"):
+                tok, te = self.text["tokenizer" + sub], self.text["text_encoder" + sub]
+                out = te(_tokenize(tok, prompts, self.device), output_hidden_states=True)
+                embs.append(out.hidden_states[-2])  # SDXL uses the penultimate layer
+        return {"prompt_embeds": torch.cat(embs, dim=-1), "pooled": out.text_embeds,
+                "time_ids": self._time_ids(len(prompts), size)}
+
+    def encode_null(self, n: int, size=None) -> dict:
+        # SDXL base sets force_zeros_for_empty_prompt: the unconditional embedding is all zeros
+        ref = self.encode([""], size)
+        null = {k: torch.zeros_like(v).expand(n, *v.shape[1:]).clone() for k, v in ref.items()}
+        null["time_ids"] = self._time_ids(n, size)
+        return null
+
+    def _model_kwargs(self, cond: dict) -> dict:
+        return {"encoder_hidden_states": cond["prompt_embeds"],
+                "added_cond_kwargs": {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}}
+
+    def cond_spec(self) -> dict:
+        c = self.model.config
+        return {"token_dim": c.cross_attention_dim,
+                "pooled_dim": c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim}
+
+    def extract_adapter_cond(self, arguments: dict) -> tuple[int, dict]:
+        added = arguments.get("added_cond_kwargs") or {}
+        return arguments["sample"].shape[0], {"tokens": arguments["encoder_hidden_states"],
+                                              "pooled": added.get("text_embeds")}

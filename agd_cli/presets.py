@@ -1,0 +1,251 @@
+"""Presets: TOML files describing a base model, its sampler, adapters and stage defaults.
+
+A preset is validated against SCHEMA before any model loads: an unknown key or a bad value
+raises InputError naming the key and the value. Command-line flags override preset values.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agd_cli.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "presets"
+FAMILIES = ("sd", "sdxl", "dit")
+ADAPTER_KINDS = ("cross_attention", "offset")
+ADAPTER_INPUTS = ("omega", "timestep", "condition")
+SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "ddpm", "unipc", "heun")
+DTYPES = ("fp16", "bf16", "fp32")
+OPTIMIZERS = ("adamw8bit", "adamw")
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _fraction(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+
+
+def _nonneg_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _str(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+def _bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _one_of(options: tuple[str, ...]):
+    def check(v: Any) -> bool:
+        return v in options
+
+    check.__doc__ = "one of " + ", ".join(options)
+    return check
+
+
+def _inputs(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(x in ADAPTER_INPUTS for x in v)
+
+
+_inputs.__doc__ = "a non-empty list from " + ", ".join(ADAPTER_INPUTS)
+
+# section -> key -> (validator, description used in error messages)
+SCHEMA: dict[str, dict[str, Any]] = {
+    "": {
+        "name": _str, "family": _one_of(FAMILIES), "base_model": _str, "description": _str,
+        "resolution": _pos_int, "pixel_space": _bool, "prompts": _str,
+    },
+    "sampling": {
+        "scheduler": _one_of(SCHEDULERS), "steps": _pos_int,
+        "omega_min": _positive, "omega_max": _positive, "default_omega": _positive,
+    },
+    "adapter": {
+        "kind": _one_of(ADAPTER_KINDS), "hidden_dim": _pos_int, "context_dim": _pos_int,
+        "heads": _pos_int, "inputs": _inputs, "init": _one_of(("xavier", "zero")),
+    },
+    "collect": {
+        "num_per_prompt": _pos_int, "batch_size": _pos_int, "keep_steps": _pos_int,
+        "dtype": _one_of(DTYPES),
+    },
+    "train": {
+        "lr": _positive, "batch_size": _pos_int, "grad_accum": _pos_int, "steps": _pos_int,
+        "optimizer": _one_of(OPTIMIZERS), "precision": _one_of(DTYPES),
+        "gradient_checkpointing": _bool, "warmup_steps": _nonneg_int,
+        "val_fraction": _fraction, "checkpoint_every": _pos_int, "keep_checkpoints": _pos_int,
+        "preview_every": _nonneg_int, "weight_decay": lambda v: isinstance(v, (int, float)) and v >= 0,
+    },
+    "memory": {"profile": _str, "vae_tiling": _bool},
+}
+ARCH_KEYS = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae", "scheduler",
+             "tokenizer")
+
+
+@dataclass
+class AdapterConfig:
+    """What the guidance adapters look like (see adapters.py)."""
+
+    kind: str = "cross_attention"
+    hidden_dim: int = 128
+    context_dim: int = 256
+    heads: int = 2
+    inputs: list[str] = field(default_factory=lambda: list(ADAPTER_INPUTS))
+    init: str = "xavier"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "hidden_dim": self.hidden_dim,
+                "context_dim": self.context_dim, "heads": self.heads,
+                "inputs": list(self.inputs), "init": self.init}
+
+
+@dataclass
+class Preset:
+    """A validated preset. `raw` keeps the TOML as parsed, for manifests and metadata."""
+
+    name: str
+    family: str
+    base_model: str
+    resolution: int
+    description: str = ""
+    pixel_space: bool = False
+    prompts: str | None = None
+    sampling: dict = field(default_factory=dict)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    collect: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+    architecture: dict = field(default_factory=dict)
+    source: Path | None = None
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def omega_range(self) -> tuple[float, float]:
+        return float(self.sampling["omega_min"]), float(self.sampling["omega_max"])
+
+    def resolve_base_model(self) -> str:
+        """A local folder (relative paths are taken from the preset's folder) or a hub id."""
+        bm = self.base_model
+        if bm.startswith("builtin:"):
+            return str(Path(__file__).parent / "assets" / bm.split(":", 1)[1])
+        if bm == "config":
+            return bm
+        if self.source is not None and not Path(bm).is_absolute():
+            local = self.source.parent / bm
+            if local.exists():
+                return str(local)
+        return bm
+
+
+DEFAULTS: dict[str, dict] = {
+    "sampling": {"scheduler": "ddim", "steps": 50},
+    "collect": {"num_per_prompt": 1, "batch_size": 4, "dtype": "fp16"},
+    "train": {"lr": 1e-4, "batch_size": 8, "grad_accum": 1, "steps": 2000,
+              "optimizer": "adamw8bit", "precision": "bf16", "gradient_checkpointing": True,
+              "warmup_steps": 100, "val_fraction": 0.1, "checkpoint_every": 500,
+              "keep_checkpoints": 2, "preview_every": 0, "weight_decay": 0.0},
+    "memory": {"profile": "24GB", "vae_tiling": False},
+}
+
+
+def _bad(where: str, key: str, value: Any, check) -> InputError:
+    expected = (check.__doc__ or check.__name__.strip("_")).strip()
+    return InputError(f"preset {where}: bad value for '{key}': {value!r}",
+                      hint=f"'{key}' must be {expected}")
+
+
+def validate(data: dict, where: str) -> None:
+    """Check every key and value of a parsed preset against SCHEMA."""
+    for key, value in data.items():
+        if isinstance(value, dict) and key in SCHEMA and key != "":
+            for sub, sval in value.items():
+                check = SCHEMA[key].get(sub)
+                if check is None:
+                    raise InputError(f"preset {where}: unknown key '{key}.{sub}' (value {sval!r})",
+                                     hint=f"known keys in [{key}]: {', '.join(SCHEMA[key])}")
+                if not check(sval):
+                    raise _bad(where, f"{key}.{sub}", sval, check)
+        elif key == "architecture":
+            if not isinstance(value, dict) or any(k not in ARCH_KEYS for k in value):
+                bad = [k for k in (value if isinstance(value, dict) else {}) if k not in ARCH_KEYS]
+                raise InputError(f"preset {where}: unknown architecture part(s) {bad or value!r}",
+                                 hint=f"known parts: {', '.join(ARCH_KEYS)}")
+        elif key in SCHEMA[""]:
+            if not SCHEMA[""][key](value):
+                raise _bad(where, key, value, SCHEMA[""][key])
+        else:
+            known = [k for k in SCHEMA[""]] + [k for k in SCHEMA if k] + ["architecture"]
+            raise InputError(f"preset {where}: unknown key '{key}' (value {value!r})",
+                             hint=f"known top-level keys: {', '.join(known)}")
+    for required in ("name", "family", "base_model", "resolution"):
+        if required not in data:
+            raise InputError(f"preset {where}: missing key '{required}'",
+                             hint="see the presets shipped in agd_cli/presets/ for examples")
+    s = data.get("sampling", {})
+    for k in ("omega_min", "omega_max"):
+        if k not in s:
+            raise InputError(f"preset {where}: missing key 'sampling.{k}'",
+                             hint="the guidance-scale range adapters are trained on, e.g. 1 and 12")
+    if s["omega_min"] > s["omega_max"]:
+        raise InputError(f"preset {where}: sampling.omega_min {s['omega_min']} > "
+                         f"sampling.omega_max {s['omega_max']}", hint="swap the two values")
+
+
+def from_dict(data: dict, source: Path | None = None) -> Preset:
+    """Validate a parsed TOML dict and fill in defaults."""
+    where = str(source) if source else data.get("name", "<dict>")
+    validate(data, where)
+    merged = {k: {**DEFAULTS.get(k, {}), **data.get(k, {})} for k in
+              ("sampling", "collect", "train", "memory")}
+    merged["collect"].setdefault("keep_steps", merged["sampling"]["steps"])
+    merged["sampling"].setdefault("default_omega",
+                                  round((s := merged["sampling"])["omega_min"] * 0.5
+                                        + s["omega_max"] * 0.5, 2))
+    return Preset(
+        name=data["name"], family=data["family"], base_model=data["base_model"],
+        resolution=data["resolution"], description=data.get("description", ""),
+        pixel_space=data.get("pixel_space", False), prompts=data.get("prompts"),
+        sampling=merged["sampling"], adapter=AdapterConfig(**data.get("adapter", {})),
+        collect=merged["collect"], train=merged["train"], memory=merged["memory"],
+        architecture=copy.deepcopy(data.get("architecture", {})), source=source,
+        raw=copy.deepcopy(data),
+    )
+
+
+def builtin_names() -> list[str]:
+    """Names of the presets shipped with agd."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """Load a shipped preset by name, or the user's own TOML file by path."""
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" or path.exists()):
+        path = PRESET_DIR / f"{name_or_path}.toml"
+        if not path.exists():
+            raise InputError(f"unknown preset '{name_or_path}'",
+                             hint=f"choose one of {', '.join(builtin_names())}, "
+                                  "or give the path of a .toml file")
+    if not path.is_file():
+        raise InputError(f"preset file not found: {path}", hint="check the path")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"preset {path} is not valid TOML: {e}",
+                         hint="fix the syntax; see agd_cli/presets/*.toml for examples") from None
+    return from_dict(data, source=path.resolve())

@@ -1,0 +1,84 @@
+"""The sampling loop shared by collect, generate and bench, with NFE counting and callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from agd_cli.errors import InputError
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
+    "ddpm": "DDPMScheduler", "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler",
+}
+MODES = ("agd", "cfg", "unguided", "cfg-cutoff")
+
+
+def make_scheduler(name: str, config: dict):
+    """A diffusers scheduler of the named kind from the base model's scheduler config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise InputError(f"unknown scheduler '{name}'", hint=f"choose one of {', '.join(SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    kwargs = {"timestep_spacing": "trailing"} if name in ("euler", "euler-a", "dpm++", "heun") else {}
+    return cls.from_config({**config, **kwargs})
+
+
+def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """x_T ~ N(0, I), one CPU generator per sample: the same seed gives the same image
+    whatever the batch size or device."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds])
+
+
+@dataclass
+class SampleResult:
+    """Final samples (model space, on the model's device) and model evaluations per sample."""
+
+    x: torch.Tensor
+    nfe: int
+
+
+def model_output(denoiser, mode: str, x, t, cond: dict, uncond: dict | None, omega,
+                 guided: bool = True) -> torch.Tensor:
+    """One step's prediction for a sampling mode: agd (1 NFE), cfg (2), unguided (1)."""
+    if mode == "agd":
+        if denoiser.adapters is None:
+            raise InputError("mode 'agd' needs adapters", hint="load an adapter file first")
+        return denoiser.predict(x, t, cond, omega=omega)
+    if mode in ("cfg", "cfg-cutoff") and guided:
+        return denoiser.predict_cfg(x, t, cond, uncond, omega)
+    return denoiser.predict(x, t, cond)
+
+
+@torch.no_grad()
+def sample(denoiser, cond: dict, uncond: dict | None, omega, noise: torch.Tensor, *,
+           mode: str = "agd", steps: int = 50, scheduler: str = "ddim", cutoff: float = 0.5,
+           callback: Callable[[dict], None] | None = None) -> SampleResult:
+    """Run the reverse process from `noise`; `callback(info)` is called after every step.
+
+    info = {"i", "t", "model_input", "output", "x_next"}: the model input x_t as the model saw
+    it, the (guided) model output used by the scheduler, and the next sample.
+    """
+    if mode not in MODES:
+        raise InputError(f"unknown sampling mode '{mode}'", hint=f"one of {', '.join(MODES)}")
+    if steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}", hint="try --steps 50")
+    sched = make_scheduler(scheduler, denoiser.scheduler_config)
+    sched.set_timesteps(steps, device=denoiser.device)
+    x = noise.to(denoiser.device, torch.float32) * sched.init_noise_sigma
+    start = denoiser.nfe
+    timesteps = sched.timesteps
+    for i, t in enumerate(timesteps):
+        model_input = sched.scale_model_input(x, t)
+        guided = i < int(round(cutoff * len(timesteps))) if mode == "cfg-cutoff" else True
+        out = model_output(denoiser, mode, model_input, t, cond, uncond, omega, guided).float()
+        x_next = sched.step(out, t, x, return_dict=False)[0]
+        if callback is not None:
+            callback({"i": i, "t": t, "model_input": model_input, "output": out, "x_next": x_next})
+        x = x_next
+    return SampleResult(x=x, nfe=denoiser.nfe - start)

@@ -1,0 +1,132 @@
+"""On-disk trajectory collections: a manifest plus atomic, checksummed safetensors shards.
+
+    trajectories/manifest.json        run identity ("config") and, once finalised, "shards"
+    trajectories/shard-<tag>.safetensors
+    trajectories/shard-<tag>.json     sidecar: ids, counts, bytes, sha256 — a shard counts as
+                                      complete only once its sidecar exists
+
+Tensors of a shard with N trajectories of K kept steps (fp16 unless noted):
+    x (N, K, C, H, W)          model input x_t at each kept step
+    target (N, K, C, H, W)     CFG-guided model output ε̃ (or ṽ) at that step
+    timesteps (N, K) int64     omega (N,) float32
+    prompt_index (N,) int64    trajectory_id (N,) int64
+    cond_row (N,) int64        row of this trajectory's condition in the cond.* tensors
+    cond.<key> (U, ...)        condition of each distinct prompt in the shard (stored once)
+    uncond.<key> (1, ...)      the unconditional condition
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from agd_cli.errors import DataError
+from agd_cli.io import atomic_path, read_json, write_json
+
+IDENTITY_KEYS = ("preset", "base_model", "prompts_sha256", "seed", "steps", "keep_steps",
+                 "omega_min", "omega_max", "num_per_prompt", "scheduler")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class TrajectoryStore:
+    """A collection folder (`<run>/trajectories`)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest_path = self.root / "manifest.json"
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict:
+        if not self.exists():
+            raise DataError(f"no trajectory collection in {self.root} (manifest.json missing)",
+                            hint="run `agd collect` first")
+        try:
+            return read_json(self.manifest_path)
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"cannot read {self.manifest_path}: {e}",
+                            hint="the file is damaged; recollect with --overwrite") from None
+
+    def init(self, config: dict, overwrite: bool = False) -> None:
+        """Create the manifest, or check that an existing one describes the same collection."""
+        if self.exists() and not overwrite:
+            old = self.manifest().get("config", {})
+            diff = [k for k in IDENTITY_KEYS if old.get(k) != config.get(k)]
+            if diff:
+                k = diff[0]
+                raise DataError(
+                    f"{self.root} already holds a different collection ({k}: "
+                    f"{old.get(k)!r} there, {config.get(k)!r} now)",
+                    hint="rerun with the same settings to resume, use --out for a new folder, "
+                         "or --overwrite to replace it")
+            return
+        if overwrite and self.root.exists():
+            for p in self.root.glob("shard-*"):
+                p.unlink()
+        write_json(self.manifest_path, {"config": config, "shards": []})
+
+    def clean_partial(self) -> None:
+        """Remove leftovers of an interrupted write: temp files and shards without sidecar."""
+        for p in self.root.glob(".*.tmp-*"):
+            p.unlink(missing_ok=True)
+        for p in self.root.glob("shard-*.safetensors"):
+            if not p.with_suffix(".json").exists():
+                p.unlink()
+
+    def shards(self) -> list[dict]:
+        """Sidecar infos of all complete shards, in name order."""
+        return [read_json(p) for p in sorted(self.root.glob("shard-*.json"))]
+
+    def completed(self) -> set[int]:
+        """Trajectory ids already stored in complete shards."""
+        return {i for info in self.shards() for i in info["trajectory_ids"]}
+
+    def write_shard(self, tag: str, tensors: dict[str, torch.Tensor], trajectory_ids: list[int],
+                    metadata: dict | None = None) -> dict:
+        """Write a shard atomically, then its sidecar (which marks it complete)."""
+        path = self.root / f"shard-{tag}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata={k: str(v) for k, v in (metadata or {}).items()})
+        x = tensors["x"]
+        info = {"file": path.name, "trajectories": len(trajectory_ids),
+                "trajectory_ids": [int(i) for i in trajectory_ids], "steps": int(x.shape[1]),
+                "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        write_json(path.with_suffix(".json"), info)
+        return info
+
+    def finalize(self) -> dict:
+        """Rewrite the manifest with the shard list and totals."""
+        m = self.manifest()
+        m["shards"] = self.shards()
+        m["trajectories"] = sum(s["trajectories"] for s in m["shards"])
+        m["bytes_on_disk"] = sum(s["bytes"] for s in m["shards"])
+        write_json(self.manifest_path, m)
+        return m
+
+    def open_shard(self, info: dict, verify: bool = False):
+        """A lazy safetensors handle of a shard (memory-mapped; read tensors or slices)."""
+        path = self.root / info["file"]
+        if not path.is_file():
+            raise DataError(f"shard {path} is listed but missing", hint="recollect with --overwrite")
+        if verify and (path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]):
+            raise DataError(f"shard {path} is corrupt or truncated (checksum mismatch)",
+                            hint="delete it and its .json sidecar, then rerun `agd collect` to redo it")
+        try:
+            return safe_open(str(path), "pt")
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise DataError(f"cannot read shard {path}: {e}",
+                            hint="delete it and its .json sidecar, then rerun `agd collect`") from None
