@@ -25,7 +25,7 @@ from agd_cli.presets import Preset
 FAMILIES: dict[str, type[Denoiser]] = {"sd": SDDenoiser, "sdxl": SDXLDenoiser, "dit": DiTDenoiser}
 
 __all__ = ["FAMILIES", "Denoiser", "cond_cat", "cond_select", "cond_to", "count_truncated",
-           "load_denoiser", "resolve_device", "resolve_dtype"]
+           "load_denoiser", "load_with_adapters", "preset_for_adapter", "resolve_device", "resolve_dtype"]
 
 
 def load_denoiser(preset: Preset, device=None, dtype: str = "fp32", weights: str = "pretrained",
@@ -52,3 +52,26 @@ def count_parameters(preset: Preset) -> dict:
     extra = sum(p.numel() for p in adapters.parameters())
     return {"base_params": base, "adapter_params": extra, "ratio": extra / base,
             "adapter_sites": len(adapters.sites)}
+
+
+def preset_for_adapter(path) -> Preset:
+    """The preset an adapter file was trained with (from its metadata)."""
+    from agd_cli.adapters import adapter_metadata, read_adapter_file
+    from agd_cli.presets import from_dict, load_preset
+
+    meta = adapter_metadata(read_adapter_file(path)[1])
+    raw = meta.get("preset_toml")
+    if isinstance(raw, dict):
+        preset = from_dict(raw)
+        if not str(meta.get("base_model", "")).startswith("random:"):
+            preset.base_model = meta["base_model"]  # already resolved when it was trained
+        return preset
+    return load_preset(meta["preset"])
+
+
+def load_with_adapters(path, device=None, dtype: str = "fp32", text: bool = True) -> Denoiser:
+    """Load the base an adapter file was trained on and attach the adapters."""
+    preset = preset_for_adapter(path)
+    den = load_denoiser(preset, device=device, dtype=dtype, text=text)
+    den.load_adapters(path)
+    return den

@@ -211,6 +211,13 @@ class Denoiser:
         aset.attach(self.model, self.extract_adapter_cond)
         self.adapters = aset
 
+    def adapter_metadata(self, train_steps: int = 0, **extra) -> dict:
+        """What an adapter file says about where it came from (see AdapterSet.save)."""
+        lo, hi = self.preset.omega_range
+        return {"family": self.family, "base_model": self.source, "preset": self.preset.name,
+                "preset_toml": self.preset.raw, "omega_min": lo, "omega_max": hi,
+                "train_steps": train_steps, **extra}
+
     def load_adapters(self, path: str | Path, dtype: torch.dtype | None = None) -> AdapterSet:
         """Load an adapter file written by `agd train`; refuse one made for another base."""
         state, raw = read_adapter_file(path)
