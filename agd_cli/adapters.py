@@ -78,11 +78,14 @@ class SharedConditioning(nn.Module):
         self.omega = OmegaEmbedding(d)
         self.time_proj = Timesteps(128, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time = TimestepEmbedding(128, d)
-        self.token_proj = nn.Linear(cond_spec["token_dim"], d) if cond_spec.get("token_dim") else None
-        self.pooled_proj = (nn.Linear(cond_spec["pooled_dim"], d)
-                            if cond_spec.get("pooled_dim") else None)
-        self.class_emb = (nn.Embedding(cond_spec["num_classes"] + 1, d)
-                          if cond_spec.get("num_classes") else None)
+        # only the condition parts this adapter kind reads, so every parameter gets a gradient
+        use_cond = "condition" in self.inputs
+        tokens = use_cond and bool(cond_spec.get("token_dim"))
+        pooled = use_cond and bool(cond_spec.get("pooled_dim")) and cfg.kind == "offset"
+        classes = use_cond and bool(cond_spec.get("num_classes"))
+        self.token_proj = nn.Linear(cond_spec["token_dim"], d) if tokens and not pooled else None
+        self.pooled_proj = nn.Linear(cond_spec["pooled_dim"], d) if pooled else None
+        self.class_emb = nn.Embedding(cond_spec["num_classes"] + 1, d) if classes else None
 
     def _cond_vector(self, cond: dict, batch: int, like: torch.Tensor) -> torch.Tensor:
         if self.class_emb is not None and cond.get("class_labels") is not None:

@@ -1,0 +1,29 @@
+"""Shared test settings: quiet progress bars, few threads, a CLI runner in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("AGD_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def run_agd(*args: str, cwd=None, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `agd ARGS` in a fresh interpreter, as a user would; returns the completed process."""
+    full_env = {**os.environ, "AGD_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "agd_cli.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    try:
+        import torch
+
+        torch.set_num_threads(2)
+    except ImportError:  # pragma: no cover
+        pass
