@@ -78,13 +78,17 @@ class TrajectoryStore:
                 p.unlink()
         write_json(self.manifest_path, {"config": config, "shards": []})
 
-    def clean_partial(self) -> None:
-        """Remove leftovers of an interrupted write: temp files and shards without sidecar."""
-        for p in self.root.glob(".*.tmp-*"):
+    def clean_partial(self, tag_prefix: str = "") -> None:
+        """Remove leftovers of an interrupted write: temp files and shards without sidecar.
+
+        `tag_prefix` limits it to one writer's shards (parallel collect workers).
+        """
+        temps = ".*.tmp-*" if not tag_prefix else f".shard-{tag_prefix}*.tmp-*"
+        for p in self.root.glob(temps):
             p.unlink(missing_ok=True)
-        for p in self.root.glob("shard-*.safetensors"):
+        for p in self.root.glob(f"shard-{tag_prefix}*.safetensors"):
             if not p.with_suffix(".json").exists():
-                p.unlink()
+                p.unlink(missing_ok=True)
 
     def shards(self) -> list[dict]:
         """Sidecar infos of all complete shards, in name order."""

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from agd_cli import ui
 from agd_cli.adapters import AdapterSet, Site, adapter_metadata, read_adapter_file
 from agd_cli.errors import AgdError, DataError, InputError, ModelError
 from agd_cli.guidance import cfg_combine

@@ -6,7 +6,13 @@ from collections.abc import Sequence
 
 import torch
 
-from agd_cli.families.base import _clip_config, _load_scheduler_config, _seeded, _tokenize, _vae_config
+from agd_cli.families.base import (
+    _clip_config,
+    _load_scheduler_config,
+    _seeded,
+    _tokenize,
+    _vae_config,
+)
 from agd_cli.families.sd import SDDenoiser
 from agd_cli.text import build_char_tokenizer
 
