@@ -1,0 +1,541 @@
+"""`agd collect`: record the teacher's own CFG-guided sampling trajectories (AGD §3.2).
+
+Lean where the official code is not: fp16 on disk, K kept steps instead of ~1000, prompt
+embeddings stored once per prompt, text encoders freed after one encoding pass, no VAE, cond
+and uncond in one batched call, several trajectories per batch, and resumable shards.
+
+Reproducibility: trajectory id = prompt_index * num_per_prompt + j over the full prompt list;
+its ω and initial noise come from generators seeded by (seed, id), so the data are the same
+whatever the batch size, sharding or resume point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agd_cli import __version__, ui
+from agd_cli.errors import InputError
+from agd_cli.presets import DTYPES, Preset, load_preset
+from agd_cli.prompts import builtin_prompts, parse_classes, prompts_sha256, read_prompts
+from agd_cli.workspace import TRAJECTORIES, run_dir
+
+ENCODE_CHUNK = 64          # prompts per text-encoder call
+DISK_MARGIN = 1.05         # refuse unless free space exceeds the estimate by 5 %
+FP32_COND_KEYS = ("time_ids",)  # SDXL size/crop ids: exact integers, tiny, keep fp32
+
+
+@dataclass
+class CollectSettings:
+    """Resolved flags (flag > preset > default) for one collect worker."""
+
+    preset: Preset
+    prompts: list
+    prompt_source: str
+    num_per_prompt: int
+    steps: int
+    keep_steps: int
+    omega_min: float
+    omega_max: float
+    batch_size: int
+    seed: int
+    device: str | None
+    dtype: str
+    shard_index: int
+    num_shards: int
+    run: Path
+    overwrite: bool
+    accelerate_state: object | None = None
+    ids: list[int] = field(default_factory=list)  # this worker's trajectory ids
+
+    @property
+    def scheduler(self) -> str:
+        return self.preset.sampling["scheduler"]
+
+    @property
+    def base_model(self) -> str:
+        """What the denoiser will report as its source (random-weight bases: 'random:<preset>')."""
+        src = self.preset.resolve_base_model()
+        return "random:" + self.preset.name if src == "config" else src
+
+    def identity(self) -> dict:
+        """The manifest keys that say which collection this is (TrajectoryStore.IDENTITY_KEYS)."""
+        return {"preset": self.preset.name, "base_model": self.base_model,
+                "prompts_sha256": prompts_sha256(self.prompts), "seed": self.seed,
+                "steps": self.steps, "keep_steps": self.keep_steps,
+                "omega_min": self.omega_min, "omega_max": self.omega_max,
+                "num_per_prompt": self.num_per_prompt, "scheduler": self.scheduler}
+
+
+# --- pure helpers (no model needed) -----------------------------------------------------------
+def keep_indices(steps: int, keep: int) -> list[int]:
+    """A spread subset of `keep` step indices out of `steps`, always including the first."""
+    import torch
+
+    if keep >= steps:
+        return list(range(steps))
+    return sorted({int(i) for i in torch.linspace(0, steps - 1, keep).round().long()})
+
+
+def trajectory_seed(seed: int, trajectory_id: int, stream: str) -> int:
+    """A 63-bit seed for one random stream ('noise', 'omega') of one trajectory."""
+    digest = hashlib.sha256(f"agd:{seed}:{trajectory_id}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def trajectory_omegas(seed: int, ids: list[int], lo: float, hi: float):
+    """ω ~ U[lo, hi] per trajectory, (N,) float32, from per-id seeded generators."""
+    import torch
+
+    u = [torch.rand(1, generator=torch.Generator().manual_seed(trajectory_seed(seed, i, "omega")))
+         for i in ids]
+    return lo + (hi - lo) * torch.cat(u) if ids else torch.zeros(0)
+
+
+def worker_ids(num_prompts: int, num_per_prompt: int, index: int, num: int) -> list[int]:
+    """Trajectory ids of worker `index` of `num`: every num-th prompt, all its trajectories."""
+    return [p * num_per_prompt + j for p in range(index, num_prompts, num)
+            for j in range(num_per_prompt)]
+
+
+def _model_config(preset: Preset, part: str) -> dict | None:
+    """A model part's config from the preset's architecture, or a local model folder (no weights)."""
+    if preset.architecture.get(part):
+        return preset.architecture[part]
+    src = Path(preset.resolve_base_model())
+    if (src / part / "config.json").is_file():
+        from agd_cli.io import read_json
+
+        return read_json(src / part / "config.json")
+    return None
+
+
+def latent_geometry(preset: Preset) -> tuple[int, int, int] | None:
+    """(C, h, w) of the model input at the preset's resolution, from configs only."""
+    net = _model_config(preset, "transformer" if preset.family == "dit" else "unet")
+    if net is None:
+        return None
+    factor = 1
+    if not preset.pixel_space:
+        vae = _model_config(preset, "vae")
+        factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae else 8
+    side = preset.resolution // factor
+    return (int(net.get("in_channels", 4)), side, side)
+
+
+def _cond_layout(preset: Preset) -> dict[str, tuple[tuple, int]] | None:
+    """Stored condition tensors of one prompt: key -> (shape, bytes per element)."""
+    if preset.family == "dit":
+        return {"class_labels": ((), 8)}
+    unet = _model_config(preset, "unet")
+    if unet is None:
+        return None
+    tokens = preset.architecture.get("tokenizer", {}).get("model_max_length", 77)
+    layout = {"prompt_embeds": ((tokens, unet.get("cross_attention_dim", 768)), 2)}
+    if preset.family == "sdxl":
+        pooled = (unet["projection_class_embeddings_input_dim"]
+                  - 6 * unet["addition_time_embed_dim"])
+        layout.update({"pooled": ((pooled,), 2), "time_ids": ((6,), 4)})
+    return layout
+
+
+def estimate_bytes_per_trajectory(preset: str | Preset, keep_steps: int | None = None,
+                                  num_per_prompt: int | None = None) -> dict:
+    """Bytes one trajectory takes on disk at these settings, without loading any weights.
+
+    Returns {"bytes", "latent_shape", "keep_steps", "tensors": {name: [shape, dtype]}}; the
+    prompt's condition is stored once and shared by its `num_per_prompt` trajectories.
+    """
+    import math
+
+    preset = load_preset(preset) if isinstance(preset, str) else preset
+    k = keep_steps or preset.collect["keep_steps"]
+    npp = num_per_prompt or preset.collect["num_per_prompt"]
+    shape, layout = latent_geometry(preset), _cond_layout(preset)
+    if shape is None or layout is None:
+        return {"bytes": None, "latent_shape": None, "keep_steps": k, "tensors": {}}
+    tensors = {"x": [[k, *shape], "float16"], "target": [[k, *shape], "float16"],
+               "x_final": [list(shape), "float16"], "timesteps": [[k], "int64"],
+               "omega": [[], "float32"], "prompt_index": [[], "int64"],
+               "trajectory_id": [[], "int64"], "cond_row": [[], "int64"]}
+    size = {"float16": 2, "float32": 4, "int64": 8}
+    total = sum(math.prod(s) * size[d] for s, d in tensors.values())
+    for key, (s, nbytes) in layout.items():
+        tensors[f"cond.{key} (per prompt)"] = [list(s), {2: "float16", 4: "float32"}.get(nbytes, "int64")]
+        total += math.prod(s) * nbytes / npp
+    return {"bytes": int(round(total)), "latent_shape": list(shape), "keep_steps": k,
+            "tensors": tensors}
+
+
+def human_bytes(n: float | None) -> str:
+    """1234567 -> '1.2 MB' (decimal units, like disk vendors and `df -H`)."""
+    if n is None:
+        return "unknown"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# --- 1. inputs ---------------------------------------------------------------------------------
+def _num_classes(preset: Preset) -> int:
+    net = _model_config(preset, "transformer") or {}
+    return int(net.get("num_embeds_ada_norm", 1000))
+
+
+def load_prompt_set(preset: Preset, prompts: str | None = None,
+                    classes: str | None = None) -> tuple[list, str]:
+    """The prompts (or DiT classes) to collect for, and a label saying where they came from."""
+    if prompts is not None and classes is not None:
+        raise InputError("--prompts and --classes were both given",
+                         hint="--classes is for class-conditional (dit) presets; give one of them")
+    if classes is not None:
+        if preset.family != "dit":
+            raise InputError(f"--classes given, but preset '{preset.name}' is text-conditional "
+                             f"(family {preset.family})", hint="give --prompts FILE instead")
+        return parse_classes(classes, _num_classes(preset)), f"classes:{classes}"
+    spec = prompts if prompts is not None else preset.prompts
+    if not spec:
+        raise InputError(f"no prompts given and preset '{preset.name}' has no default prompt set",
+                         hint="pass --prompts FILE (.txt, .csv or .jsonl)"
+                              + (" or --classes all" if preset.family == "dit" else ""))
+    if preset.family == "dit" and prompts is None and not spec.startswith("builtin:"):
+        return parse_classes(spec, _num_classes(preset)), f"classes:{spec}"
+    items = builtin_prompts(spec) if spec.startswith("builtin:") else read_prompts(spec)
+    if preset.family == "dit":  # a file of class ids or names, one per line
+        items = parse_classes(",".join(items), _num_classes(preset))
+    return items, spec if spec.startswith("builtin:") else str(Path(spec))
+
+
+def _worker(shard_index: int | None, num_shards: int | None):
+    """(index, count, accelerate state or None): from the flags, else from `accelerate launch`."""
+    if shard_index is None and num_shards is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            state = PartialState()
+            return state.process_index, state.num_processes, state
+        return 0, 1, None
+    if shard_index is None or num_shards is None:
+        raise InputError("--shard-index and --num-shards go together",
+                         hint="e.g. --shard-index 0 --num-shards 4 on the first of four GPUs")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise InputError(f"--shard-index {shard_index} is out of range for --num-shards {num_shards}",
+                         hint=f"use a shard index from 0 to {max(num_shards, 1) - 1}")
+    return shard_index, num_shards, None
+
+
+def _positive(flag: str, value, default) -> int:
+    value = default if value is None else value
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{flag} must be a positive integer, got {value!r}", hint=f"e.g. {flag} {default}")
+    return value
+
+
+def _omega_range(preset: Preset, lo: float | None, hi: float | None) -> tuple[float, float]:
+    lo = float(preset.sampling["omega_min"] if lo is None else lo)
+    hi = float(preset.sampling["omega_max"] if hi is None else hi)
+    if lo <= 0 or hi <= 0:
+        raise InputError(f"guidance scales must be positive, got --omega-min {lo:g} --omega-max {hi:g}",
+                         hint="the paper uses ω ~ U[1, 12] for text-to-image, U[1, 6] for DiT")
+    if lo > hi:
+        raise InputError(f"--omega-min {lo:g} is larger than --omega-max {hi:g}", hint="swap the two values")
+    return lo, hi
+
+
+def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: str | None = None,
+                     out: str | None = None, num_per_prompt: int | None = None,
+                     steps: int | None = None, keep_steps: int | None = None,
+                     omega_min: float | None = None, omega_max: float | None = None,
+                     batch_size: int | None = None, seed: int = 0, device: str | None = None,
+                     dtype: str | None = None, shard_index: int | None = None,
+                     num_shards: int | None = None, overwrite: bool = False,
+                     workdir: str = "agd-runs") -> CollectSettings:
+    """Check every flag against the preset (flag > preset > default); nothing loads or is written."""
+    from agd_cli.families import resolve_device
+
+    p = load_preset(preset) if isinstance(preset, str) else preset
+    prompt_list, source = load_prompt_set(p, prompts, classes)
+    steps = _positive("--steps", steps, p.sampling["steps"])
+    keep = _positive("--keep-steps", keep_steps, min(p.collect["keep_steps"], steps))
+    if keep > steps:
+        raise InputError(f"--keep-steps {keep} is more than the {steps} sampling steps",
+                         hint=f"use --keep-steps {steps} (all) or fewer, or raise --steps")
+    npp = _positive("--num-per-prompt", num_per_prompt, p.collect["num_per_prompt"])
+    batch = _positive("--batch-size", batch_size, p.collect["batch_size"])
+    lo, hi = _omega_range(p, omega_min, omega_max)
+    if not isinstance(seed, int) or seed < 0:
+        raise InputError(f"--seed must be a non-negative integer, got {seed!r}", hint="e.g. --seed 0")
+    dtype = dtype or p.collect.get("dtype", "fp16")
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype '{dtype}'", hint=f"use one of {', '.join(DTYPES)}")
+    index, num, state = _worker(shard_index, num_shards)
+    if overwrite and num > 1 and state is None:
+        raise InputError("--overwrite cannot be combined with --num-shards > 1 (workers would "
+                         "delete each other's shards)",
+                         hint="delete the old folder first, or collect into a new one with --out")
+    if device is None and state is not None:
+        device = str(state.device)
+    resolve_device(device)  # an unknown device or missing CUDA fails here, before the plan
+    run = Path(out) if out else run_dir(workdir, p.name)
+    if run.exists() and not run.is_dir():
+        raise InputError(f"--out {run} exists and is not a folder", hint="give a folder path")
+    s = CollectSettings(p, prompt_list, source, npp, steps, keep, lo, hi, batch, seed, device,
+                        dtype, index, num, run, overwrite, state)
+    s.ids = worker_ids(len(prompt_list), npp, index, num)
+    return s
+
+
+# --- 2. plan -----------------------------------------------------------------------------------
+def _free_bytes(path: Path) -> int:
+    """Free space on the disk that will hold `path` (its nearest existing ancestor)."""
+    probe = path.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def plan_collection(s: CollectSettings, store) -> list[int]:
+    """Print what will be done and check the disk can hold it; returns the ids still to collect."""
+    done = set() if (s.overwrite or not store.exists()) else store.completed()
+    remaining = [i for i in s.ids if i not in done]
+    est = estimate_bytes_per_trajectory(s.preset, s.keep_steps, s.num_per_prompt)
+    need = est["bytes"] * len(remaining) if est["bytes"] is not None else None
+    free = _free_bytes(store.root)
+    if s.overwrite and store.exists():
+        free += sum(info["bytes"] for info in store.shards())  # --overwrite deletes them first
+    total = len(s.prompts) * s.num_per_prompt
+    worker = f" · worker {s.shard_index + 1} of {s.num_shards}" if s.num_shards > 1 else ""
+    ui.info(f"plan: {s.preset.name} · {len(s.prompts)} prompts × {s.num_per_prompt} = {total} "
+            f"trajectories{worker} · {len(remaining)} to do, {len(s.ids) - len(remaining)} done · "
+            f"{s.keep_steps} of {s.steps} {s.scheduler} steps kept · "
+            f"ω ~ U[{s.omega_min:g}, {s.omega_max:g}] · seed {s.seed}")
+    shape = "×".join(map(str, est["latent_shape"] or ["?"]))
+    ui.info(f"disk: ~{human_bytes(need)} needed ({human_bytes(est['bytes'])} per trajectory: "
+            f"2 × {s.keep_steps} × {shape} fp16), {human_bytes(free)} free at {store.root}")
+    if need is not None and need * DISK_MARGIN > free:
+        raise InputError(f"not enough disk space at {store.root}: the collection needs "
+                         f"~{human_bytes(need)}, {human_bytes(free)} are free",
+                         hint="free some space, collect elsewhere with --out DIR, keep fewer steps "
+                              "(--keep-steps) or split the prompts (--shard-index/--num-shards)")
+    return remaining
+
+
+# --- 3. teacher and conditions -----------------------------------------------------------------
+def _fast_attention(den) -> str:
+    """xformers on CUDA when installed; otherwise diffusers' default PyTorch SDPA processors."""
+    if den.device.type != "cuda":
+        return "sdpa"
+    try:
+        import xformers  # noqa: F401
+
+        den.model.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    except Exception:  # noqa: BLE001 - not installed or no kernel for this GPU: SDPA is fine
+        return "sdpa"
+
+
+def _for_storage(cond: dict) -> dict:
+    """Conditions as stored (fp16 floats, on CPU); the teacher then sees exactly the stored values."""
+    import torch
+
+    return {k: v.to("cpu", torch.float32 if k in FP32_COND_KEYS else torch.float16)
+            if v.is_floating_point() else v.cpu() for k, v in cond.items()}
+
+
+def encode_conditions(den, prompts: list, indices: list[int]) -> tuple[dict, dict[int, int], dict]:
+    """Encode each needed prompt once (chunked), the null condition once, then free the encoders.
+
+    Returns (cond table (P, ...), prompt index -> table row, uncond (1, ...)).
+    """
+    from agd_cli.families import cond_cat, count_truncated
+
+    texts = [prompts[i] for i in indices]
+    tokenizer = den.text.get("tokenizer")
+    if tokenizer is not None:
+        n = count_truncated(tokenizer, texts)
+        if n:
+            ui.warn(f"{n} of {len(texts)} prompts are longer than the text encoder's "
+                    f"{tokenizer.model_max_length} tokens and were truncated")
+    chunks = [_for_storage(den.encode(texts[i:i + ENCODE_CHUNK]))
+              for i in range(0, len(texts), ENCODE_CHUNK)]
+    uncond = _for_storage(den.encode_null(1))
+    den.free_text_encoders()  # never needed again in this process
+    table = cond_cat(chunks) if chunks else {}
+    return table, {p: r for r, p in enumerate(indices)}, uncond
+
+
+# --- 4. trajectories ---------------------------------------------------------------------------
+def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: dict[int, int],
+                  uncond: dict, keep: list[int], on_step=None) -> dict:
+    """Run CFG sampling for a batch of trajectories; the shard tensors of the kept steps."""
+    import torch
+
+    from agd_cli.families import cond_select
+    from agd_cli.sampling import initial_noise, sample
+
+    b = len(ids)
+    prompt_index = torch.tensor([i // s.num_per_prompt for i in ids])
+    distinct = sorted(set(prompt_index.tolist()))
+    cond_row = torch.tensor([distinct.index(p) for p in prompt_index.tolist()])
+    shard_cond = cond_select(table, torch.tensor([row_of[p] for p in distinct]))  # (U, ...)
+    cond = cond_select(shard_cond, cond_row)                                      # (B, ...)
+    uncond_b = {k: v.expand(b, *v.shape[1:]) for k, v in uncond.items()}
+    omega = trajectory_omegas(s.seed, ids, s.omega_min, s.omega_max)              # (B,)
+    noise = initial_noise(den.latent_shape(), [trajectory_seed(s.seed, i, "noise") for i in ids])
+
+    slot = {step: k for k, step in enumerate(keep)}
+    shape = (b, len(keep), *noise.shape[1:])                                      # (B, K, C, H, W)
+    xs = torch.empty(shape, dtype=torch.float16, device=den.device)
+    targets = torch.empty_like(xs)
+    timesteps = torch.empty(len(keep), dtype=torch.float64)
+
+    def record(info: dict) -> None:
+        k = slot.get(info["i"])
+        if k is not None:
+            xs[:, k] = info["model_input"]
+            targets[:, k] = info["output"]
+            timesteps[k] = float(info["t"])
+        if on_step is not None:
+            on_step(b)
+
+    res = sample(den, cond, uncond_b, omega.to(den.device), noise, mode="cfg", steps=s.steps,
+                 scheduler=s.scheduler, callback=record)
+    # Integer schedules (DDIM, DDPM, trailing Euler/DPM) store int64 as the layout says
+    ts = timesteps.long() if bool((timesteps == timesteps.round()).all()) else timesteps.float()
+    return {"x": xs.cpu(), "target": targets.cpu(), "x_final": res.x.to("cpu", torch.float16),
+            "timesteps": ts.expand(b, -1).clone(), "omega": omega.float(),
+            "prompt_index": prompt_index, "trajectory_id": torch.tensor(ids), "cond_row": cond_row,
+            **{f"cond.{k}": v for k, v in shard_cond.items()},
+            **{f"uncond.{k}": v for k, v in uncond.items()}}
+
+
+def shard_tag(s: CollectSettings, first_id: int) -> str:
+    """Unique per batch; the worker prefix keeps workers' partial-file cleanup apart."""
+    return f"w{s.shard_index}-{first_id:08d}"
+
+
+def _open_store(s: CollectSettings, store, config: dict) -> None:
+    """Create or check the manifest (atomically) and remove this worker's partial leftovers."""
+    if s.accelerate_state is not None and s.overwrite:
+        # only the main process deletes the old collection; the others wait for it
+        if s.accelerate_state.is_main_process:
+            store.init(config, overwrite=True)
+        s.accelerate_state.wait_for_everyone()
+    store.init(config, overwrite=s.overwrite and s.accelerate_state is None)
+    # A lone worker may clean everything; parallel workers only their own files, since another
+    # worker's shard may sit between its rename and its sidecar right now.
+    store.clean_partial("" if s.num_shards == 1 else f"w{s.shard_index}-")
+
+
+def manifest_config(s: CollectSettings, den, keep: list[int], source: str) -> dict:
+    """The manifest's config: identity keys plus what train/bench need to use the data."""
+    return {**s.identity(), "agd_version": __version__, "family": s.preset.family,
+            "base_model_source": source, "dtype": s.dtype, "storage_dtype": "float16",
+            "prompts": s.prompts, "prompt_source": s.prompt_source,
+            "total_trajectories": len(s.prompts) * s.num_per_prompt,
+            "kept_step_indices": keep, "resolution": s.preset.resolution,
+            "latent_shape": list(den.latent_shape()),
+            "prediction_type": den.scheduler_config.get("prediction_type", "epsilon"),
+            "learned_sigma": den.model.config.get("out_channels", den.in_channels) > den.in_channels,
+            "preset_toml": s.preset.raw}
+
+
+def _collect_all(den, s: CollectSettings, store, remaining: list[int], table, row_of, uncond,
+                 keep: list[int], meta: dict) -> tuple[int, float]:
+    """All remaining batches, one atomic shard each, under a progress bar; (trajectories, seconds)."""
+    from rich.progress import TextColumn
+
+    start, steps_done = time.perf_counter(), 0
+    batches = [remaining[i:i + s.batch_size] for i in range(0, len(remaining), s.batch_size)]
+    with ui.progress(TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task("collecting trajectories", total=len(remaining), rate="")
+
+        def on_step(n: int) -> None:
+            nonlocal steps_done
+            steps_done += n
+            rate = steps_done / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, rate=f"{rate:.1f} steps/s")
+
+        for ids in batches:
+            tensors = collect_batch(den, s, ids, table, row_of, uncond, keep, on_step)
+            store.write_shard(shard_tag(s, ids[0]), tensors, ids, meta)
+            bar.advance(task, len(ids))
+    return len(remaining), time.perf_counter() - start
+
+
+def _finalize(store) -> dict:
+    """Rewrite the manifest's shard list; parallel workers may finish at once, so re-check."""
+    for _ in range(5):
+        m = store.finalize()
+        if len(store.shards()) == len(m["shards"]):
+            break
+    return m
+
+
+def run_collect(preset: str | Preset, prompts: str | None = None, classes: str | None = None,
+                out: str | None = None, num_per_prompt: int | None = None,
+                steps: int | None = None, keep_steps: int | None = None,
+                omega_min: float | None = None, omega_max: float | None = None,
+                batch_size: int | None = None, seed: int = 0, device: str | None = None,
+                dtype: str | None = None, shard_index: int | None = None,
+                num_shards: int | None = None, overwrite: bool = False,
+                workdir: str = "agd-runs") -> dict:
+    """Collect (or resume) CFG-guided trajectories; returns the summary `--json` prints."""
+    import torch
+
+    from agd_cli.families import load_denoiser
+    from agd_cli.trajectories import TrajectoryStore
+
+    t0 = time.perf_counter()
+    # 1. Check inputs: flags, prompts and the existing run folder, before anything loads
+    s = resolve_settings(preset, prompts, classes, out, num_per_prompt, steps, keep_steps,
+                         omega_min, omega_max, batch_size, seed, device, dtype, shard_index,
+                         num_shards, overwrite, workdir)
+    store = TrajectoryStore(s.run / TRAJECTORIES)
+    if store.exists() and not s.overwrite:
+        store.init(s.identity())  # an existing manifest is only compared, never rewritten here
+    # 2. Plan: what is left, and whether the disk can hold it
+    remaining = plan_collection(s, store)
+    new, seconds, attention = 0, 0.0, None
+    if remaining:
+        # 3. Teacher (no VAE) and conditions, encoded once; the text encoders are then freed
+        den = load_denoiser(s.preset, device=s.device, dtype=s.dtype, text=True)
+        attention = _fast_attention(den)
+        needed = sorted({i // s.num_per_prompt for i in remaining})
+        table, row_of, uncond = encode_conditions(den, s.prompts, needed)
+        keep = keep_indices(s.steps, s.keep_steps)
+        config = manifest_config(s, den, keep, den.source)
+        # 4. Store: manifest + cleanup of this worker's partial writes
+        _open_store(s, store, config)
+        remaining = [i for i in remaining if i not in store.completed()]
+        meta = {k: config[k] for k in ("preset", "family", "base_model", "agd_version", "seed",
+                                       "steps", "keep_steps", "scheduler", "prediction_type")}
+        # 5. Trajectories, one atomic shard per batch
+        with torch.inference_mode():
+            new, seconds = _collect_all(den, s, store, remaining, table, row_of, uncond, keep, meta)
+    # 6. Summary
+    m = _finalize(store) if store.exists() else {"trajectories": 0, "bytes_on_disk": 0, "shards": []}
+    return _summary(s, store, m, new, seconds, attention, time.perf_counter() - t0)
+
+
+def _summary(s: CollectSettings, store, m: dict, new: int, seconds: float, attention,
+             wall: float) -> dict:
+    total = len(s.prompts) * s.num_per_prompt
+    n = m["trajectories"]
+    return {"out": str(s.run), "trajectories_dir": str(store.root),
+            "manifest": str(store.manifest_path), "preset": s.preset.name,
+            "trajectories": n, "expected_trajectories": total, "complete": n == total,
+            "new_trajectories": new, "steps_per_trajectory": s.keep_steps,
+            "sampling_steps": s.steps, "bytes_on_disk": m["bytes_on_disk"],
+            "bytes_per_trajectory": round(m["bytes_on_disk"] / n) if n else 0,
+            "shards": len(m["shards"]), "shard_index": s.shard_index, "num_shards": s.num_shards,
+            "seed": s.seed, "dtype": s.dtype, "attention": attention,
+            "collect_seconds": round(seconds, 3), "wall_seconds": round(wall, 3),
+            "trajectories_per_s": round(new / seconds, 4) if seconds else None,
+            "steps_per_s": round(new * s.steps / seconds, 2) if seconds else None}

@@ -1,0 +1,55 @@
+"""`agd collect`: record the teacher's CFG-guided trajectories (resumable, fp16, K kept steps)."""
+
+from __future__ import annotations
+
+import click
+
+from agd_cli.commands import common_options
+
+
+@click.command("collect")
+@click.option("--preset", required=True, help="Preset name (see `agd presets`) or a TOML file.")
+@click.option("--prompts", "prompts", default=None, metavar="FILE",
+              help=".txt (one per line), .csv ('caption' column) or .jsonl ('prompt' field); "
+                   "default: the preset's prompt set.")
+@click.option("--classes", default=None, metavar="SPEC",
+              help="Class-conditional (DiT) presets: 'all', a range '0-9' or a list '1,5,7'.")
+@click.option("--out", default=None, metavar="DIR",
+              help="Run folder (trajectories go to DIR/trajectories); default: WORKDIR/<preset>.")
+@click.option("--num-per-prompt", type=int, default=None, help="Trajectories per prompt.")
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: the preset's).")
+@click.option("--keep-steps", type=int, default=None,
+              help="Steps stored per trajectory, spread over the run (default: all, up to the "
+                   "preset's keep_steps).")
+@click.option("--omega-min", type=float, default=None, help="Lowest guidance scale ω.")
+@click.option("--omega-max", type=float, default=None, help="Highest guidance scale ω.")
+@click.option("--batch-size", type=int, default=None, help="Trajectories per batch.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every trajectory's noise and ω.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: auto).")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+              help="Compute precision (default: the preset's, fp16; storage is always fp16).")
+@click.option("--shard-index", type=int, default=None, help="This worker's index (0-based).")
+@click.option("--num-shards", type=int, default=None,
+              help="Number of workers splitting the prompts (accelerate launch sets both).")
+@click.option("--overwrite", is_flag=True, help="Replace a different collection in the folder.")
+@common_options
+def command(as_json: bool, workdir: str, **flags) -> None:
+    """Record CFG-guided sampling trajectories of the teacher, the data `agd train` learns from.
+
+    Resumable: rerun the same command after an interruption and it continues where it stopped.
+    """
+    from agd_cli import ui
+    from agd_cli.collect import human_bytes, run_collect
+
+    summary = run_collect(workdir=workdir, **flags)
+    if as_json:
+        ui.emit_json(summary)
+        return
+    rate = (f", {summary['trajectories_per_s']:.2f} trajectories/s"
+            if summary["trajectories_per_s"] else "")
+    state = "complete" if summary["complete"] else (
+        f"{summary['trajectories']} of {summary['expected_trajectories']} stored")
+    ui.result(f"collected {summary['new_trajectories']} new trajectories{rate}; "
+              f"collection {state}: {summary['trajectories']} × {summary['steps_per_trajectory']} "
+              f"steps, {human_bytes(summary['bytes_on_disk'])} in {summary['trajectories_dir']}")

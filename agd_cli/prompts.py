@@ -1,0 +1,145 @@
+"""Prompt sets: text files (.txt/.csv/.jsonl), built-in lists and DiT class specs.
+
+Everything here is validated before any model loads; bad files raise InputError naming the
+file (and line) and saying how to fix it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+from agd_cli.errors import InputError
+
+ASSET_PROMPTS = Path(__file__).parent / "assets" / "prompts"
+FORMATS = (".txt", ".csv", ".jsonl")
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file (BOM dropped); one clear error when missing, unreadable or not UTF-8."""
+    if not path.exists():
+        raise InputError(f"prompt file not found: {path}", hint="check the path given to --prompts")
+    if not path.is_file():
+        raise InputError(f"prompt file {path} is not a file", hint="give a .txt, .csv or .jsonl file")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"prompt file {path} is not UTF-8 text (byte {e.start})",
+                         hint="save it as UTF-8, e.g. `iconv -t UTF-8 FILE > FILE.utf8`") from None
+    except OSError as e:
+        raise InputError(f"cannot read prompt file {path}: {e.strerror}",
+                         hint="check the file's permissions") from None
+
+
+def _from_txt(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _from_csv(text: str, path: Path) -> list[str]:
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as e:
+        raise InputError(f"prompt file {path} is not valid CSV: {e}",
+                         hint="one header row with a 'caption' column, one prompt per row") from None
+    columns = [c.strip().lower() for c in (rows[0].keys() if rows else [])]
+    if rows and "caption" not in columns:
+        raise InputError(f"prompt file {path} has no 'caption' column (columns: {columns})",
+                         hint="name the prompt column 'caption'")
+    key = next((k for k in (rows[0] if rows else {}) if k.strip().lower() == "caption"), None)
+    return [(row.get(key) or "").strip() for row in rows if (row.get(key) or "").strip()]
+
+
+def _from_jsonl(text: str, path: Path) -> list[str]:
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"prompt file {path}, line {n}: not valid JSON ({e.msg})",
+                             hint='one object per line, e.g. {"prompt": "a red fox"}') from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise InputError(f"prompt file {path}, line {n}: no string 'prompt' field",
+                             hint='one object per line, e.g. {"prompt": "a red fox"}')
+        if obj["prompt"].strip():
+            prompts.append(obj["prompt"].strip())
+    return prompts
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts of a .txt (one per line), .csv ('caption' column) or .jsonl ('prompt') file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise InputError(f"prompt file {path} has an unknown format '{suffix or '(none)'}'",
+                         hint="use .txt (one prompt per line), .csv (a 'caption' column) "
+                              "or .jsonl (a 'prompt' field)")
+    text = _read_text(path)
+    if suffix == ".txt":
+        prompts = _from_txt(text)
+    elif suffix == ".csv":
+        prompts = _from_csv(text, path)
+    else:
+        prompts = _from_jsonl(text, path)
+    if not prompts:
+        raise InputError(f"prompt file {path} holds no prompts",
+                         hint="add at least one non-empty prompt")
+    return prompts
+
+
+def builtin_prompts(spec: str) -> list[str]:
+    """'builtin:<file>' from agd_cli/assets/prompts/, or 'builtin:mnist' (agd_cli.mnist.PROMPTS)."""
+    name = spec.split(":", 1)[1]
+    if name == "mnist":
+        try:
+            from agd_cli.mnist import PROMPTS
+        except ImportError:
+            raise InputError("built-in prompt set 'mnist' is not available",
+                             hint="give a prompt file with --prompts FILE") from None
+        return list(PROMPTS)
+    path = ASSET_PROMPTS / name
+    if not path.is_file():
+        shipped = sorted(p.name for p in ASSET_PROMPTS.iterdir()) if ASSET_PROMPTS.is_dir() else []
+        raise InputError(f"unknown built-in prompt set '{spec}'",
+                         hint=f"shipped sets: {', '.join('builtin:' + s for s in shipped + ['mnist'])}")
+    return read_prompts(path)
+
+
+def parse_classes(spec: str, num_classes: int) -> list[int | str]:
+    """DiT classes: 'all', a range '0-9', a list '1,5,7' (mixable), or class names.
+
+    Names stay strings; the model resolves them (it knows the label table).
+    """
+    text = str(spec).strip()
+    if text.lower() == "all":
+        return list(range(num_classes))
+    out: list[int | str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        if sep and lo.strip().isdigit() and hi.strip().isdigit():
+            a, b = int(lo), int(hi)
+            if a > b:
+                raise InputError(f"bad class range '{part}' in --classes", hint="write it low-high, e.g. 0-9")
+            out.extend(range(a, b + 1))
+        elif part.isdigit():
+            out.append(int(part))
+        else:
+            out.append(part)
+    bad = [c for c in out if isinstance(c, int) and c >= num_classes]
+    if bad:
+        raise InputError(f"class id {bad[0]} in --classes '{spec}' is out of range",
+                         hint=f"class ids go from 0 to {num_classes - 1}")
+    if not out:
+        raise InputError(f"--classes '{spec}' names no class", hint="e.g. --classes all, 0-9 or 1,5,7")
+    return out
+
+
+def prompts_sha256(prompts: list) -> str:
+    """Identity of a prompt set: the hash of its parsed content (line endings/BOM don't matter)."""
+    return hashlib.sha256(json.dumps([str(p) for p in prompts]).encode("utf-8")).hexdigest()
