@@ -1,0 +1,153 @@
+"""Use an agd adapter inside an ordinary diffusers pipeline (with LoRAs, ControlNets, …).
+
+The adapter attaches to the pipeline's own UNet / transformer: no second model is loaded and
+the base's weights are not touched, so LoRAs (diffusers/peft) and ControlNets keep working.
+Call the pipeline WITHOUT classifier-free guidance — the adapters do the guiding — and pass ω
+with each call::
+
+    from diffusers import StableDiffusionPipeline
+    from agd_cli.api import load_agd_adapter, unload_agd_adapter, agd_guidance
+
+    pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    pipe.load_lora_weights("my-style-lora")                 # optional: LoRAs stay active
+    load_agd_adapter(pipe, "agd-runs/sd15/adapter.safetensors")
+    image = pipe("a red fox", guidance_scale=1.0,            # 1.0: one UNet pass per step
+                 cross_attention_kwargs={"agd_omega": 6.0}).images[0]
+
+    with agd_guidance(pipe, 6.0):                            # for pipelines without
+        image = dit_pipe(class_labels=[207], guidance_scale=1.0).images[0]  # cross_attention_kwargs
+    unload_agd_adapter(pipe)                                 # the exact base again
+
+Without ω the base runs exactly as without adapters. With guidance_scale > 1 the pipeline
+would run its own CFG on top (both halves through the adapters): don't.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from agd_cli.adapters import AdapterSet, adapter_metadata, read_adapter_file
+from agd_cli.errors import DataError, ModelError
+
+__all__ = ["agd_adapter", "agd_guidance", "denoiser_of", "family_of", "load_agd_adapter",
+           "unload_agd_adapter"]
+
+# model -> its attached AdapterSet; weak keys: a deleted pipeline frees its adapters
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, AdapterSet] = weakref.WeakKeyDictionary()
+
+
+def denoiser_of(pipe) -> nn.Module:
+    """The pipeline's denoising model (`unet` or `transformer`); a bare model is returned as is."""
+    if isinstance(pipe, nn.Module):
+        return pipe
+    for name in ("unet", "transformer"):
+        model = getattr(pipe, name, None)
+        if isinstance(model, nn.Module):
+            return model
+    raise ModelError(f"{type(pipe).__name__} has no `unet` or `transformer` to attach to",
+                     hint="pass a Stable Diffusion, SDXL or DiT pipeline (or its UNet/transformer)")
+
+
+def family_of(model: nn.Module) -> str:
+    """The agd family of a diffusers model: sd, sdxl (UNet with text_time embeddings) or dit."""
+    cfg = getattr(model, "config", {})
+    name = type(model).__name__
+    if name == "UNet2DConditionModel":
+        return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"
+    if name in ("DiTTransformer2DModel", "Transformer2DModel") and cfg.get("num_embeds_ada_norm"):
+        return "dit"
+    raise ModelError(f"agd adapters do not support {name}",
+                     hint="supported: UNet2DConditionModel (SD 1.x/2.x/XL) and DiT transformers")
+
+
+def _name_of(pipe, model: nn.Module) -> str:
+    for obj in (pipe, model):
+        name = getattr(getattr(obj, "config", None), "_name_or_path", None)
+        if name:
+            return str(name)
+    return f"an unnamed {type(model).__name__}"
+
+
+def _denoiser_view(family: str, preset, model: nn.Module, source: str, device, dtype):
+    """A Denoiser of `family` around the user's model, built without Denoiser.__init__: that
+    would freeze, cast and move the model (a LoRA being trained must stay trainable)."""
+    from agd_cli.families import FAMILIES
+
+    den = FAMILIES[family].__new__(FAMILIES[family])
+    den.preset, den.model, den.text, den.source = preset, model, {}, source
+    den.scheduler_config, den.vae_config, den.vae = {}, None, None
+    den.device, den.dtype, den.adapters, den.nfe = device, dtype, None, 0
+    return den
+
+
+def _execution_device(pipe, model: nn.Module) -> torch.device:
+    """Where the model runs: a pipeline with CPU offload keeps weights on the CPU until then."""
+    dev = getattr(pipe, "_execution_device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    return next(model.parameters()).device
+
+
+def load_agd_adapter(pipe, path: str | Path, dtype: torch.dtype | None = None) -> AdapterSet:
+    """Attach an agd adapter file to a diffusers pipeline (or a bare UNet/DiT); returns it.
+
+    Refuses an adapter trained for another architecture, naming both bases. Replaces an agd
+    adapter attached earlier. Other adapters (LoRA via peft) are left alone.
+    """
+    from agd_cli.families import preset_for_adapter
+
+    model = denoiser_of(pipe)
+    family, source = family_of(model), _name_of(pipe, model)
+    meta = adapter_metadata(read_adapter_file(path)[1])
+    if meta.get("family") != family:
+        raise DataError(f"adapter {path} was trained for '{meta.get('base_model')}' (family "
+                        f"{meta.get('family')}), but the pipeline's model is '{source}' "
+                        f"(family {family})",
+                        hint="use the adapter with a pipeline of the base it was trained on")
+    unload_agd_adapter(pipe)
+    param = next(model.parameters())
+    den = _denoiser_view(family, preset_for_adapter(path), model, source,
+                         _execution_device(pipe, model), dtype or param.dtype)
+    adapters = den.load_adapters(path, dtype=dtype or param.dtype)  # checks the architecture
+    _ATTACHED[model] = adapters
+    return adapters
+
+
+def unload_agd_adapter(pipe) -> None:
+    """Detach the agd adapter: the pipeline's model runs exactly as before it was attached."""
+    adapters = _ATTACHED.pop(denoiser_of(pipe), None)
+    if adapters is not None:
+        adapters.detach()
+
+
+def agd_adapter(pipe) -> AdapterSet | None:
+    """The agd adapter attached to a pipeline, if any."""
+    return _ATTACHED.get(denoiser_of(pipe))
+
+
+@contextlib.contextmanager
+def agd_guidance(pipe, omega: float | torch.Tensor) -> Iterator[None]:
+    """Within the block every call of the pipeline's model gets ω (unless the call passes its
+    own `cross_attention_kwargs["agd_omega"]`): for pipelines that take no cross_attention_kwargs."""
+    model = denoiser_of(pipe)
+    if model not in _ATTACHED:
+        raise ModelError("no agd adapter is attached to this pipeline",
+                         hint="call load_agd_adapter(pipe, path) first")
+
+    def give_omega(module, args, kwargs):
+        kwargs["cross_attention_kwargs"] = {"agd_omega": omega,
+                                            **(kwargs.get("cross_attention_kwargs") or {})}
+        return args, kwargs
+
+    # prepend: ω must be in place before the adapters' own pre-hook reads it
+    handle = model.register_forward_pre_hook(give_omega, with_kwargs=True, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,393 @@
+"""`agd generate`: sample with trained guidance adapters, one forward pass per step.
+
+    run_generate(["a red fox"], omega=6)          # agd: adapters get ω, 1 NFE per step
+    run_generate(["a red fox"], omega=6, cfg=True)  # real CFG on the same base: 2 NFE per step
+
+Every flag is checked before any weights load (like diffusers' `check_inputs`). One base model
+is loaded and the adapters attach to it; `--cfg` runs the same base with the adapters disabled,
+so a second copy of the UNet is never held. Each image gets its own seed (seed, seed+1, … per
+prompt), so an image does not depend on the batch it was made in.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agd_cli import ui, workspace
+from agd_cli.errors import InputError
+from agd_cli.presets import DTYPES, SCHEDULERS, Preset
+
+DEFAULT_BATCH_SIZE = 4
+TILE_ABOVE = 1024  # VAE tiling for images larger than this many pixels per side
+
+
+@dataclass
+class Job:
+    """One image to make: its prompt (or DiT class) and its seed."""
+
+    prompt: str
+    seed: int
+
+
+# --- 1. checks that need nothing loaded ------------------------------------------------------
+def parse_size(size: str | None) -> tuple[int, int] | None:
+    """'WxH' or 'N' -> (width, height)."""
+    if size is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[x×X*]\s*(\d+))?\s*", str(size))
+    if not m:
+        raise InputError(f"bad --size '{size}'", hint="use WIDTHxHEIGHT, e.g. --size 1024x768, or one number")
+    w = int(m.group(1))
+    h = int(m.group(2)) if m.group(2) else w
+    if w < 1 or h < 1:
+        raise InputError(f"bad --size '{size}': width and height must be positive",
+                         hint="e.g. --size 512x512")
+    return w, h
+
+
+def check_inputs(prompts: Sequence[str], omega: float | None, steps: int | None,
+                 scheduler: str | None, num_images: int, batch_size: int | None,
+                 dtype: str | None, seed: int) -> None:
+    """Validate the flags that need no model and no adapter file."""
+    if not prompts:
+        raise InputError("no prompt given", hint='e.g. agd generate "a red fox" -w 6 '
+                                                  "(for DiT: class ids or names)")
+    if omega is not None and not (math.isfinite(omega) and omega > 0):
+        raise InputError(f"-w/--omega must be a finite number > 0, got {omega}",
+                         hint="ω = 1 is the conditional model alone; typical values are 2–12")
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}", hint="try --steps 50")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise InputError(f"unknown scheduler '{scheduler}'", hint=f"choose one of {', '.join(SCHEDULERS)}")
+    if num_images < 1:
+        raise InputError(f"-n/--num-images must be at least 1, got {num_images}", hint="e.g. -n 4")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}", hint="e.g. --batch-size 4")
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"unknown dtype '{dtype}'", hint=f"use one of {', '.join(DTYPES)}")
+    if seed < 0:
+        raise InputError(f"--seed must be >= 0, got {seed}", hint="e.g. --seed 0")
+
+
+def resolve_adapter(adapter: str | None, run: str | None, workdir: str) -> Path:
+    """--adapter FILE, --run DIR (a folder, or a run name in the workspace), else the newest."""
+    if adapter and run:
+        raise InputError(f"both --adapter '{adapter}' and --run '{run}' given",
+                         hint="pass one of them (or neither, for the newest adapter in the workspace)")
+    if adapter:
+        return Path(adapter)
+    if run:
+        folder = Path(run)
+        if not folder.is_dir() and (Path(workdir) / run).is_dir():
+            folder = Path(workdir) / run  # `--run tiny-sd` names a run in the workspace
+        return workspace.adapter_in(folder)
+    return workspace.latest_adapter(workdir)
+
+
+def _writable_folder(folder: Path, flag: str) -> None:
+    """Fail now, not after sampling, if images cannot be written under `folder`."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot write to {flag} '{folder}': '{probe}' is a file, not a folder",
+                         hint="choose another output folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to {flag} '{folder}': no write permission on '{probe}'",
+                         hint="choose a folder you can write to")
+
+
+def plan_output(out: str | None, adapter_path: Path, n_images: int) -> tuple[Path, Path | None]:
+    """(folder, single file or None): --out FOLDER, --out FILE.png (one image) or run/samples."""
+    if out is None:
+        folder = adapter_path.resolve().parent / "samples"
+        _writable_folder(folder, "the samples folder")
+        return folder, None
+    path = Path(out)
+    if path.suffix.lower() == ".png":
+        if n_images != 1:
+            raise InputError(f"--out '{out}' is one file, but {n_images} images will be made",
+                             hint="give a folder for --out, or make one image (one prompt, -n 1)")
+        if path.is_dir():
+            raise InputError(f"--out '{out}' is a folder", hint="drop the .png suffix or pick a file name")
+        _writable_folder(path.parent, "--out")
+        return path.parent, path
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out '{out}' is an existing file, not a folder",
+                         hint="give a folder, or a name ending in .png for one image")
+    _writable_folder(path, "--out")
+    return path, None
+
+
+# --- 2. checks that need the adapter's preset --------------------------------------------------
+def size_multiple(preset: Preset) -> int:
+    """Image sizes must be multiples of this: VAE downsampling × the model's own downsampling."""
+    arch = preset.architecture
+    if preset.pixel_space:
+        vae = 1
+    elif "vae" in arch:
+        vae = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
+    else:
+        vae = 8  # every SD/SDXL/DiT VAE
+    if "transformer" in arch:
+        model = int(arch["transformer"].get("patch_size", 2))
+    elif "unet" in arch:
+        model = 2 ** (len(arch["unet"]["block_out_channels"]) - 1)
+    else:  # shipped UNets forward odd upsample sizes; DiT needs whole patches
+        model = 2 if preset.family == "dit" else 1
+    return vae * model
+
+
+def check_size(size: tuple[int, int] | None, preset: Preset) -> tuple[int, int]:
+    """(height, width) in pixels, defaulting to the preset's resolution."""
+    if size is None:
+        return preset.resolution, preset.resolution
+    w, h = size
+    m = size_multiple(preset)
+    if w % m or h % m:
+        raise InputError(f"--size {w}x{h} does not fit {preset.name}: width and height must be "
+                         f"multiples of {m}",
+                         hint=f"e.g. --size {max(m, w - w % m)}x{max(m, h - h % m)}")
+    return h, w
+
+
+def check_omega_range(omega: float, meta: dict, preset: Preset) -> tuple[float, float]:
+    """Warn (and go on) when ω lies outside the range the adapter was trained on."""
+    lo = float(meta.get("omega_min", preset.omega_range[0]))
+    hi = float(meta.get("omega_max", preset.omega_range[1]))
+    if not lo <= omega <= hi:
+        ui.warn(f"ω = {omega:g} is outside the range this adapter was trained on "
+                f"[{lo:g}, {hi:g}]; the result may not match CFG")
+    return lo, hi
+
+
+def check_base(adapter_path: Path, meta: dict, base: Preset | None) -> None:
+    """--preset runs the adapter on another base of the same family; refuse another family now."""
+    if base is not None and base.family != meta.get("family"):
+        raise InputError(
+            f"adapter {adapter_path} was trained for '{meta.get('base_model')}' "
+            f"(family {meta.get('family')}), but --preset {base.name} is '{base.base_model}' "
+            f"(family {base.family})",
+            hint="drop --preset to use the base the adapter was trained on")
+
+
+# --- 3. loading: one base, adapters attached ----------------------------------------------------
+def load_generator(adapter_path: Path, base: Preset, device: str | None, dtype: str,
+                   offload: bool, height: int, width: int):
+    """The base model with the adapter file attached, placed for generation."""
+    from agd_cli.families import load_denoiser, resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    if offload and dev.type != "cuda":
+        ui.info("--offload: running on the CPU already, nothing to offload")
+    if offload and dev.type == "cuda":
+        den = load_denoiser(base, device="cpu", dtype="fp32")  # weights stay on the CPU
+        den.load_adapters(adapter_path)
+        _offload_to(den, dev, resolve_dtype(dtype, dev))
+    else:
+        den = load_denoiser(base, device=dev, dtype=dtype)
+        den.load_adapters(adapter_path)
+    if not base.pixel_space and max(height, width) > TILE_ABOVE:
+        den._vae().enable_tiling()  # decode large images in tiles: bounded VAE memory
+    return den
+
+
+def _offload_to(den, device, dtype) -> None:
+    """diffusers-style model CPU offload: each model moves to the GPU only while it runs."""
+    import torch
+    from accelerate import cpu_offload_with_hook
+
+    vae = None if den.preset.pixel_space else den._vae()  # built on the CPU, offloaded too
+    modules = [m for m in den.text.values() if isinstance(m, torch.nn.Module)]
+    for m in modules:
+        m.to(dtype)
+    den.model.to(dtype)
+    den.adapters.to(device, dtype)  # small: they live on the GPU
+    den.device, den.dtype = device, dtype
+    hook = None
+    for m in [*modules, den.model] + ([vae] if vae is not None else []):
+        _, hook = cpu_offload_with_hook(m, device, prev_module_hook=hook)
+
+
+# --- 4. sampling ------------------------------------------------------------------------------
+def encode_conditions(den, prompts: Sequence[str], negative_prompt: str | None, mode: str,
+                      size: tuple[int, int]) -> tuple[dict, dict | None]:
+    """Conditions of the distinct prompts (row i = prompts[i]) and the one unconditional row."""
+    cond = den.encode(list(prompts), size=size)
+    uncond = None
+    if mode == "cfg":
+        uncond = (den.encode([negative_prompt], size=size) if negative_prompt
+                  else den.encode_null(1, size=size))
+    den.free_text_encoders()  # encoded once; frees memory for the sampling loop
+    return cond, uncond
+
+
+def _batch_conditions(cond: dict, uncond: dict | None, rows: list[int]):
+    import torch
+
+    from agd_cli.families import cond_select
+
+    index = torch.tensor(rows, device=next(iter(cond.values())).device)
+    c = cond_select(cond, index)
+    u = None if uncond is None else cond_select(uncond, torch.zeros_like(index))
+    return c, u
+
+
+def sample_jobs(den, jobs: list[Job], prompts: list[str], cond: dict, uncond: dict | None, *,
+                omega: float, mode: str, steps: int, scheduler: str, batch_size: int,
+                height: int, width: int):
+    """Yield (job, image (C, H, W) in [0, 1], nfe per image, seconds) batch by batch."""
+    import torch
+
+    from agd_cli import sampling
+
+    shape = den.latent_shape(height, width)
+    batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+    with ui.progress() as bar:
+        task = bar.add_task(f"{mode} ω={omega:g}", total=len(batches) * steps)
+        for batch in batches:
+            c, u = _batch_conditions(cond, uncond, [prompts.index(j.prompt) for j in batch])
+            noise = sampling.initial_noise(shape, [j.seed for j in batch])
+            start = time.perf_counter()
+            res = sampling.sample(den, c, u, omega, noise, mode=mode, steps=steps,
+                                  scheduler=scheduler, callback=lambda _: bar.advance(task))
+            images = den.decode(res.x)
+            if den.device.type == "cuda":
+                torch.cuda.synchronize(den.device)
+            seconds = time.perf_counter() - start
+            for job, image in zip(batch, images, strict=True):
+                yield job, image, res.nfe, seconds / len(batch)
+
+
+# --- 5. files ---------------------------------------------------------------------------------
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name-safe version of a prompt."""
+    s = re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
+    return s[:limit].rstrip("-") or "image"
+
+
+def image_path(folder: Path, single: Path | None, job: Job, omega: float, mode: str,
+               taken: set[Path]) -> Path:
+    """--out FILE.png, else PROMPT-seedS-wΩ[-cfg].png; never overwrites an earlier image."""
+    if single is not None:
+        return single
+    stem = f"{slug(job.prompt)}-seed{job.seed}-w{omega:g}" + ("-cfg" if mode == "cfg" else "")
+    path, k = folder / f"{stem}.png", 2
+    while path.exists() or path in taken:
+        path, k = folder / f"{stem}-{k}.png", k + 1
+    taken.add(path)
+    return path
+
+
+# --- the stage ----------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Everything decided before any weights load."""
+
+    adapter: Path
+    meta: dict
+    base: Preset
+    jobs: list[Job]
+    prompts: list[str]
+    omega: float
+    omega_range: tuple[float, float]
+    mode: str
+    steps: int
+    scheduler: str
+    batch_size: int
+    height: int
+    width: int
+    folder: Path
+    single: Path | None
+
+
+def plan_generation(prompts: Sequence[str], *, omega: float | None, adapter: str | None,
+                    run: str | None, preset: str | None, steps: int | None, scheduler: str | None,
+                    seed: int, num_images: int, batch_size: int | None, size: str | None,
+                    out: str | None, cfg: bool, negative_prompt: str | None, dtype: str | None,
+                    workdir: str) -> Plan:
+    """Check every input and decide what to make, reading only the adapter file's metadata."""
+    from agd_cli.adapters import adapter_metadata, read_adapter_file
+    from agd_cli.families import preset_for_adapter
+    from agd_cli.presets import load_preset
+
+    check_inputs(prompts, omega, steps, scheduler, num_images, batch_size, dtype, seed)
+    wh = parse_size(size)
+    path = resolve_adapter(adapter, run, workdir)
+    meta = adapter_metadata(read_adapter_file(path)[1])
+    base = load_preset(preset) if preset else preset_for_adapter(path)
+    check_base(path, meta, base if preset else None)
+    if negative_prompt is not None and base.family == "dit":
+        raise InputError(f"--negative-prompt '{negative_prompt}' given for a class-conditional "
+                         f"DiT base ({base.name})", hint="DiT has no text prompts; drop it")
+    height, width = check_size(wh, base)
+    distinct = list(dict.fromkeys(str(p) for p in prompts))
+    jobs = [Job(p, seed + k) for p in prompts for k in range(num_images)]
+    folder, single = plan_output(out, path, len(jobs))
+    omega = float(base.sampling["default_omega"] if omega is None else omega)
+    mode = "cfg" if cfg else "agd"
+    if negative_prompt is not None and not cfg:
+        ui.info("note: a negative prompt needs the unconditional branch that the adapters "
+                "replace, so this run uses real CFG (2 passes per step) with the negative prompt")
+        mode = "cfg"
+    return Plan(path, meta, base, jobs, distinct, omega, check_omega_range(omega, meta, base),
+                mode, steps or int(base.sampling["steps"]), scheduler or base.sampling["scheduler"],
+                batch_size or DEFAULT_BATCH_SIZE, height, width, folder, single)
+
+
+def _png_metadata(plan: Plan, job: Job, nfe: int, negative_prompt: str | None, den) -> dict:
+    from agd_cli import __version__
+
+    meta = {"prompt": job.prompt, "omega": plan.omega, "seed": job.seed, "steps": plan.steps,
+            "scheduler": plan.scheduler, "mode": plan.mode, "nfe": nfe,
+            "adapter": str(plan.adapter), "base_model": den.source, "preset": plan.base.name,
+            "size": f"{plan.width}x{plan.height}", "software": f"agd {__version__}"}
+    if negative_prompt is not None:
+        meta["negative_prompt"] = negative_prompt
+    return meta
+
+
+def run_generate(prompts: Sequence[str], *, omega: float | None = None, adapter: str | None = None,
+                 run: str | None = None, preset: str | None = None, steps: int | None = None,
+                 scheduler: str | None = None, seed: int = 0, num_images: int = 1,
+                 batch_size: int | None = None, size: str | None = None, out: str | None = None,
+                 cfg: bool = False, negative_prompt: str | None = None, offload: bool = False,
+                 device: str | None = None, dtype: str | None = None,
+                 workdir: str = "agd-runs") -> dict:
+    """Generate images with an agd adapter (1 NFE per step), or with real CFG for comparison.
+
+    Returns the summary printed by `--json`: images, nfe (per image), seconds, omega, …
+    """
+    plan = plan_generation(prompts, omega=omega, adapter=adapter, run=run, preset=preset,
+                           steps=steps, scheduler=scheduler, seed=seed, num_images=num_images,
+                           batch_size=batch_size, size=size, out=out, cfg=cfg,
+                           negative_prompt=negative_prompt, dtype=dtype, workdir=workdir)
+    t0 = time.perf_counter()
+    den = load_generator(plan.adapter, plan.base, device, dtype or "fp16", offload,
+                         plan.height, plan.width)
+    cond, uncond = encode_conditions(den, plan.prompts, negative_prompt, plan.mode,
+                                     (plan.height, plan.width))
+    load_seconds = time.perf_counter() - t0
+    from agd_cli.images import save_png
+
+    paths, seconds, nfe, taken = [], 0.0, 0, set()
+    for job, image, nfe, secs in sample_jobs(
+            den, plan.jobs, plan.prompts, cond, uncond, omega=plan.omega, mode=plan.mode,
+            steps=plan.steps, scheduler=plan.scheduler, batch_size=plan.batch_size,
+            height=plan.height, width=plan.width):
+        path = image_path(plan.folder, plan.single, job, plan.omega, plan.mode, taken)
+        paths.append(str(save_png(image, path, _png_metadata(plan, job, nfe, negative_prompt, den))))
+        seconds += secs
+    return {"images": paths, "nfe": nfe, "seconds": round(seconds, 4),
+            "seconds_per_image": round(seconds / len(paths), 4), "load_seconds": round(load_seconds, 3),
+            "omega": plan.omega, "omega_range": list(plan.omega_range), "mode": plan.mode,
+            "steps": plan.steps, "scheduler": plan.scheduler, "seeds": [j.seed for j in plan.jobs],
+            "prompts": [j.prompt for j in plan.jobs], "adapter": str(plan.adapter),
+            "base_model": den.source, "device": str(den.device), "dtype": str(den.dtype).replace("torch.", ""),
+            "size": [plan.width, plan.height], "batch_size": plan.batch_size}
