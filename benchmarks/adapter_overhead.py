@@ -1,0 +1,165 @@
+"""The adapters' own cost per forward pass, as a fraction of a base forward (random weights).
+
+For each preset (optionally at another resolution, `NAME@RES`) the base UNet/transformer is
+built from its config with random weights (no download, no text encoders) and timed on the
+same inputs, interleaved so load drift on a shared machine hits every variant alike:
+
+    base        the model with no agd processors attached at all
+    attached    agd processors attached, adapters off (the wrapper's own overhead)
+    active      adapters on (what `agd generate` runs: one pass per step)
+    cfg pass    the base on the batched cond+uncond pair (what one CFG step costs)
+
+adapter cost = (active - base) / base; the step ratio active / cfg-pass is the agd/CFG time per
+sampling step that the sampling loop can at best reach.
+
+    python benchmarks/adapter_overhead.py --threads 1 --preset tiny-sd --preset sd15@256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+
+def build(name: str):
+    """A denoiser with random weights and no text encoders, plus fresh adapters (not attached)."""
+    import torch
+
+    from agd_cli.families import FAMILIES
+    from agd_cli.families.base import _seeded
+    from agd_cli.presets import load_preset
+
+    preset_name, _, res = name.partition("@")
+    preset = load_preset(preset_name)
+    if res:
+        preset.resolution = int(res)
+    arch = preset.architecture
+    cls = FAMILIES[preset.family]
+    if preset.family == "dit":
+        from diffusers import DiTTransformer2DModel
+
+        model = _seeded(lambda: DiTTransformer2DModel(**arch["transformer"]))
+    else:
+        from diffusers import UNet2DConditionModel
+
+        model = _seeded(lambda: UNet2DConditionModel(**arch["unet"]))
+    den = cls(preset, model, {}, arch["scheduler"], torch.device("cpu"), torch.float32,
+              "random:" + preset.name, arch.get("vae"))
+    aset = den.new_adapters()
+    aset.requires_grad_(False).eval()
+    return den, aset
+
+
+def inputs(den, batch: int) -> tuple:
+    """x_t, t and a condition dict of the family's shapes (random, seeded)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *den.latent_shape(), generator=g)
+    c = den.model.config
+    if den.family == "dit":
+        cond = {"class_labels": torch.arange(batch) % 10}
+    else:
+        length = den.preset.architecture.get("tokenizer", {}).get("model_max_length", 77)
+        cond = {"prompt_embeds": torch.randn(batch, length, c.cross_attention_dim, generator=g)}
+        if den.family == "sdxl":
+            pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+            cond["pooled"] = torch.randn(batch, pooled, generator=g)
+            cond["time_ids"] = den._time_ids(batch, None)
+    return x, torch.tensor(500), cond
+
+
+def time_call(fn, device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call. On a shared CPU the process CPU time is
+    the steadier measure of the work: it does not count time other processes held the cores."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def measure(name: str, repeats: int, batch: int) -> dict:
+    """Median seconds per forward of each variant, and the derived overheads."""
+    import torch
+
+    from agd_cli.families.base import cond_cat
+
+    den, aset = build(name)
+    x, t, cond = inputs(den, batch)
+    x2, cond2 = torch.cat([x, x]), cond_cat([cond, cond])
+    times: dict[str, list[tuple[float, float]]] = {"base": [], "attached": [], "active": [],
+                                                   "cfg_pass": []}
+    with torch.no_grad():
+        for r in range(repeats + 1):  # round 0 warms up every variant and is dropped
+            aset.detach()
+            den.adapters = None
+            sample = {"base": time_call(lambda: den.forward(x, t, cond), den.device),
+                      "cfg_pass": time_call(lambda: den.forward(x2, t, cond2), den.device)}
+            den.attach(aset)
+            sample["attached"] = time_call(lambda: den.forward(x, t, cond), den.device)
+            sample["active"] = time_call(lambda: den.forward(x, t, cond, omega=4.0), den.device)
+            if r:
+                for k, v in sample.items():
+                    times[k].append(v)
+    base_params = sum(p.numel() for p in den.model.parameters())
+    out = {"model": name, "family": den.family, "latent": list(den.latent_shape()), "batch": batch,
+           "repeats": repeats, "adapter_params": sum(p.numel() for p in aset.parameters()),
+           "base_params": base_params}
+    for clock, i in (("wall", 0), ("cpu", 1)):
+        med = {k: statistics.median(v[i] for v in vs) for k, vs in times.items()}
+        out[clock] = {"seconds": med,
+                      "adapter_cost_pct": 100 * (med["active"] - med["base"]) / med["base"],
+                      "wrapper_cost_pct": 100 * (med["attached"] - med["base"]) / med["base"],
+                      "step_ratio_agd_to_cfg": med["active"] / med["cfg_pass"],
+                      "cfg_pass_over_base": med["cfg_pass"] / med["base"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure each --preset and print a table (or --json)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", action="append", help="preset name, or NAME@RESOLUTION")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    import torch
+
+    import agd_cli.runtime  # noqa: F401 - quiet library logs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.preset or ["tiny-sd", "tiny-sdxl", "tiny-dit"]:
+        rows.append(measure(name, args.repeats, args.batch))
+        if not args.json:
+            _print_row(rows[-1])
+    if args.json:
+        print(json.dumps({"threads": torch.get_num_threads(), "results": rows}, indent=2))
+
+
+def _print_row(r: dict) -> None:
+    print(f"{r['model']} latent {tuple(r['latent'])} batch {r['batch']}, {r['repeats']} repeats, "
+          f"adapters {r['adapter_params'] / 1e6:.3f}M / base {r['base_params'] / 1e6:.1f}M")
+    for clock in ("wall", "cpu"):
+        c, s = r[clock], r[clock]["seconds"]
+        print(f"  {clock:<4}: base {1e3 * s['base']:.2f} ms, active {1e3 * s['active']:.2f} ms, "
+              f"attached-off {1e3 * s['attached']:.2f} ms, cfg pass {1e3 * s['cfg_pass']:.2f} ms"
+              f" | adapter cost {c['adapter_cost_pct']:+.1f}% (wrapper {c['wrapper_cost_pct']:+.1f}%)"
+              f", agd/CFG per step {c['step_ratio_agd_to_cfg']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""`agd bench`: metrics, the CFG comparison's JSON and grid, NFE counts, flag errors, --quality."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import math
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from agd_cli.cli import main
+from agd_cli.metrics import PSNR_CAP_DB, psnr, ssim
+
+TINY = ("tiny-sd", "tiny-sdxl", "tiny-dit")
+FAST = {"threads": 1, "steps": 4, "n": 1, "show_table": False}
+
+
+def make_adapter(workdir, preset: str):
+    """An untrained (Xavier-init) adapter file in the preset's run folder."""
+    from agd_cli.families import load_denoiser
+    from agd_cli.presets import load_preset
+
+    den = load_denoiser(load_preset(preset), "cpu")
+    path = workdir / preset / "adapter.safetensors"
+    den.new_adapters().save(path, den.adapter_metadata(train_steps=0))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    for name in TINY:
+        make_adapter(root, name)
+    return root
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """`agd ARGS` in this process: (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# --- metrics ------------------------------------------------------------------------------
+def test_psnr_of_a_known_error_and_of_identical_images():
+    a = torch.zeros(2, 3, 16, 16)
+    b = a + 0.1  # MSE 0.01 -> 20 dB
+    assert psnr(a, b).tolist() == pytest.approx([20.0, 20.0], abs=1e-4)
+    assert psnr(a, a).tolist() == [PSNR_CAP_DB, PSNR_CAP_DB]
+
+
+def test_ssim_of_constant_images_matches_the_closed_form():
+    # constant images: variances and covariance vanish, SSIM = (2 μa μb + C1) / (μa² + μb² + C1)
+    a, b = torch.full((1, 1, 20, 20), 0.3), torch.full((1, 1, 20, 20), 0.7)
+    c1 = 0.01**2
+    expected = (2 * 0.3 * 0.7 + c1) / (0.3**2 + 0.7**2 + c1)
+    assert ssim(a, b).item() == pytest.approx(expected, rel=1e-5)
+    assert ssim(a, a).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ssim_falls_with_noise_and_is_symmetric():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 3, 32, 32, generator=g)
+    noise = torch.randn(1, 3, 32, 32, generator=g)
+    scores = [ssim(a, (a + s * noise).clamp(0, 1)).item() for s in (0.01, 0.05, 0.2)]
+    assert scores[0] > scores[1] > scores[2] > 0
+    b = (a + 0.05 * noise).clamp(0, 1)
+    assert ssim(a, b).item() == pytest.approx(ssim(b, a).item(), abs=1e-6)
+    assert ssim(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8)).shape == (1,)  # smaller than 11
+
+
+def test_metrics_refuse_mismatched_shapes():
+    with pytest.raises(ValueError, match="differ in shape"):
+        psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
+
+
+# --- the comparison -------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", TINY)
+def test_compare_cfg_json_schema_and_nfe_counts(workdir, preset):
+    from agd_cli.bench import run_bench
+
+    r = run_bench(preset=preset, baselines="cfg,cfg-cutoff,unguided", workdir=str(workdir), **FAST)
+    nfe = {m: r["methods"][m]["nfe"] for m in r["methods"]}
+    assert nfe == {"agd": 4, "cfg": 8, "cfg-cutoff": 6, "unguided": 4}  # cutoff: 2 of 4 steps CFG
+    for m, e in r["methods"].items():
+        assert e["seconds_per_image"] > 0 and e["peak_memory_bytes"] > 0 and e["images"] == 1
+        assert e["speed_ratio_to_cfg"] == pytest.approx(
+            e["seconds_per_image"] / r["methods"]["cfg"]["seconds_per_image"])
+        assert (e["agreement"] is None) == (m == "cfg")
+    assert r["ratio_agd_to_cfg"] == r["methods"]["agd"]["speed_ratio_to_cfg"]
+    assert 0 < r["agreement"]["psnr"] < PSNR_CAP_DB and -1 <= r["agreement"]["ssim"] < 1
+    saved = json.loads((workdir / preset / "bench" / "compare-cfg.json").read_text())
+    assert saved["methods"]["agd"]["nfe"] == 4 and saved["preset"] == preset
+    assert r["grid"]["col_labels"] == ["CFG", "agd", "unguided", "CFG cutoff"]
+
+
+def test_full_cutoff_reproduces_cfg_and_omega_one_cfg_is_unguided(workdir):
+    """Invariants that pin down 'same base, same noise': CFG on all steps is CFG."""
+    from agd_cli.bench import run_bench
+
+    r = run_bench(preset="tiny-sd", baselines="cfg-cutoff,unguided", cutoff=1.0, omegas=["1"],
+                  workdir=str(workdir), **FAST)
+    assert r["methods"]["cfg-cutoff"]["nfe"] == 8
+    assert r["methods"]["cfg-cutoff"]["agreement"]["psnr"] == PSNR_CAP_DB
+    assert r["methods"]["cfg-cutoff"]["agreement"]["ssim"] == pytest.approx(1.0, abs=1e-6)
+    # ω = 1 CFG is the conditional prediction: equal to unguided up to batch-2 float rounding
+    assert r["methods"]["unguided"]["agreement"]["psnr"] > 60
+
+
+def test_cli_json_grid_size_and_counts(workdir, tmp_path, capsys):
+    grid = tmp_path / "g.png"
+    code, out, err = run_cli(["bench", "--compare-cfg", "--preset", "tiny-sd", "--workdir",
+                              str(workdir), "--threads", "1", "--steps", "3", "-n", "2", "-w", "2,4",
+                              "--seeds", "0-1", "--grid", str(grid), "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert set(r["methods"]) == {"agd", "cfg", "unguided"}
+    assert r["methods"]["agd"]["images"] == 2 * 2 * 2  # prompts x seeds x ω
+    assert (r["methods"]["agd"]["nfe"], r["methods"]["cfg"]["nfe"]) == (3, 6)
+    assert set(r["agreement"]["by_omega"]) == {"2", "4"}
+    g = r["grid"]
+    assert g["path"] == str(grid) and (g["rows"], g["cols"]) == (4, 3)  # 2 prompts x 2 ω, seed 0
+    assert g["cell"] == [128, 128]  # 32 px upscaled x4
+    from agd_cli.images import make_grid
+
+    blank = [[Image.new("RGB", tuple(g["cell"]))] * g["cols"]] * g["rows"]
+    with Image.open(grid) as im:
+        assert im.size == make_grid(blank, g["row_labels"], g["col_labels"]).size == tuple(g["size"])
+        assert im.width > 3 * 128 and im.height > 4 * 128
+
+
+def test_no_arguments_use_the_most_recent_adapter_and_its_builtin_prompts(tmp_path, capsys):
+    make_adapter(tmp_path, "tiny-dit")
+    code, out, err = run_cli(["bench", "--workdir", str(tmp_path), "--threads", "1", "--steps", "2",
+                              "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["preset"] == "tiny-dit" and r["prompts"] == ["0", "2", "4", "6"]  # 4 of classes 0-7
+    assert r["omegas"] == [4.0] and r["seeds"] == [0]  # the preset's default ω
+    assert (tmp_path / "tiny-dit" / "bench" / "compare-cfg.png").is_file()
+    assert "most recent adapter" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--baselines", "cfg,foo"], "unknown baseline 'foo'"),
+    (["--baselines", ""], "unknown baseline"),
+    (["--seeds", "x"], "bad seed 'x'"),
+    (["--seeds", "3-1"], "bad seed '3-1'"),
+    (["--preset", "tiny-sd", "-w", "-2"], "must be a positive number"),
+    (["--preset", "tiny-sd", "-w", "abc"], "bad guidance scale 'abc'"),
+    (["-n", "0"], "-n must be at least 1"),
+    (["--cutoff", "1.5"], "--cutoff 1.5"),
+    (["--grid", "out.jpg"], "not a .png path"),
+    (["--run", "r", "--adapter", "a.safetensors"], "got --run and --adapter"),
+    (["--adapter", "missing.safetensors"], "adapter file not found"),
+    (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+])
+def test_bad_flags_exit_2_naming_the_value(workdir, capsys, args, message):
+    code, out, err = run_cli(["bench", "--compare-cfg", "--workdir", str(workdir), *args], capsys)
+    assert code == 2, err
+    assert message in err and "hint:" in err and "Traceback" not in err
+
+
+def test_bad_baselines_json_error_object(workdir, capsys):
+    code, out, err = run_cli(["bench", "--baselines", "cfg,nope", "--workdir", str(workdir),
+                              "--json"], capsys)
+    assert code == 2 and json.loads(out)["error"].startswith("unknown baseline 'nope'")
+
+
+def test_empty_workspace_says_to_train_first(tmp_path, capsys):
+    code, _, err = run_cli(["bench", "--workdir", str(tmp_path)], capsys)
+    assert code == 2 and "no trained adapter" in err and "agd train" in err
+
+
+def test_quality_on_a_preset_without_evaluator_exits_2(workdir, capsys):
+    code, _, err = run_cli(["bench", "--compare-cfg", "--quality", "--preset", "tiny-sd",
+                            "--workdir", str(workdir)], capsys)
+    assert code == 2 and "'tiny-sd'" in err and "mnist" in err
+
+
+def test_memory_without_the_probe_module_exits_2(workdir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "agd_cli.memory", None)  # as if agd train's probe were absent
+    code, _, err = run_cli(["bench", "--memory", "--preset", "tiny-sd", "--workdir", str(workdir)],
+                           capsys)
+    assert code == 2 and "agd_cli.memory" in err and "hint:" in err
+
+
+def test_memory_arguments_fit_the_probe_and_flags_beat_the_preset():
+    from agd_cli.bench import memory_args
+    from agd_cli.presets import load_preset
+
+    p = load_preset("sdxl")
+    args = memory_args(p, None, None, None, None, None)
+    assert args == {"preset_name": "sdxl", "precision": p.train["precision"],
+                    "optimizer": p.train["optimizer"], "batch_size": p.train["batch_size"],
+                    "checkpointing": p.train["gradient_checkpointing"], "device": "auto"}
+    args = memory_args(p, "fp32", "adamw", False, 3, "cpu")
+    assert (args["precision"], args["optimizer"], args["checkpointing"], args["batch_size"]) == (
+        "fp32", "adamw", False, 3)
+    if importlib.util.find_spec("agd_cli.memory") is not None:
+        from agd_cli.memory import measure_train_step
+
+        inspect.signature(measure_train_step).bind(**args)  # the probe takes exactly these
+
+
+# --- --quality on the embedded default ------------------------------------------------------
+def _mnist_shipped() -> bool:
+    from agd_cli import mnist
+    from agd_cli.presets import PRESET_DIR
+
+    return (mnist.CLASSIFIER_PATH.is_file() and mnist.TEACHER_DIR.is_dir()
+            and (PRESET_DIR / "mnist.toml").is_file())
+
+
+@pytest.mark.skipif(not _mnist_shipped(), reason="mnist preset/assets not shipped yet")
+def test_quality_table_on_mnist(tmp_path):
+    from agd_cli.bench import run_bench
+
+    make_adapter(tmp_path, "mnist")
+    r = run_bench(preset="mnist", quality=True, quality_samples=20, quality_batch=20, omegas=["2", "8"],
+                  workdir=str(tmp_path), **FAST)
+    q = r["quality"]
+    assert set(q["unguided"]) == {"1"} and set(q["cfg"]) == set(q["agd"]) == {"2", "8"}
+    assert (q["unguided"]["1"]["nfe"], q["cfg"]["2"]["nfe"], q["agd"]["8"]["nfe"]) == (4, 8, 4)
+    for method in ("unguided", "cfg", "agd"):
+        for e in q[method].values():
+            assert 0 <= e["accuracy"] <= 1 and math.isfinite(e["fid"]) and e["fid"] >= 0
+    assert q["samples_per_omega"] == 20
