@@ -215,11 +215,16 @@ def load_prompt_set(preset: Preset, prompts: str | None = None,
 def _worker(shard_index: int | None, num_shards: int | None):
     """(index, count, accelerate state or None): from the flags, else from `accelerate launch`."""
     if shard_index is None and num_shards is None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # accelerate launch / torchrun
             from accelerate import PartialState
 
             state = PartialState()
-            return state.process_index, state.num_processes, state
+            if state.num_processes > 1:
+                return state.process_index, state.num_processes, state
+            # accelerate runs CPU-only launches as one process group of size 1; the launcher's
+            # rank still splits the prompts (no barrier then, so no --overwrite)
+            return int(os.environ.get("RANK", "0")), world, None
         return 0, 1, None
     if shard_index is None or num_shards is None:
         raise InputError("--shard-index and --num-shards go together",
@@ -281,6 +286,11 @@ def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: 
                          hint="delete the old folder first, or collect into a new one with --out")
     if device is None and state is not None:
         device = str(state.device)
+    elif device is None and num > 1 and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():  # one GPU per launched process
+            device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     resolve_device(device)  # an unknown device or missing CUDA fails here, before the plan
     run = Path(out) if out else run_dir(workdir, p.name)
     if run.exists() and not run.is_dir():
