@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agd_cli import __version__, ui
-from agd_cli.errors import InputError
+from agd_cli.errors import DataError, InputError
 from agd_cli.presets import DTYPES, Preset, load_preset
 from agd_cli.prompts import builtin_prompts, parse_classes, prompts_sha256, read_prompts
 from agd_cli.workspace import TRAJECTORIES, run_dir
@@ -301,6 +301,24 @@ def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: 
     return s
 
 
+def check_same_collection(s: CollectSettings, store) -> None:
+    """An existing collection must be this one (same identity keys) to be resumed."""
+    from agd_cli.trajectories import IDENTITY_KEYS
+
+    old, new = store.manifest().get("config", {}), s.identity()
+    for key in IDENTITY_KEYS:
+        if old.get(key) == new[key]:
+            continue
+        if key == "prompts_sha256":  # say which prompt sets, not which hashes
+            what = (f"prompts: {old.get('prompt_source')!r} ({len(old.get('prompts', []))} prompts) "
+                    f"there, {s.prompt_source!r} ({len(s.prompts)} prompts) now")
+        else:
+            what = f"{key}: {old.get(key)!r} there, {new[key]!r} now"
+        raise DataError(f"{store.root} already holds a different collection ({what})",
+                        hint="rerun with the same settings to resume, use --out for a new folder, "
+                             "or --overwrite to replace it")
+
+
 # --- 2. plan -----------------------------------------------------------------------------------
 def _free_bytes(path: Path) -> int:
     """Free space on the disk that will hold `path` (its nearest existing ancestor)."""
@@ -509,7 +527,7 @@ def run_collect(preset: str | Preset, prompts: str | None = None, classes: str |
                          num_shards, overwrite, workdir)
     store = TrajectoryStore(s.run / TRAJECTORIES)
     if store.exists() and not s.overwrite:
-        store.init(s.identity())  # an existing manifest is only compared, never rewritten here
+        check_same_collection(s, store)
     # 2. Plan: what is left, and whether the disk can hold it
     remaining = plan_collection(s, store)
     new, seconds, attention = 0, 0.0, None

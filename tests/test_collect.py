@@ -227,7 +227,9 @@ def test_killed_run_resumes_without_duplicates(tmp_path, capsys):
 # --- bad input: exit 2, a message naming the value, no traceback, nothing damaged -------------
 def _bad_files(tmp: Path) -> dict[str, Path]:
     files = {"empty": tmp / "empty.txt", "latin1": tmp / "latin1.txt", "nocap": tmp / "nocap.csv",
-             "badjson": tmp / "bad.jsonl", "doc": tmp / "prompts.docx", "afile": tmp / "afile"}
+             "badjson": tmp / "bad.jsonl", "doc": tmp / "prompts.docx", "afile": tmp / "afile",
+             "other": tmp / "other.txt"}
+    write_prompts(files["other"], ["a different prompt"])
     files["empty"].write_text("\n  \n\n", encoding="utf-8")
     files["latin1"].write_bytes("un café crème\n".encode("latin-1"))
     files["nocap"].write_text("text,id\na fox,1\n", encoding="utf-8")
@@ -254,6 +256,8 @@ BAD = [  # (flags after `--preset tiny-sd --prompts GOOD` unless they say otherw
     (["--overwrite", "--shard-index", "0", "--num-shards", "2"], "--overwrite cannot be combined"),
     (["--classes", "0-3"], "--classes given, but preset 'tiny-sd' is text-conditional"),
     (["--seed", "99"], "already holds a different collection (seed: 7 there, 99 now)"),
+    (["--prompts", "{other}"], "holds a different collection (prompts: "),
+    (["--num-per-prompt", "3"], "(num_per_prompt: 1 there, 3 now)"),
     (["--preset", "tiny-dit", "--classes", "0-3,5000"], "class id 5000"),
     (["--preset", "tiny-dit", "--classes", "5-2"], "bad class range '5-2'"),
     (["--preset", "nope"], "unknown preset 'nope'"),
@@ -295,6 +299,19 @@ def test_bad_input_exit_2_message_nothing_damaged(existing_run, flags, expected,
     assert expected in " ".join(err.split()), err
     assert "hint:" in err and "Traceback" not in err
     assert _snapshot(tmp / "run") == before
+
+
+def test_overwrite_replaces_a_different_collection(tmp_path):
+    kw = {**collect_kwargs("tiny-sd", tmp_path), "steps": 2, "out": str(tmp_path / "run")}
+    first = run_collect(**kw)
+    old_shards = {p.name for p in Path(first["trajectories_dir"]).glob("shard-*")}
+    second = run_collect(**{**kw, "seed": 8, "num_per_prompt": 1}, overwrite=True)
+    manifest, trajs = load_all(second["trajectories_dir"])
+    assert manifest["config"]["seed"] == 8 and sorted(trajs) == [0, 1, 2, 3]
+    assert second["trajectories"] == 4 and second["complete"]
+    assert torch.equal(torch.stack([trajs[i]["omega"] for i in range(4)]),
+                       trajectory_omegas(8, [0, 1, 2, 3], 1.0, 8.0))
+    assert len(old_shards) == 6 and len(list(Path(second["trajectories_dir"]).glob("shard-*"))) == 4
 
 
 def test_disk_too_small_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
