@@ -23,7 +23,7 @@ from agd_cli.errors import DataError, InputError, ModelError
 BASELINES = ("cfg", "cfg-cutoff", "unguided")
 DEFAULT_BASELINES = "cfg,unguided"
 GRID_COLUMNS = {"cfg": "CFG", "agd": "agd", "unguided": "unguided", "cfg-cutoff": "CFG cutoff"}
-METHOD_ORDER = ("agd", "cfg", "cfg-cutoff", "unguided")  # agd measured first: pays first-touch costs
+METHOD_ORDER = ("agd", "cfg", "cfg-cutoff", "unguided")
 QUALITY_OMEGAS = (2.0, 4.0, 6.0, 8.0)
 QUALITY_PRESETS = ("mnist",)  # presets that ship an evaluator (agd_cli.mnist)
 MIN_CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels
@@ -227,9 +227,12 @@ class PeakMemory:
     @property
     def what(self) -> str:
         if self.device.type == "cuda":
-            return "CUDA max_memory_allocated during the method's first (warm-up) image"
-        return ("process peak RSS sampled every 2 ms during the method's first (warm-up) image; "
-                "includes the loaded model and libraries (increase = peak - RSS before it)")
+            return ("CUDA max_memory_allocated during one image of the method, after a warm-up "
+                    "of every method (tensors only; increase = peak - allocated before it)")
+        return ("process peak RSS sampled every 2 ms during one image of the method, after a "
+                "warm-up of every method; includes the loaded model and libraries (increase = "
+                "peak - RSS before it; memory freed by earlier runs may be reused, so on CPU the "
+                "increase is a lower bound)")
 
     def __enter__(self) -> PeakMemory:
         import torch
@@ -324,11 +327,14 @@ def build_cases(den, prompts: list, plan: BenchPlan) -> tuple[list[Case], dict]:
 
 
 def compare(den, cases: list[Case], uncond: dict, plan: BenchPlan) -> tuple[dict, dict]:
-    """Warm up (and measure memory on) each method once, then time every case, methods interleaved
-    so that load drift on a shared machine hits all methods alike."""
-    memory = {}
+    """Warm up every method, measure each one's memory on one image, then time every case with
+    the methods interleaved, so that load drift on a shared machine hits all methods alike."""
     first = cases[0]
-    for m in [m for m in METHOD_ORDER if m in plan.methods]:
+    order = [m for m in METHOD_ORDER if m in plan.methods]
+    for m in order:  # warm-up: first-call allocations and lazy inits count for no method
+        generate_one(den, m, first.cond, uncond, first.omega, first.noise, plan)
+    memory = {}
+    for m in order:
         with PeakMemory(den.device) as mem:
             generate_one(den, m, first.cond, uncond, first.omega, first.noise, plan)
         memory[m] = {"peak_memory_bytes": mem.peak, "memory_increase_bytes": mem.increase,
@@ -431,7 +437,9 @@ def _console():
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MiB"
 
 
 def print_table(report: dict) -> None:
@@ -486,7 +494,7 @@ def run_compare(den, plan: BenchPlan) -> dict:
         "cpu_ratio_agd_to_cfg": agd["cpu_ratio_to_cfg"],
         "agreement": agd["agreement"],
         "timing": "median over images (and --repeats) of noise→pixels (sampling loop + decode; "
-                  "text encoding excluded), batch 1, one warm-up image per method excluded"
+                  "text encoding excluded), batch 1; warm-up and memory-probe images excluded"
                   + (", CUDA synchronised" if den.device.type == "cuda" else
                      "; CPU s/img is the process CPU time, which does not count time other "
                      "processes held the cores"),
@@ -510,7 +518,7 @@ def run_bench(*, compare_cfg: bool = True, memory: bool = False, run: str | None
 
     _positive_int(threads, "--threads")
     plan = None
-    if compare_cfg:  # every flag is checked before anything runs or loads
+    if compare_cfg or quality:  # every flag is checked before anything runs or loads
         plan = plan_bench(workdir=workdir, run=run, adapter=adapter, preset=preset,
                           prompts=prompts, n=n, steps=steps, omegas=omegas, seeds=seeds,
                           baselines=baselines, cutoff=cutoff, repeats=repeats,

@@ -9,7 +9,8 @@ same inputs, interleaved so load drift on a shared machine hits every variant al
     active      adapters on (what `agd generate` runs: one pass per step)
     cfg pass    the base on the batched cond+uncond pair (what one CFG step costs)
 
-adapter cost = (active - base) / base; the step ratio active / cfg-pass is the agd/CFG time per
+adapter cost = (active - base) / base, in wall and in process CPU time, and in FLOPs (torch's
+FlopCounterMode: matmuls, convolutions, attention; machine-independent); the step ratio active / cfg-pass is the agd/CFG time per
 sampling step that the sampling loop can at best reach.
 
     python benchmarks/adapter_overhead.py --threads 1 --preset tiny-sd --preset sd15@256
@@ -89,6 +90,15 @@ def time_call(fn, device) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def count_flops(fn) -> int:
+    """FLOPs of one call (torch's FlopCounterMode: matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def measure(name: str, repeats: int, batch: int) -> dict:
     """Median seconds per forward of each variant, and the derived overheads."""
     import torch
@@ -112,8 +122,13 @@ def measure(name: str, repeats: int, batch: int) -> dict:
             if r:
                 for k, v in sample.items():
                     times[k].append(v)
+        flops = {"active": count_flops(lambda: den.forward(x, t, cond, omega=4.0))}
+        aset.detach()
+        den.adapters = None
+        flops["base"] = count_flops(lambda: den.forward(x, t, cond))
     base_params = sum(p.numel() for p in den.model.parameters())
-    out = {"model": name, "family": den.family, "latent": list(den.latent_shape()), "batch": batch,
+    out = {"flops": flops, "adapter_flops_pct": 100 * (flops["active"] - flops["base"]) / flops["base"],
+           "model": name, "family": den.family, "latent": list(den.latent_shape()), "batch": batch,
            "repeats": repeats, "adapter_params": sum(p.numel() for p in aset.parameters()),
            "base_params": base_params}
     for clock, i in (("wall", 0), ("cpu", 1)):
@@ -152,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _print_row(r: dict) -> None:
     print(f"{r['model']} latent {tuple(r['latent'])} batch {r['batch']}, {r['repeats']} repeats, "
-          f"adapters {r['adapter_params'] / 1e6:.3f}M / base {r['base_params'] / 1e6:.1f}M")
+          f"adapters {r['adapter_params'] / 1e6:.3f}M / base {r['base_params'] / 1e6:.1f}M, "
+          f"FLOPs base {r['flops']['base'] / 1e9:.3f} G, adapters +{r['adapter_flops_pct']:.2f}%")
     for clock in ("wall", "cpu"):
         c, s = r[clock], r[clock]["seconds"]
         print(f"  {clock:<4}: base {1e3 * s['base']:.2f} ms, active {1e3 * s['active']:.2f} ms, "
