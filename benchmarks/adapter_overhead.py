@@ -5,13 +5,16 @@ built from its config with random weights (no download, no text encoders) and ti
 same inputs, interleaved so load drift on a shared machine hits every variant alike:
 
     base        the model with no agd processors attached at all
+    adapters    the adapter modules alone (shared embedding + every block), replayed on the
+                inputs they saw in an active forward: their own cost, measured directly
     attached    agd processors attached, adapters off (the wrapper's own overhead)
     active      adapters on (what `agd generate` runs: one pass per step)
     cfg pass    the base on the batched cond+uncond pair (what one CFG step costs)
 
-adapter cost = (active - base) / base, in wall and in process CPU time, and in FLOPs (torch's
-FlopCounterMode: matmuls, convolutions, attention; machine-independent); the step ratio active / cfg-pass is the agd/CFG time per
-sampling step that the sampling loop can at best reach.
+adapter cost = adapters / base (direct) and (active - base) / base (a difference of two noisy
+totals), in wall and process CPU time, and in FLOPs (torch's FlopCounterMode: matmuls,
+convolutions, attention; machine-independent). active / cfg pass is the agd/CFG time per
+sampling step, the best ratio a sampling loop can reach.
 
     python benchmarks/adapter_overhead.py --threads 1 --preset tiny-sd --preset sd15@256
 """
@@ -99,8 +102,33 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+def capture_adapter_calls(den, aset, x, t, cond) -> list[tuple]:
+    """(module, args) of every adapter module call (shared embedding, each block) in one forward."""
+    calls: list[tuple] = []
+    modules = [aset.shared, *aset.blocks.values()]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((mod, args))) for m in modules]
+    den.forward(x, t, cond, omega=4.0)
+    for h in hooks:
+        h.remove()
+    return calls
+
+
+def time_round(den, aset, x, t, cond, x2, cond2, calls) -> dict:
+    """One timing of every variant (base and cfg pass with the adapters fully detached)."""
+    aset.detach()
+    den.adapters = None
+    sample = {"base": time_call(lambda: den.forward(x, t, cond), den.device),
+              "cfg_pass": time_call(lambda: den.forward(x2, t, cond2), den.device)}
+    den.attach(aset)
+    sample["attached"] = time_call(lambda: den.forward(x, t, cond), den.device)
+    sample["active"] = time_call(lambda: den.forward(x, t, cond, omega=4.0), den.device)
+    # the adapters' own work, replayed on the inputs they saw: no difference of two noisy totals
+    sample["adapters_only"] = time_call(lambda: [mod(*args) for mod, args in calls], den.device)
+    return sample
+
+
 def measure(name: str, repeats: int, batch: int) -> dict:
-    """Median seconds per forward of each variant, and the derived overheads."""
+    """Median seconds per forward of each variant, FLOPs, and the derived overheads."""
     import torch
 
     from agd_cli.families.base import cond_cat
@@ -108,32 +136,26 @@ def measure(name: str, repeats: int, batch: int) -> dict:
     den, aset = build(name)
     x, t, cond = inputs(den, batch)
     x2, cond2 = torch.cat([x, x]), cond_cat([cond, cond])
-    times: dict[str, list[tuple[float, float]]] = {"base": [], "attached": [], "active": [],
-                                                   "cfg_pass": []}
+    times: dict[str, list[tuple[float, float]]] = {}
     with torch.no_grad():
+        den.attach(aset)
+        calls = capture_adapter_calls(den, aset, x, t, cond)
         for r in range(repeats + 1):  # round 0 warms up every variant and is dropped
-            aset.detach()
-            den.adapters = None
-            sample = {"base": time_call(lambda: den.forward(x, t, cond), den.device),
-                      "cfg_pass": time_call(lambda: den.forward(x2, t, cond2), den.device)}
-            den.attach(aset)
-            sample["attached"] = time_call(lambda: den.forward(x, t, cond), den.device)
-            sample["active"] = time_call(lambda: den.forward(x, t, cond, omega=4.0), den.device)
-            if r:
-                for k, v in sample.items():
-                    times[k].append(v)
+            for k, v in time_round(den, aset, x, t, cond, x2, cond2, calls).items():
+                if r:
+                    times.setdefault(k, []).append(v)
         flops = {"active": count_flops(lambda: den.forward(x, t, cond, omega=4.0))}
         aset.detach()
         den.adapters = None
         flops["base"] = count_flops(lambda: den.forward(x, t, cond))
-    base_params = sum(p.numel() for p in den.model.parameters())
-    out = {"flops": flops, "adapter_flops_pct": 100 * (flops["active"] - flops["base"]) / flops["base"],
-           "model": name, "family": den.family, "latent": list(den.latent_shape()), "batch": batch,
+    out = {"model": name, "family": den.family, "latent": list(den.latent_shape()), "batch": batch,
            "repeats": repeats, "adapter_params": sum(p.numel() for p in aset.parameters()),
-           "base_params": base_params}
+           "base_params": sum(p.numel() for p in den.model.parameters()), "flops": flops,
+           "adapter_flops_pct": 100 * (flops["active"] - flops["base"]) / flops["base"]}
     for clock, i in (("wall", 0), ("cpu", 1)):
         med = {k: statistics.median(v[i] for v in vs) for k, vs in times.items()}
         out[clock] = {"seconds": med,
+                      "adapters_only_pct": 100 * med["adapters_only"] / med["base"],
                       "adapter_cost_pct": 100 * (med["active"] - med["base"]) / med["base"],
                       "wrapper_cost_pct": 100 * (med["attached"] - med["base"]) / med["base"],
                       "step_ratio_agd_to_cfg": med["active"] / med["cfg_pass"],
@@ -173,7 +195,8 @@ def _print_row(r: dict) -> None:
         c, s = r[clock], r[clock]["seconds"]
         print(f"  {clock:<4}: base {1e3 * s['base']:.2f} ms, active {1e3 * s['active']:.2f} ms, "
               f"attached-off {1e3 * s['attached']:.2f} ms, cfg pass {1e3 * s['cfg_pass']:.2f} ms"
-              f" | adapter cost {c['adapter_cost_pct']:+.1f}% (wrapper {c['wrapper_cost_pct']:+.1f}%)"
+              f", adapters alone {1e3 * s['adapters_only']:.2f} ms = {c['adapters_only_pct']:.1f}% of base"
+              f" | active-base {c['adapter_cost_pct']:+.1f}% (wrapper {c['wrapper_cost_pct']:+.1f}%)"
               f", agd/CFG per step {c['step_ratio_agd_to_cfg']:.3f}", flush=True)
 
 
