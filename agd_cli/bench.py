@@ -605,12 +605,14 @@ def run_quality(den, plan: BenchPlan, show_table: bool = True) -> dict:
             images, spi, nfe = sample_for_quality(den, method, omega, prompts, plan)
             quality.setdefault(method, {})[f"{omega:g}"] = {
                 "accuracy": evaluator.accuracy(images, digits), "fid": evaluator.fid(images),
-                "nfe": nfe, "seconds_per_image": spi}
+                "nfe": nfe, "seconds_per_image": spi,
+                "beyond_trained_range": method == "agd" and omega > plan.preset.omega_range[1]}
             bar.advance(task)
     lo, hi = plan.preset.omega_range
-    summary = {**quality, "samples_per_omega": plan.quality_samples, "batch": plan.quality_batch,
-               "trained_omega_range": [lo, hi],
-               "reference": _real_digit_reference(evaluator, plan.quality_samples)}
+    summary = {**quality, "settings": {  # the one key of `quality` that is not a method
+        "samples_per_omega": plan.quality_samples, "batch": plan.quality_batch,
+        "steps": plan.steps, "trained_omega_range": [lo, hi],
+        "real_digits": _real_digit_reference(evaluator, plan.quality_samples)}}
     if show_table:
         print_quality_table(summary)
     return summary
@@ -632,18 +634,19 @@ def print_quality_table(q: dict) -> None:
     """Rows unguided / CFG / agd per ω; columns accuracy, FID, NFE, seconds per image."""
     from rich.table import Table
 
-    lo, hi = q["trained_omega_range"]
-    t = Table(title=f"quality: {q['samples_per_omega']} samples per row, digit classifier "
-                    f"accuracy and FID vs held-out MNIST (agd trained on ω {lo:g}–{hi:g})")
+    info = q["settings"]
+    lo, hi = info["trained_omega_range"]
+    t = Table(title=f"quality: {info['samples_per_omega']} samples per row, {info['steps']} steps; "
+                    f"digit-classifier accuracy and FID vs held-out MNIST (agd trained on ω {lo:g}–{hi:g})")
     for col in ("method", "ω", "accuracy", "FID", "NFE/img", "s/img (batched)"):
         t.add_column(col, justify="left" if col == "method" else "right")
-    if q.get("reference"):
-        r = q["reference"]
+    if info.get("real_digits"):
+        r = info["real_digits"]
         t.add_row("real digits", "—", f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", "—", "—")
     rows = [("unguided", "1")] + [(m, w) for w in q["cfg"] for m in ("cfg", "agd")]
     for method, w in rows:
         e = q[method][w]
-        beyond = " (beyond trained)" if float(w) > hi else ""
+        beyond = " (beyond trained)" if e["beyond_trained_range"] else ""
         t.add_row("CFG" if method == "cfg" else method, w + beyond, f"{e['accuracy']:.3f}",
                   f"{e['fid']:.2f}", str(e["nfe"]), f"{e['seconds_per_image']:.4f}")
     _console().print(t)

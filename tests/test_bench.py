@@ -233,4 +233,5 @@ def test_quality_table_on_mnist(tmp_path):
     for method in ("unguided", "cfg", "agd"):
         for e in q[method].values():
             assert 0 <= e["accuracy"] <= 1 and math.isfinite(e["fid"]) and e["fid"] >= 0
-    assert q["samples_per_omega"] == 20
+    assert q["settings"]["samples_per_omega"] == 20 and set(q) == {"unguided", "cfg", "agd", "settings"}
+    assert q["agd"]["8"]["beyond_trained_range"] is True
