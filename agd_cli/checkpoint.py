@@ -1,0 +1,188 @@
+"""Training checkpoints: safetensors plus a small JSON, written atomically, last N kept.
+
+    checkpoints/step-000250/
+      adapters.safetensors    adapter state dict (fp32)
+      optimizer.safetensors   optimizer state tensors; its non-tensor structure in the metadata
+      state.json              step, LR schedule, RNG states, data position, settings
+
+A checkpoint is built in a hidden temp folder and renamed into place, so after a crash (even
+kill -9) every `step-*` folder is complete. No pickles: nothing here runs code when loaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from agd_cli import ui
+from agd_cli.errors import DataError
+from agd_cli.io import read_json, write_json
+
+FORMAT = "agd-checkpoint/1"
+PREFIX = "step-"
+
+
+# --- optimizer state <-> safetensors --------------------------------------------------------
+TENSOR = "__tensor__"  # marks where a tensor sat in the JSON structure
+
+
+def _split(value, key: str, tensors: dict, seen: set):
+    """Tensors (at any depth: bitsandbytes nests its quantisation state) out, JSON left."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        # bitsandbytes shares one quantisation map between parameters; safetensors refuses
+        # shared storage, so a repeated tensor is stored as a copy
+        if t.data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.data_ptr())
+        tensors[key] = t
+        return {TENSOR: key}
+    if isinstance(value, dict):
+        return {str(k): _split(v, f"{key}.{k}", tensors, seen) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, f"{key}.{i}", tensors, seen) for i, v in enumerate(value)]
+    return value
+
+
+def _join(value, tensors: dict):
+    if isinstance(value, dict):
+        if set(value) == {TENSOR}:
+            return tensors[value[TENSOR]]
+        return {k: _join(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    return value
+
+
+def optimizer_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into flat tensors and a JSON-able structure."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _split(state_dict, "opt", tensors, set())
+    return tensors, structure
+
+
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], structure: dict) -> dict:
+    """The inverse of optimizer_tensors (parameter ids back to ints, as optimizers expect)."""
+    sd = _join(structure, tensors)
+    sd["state"] = {int(k): v for k, v in sd["state"].items()}
+    return sd
+
+
+# --- RNG states -------------------------------------------------------------------------------
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict:
+    """Every RNG a training step may touch: torch CPU and CUDA, Python's `random`."""
+    state = {"torch": _b64(torch.get_rng_state()), "python": _jsonable(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() saved (CUDA states only where there are as many devices)."""
+    torch.set_rng_state(_unb64(state["torch"]))
+    version, inner, gauss = state["python"]
+    random.setstate((version, tuple(inner), gauss))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])
+
+
+def _jsonable(obj):
+    return [_jsonable(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+# --- folders ------------------------------------------------------------------------------------
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Complete checkpoint folders, oldest step first."""
+    root = Path(root)
+    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def clean_stale(root: str | Path) -> None:
+    """Remove temp folders of checkpoints whose writer was killed."""
+    for p in Path(root).glob(f".{PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: str | Path, step: int, adapter_state: dict, optimizer: dict,
+                    state: dict, keep: int) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
+    root = Path(root)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in adapter_state.items()},
+              str(tmp / "adapters.safetensors"))
+    tensors, structure = optimizer_tensors(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"),
+              metadata={"structure": json.dumps(structure), "format": FORMAT})
+    write_json(tmp / "state.json", {"format": FORMAT, "step": step, **state})
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # a rerun reaching the same step: swap, then drop the old one
+        old = root / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    for stale in checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict]:
+    """(adapter state, optimizer state dict, state.json) of a checkpoint folder."""
+    path = Path(path)
+    try:
+        state = read_json(path / "state.json")
+        adapters = load_file(str(path / "adapters.safetensors"))
+        with safe_open(str(path / "optimizer.safetensors"), "pt") as f:
+            structure = json.loads(f.metadata()["structure"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - json, OS and safetensors errors alike
+        raise DataError(f"checkpoint {path} is unreadable: {type(e).__name__}: {e}",
+                        hint="delete that folder to resume from an older one, "
+                             "or pass --no-resume to start over") from None
+    if state.get("format") != FORMAT:
+        raise DataError(f"checkpoint {path} has unknown format {state.get('format')!r}",
+                        hint="pass --no-resume to start over")
+    return adapters, optimizer_state_dict(tensors, structure), state
+
+
+def latest_checkpoint(root: str | Path) -> tuple[Path, tuple[dict, dict, dict]] | None:
+    """The newest readable checkpoint and its contents; damaged ones are skipped with a warning."""
+    for path in reversed(checkpoint_dirs(root)):
+        try:
+            return path, load_checkpoint(path)
+        except DataError as e:
+            ui.warn(f"{e.message}; trying an older checkpoint")
+    return None

@@ -1,0 +1,231 @@
+"""Training data: collected trajectories indexed by (trajectory, kept step), read shard-wise.
+
+Small tensors (timesteps, ω, condition rows, prompt embeddings) are loaded once; prompt
+embeddings are stored once per distinct prompt and gathered per batch by row index. x and the
+guided target are read per batch from memory-mapped safetensors slices, or held in RAM when
+the whole collection fits comfortably. Validation is split by trajectory, never by step: steps
+of one trajectory are strongly correlated, so a step split would leak.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from agd_cli import ui
+from agd_cli.errors import DataError
+from agd_cli.trajectories import TrajectoryStore
+
+REQUIRED = ("x", "target", "timesteps", "omega", "trajectory_id", "cond_row")
+RAM_FRACTION = 0.25  # hold x/target in RAM when they take at most this share of physical memory
+
+
+def collection_root(path: str | Path) -> Path:
+    """A trajectories folder from a run folder or the trajectories folder itself."""
+    path = Path(path)
+    if (path / "trajectories" / "manifest.json").is_file():
+        return path / "trajectories"
+    if (path / "manifest.json").is_file():
+        return path
+    raise DataError(f"no trajectory collection in '{path}' (no manifest.json)",
+                    hint="pass a run folder written by `agd collect` (or its trajectories/ folder)")
+
+
+@dataclass
+class Batch:
+    """One batch: model input, guided target, timesteps, ω and the condition rows."""
+
+    x: torch.Tensor          # (B, C, H, W) float32
+    target: torch.Tensor     # (B, C, H, W) float32
+    timesteps: torch.Tensor  # (B,) int64
+    omega: torch.Tensor      # (B,) float32
+    cond: dict               # key -> (B, ...)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class _Shard:
+    """One shard: its lazy handle, and x/target in RAM once `load()` was called."""
+
+    def __init__(self, handle, path: Path):
+        self.handle, self.path = handle, path
+        self.x = self.target = None
+
+    def load(self) -> None:
+        self.x, self.target = self.handle.get_tensor("x"), self.handle.get_tensor("target")
+
+    def read(self, rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x and target at (row, step) pairs: one gather in RAM, else one mmap slice each."""
+        if self.x is not None:
+            return self.x[rows, steps], self.target[rows, steps]
+        xs, ts = self.handle.get_slice("x"), self.handle.get_slice("target")
+        pairs = list(zip(rows.tolist(), steps.tolist(), strict=True))
+        return (torch.cat([xs[r:r + 1, k] for r, k in pairs]),
+                torch.cat([ts[r:r + 1, k] for r, k in pairs]))
+
+
+class TrajectoryData:
+    """Every complete shard of one or more collections; samples are (trajectory, step) pairs."""
+
+    def __init__(self, roots: Sequence[str | Path], verify: bool = True,
+                 in_memory: bool | None = None):
+        self.stores = [TrajectoryStore(collection_root(r)) for r in roots]
+        self.manifests = [s.manifest() for s in self.stores]
+        self._shards: list[_Shard] = []
+        parts: dict[str, list] = {k: [] for k in ("omega", "timesteps", "cond_row", "key", "shard",
+                                                   "row")}
+        cond_parts: dict[str, list] = {}
+        self.uncond: dict | None = None
+        rows_so_far = 0
+        for c, store in enumerate(self.stores):
+            infos = store.shards()
+            if not infos:
+                raise DataError(f"collection {store.root} has no complete shards",
+                                hint="run (or resume) `agd collect` until it writes some")
+            for info in infos:
+                rows_so_far += self._add_shard(store, info, c, verify, parts, cond_parts, rows_so_far)
+        self.omega = torch.cat(parts["omega"]).float()                  # (T,)
+        self.cond_row = torch.cat(parts["cond_row"]).long()             # (T,)
+        self.shard_of = torch.cat(parts["shard"]).long()                # (T,)
+        self.row_in_shard = torch.cat(parts["row"]).long()              # (T,)
+        self.keys = [k for chunk in parts["key"] for k in chunk]        # (collection, id) per T
+        self.cond = {k: torch.cat(v) for k, v in cond_parts.items()}    # key -> (U, ...)
+        self._timesteps = parts["timesteps"]                            # per shard (N, K)
+        self.samples = self._index()                                    # (S, 2) traj, step
+        self.sample_shape = tuple(self._shards[0].handle.get_slice("x").get_shape()[2:])
+        self._maybe_load(in_memory)
+
+    def _add_shard(self, store, info, c, verify, parts, cond_parts, cond_offset) -> int:
+        """Read a shard's small tensors; returns how many condition rows it adds."""
+        handle = store.open_shard(info, verify=verify)
+        names = set(handle.keys())
+        missing = [k for k in REQUIRED if k not in names]
+        if missing:
+            raise DataError(f"shard {store.root / info['file']} lacks tensor(s) {missing}",
+                            hint="it was not written by `agd collect`; recollect it")
+        ids = handle.get_tensor("trajectory_id").long()
+        n = ids.shape[0]
+        s = len(self._shards)
+        self._shards.append(_Shard(handle, store.root / info["file"]))
+        parts["omega"].append(handle.get_tensor("omega"))
+        parts["timesteps"].append(handle.get_tensor("timesteps").long())
+        parts["cond_row"].append(handle.get_tensor("cond_row").long() + cond_offset)
+        parts["key"].append([(c, int(i)) for i in ids])
+        parts["shard"].append(torch.full((n,), s))
+        parts["row"].append(torch.arange(n))
+        added = 0
+        for name in sorted(names):
+            if name.startswith("cond."):
+                t = handle.get_tensor(name)
+                cond_parts.setdefault(name[5:], []).append(t)
+                added = t.shape[0]
+            elif name.startswith("uncond.") and name[7:] not in (self.uncond or {}):
+                self.uncond = {**(self.uncond or {}), name[7:]: handle.get_tensor(name)}
+        return added
+
+    def _index(self) -> torch.Tensor:
+        """(trajectory, step) for every kept step of every trajectory."""
+        steps = torch.cat([torch.full((t.shape[0],), t.shape[1]) for t in self._timesteps])
+        traj = torch.repeat_interleave(torch.arange(len(steps)), steps)
+        first = torch.cumsum(steps, 0) - steps
+        step = torch.arange(len(traj)) - first[traj]
+        return torch.stack([traj, step], dim=1)
+
+    def _maybe_load(self, in_memory: bool | None) -> None:
+        big = sum(s.path.stat().st_size for s in self._shards)
+        if in_memory is None:
+            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            in_memory = big <= RAM_FRACTION * ram
+        self.in_memory = in_memory
+        if in_memory:
+            for s in self._shards:
+                s.load()
+        else:
+            ui.info(f"collection is {big / 2**30:.1f} GiB: reading batches from memory-mapped shards")
+
+    # --- sizes and splits ------------------------------------------------------------------
+    @property
+    def num_trajectories(self) -> int:
+        return len(self.keys)
+
+    def __len__(self) -> int:
+        return self.samples.shape[0]
+
+    @property
+    def config(self) -> dict:
+        """The first collection's manifest config (preset, base model, ω range, ...)."""
+        return self.manifests[0].get("config", {})
+
+    def split(self, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample indices (train, val), split by trajectory with a seeded permutation."""
+        order = sorted(range(len(self.keys)), key=lambda i: self.keys[i])  # independent of file order
+        perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed))
+        n_val = round(val_fraction * len(order))
+        if val_fraction > 0 and len(order) >= 2:
+            n_val = min(max(n_val, 1), len(order) - 1)
+        val_traj = torch.tensor([order[i] for i in perm[:n_val].tolist()], dtype=torch.long)
+        is_val = torch.isin(self.samples[:, 0], val_traj)
+        idx = torch.arange(len(self))
+        return idx[~is_val], idx[is_val]
+
+    def trajectories_in(self, sample_idx: torch.Tensor) -> int:
+        """How many distinct trajectories the given samples come from."""
+        return int(self.samples[sample_idx, 0].unique().numel())
+
+    # --- reading -----------------------------------------------------------------------------
+    def batch(self, sample_idx: torch.Tensor) -> Batch:
+        """The samples at `sample_idx`, in that order."""
+        traj, step = self.samples[sample_idx, 0], self.samples[sample_idx, 1]
+        shard = self.shard_of[traj]
+        x = torch.empty((len(traj), *self.sample_shape))
+        target = torch.empty_like(x)
+        t = torch.empty(len(traj), dtype=torch.long)
+        for s in shard.unique().tolist():
+            sel = (shard == s).nonzero().view(-1)
+            rows = self.row_in_shard[traj[sel]]
+            xs, ts = self._shards[s].read(rows, step[sel])
+            x[sel], target[sel] = xs.float(), ts.float()
+            t[sel] = self._timesteps[s][rows, step[sel]]
+        cond = {k: v[self.cond_row[traj]] for k, v in self.cond.items()}
+        return Batch(x, target, t, self.omega[traj], cond)
+
+
+class ShuffledSampler:
+    """Seeded epoch-wise permutations of the training samples (shuffled across trajectories).
+
+    The position is (epoch, offset): each epoch's permutation is rebuilt from (seed, epoch), so
+    a resumed run continues with exactly the batches an uninterrupted run would have drawn.
+    """
+
+    def __init__(self, indices: torch.Tensor, seed: int, epoch: int = 0, offset: int = 0):
+        if len(indices) == 0:
+            raise DataError("no training samples left after the validation split",
+                            hint="collect more trajectories or lower --val-fraction")
+        self.indices, self.seed = indices, seed
+        self.epoch, self.offset = epoch, offset
+        self._perm = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return self.indices[torch.randperm(len(self.indices), generator=g)]
+
+    def next(self, size: int) -> torch.Tensor:
+        """The next `size` sample indices, continuing into the next epoch when one ends."""
+        out = []
+        while size > 0:
+            take = self._perm[self.offset:self.offset + size]
+            out.append(take)
+            size -= len(take)
+            self.offset += len(take)
+            if self.offset >= len(self._perm):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+        return torch.cat(out)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}

@@ -1,0 +1,225 @@
+"""Peak memory of one adapter-training step on a preset's base at real size (random weights).
+
+Each configuration runs in a fresh subprocess so that nothing earlier inflates its peak.
+CUDA: `torch.cuda.max_memory_allocated` over the step. CPU: the peak resident set size over
+the step (Linux: VmHWM after resetting it through /proc/self/clear_refs; elsewhere the
+process's ru_maxrss, which then also counts building the model).
+
+    python -m agd_cli.memory --preset sdxl --resolution 512 --device cpu   # one JSON line
+    python benchmarks/train_memory.py --preset sdxl                         # the grid, a table
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agd_cli.errors import InputError, ModelError
+
+
+def measure_train_step(preset_name: str, precision: str = "bf16", optimizer: str = "adamw8bit",
+                       checkpointing: bool = True, batch_size: int = 1, device: str = "auto",
+                       resolution: int | None = None, isolate: bool = True,
+                       timeout: float | None = None) -> dict:
+    """Peak memory of one full training step (forward, backward, optimizer step), as a dict.
+
+    Keys: peak_bytes (the figure), baseline_bytes (before the step: weights, adapters,
+    optimizer state), step_bytes (peak - baseline), weights_bytes, optimizer_state_bytes,
+    base_params, adapter_params, method, seconds_step and the configuration itself.
+    """
+    args = {"preset_name": preset_name, "precision": precision, "optimizer": optimizer,
+            "checkpointing": checkpointing, "batch_size": batch_size, "device": device,
+            "resolution": resolution}
+    if not isolate:
+        return _measure(**args)
+    cmd = [sys.executable, "-m", "agd_cli.memory", "--preset", preset_name, "--precision", precision,
+           "--optimizer", optimizer, "--batch-size", str(batch_size), "--device", device,
+           "--checkpointing" if checkpointing else "--no-checkpointing"]
+    if resolution:
+        cmd += ["--resolution", str(resolution)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise ModelError(f"memory measurement of {preset_name} failed (exit {proc.returncode}): "
+                         + " | ".join(tail), hint="run the printed command by hand to see why")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- inside the measuring process ------------------------------------------------------------
+def _reset_peak(device) -> str:
+    """Start a new peak window; returns the method used to measure it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return "cuda max_memory_allocated"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return "peak RSS (VmHWM, reset before the step)"
+    except OSError:
+        return "peak RSS (ru_maxrss, includes building the model)"
+
+
+def _current(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status("VmRSS") or 0
+
+
+def _peak(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _proc_status(field: str) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_random_base(preset, device, dtype):
+    """The preset's base with seeded random weights, built directly in `dtype`.
+
+    Like load_denoiser(weights="random", text=False), but without an fp32 copy first
+    (10 GB for SDXL) and keeping half precision on CPU too, so the CPU figure is comparable.
+    """
+    from agd_cli.families import FAMILIES
+
+    cls = FAMILIES[preset.family]
+    with _default_dtype(dtype):
+        model, _text_encoders, sched, vae = cls._build_random(preset)
+    del _text_encoders  # conditions come from the collection: no text encoders in training
+    return cls(preset, model, {}, sched, device, dtype, "random:" + preset.name, vae)
+
+
+def random_inputs(den, batch: int, resolution: int) -> dict:
+    """Model inputs, target, timesteps, ω and condition of the preset's real shapes."""
+    import torch
+
+    dev, dt = den.device, den.dtype
+    shape = (batch, *den.latent_shape(resolution, resolution))
+    if den.family == "dit":
+        cond = {"class_labels": torch.randint(0, 1000, (batch,), device=dev)}
+    else:
+        spec = den.cond_spec()
+        length = den.preset.architecture.get("tokenizer", {}).get("model_max_length", 77)
+        cond = {"prompt_embeds": torch.randn(batch, length, spec["token_dim"], device=dev, dtype=dt)}
+        if den.family == "sdxl":
+            cond["pooled"] = torch.randn(batch, spec["pooled_dim"], device=dev, dtype=dt)
+            cond["time_ids"] = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
+                                            device=dev, dtype=dt).repeat(batch, 1)
+    return {"x": torch.randn(shape, device=dev, dtype=dt), "target": torch.randn(shape, device=dev),
+            "t": torch.randint(0, 1000, (batch,), device=dev),
+            "omega": torch.rand(batch, device=dev) * 5 + 1, "cond": cond}
+
+
+def _step(den, params, opt, inputs, amp_dtype) -> None:
+    """One training step as `agd train` takes it: autocast forward, L2, backward, update."""
+    import torch
+
+    ctx = (torch.autocast(den.device.type, dtype=amp_dtype) if amp_dtype
+           else contextlib.nullcontext())
+    with ctx:
+        pred = den.forward(inputs["x"], inputs["t"], inputs["cond"], omega=inputs["omega"])
+    loss = (pred.float() - inputs["target"]).pow(2).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _measure(preset_name: str, precision: str, optimizer: str, checkpointing: bool,
+             batch_size: int, device: str, resolution: int | None) -> dict:
+    import torch
+
+    from agd_cli.families import resolve_device
+    from agd_cli.families.base import DTYPES
+    from agd_cli.presets import load_preset
+    from agd_cli.train import make_optimizer
+
+    if precision not in DTYPES:
+        raise InputError(f"unknown precision '{precision}'", hint="use fp16, bf16 or fp32")
+    preset = load_preset(preset_name)
+    dev = resolve_device(device)
+    dtype = DTYPES[precision]
+    res = resolution or preset.resolution
+    den = build_random_base(preset, dev, dtype)
+    if checkpointing:
+        den.model.enable_gradient_checkpointing()
+    torch.manual_seed(0)
+    adapters = den.new_adapters().train()
+    params = [p for p in adapters.parameters() if p.requires_grad]
+    opt, used = make_optimizer(params, optimizer, 1e-4, 0.0, dev)
+    inputs = random_inputs(den, batch_size, res)
+    amp = None if precision == "fp32" else dtype
+    _step(den, params, opt, inputs, amp)  # warm-up: the optimizer state exists from here on
+    method = _reset_peak(dev)
+    baseline = _current(dev)
+    t0 = time.perf_counter()
+    _step(den, params, opt, inputs, amp)
+    seconds = time.perf_counter() - t0
+    peak = _peak(dev)
+    state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values()
+                      for v in s.values() if isinstance(v, torch.Tensor))
+    return {"preset": preset.name, "family": preset.family, "device": str(dev),
+            "precision": precision, "optimizer": used, "optimizer_requested": optimizer,
+            "gradient_checkpointing": checkpointing, "batch_size": batch_size,
+            "resolution": res, "latent_shape": list(den.latent_shape(res, res)),
+            "base_params": sum(p.numel() for p in den.model.parameters()),
+            "adapter_params": sum(p.numel() for p in params),
+            "weights_bytes": sum(p.numel() * p.element_size() for p in den.model.parameters()),
+            "optimizer_state_bytes": state_bytes, "baseline_bytes": baseline,
+            "peak_bytes": peak, "step_bytes": peak - baseline, "method": method,
+            "seconds_step": round(seconds, 2), "torch": torch.__version__}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One measurement; prints it as one JSON line (the subprocess side of measure_train_step)."""
+    import agd_cli.runtime  # noqa: F401 - quiet library logs
+
+    p = argparse.ArgumentParser(prog="python -m agd_cli.memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", required=True)
+    p.add_argument("--precision", default="bf16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--optimizer", default="adamw8bit", choices=["adamw8bit", "adamw"])
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resolution", type=int, default=None)
+    a = p.parse_args(argv)
+    print(json.dumps(_measure(a.preset, a.precision, a.optimizer, a.checkpointing, a.batch_size,
+                              a.device, a.resolution)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Peak memory of one `agd train` step: AdamW8bit vs AdamW, gradient checkpointing on vs off.
+
+Builds the preset's base at real size with random weights, in a fresh subprocess per
+configuration, and runs one full training step (forward with adapters, L2 loss, backward,
+optimizer step) after a warm-up step. CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS.
+
+    python benchmarks/train_memory.py --preset sdxl                       # 1024², CUDA if present
+    python benchmarks/train_memory.py --preset sdxl --resolution 512 --device cpu
+    python benchmarks/train_memory.py --preset tiny-sd --precision fp32 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agd_cli.memory import measure_train_step  # noqa: E402
+
+GiB = 2**30
+
+
+def run_grid(preset: str, precision: str, batch_size: int, device: str, resolution: int | None,
+             optimizers: list[str], checkpointing: list[bool]) -> list[dict]:
+    """One isolated measurement per (optimizer, checkpointing)."""
+    rows = []
+    for opt, ckpt in itertools.product(optimizers, checkpointing):
+        t0 = time.perf_counter()
+        r = measure_train_step(preset, precision=precision, optimizer=opt, checkpointing=ckpt,
+                               batch_size=batch_size, device=device, resolution=resolution)
+        r["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"  {opt:9s} checkpointing={'on ' if ckpt else 'off'}  peak {r['peak_bytes'] / GiB:7.2f} GiB"
+              f"  (step adds {r['step_bytes'] / GiB:6.2f} GiB)  {r['wall_seconds']:.0f} s",
+              file=sys.stderr, flush=True)
+        rows.append(r)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table of the measurements."""
+    r0 = rows[0]
+    head = (f"{r0['preset']} · {r0['resolution']}² (latent {'×'.join(map(str, r0['latent_shape']))}) · "
+            f"batch {r0['batch_size']} · {r0['precision']} · {r0['device']} · "
+            f"base {r0['base_params'] / 1e9:.2f} B params ({r0['weights_bytes'] / GiB:.2f} GiB), "
+            f"adapters {r0['adapter_params'] / 1e6:.1f} M · {r0['method']}")
+    lines = [head, "",
+             "| optimizer | grad. checkpointing | peak | step adds | optimizer state | step time |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        opt = r["optimizer"] + ("" if r["optimizer"] == r["optimizer_requested"]
+                                else f" (asked {r['optimizer_requested']})")
+        lines.append(f"| {opt} | {'on' if r['gradient_checkpointing'] else 'off'} | "
+                     f"{r['peak_bytes'] / GiB:.2f} GiB | {r['step_bytes'] / GiB:.2f} GiB | "
+                     f"{r['optimizer_state_bytes'] / 2**20:.1f} MiB | {r['seconds_step']:.1f} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="sdxl")
+    p.add_argument("--precision", default="bf16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: the preset's)")
+    p.add_argument("--optimizers", default="adamw8bit,adamw")
+    p.add_argument("--checkpointing", default="on,off", help="on, off or on,off")
+    p.add_argument("--json", dest="json_out", help="also write the rows to this JSON file")
+    a = p.parse_args()
+    rows = run_grid(a.preset, a.precision, a.batch_size, a.device, a.resolution,
+                    a.optimizers.split(","), [c == "on" for c in a.checkpointing.split(",")])
+    print(table(rows))
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
