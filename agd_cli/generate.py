@@ -170,9 +170,11 @@ def check_omega_range(omega: float, meta: dict, preset: Preset) -> tuple[float, 
 def check_base(adapter_path: Path, meta: dict, base: Preset | None) -> None:
     """--preset runs the adapter on another base of the same family; refuse another family now."""
     if base is not None and base.family != meta.get("family"):
+        source = base.resolve_base_model()
+        source = f"random:{base.name}" if source == "config" else source  # as Denoiser names it
         raise InputError(
             f"adapter {adapter_path} was trained for '{meta.get('base_model')}' "
-            f"(family {meta.get('family')}), but --preset {base.name} is '{base.base_model}' "
+            f"(family {meta.get('family')}), but --preset {base.name} is '{source}' "
             f"(family {base.family})",
             hint="drop --preset to use the base the adapter was trained on")
 

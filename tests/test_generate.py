@@ -165,7 +165,7 @@ BAD = [
     (["--size", "big"], "bad --size 'big'"),
     (["--adapter", "nope.safetensors"], "adapter file not found: nope.safetensors"),
     (["--run", "no-such-run"], "run folder 'no-such-run' has no adapter.safetensors"),
-    (["--preset", "tiny-dit"], "trained for 'random:tiny-sd' (family sd), but --preset tiny-dit"),
+    (["--preset", "tiny-dit"], "trained for 'random:tiny-sd' (family sd), but --preset tiny-dit is 'random:tiny-dit'"),
     (["-n", "2", "--out", "{tmp}/one.png"], "is one file, but 2 images will be made"),
     (["--out", "{tmp}/file.txt/sub"], "file.txt' is a file, not a folder"),
     (["--out", "{tmp}/file.txt"], "is an existing file, not a folder"),
