@@ -57,6 +57,7 @@ class _Shard:
         self.x = self.target = None
 
     def load(self) -> None:
+        """Hold x and target in RAM."""
         self.x, self.target = self.handle.get_tensor("x"), self.handle.get_tensor("target")
 
     def read(self, rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +74,7 @@ class TrajectoryData:
     """Every complete shard of one or more collections; samples are (trajectory, step) pairs."""
 
     def __init__(self, roots: Sequence[str | Path], verify: bool = True,
-                 in_memory: bool | None = None):
+                 in_memory: bool | None = None, processes: int = 1):
         self.stores = [TrajectoryStore(collection_root(r)) for r in roots]
         self.manifests = [s.manifest() for s in self.stores]
         self._shards: list[_Shard] = []
@@ -95,10 +96,10 @@ class TrajectoryData:
         self.row_in_shard = torch.cat(parts["row"]).long()              # (T,)
         self.keys = [k for chunk in parts["key"] for k in chunk]        # (collection, id) per T
         self.cond = {k: torch.cat(v) for k, v in cond_parts.items()}    # key -> (U, ...)
-        self._timesteps = parts["timesteps"]                            # per shard (N, K)
+        self._timesteps = _common_dtype(parts["timesteps"])            # per shard (N, K)
         self.samples = self._index()                                    # (S, 2) traj, step
         self.sample_shape = tuple(self._shards[0].handle.get_slice("x").get_shape()[2:])
-        self._maybe_load(in_memory)
+        self._maybe_load(in_memory, processes)
 
     def _add_shard(self, store, info, c, verify, parts, cond_parts, cond_offset) -> int:
         """Read a shard's small tensors; returns how many condition rows it adds."""
@@ -113,7 +114,7 @@ class TrajectoryData:
         s = len(self._shards)
         self._shards.append(_Shard(handle, store.root / info["file"]))
         parts["omega"].append(handle.get_tensor("omega"))
-        parts["timesteps"].append(handle.get_tensor("timesteps").long())
+        parts["timesteps"].append(handle.get_tensor("timesteps"))  # int64, or float (Euler, DPM)
         parts["cond_row"].append(handle.get_tensor("cond_row").long() + cond_offset)
         parts["key"].append([(c, int(i)) for i in ids])
         parts["shard"].append(torch.full((n,), s))
@@ -136,11 +137,11 @@ class TrajectoryData:
         step = torch.arange(len(traj)) - first[traj]
         return torch.stack([traj, step], dim=1)
 
-    def _maybe_load(self, in_memory: bool | None) -> None:
+    def _maybe_load(self, in_memory: bool | None, processes: int) -> None:
         big = sum(s.path.stat().st_size for s in self._shards)
-        if in_memory is None:
+        if in_memory is None:  # every process of a multi-process run holds its own copy
             ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            in_memory = big <= RAM_FRACTION * ram
+            in_memory = big * processes <= RAM_FRACTION * ram
         self.in_memory = in_memory
         if in_memory:
             for s in self._shards:
@@ -151,6 +152,7 @@ class TrajectoryData:
     # --- sizes and splits ------------------------------------------------------------------
     @property
     def num_trajectories(self) -> int:
+        """Trajectories in all collections (train and validation)."""
         return len(self.keys)
 
     def __len__(self) -> int:
@@ -184,7 +186,7 @@ class TrajectoryData:
         shard = self.shard_of[traj]
         x = torch.empty((len(traj), *self.sample_shape))
         target = torch.empty_like(x)
-        t = torch.empty(len(traj), dtype=torch.long)
+        t = torch.empty(len(traj), dtype=self._timesteps[0].dtype)
         for s in shard.unique().tolist():
             sel = (shard == s).nonzero().view(-1)
             rows = self.row_in_shard[traj[sel]]
@@ -193,6 +195,13 @@ class TrajectoryData:
             t[sel] = self._timesteps[s][rows, step[sel]]
         cond = {k: v[self.cond_row[traj]] for k, v in self.cond.items()}
         return Batch(x, target, t, self.omega[traj], cond)
+
+
+def _common_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Integer timesteps stay int64 unless some collection stored float ones."""
+    if any(t.is_floating_point() for t in tensors):
+        return [t.float() for t in tensors]
+    return [t.long() for t in tensors]
 
 
 class ShuffledSampler:
@@ -228,4 +237,5 @@ class ShuffledSampler:
         return torch.cat(out)
 
     def state(self) -> dict:
+        """The data position a checkpoint stores."""
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}

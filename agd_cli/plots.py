@@ -55,6 +55,7 @@ class _Axes:
         return px, py
 
     def yticks(self) -> list[float]:
+        """Decades on a log axis, round numbers on a linear one."""
         if self.log:
             return [10.0 ** e for e in range(math.floor(self.y0), math.ceil(self.y1) + 1)
                     if self.y0 <= e <= self.y1] or [10 ** self.y0]

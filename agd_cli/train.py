@@ -112,6 +112,7 @@ class TrainSettings:
                              hint=f"use one of {', '.join(DTYPES)}")
 
     def describe(self) -> dict:
+        """The settings as JSON-able values (for checkpoints)."""
         d = asdict(self)
         d["adapter"] = self.adapter.to_dict()
         return d
@@ -377,7 +378,9 @@ class Trainer:
         smoothed = None
         columns = TextColumn("loss {task.fields[loss]} · val {task.fields[val]} · "
                              "{task.fields[rate]} it/s")
-        with ui.progress(columns) as prog:
+        prog = ui.progress(columns)
+        prog.disable = prog.disable or not self.main  # one bar, from the main process
+        with prog:
             task = prog.add_task("training", total=self.s.steps, completed=self.step,
                                  loss="–", val=_fmt(self.last_val), rate="–")
             while self.step < self.s.steps:
@@ -588,9 +591,9 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
     settings = TrainSettings.resolve(preset_obj, flags)
     family = FAMILIES[preset_obj.family]
     family.check_adapter_kind(family, settings.adapter.kind)  # uses class attributes only
-    trajectories = TrajectoryData(roots)
-    # 3. The model: frozen base + fresh adapters on this process's device
     acc = _accelerator(device)
+    trajectories = TrajectoryData(roots, processes=acc.num_processes)
+    # 3. The model: frozen base + fresh adapters on this process's device
     den = prepare_denoiser(preset_obj, acc.device, settings)
     if trajectories.sample_shape[0] != den.in_channels:
         raise DataError(f"collection holds {trajectories.sample_shape[0]}-channel samples; "

@@ -2,7 +2,9 @@
 
 Builds the preset's base at real size with random weights, in a fresh subprocess per
 configuration, and runs one full training step (forward with adapters, L2 loss, backward,
-optimizer step) after a warm-up step. CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS.
+optimizer step) twice: the peak covers the first step and the steady-state second one.
+CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS. "training adds" = peak minus the memory
+held before the first step (weights, adapters, libraries).
 
     python benchmarks/train_memory.py --preset sdxl                       # 1024², CUDA if present
     python benchmarks/train_memory.py --preset sdxl --resolution 512 --device cpu
@@ -35,10 +37,14 @@ def run_grid(preset: str, precision: str, batch_size: int, device: str, resoluti
                                batch_size=batch_size, device=device, resolution=resolution)
         r["wall_seconds"] = round(time.perf_counter() - t0, 1)
         print(f"  {opt:9s} checkpointing={'on ' if ckpt else 'off'}  peak {r['peak_bytes'] / GiB:7.2f} GiB"
-              f"  (step adds {r['step_bytes'] / GiB:6.2f} GiB)  {r['wall_seconds']:.0f} s",
+              f"  (training adds {r['step_bytes'] / GiB:6.2f} GiB)  {r['wall_seconds']:.0f} s",
               file=sys.stderr, flush=True)
         rows.append(r)
     return rows
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}"
 
 
 def table(rows: list[dict]) -> str:
@@ -46,10 +52,10 @@ def table(rows: list[dict]) -> str:
     r0 = rows[0]
     head = (f"{r0['preset']} · {r0['resolution']}² (latent {'×'.join(map(str, r0['latent_shape']))}) · "
             f"batch {r0['batch_size']} · {r0['precision']} · {r0['device']} · "
-            f"base {r0['base_params'] / 1e9:.2f} B params ({r0['weights_bytes'] / GiB:.2f} GiB), "
-            f"adapters {r0['adapter_params'] / 1e6:.1f} M · {r0['method']}")
+            f"base {_count(r0['base_params'])} params ({r0['weights_bytes'] / GiB:.2f} GiB), "
+            f"adapters {_count(r0['adapter_params'])} · {r0['method']}")
     lines = [head, "",
-             "| optimizer | grad. checkpointing | peak | step adds | optimizer state | step time |",
+             "| optimizer | grad. checkpointing | peak | training adds | optimizer state | step time |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         opt = r["optimizer"] + ("" if r["optimizer"] == r["optimizer_requested"]
@@ -61,6 +67,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    """Parse the flags, measure the grid, print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="sdxl")
     p.add_argument("--precision", default="bf16", choices=["fp16", "bf16", "fp32"])

@@ -238,6 +238,9 @@ def test_split_by_trajectory_and_sampler_position(collection):
     assert torch.equal(resumed.next(50), s.next(50))
     b = data.batch(val[:5])
     assert b.x.shape == (5, *data.sample_shape) and b.cond["class_labels"].shape == (5,)
+    mapped = TrajectoryData([collection("tiny-dit")], in_memory=False)  # memory-mapped reads
+    for key in ("x", "target", "timesteps", "omega"):
+        assert torch.equal(getattr(mapped.batch(epoch[:40]), key), getattr(data.batch(epoch[:40]), key))
 
 
 # --- several processes --------------------------------------------------------------------------------
@@ -306,8 +309,8 @@ def test_preview_images(run_of, capsys):
     from agd_cli.images import read_png_metadata
 
     run = run_of("tiny-dit")
-    code, _, err = agd("train", "--run", str(run), "--steps", "4", "--preview-every", "2",
-                       capsys=capsys)
+    code, _, err = agd("train", "--data", str(run / "trajectories"), "--steps", "4",
+                       "--preview-every", "2", capsys=capsys)  # results go to its run folder
     assert code == 0, err
     previews = sorted((run / "train").glob("preview-step-*.png"))
     assert [p.name for p in previews] == ["preview-step-000002.png", "preview-step-000004.png"]
