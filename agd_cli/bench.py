@@ -91,6 +91,7 @@ class BenchPlan:
     cutoff: float
     repeats: int
     grid: Path
+    batch_size: int = 1
     quality: bool = False
     quality_samples: int = 500
     quality_batch: int = 100
@@ -125,7 +126,7 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
                prompts: str | None, n: int | None, steps: int | None, omegas: Sequence,
                seeds: Sequence, baselines: str | None, cutoff: float, repeats: int,
                scheduler: str | None, grid: str | None, quality: bool, quality_samples: int,
-               quality_batch: int) -> BenchPlan:
+               quality_batch: int, batch_size: int = 1) -> BenchPlan:
     """Check every flag and find the adapter and its preset; no model weights load here."""
     from agd_cli.families import preset_for_adapter
     from agd_cli.prompts import read_prompts
@@ -135,6 +136,7 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
     _positive_int(n, "-n")
     _positive_int(steps, "--steps")
     _positive_int(repeats, "--repeats")
+    _positive_int(batch_size, "--batch-size")
     _positive_int(quality_samples, "--quality-samples", 2)
     _positive_int(quality_batch, "--quality-batch")
     if not 0 < cutoff <= 1:
@@ -156,7 +158,7 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
     return BenchPlan(adapter=path, preset=p, out_dir=out_dir, methods=methods, omegas=omega_list,
                      seeds=seed_list, prompts_file=prompt_list, n=n or 4,
                      steps=steps or p.sampling["steps"], scheduler=scheduler or p.sampling["scheduler"],
-                     cutoff=cutoff, repeats=repeats, grid=Path(grid) if grid else out_dir / "compare-cfg.png",
+                     cutoff=cutoff, repeats=repeats, batch_size=batch_size, grid=Path(grid) if grid else out_dir / "compare-cfg.png",
                      quality=quality, quality_samples=quality_samples, quality_batch=quality_batch,
                      quality_omegas=parse_omegas(omegas, QUALITY_OMEGAS))
 
@@ -285,18 +287,27 @@ class Generated:
     nfe: int
 
 
-def generate_one(den, method: str, cond: dict, uncond: dict, omega: float, noise, plan) -> Generated:
-    """Sample and decode one image with a method; timed with the device synchronised."""
+def generate(den, method: str, batch: list, uncond: dict, plan) -> list[Generated]:
+    """Sample and decode a batch of cases in one call, timed with the device synchronised;
+    each image gets the call's time divided by the batch size."""
+    import torch
+
+    from agd_cli.families import cond_cat
     from agd_cli.sampling import sample
 
+    cond = cond_cat([c.cond for c in batch])
+    noise = torch.cat([c.noise for c in batch])
+    omega = torch.tensor([c.omega for c in batch]) if len(batch) > 1 else batch[0].omega
+    null = {k: v.expand(len(batch), *v.shape[1:]) for k, v in uncond.items()}
     _sync(den.device)
     t0, c0 = time.perf_counter(), time.process_time()
-    res = sample(den, cond, uncond, omega, noise, mode=method, steps=plan.steps,
+    res = sample(den, cond, null, omega, noise, mode=method, steps=plan.steps,
                  scheduler=plan.scheduler, cutoff=plan.cutoff)
     _sync(den.device)
     t1 = time.perf_counter()
-    image = den.decode(res.x)[0]  # decode returns CPU tensors: synchronised by the copy
-    return Generated(image, time.perf_counter() - t0, t1 - t0, time.process_time() - c0, res.nfe)
+    images = den.decode(res.x)  # decode returns CPU tensors: synchronised by the copy
+    wall, cpu, b = time.perf_counter() - t0, time.process_time() - c0, len(batch)
+    return [Generated(im, wall / b, (t1 - t0) / b, cpu / b, res.nfe) for im in images]
 
 
 # --- 4. the comparison ----------------------------------------------------------------------
@@ -327,28 +338,30 @@ def build_cases(den, prompts: list, plan: BenchPlan) -> tuple[list[Case], dict]:
 
 
 def compare(den, cases: list[Case], uncond: dict, plan: BenchPlan) -> tuple[dict, dict]:
-    """Warm up every method, measure each one's memory on one image, then time every case with
+    """Warm up every method, measure each one's memory on one batch, then time every batch with
     the methods interleaved, so that load drift on a shared machine hits all methods alike."""
-    first = cases[0]
+    batches = [list(range(i, min(i + plan.batch_size, len(cases))))
+               for i in range(0, len(cases), plan.batch_size)]
+    first = [cases[i] for i in batches[0]]
     order = [m for m in METHOD_ORDER if m in plan.methods]
     for m in order:  # warm-up: first-call allocations and lazy inits count for no method
-        generate_one(den, m, first.cond, uncond, first.omega, first.noise, plan)
+        generate(den, m, first, uncond, plan)
     memory = {}
     for m in order:
         with PeakMemory(den.device) as mem:
-            generate_one(den, m, first.cond, uncond, first.omega, first.noise, plan)
+            generate(den, m, first, uncond, plan)
         memory[m] = {"peak_memory_bytes": mem.peak, "memory_increase_bytes": mem.increase,
                      "what": mem.what}
-    results: dict[str, list[list[Generated]]] = {m: [] for m in plan.methods}
+    results: dict[str, list[list[Generated]]] = {m: [[] for _ in cases] for m in plan.methods}
     with ui.progress() as bar:
         task = bar.add_task("compare", total=len(cases) * len(plan.methods) * plan.repeats)
-        for case in cases:
+        for idx in batches:
             for m in plan.methods:
-                runs = []
                 for _ in range(plan.repeats):
-                    runs.append(generate_one(den, m, case.cond, uncond, case.omega, case.noise, plan))
-                    bar.advance(task)
-                results[m].append(runs)
+                    for i, g in zip(idx, generate(den, m, [cases[i] for i in idx], uncond, plan),
+                                    strict=True):
+                        results[m][i].append(g)
+                    bar.advance(task, len(idx))
     return results, memory
 
 
@@ -493,8 +506,10 @@ def run_compare(den, plan: BenchPlan) -> dict:
         "denoise_ratio_agd_to_cfg": agd["denoise_ratio_to_cfg"],
         "cpu_ratio_agd_to_cfg": agd["cpu_ratio_to_cfg"],
         "agreement": agd["agreement"],
+        "batch_size": plan.batch_size,
         "timing": "median over images (and --repeats) of noise→pixels (sampling loop + decode; "
-                  "text encoding excluded), batch 1; warm-up and memory-probe images excluded"
+                  f"text encoding excluded), batch {plan.batch_size} per call (s/img = call time / batch); "
+                  "warm-up and memory-probe calls excluded"
                   + (", CUDA synchronised" if den.device.type == "cuda" else
                      "; CPU s/img is the process CPU time, which does not count time other "
                      "processes held the cores"),
@@ -511,8 +526,9 @@ def run_bench(*, compare_cfg: bool = True, memory: bool = False, run: str | None
               device: str | None = None, dtype: str = "fp16", quality: bool = False,
               quality_samples: int = 500, quality_batch: int = 100, precision: str | None = None,
               optimizer: str | None = None, checkpointing: bool | None = None,
-              batch_size: int | None = None, threads: int | None = None,
-              workdir: str = "agd-runs", show_table: bool = True) -> dict:
+              train_batch_size: int | None = None, batch_size: int = 1,
+              threads: int | None = None, workdir: str = "agd-runs",
+              show_table: bool = True) -> dict:
     """`agd bench`: --compare-cfg (speed, memory, agreement; --quality) and/or --memory."""
     from agd_cli.io import write_json
 
@@ -523,14 +539,15 @@ def run_bench(*, compare_cfg: bool = True, memory: bool = False, run: str | None
                           prompts=prompts, n=n, steps=steps, omegas=omegas, seeds=seeds,
                           baselines=baselines, cutoff=cutoff, repeats=repeats,
                           scheduler=scheduler, grid=grid, quality=quality,
-                          quality_samples=quality_samples, quality_batch=quality_batch)
+                          quality_samples=quality_samples, quality_batch=quality_batch,
+                          batch_size=batch_size)
     report: dict = {}
     with torch_threads(threads):
         if memory:
             report["memory"] = run_memory(workdir=workdir, run=run, adapter=adapter,
                                           preset=preset, precision=precision,
                                           optimizer=optimizer, checkpointing=checkpointing,
-                                          batch_size=batch_size, device=device,
+                                          batch_size=train_batch_size, device=device,
                                           show_table=show_table)
         if plan is None:
             return report
@@ -656,7 +673,7 @@ def print_quality_table(q: dict) -> None:
 def memory_args(preset, precision: str | None, optimizer: str | None,
                 checkpointing: bool | None, batch_size: int | None, device: str | None) -> dict:
     """measure_train_step's arguments: the flags, else the preset's training defaults."""
-    _positive_int(batch_size, "--batch-size")
+    _positive_int(batch_size, "--train-batch-size")
     t = preset.train
     return {"preset_name": preset.name, "precision": precision or t["precision"],
             "optimizer": optimizer or t["optimizer"],

@@ -115,6 +115,22 @@ def test_full_cutoff_reproduces_cfg_and_omega_one_cfg_is_unguided(workdir):
     assert r["methods"]["unguided"]["agreement"]["psnr"] > 60
 
 
+def test_batched_cases_give_the_same_images_as_one_at_a_time(workdir):
+    """Cases with different prompts and ω in one call (per-sample ω) match batch-1 results."""
+    from agd_cli.bench import run_bench
+
+    kw = {**FAST, "n": 2, "omegas": ["2", "6"], "steps": 3}
+    one = run_bench(preset="tiny-sd", batch_size=1, workdir=str(workdir), **kw)
+    four = run_bench(preset="tiny-sd", batch_size=4, workdir=str(workdir), **kw)
+    assert four["batch_size"] == 4 and four["methods"]["agd"]["images"] == 4
+    for w in ("2", "6"):
+        for m in ("agd", "unguided"):
+            a, b = one["methods"][m]["agreement"]["by_omega"][w], four["methods"][m]["agreement"]["by_omega"][w]
+            assert b["psnr"] == pytest.approx(a["psnr"], abs=0.05)
+            assert b["ssim"] == pytest.approx(a["ssim"], abs=1e-3)
+    assert one["agreement"]["by_omega"]["2"]["psnr"] != pytest.approx(one["agreement"]["by_omega"]["6"]["psnr"])
+
+
 def test_cli_json_grid_size_and_counts(workdir, tmp_path, capsys):
     grid = tmp_path / "g.png"
     code, out, err = run_cli(["bench", "--compare-cfg", "--preset", "tiny-sd", "--workdir",

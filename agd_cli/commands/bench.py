@@ -26,6 +26,9 @@ from agd_cli.commands import common_options
               help="Methods besides agd, from cfg,cfg-cutoff,unguided [cfg,unguided].")
 @click.option("--cutoff", type=float, default=0.5, show_default=True,
               help="cfg-cutoff: fraction of the steps that use CFG.")
+@click.option("-b", "--batch-size", type=int, default=1, show_default=True,
+              help="Images per sampling call; s/img = call time / batch (1 = latency, "
+                   "larger = throughput).")
 @click.option("--repeats", type=int, default=1, show_default=True,
               help="Time every image this many times (steadier medians on a busy machine).")
 @click.option("--scheduler", default=None, help="Scheduler [preset].")
@@ -48,7 +51,8 @@ from agd_cli.commands import common_options
               help="--memory: optimizer [preset].")
 @click.option("--checkpointing/--no-checkpointing", default=None,
               help="--memory: gradient checkpointing [preset].")
-@click.option("--batch-size", type=int, default=None, help="--memory: training batch size [preset].")
+@click.option("--train-batch-size", type=int, default=None,
+              help="--memory: training batch size [preset].")
 @common_options
 def command(compare_cfg: bool, memory: bool, as_json: bool, workdir: str, **kwargs) -> None:
     """Speed, memory and agreement of agd against real CFG on the same seeds.
@@ -64,7 +68,7 @@ def command(compare_cfg: bool, memory: bool, as_json: bool, workdir: str, **kwar
       agd bench --compare-cfg
       agd bench --compare-cfg --preset mnist --quality
       agd bench --compare-cfg -w 2,4,6 --seeds 0-3 --baselines cfg,cfg-cutoff,unguided
-      agd bench --memory --preset sdxl --optimizer adamw8bit --checkpointing
+      agd bench --memory --preset sdxl --optimizer adamw8bit --train-batch-size 4
     """
     from agd_cli import ui
     from agd_cli.bench import run_bench
