@@ -41,10 +41,12 @@ class Site:
 
 @dataclass
 class AgdContext:
-    """Per-call adapter inputs: context tokens (B, n, D) and a pooled vector (B, D)."""
+    """Per-call adapter inputs: context tokens (B, n, D), a pooled vector (B, D), and the gain
+    (B, 1, 1) every adapter output is multiplied by."""
 
     tokens: torch.Tensor
     vector: torch.Tensor
+    gain: torch.Tensor
 
 
 class OmegaEmbedding(nn.Module):
@@ -75,6 +77,7 @@ class SharedConditioning(nn.Module):
         d = cfg.context_dim
         self.inputs = set(cfg.inputs)
         self.kind = cfg.kind
+        self.omega_gain = cfg.omega_gain
         self.omega = OmegaEmbedding(d)
         self.time_proj = Timesteps(128, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time = TimestepEmbedding(128, d)
@@ -109,7 +112,11 @@ class SharedConditioning(nn.Module):
             parts.append(self.token_proj(cond["tokens"].to(w.dtype)))  # (B, L, D)
         else:
             parts.append(c_vec[:, None])
-        return AgdContext(tokens=torch.cat(parts, dim=1), vector=w + t + c_vec)
+        # CFG's correction is (ω − 1)·(ε_c − ε_u): scaling the adapters by (ω − 1) makes agd at
+        # ω = 1 exactly the conditional base, as CFG is, and lets them learn the difference term
+        gain = (omega.float() - 1.0) if self.omega_gain else torch.ones_like(omega.float())
+        return AgdContext(tokens=torch.cat(parts, dim=1), vector=w + t + c_vec,
+                          gain=gain.to(w.dtype).view(batch, 1, 1))
 
 
 class CrossAttentionAdapter(nn.Module):
@@ -163,7 +170,7 @@ class AgdAttnProcessor:
         if agd is None or self.adapter is None:
             return out
         dtype = agd.tokens.dtype
-        return out + self.adapter(hidden_states.to(dtype), agd).to(out.dtype)
+        return out + (agd.gain * self.adapter(hidden_states.to(dtype), agd)).to(out.dtype)
 
 
 def site_key(name: str) -> str:

@@ -79,6 +79,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "adapter": {
         "kind": _one_of(ADAPTER_KINDS), "hidden_dim": _pos_int, "context_dim": _pos_int,
         "heads": _pos_int, "inputs": _inputs, "init": _one_of(("xavier", "zero")),
+        "omega_gain": _bool,
     },
     "collect": {
         "num_per_prompt": _pos_int, "batch_size": _pos_int, "keep_steps": _pos_int,
@@ -107,11 +108,12 @@ class AdapterConfig:
     heads: int = 2
     inputs: list[str] = field(default_factory=lambda: list(ADAPTER_INPUTS))
     init: str = "xavier"
+    omega_gain: bool = True  # adapter outputs scaled by (ω − 1): exact base at ω = 1, like CFG
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "hidden_dim": self.hidden_dim,
                 "context_dim": self.context_dim, "heads": self.heads,
-                "inputs": list(self.inputs), "init": self.init}
+                "inputs": list(self.inputs), "init": self.init, "omega_gain": self.omega_gain}
 
 
 @dataclass

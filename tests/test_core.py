@@ -159,3 +159,13 @@ def test_every_preset_parses_and_builds(name):
         x, c, _ = _inputs(den, n=1)
         with torch.no_grad():
             assert den.predict(x, 10, c).shape == x.shape
+
+
+@torch.no_grad()
+def test_agd_at_omega_one_is_the_conditional_base_like_cfg(den):
+    x, c, _ = _inputs(den)
+    _fresh(den)
+    with den.adapters.disabled():
+        cond = den.predict(x, 600, c)
+    assert torch.equal(den.predict(x, 600, c, omega=1.0), cond)
+    assert not torch.equal(den.predict(x, 600, c, omega=1.5), cond)
