@@ -72,6 +72,10 @@ def _report(err: AgdError, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the group and turns domain errors into one line, a hint and exit 2."""
+    # On a shared or busy CPU, OpenMP's spin-waiting makes multi-threaded torch ops several times
+    # slower (a thread spins while its partner is descheduled); passive waiting costs little on
+    # an idle machine. Must be set before torch loads OpenMP.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
     debug = "--debug" in argv or os.environ.get("AGD_DEBUG") == "1"
