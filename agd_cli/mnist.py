@@ -19,7 +19,8 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,37 +121,11 @@ def digit_of(prompt: str) -> int | None:
 # ---------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte -> printable unicode char table (256 entries)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
 def build_char_tokenizer(max_length: int = 32):
-    """A character-level ``transformers.CLIPTokenizer`` built fully in memory.
+    """The in-memory character-level CLIP tokenizer (one token per character)."""
+    from agd_cli.text import build_char_tokenizer as build
 
-    Vocabulary: the 256 byte-level unicode chars, their ``</w>`` variants,
-    ``<|startoftext|>`` (id 512) and ``<|endoftext|>`` (id 513, also pad/unk);
-    no merges, so every character is one token.
-    """
-    from transformers import CLIPTokenizer
-
-    chars = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    return build(max_length)
 
 
 # ---------------------------------------------------------------------------
@@ -329,8 +304,8 @@ class Evaluator:
 
 def load_evaluator(device: str | torch.device = "cpu", path: str | Path | None = None) -> Evaluator:
     """Load the shipped digit classifier and its reference statistics (offline)."""
-    from safetensors.torch import load_file
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     path = Path(path) if path is not None else CLASSIFIER_PATH
     with safe_open(str(path), framework="pt") as f:
