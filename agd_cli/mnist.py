@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
