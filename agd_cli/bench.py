@@ -659,7 +659,7 @@ def print_quality_table(q: dict) -> None:
         t.add_column(col, justify="left" if col == "method" else "right")
     if info.get("real_digits"):
         r = info["real_digits"]
-        t.add_row("real digits", "—", f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", "—", "—")
+        t.add_row("real digits (train split)", "—", f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", "—", "—")
     rows = [("unguided", "1")] + [(m, w) for w in q["cfg"] for m in ("cfg", "agd")]
     for method, w in rows:
         e = q[method][w]
