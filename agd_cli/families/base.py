@@ -229,7 +229,12 @@ class Denoiser:
                 f"(family {meta.get('family')}), which does not match the loaded base "
                 f"'{self.source}' (family {self.family})",
                 hint="use the adapter with the base it was trained on, or train a new one")
-        mine.load_state_dict(state)
+        try:
+            mine.load_state_dict(state)
+        except RuntimeError as e:
+            raise DataError(f"adapter {path} does not match this agd version's adapter layout: "
+                            f"{str(e).splitlines()[0][:200]}",
+                            hint="retrain it with `agd train` (the base was not changed)") from None
         mine.to(self.device, dtype or self.dtype).requires_grad_(False).eval()
         mine.metadata = meta
         self.attach(mine)
