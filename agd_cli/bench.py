@@ -615,11 +615,14 @@ def run_quality(den, plan: BenchPlan, show_table: bool = True) -> dict:
     prompts = [mnist.PROMPTS[i % len(mnist.PROMPTS)] for i in range(plan.quality_samples)]
     digits = [mnist.digit_of(p) for p in prompts]
     jobs = [("unguided", 1.0)] + [(m, w) for w in plan.quality_omegas for m in ("cfg", "agd")]
+    shown = [digits.index(d) for d in range(10) if d in digits]  # one sample per digit, for the grid
     quality: dict = {}
+    picks: dict = {}
     with ui.progress() as bar:
         task = bar.add_task("quality", total=len(jobs))
         for method, omega in jobs:
             images, spi, nfe = sample_for_quality(den, method, omega, prompts, plan)
+            picks[(method, omega)] = images[shown]
             quality.setdefault(method, {})[f"{omega:g}"] = {
                 "accuracy": evaluator.accuracy(images, digits), "fid": evaluator.fid(images),
                 "nfe": nfe, "seconds_per_image": spi,
@@ -629,10 +632,27 @@ def run_quality(den, plan: BenchPlan, show_table: bool = True) -> dict:
     summary = {**quality, "settings": {  # the one key of `quality` that is not a method
         "samples_per_omega": plan.quality_samples, "batch": plan.quality_batch,
         "steps": plan.steps, "trained_omega_range": [lo, hi],
-        "real_digits": _real_digit_reference(evaluator, plan.quality_samples)}}
+        "real_digits": _real_digit_reference(evaluator, plan.quality_samples),
+        "grid": str(write_quality_grid(picks, [digits[i] for i in shown], plan.out_dir / "quality.png"))}}
     if show_table:
         print_quality_table(summary)
     return summary
+
+
+def write_quality_grid(picks: dict, digits: list[int], path: Path) -> Path:
+    """Rows: unguided, then CFG and agd at each ω; columns: the first sample of each digit."""
+    from PIL import Image
+
+    from agd_cli.images import make_grid, save_png, to_pil
+
+    rows, labels = [], []
+    for (method, omega), images in picks.items():
+        cells = [to_pil((im + 1) / 2) for im in images]
+        k = max(1, -(-MIN_CELL // max(cells[0].size)))
+        rows.append([im.resize((im.width * k, im.height * k), Image.NEAREST) for im in cells])
+        labels.append(f"{GRID_COLUMNS.get(method, method)}\nω = {omega:g}")
+    grid = make_grid(rows, labels, [f"digit {d}" for d in digits])
+    return save_png(grid, path, {"agd": "bench --quality", "seeds": "sample i uses seed i"})
 
 
 def _real_digit_reference(evaluator, n: int) -> dict | None:

@@ -238,7 +238,7 @@ def _mnist_shipped() -> bool:
 
 @pytest.mark.skipif(not _mnist_shipped(), reason="mnist preset/assets not shipped yet")
 def test_quality_table_on_mnist(tmp_path):
-    from agd_cli.bench import run_bench
+    from agd_cli.bench import MIN_CELL, run_bench
 
     make_adapter(tmp_path, "mnist")
     r = run_bench(preset="mnist", quality=True, quality_samples=20, quality_batch=20, omegas=["2", "8"],
@@ -251,3 +251,5 @@ def test_quality_table_on_mnist(tmp_path):
             assert 0 <= e["accuracy"] <= 1 and math.isfinite(e["fid"]) and e["fid"] >= 0
     assert q["settings"]["samples_per_omega"] == 20 and set(q) == {"unguided", "cfg", "agd", "settings"}
     assert q["agd"]["8"]["beyond_trained_range"] is True
+    with Image.open(q["settings"]["grid"]) as grid:  # rows unguided, CFG/agd at ω 2 and 8; 10 digits
+        assert grid.width > 10 * MIN_CELL and 5 * MIN_CELL < grid.height < 6 * MIN_CELL
