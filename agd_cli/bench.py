@@ -202,12 +202,11 @@ def bench_prompts(preset, prompts_file: list | None, n: int) -> list:
 
 # --- 3. measuring ---------------------------------------------------------------------------
 def _rss_bytes() -> int | None:
-    import os
+    import psutil  # portable: /proc and os.sysconf do not exist on Windows
 
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+        return psutil.Process().memory_info().rss
+    except psutil.Error:
         return None
 
 
@@ -215,8 +214,8 @@ class PeakMemory:
     """Peak memory of a block of work.
 
     CUDA: torch.cuda.max_memory_allocated, reset on entry (tensors only, exact).
-    CPU: resident set size of the whole process sampled every 2 ms by a thread (Linux
-    /proc/self/statm), because ru_maxrss is a monotonic per-process high-water mark and
+    CPU: resident set size of the whole process sampled every 2 ms by a thread (psutil),
+    because ru_maxrss is a monotonic per-process high-water mark and
     cannot be attributed to one method. `increase` is the peak minus the RSS at entry.
     """
 

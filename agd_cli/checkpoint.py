@@ -122,9 +122,15 @@ def clean_stale(root: str | Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Make a rename durable; Windows cannot open a folder (its renames need no folder fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
     finally:
         os.close(fd)
 

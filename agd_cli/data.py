@@ -9,7 +9,6 @@ of one trajectory are strongly correlated, so a step split would leak.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,8 +139,9 @@ class TrajectoryData:
     def _maybe_load(self, in_memory: bool | None, processes: int) -> None:
         big = sum(s.path.stat().st_size for s in self._shards)
         if in_memory is None:  # every process of a multi-process run holds its own copy
-            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            in_memory = big * processes <= RAM_FRACTION * ram
+            import psutil  # portable: os.sysconf does not exist on Windows
+
+            in_memory = big * processes <= RAM_FRACTION * psutil.virtual_memory().total
         self.in_memory = in_memory
         if in_memory:
             for s in self._shards:

@@ -2,8 +2,8 @@
 
 Each configuration runs in a fresh subprocess so that nothing earlier inflates its peak.
 CUDA: `torch.cuda.max_memory_allocated` over the step. CPU: the peak resident set size over
-the step (Linux: VmHWM after resetting it through /proc/self/clear_refs; elsewhere the
-process's ru_maxrss, which then also counts building the model).
+the step (Linux: VmHWM after resetting it through /proc/self/clear_refs; elsewhere psutil's
+peak working set (Windows) or current RSS, which may then also count building the model).
 
     python -m agd_cli.memory --preset sdxl --resolution 512 --device cpu   # one JSON line
     python benchmarks/train_memory.py --preset sdxl                         # the grid, a table
@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -68,7 +67,7 @@ def _reset_peak(device) -> str:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         return "peak RSS (VmHWM, reset before the first step)"
     except OSError:
-        return "peak RSS (ru_maxrss, includes building the model)"
+        return "peak RSS (psutil: peak working set on Windows, else the RSS after the step)"
 
 
 def _current(device) -> int:
@@ -76,7 +75,7 @@ def _current(device) -> int:
 
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
-    return _proc_status("VmRSS") or 0
+    return _proc_status("VmRSS") or _psutil_memory()[0]
 
 
 def _peak(device) -> int:
@@ -85,7 +84,15 @@ def _peak(device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
-    return _proc_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _proc_status("VmHWM") or _psutil_memory()[1]
+
+
+def _psutil_memory() -> tuple[int, int]:
+    """(current, peak) resident memory where /proc is missing; peak is Windows' peak working set."""
+    import psutil
+
+    info = psutil.Process().memory_info()
+    return info.rss, getattr(info, "peak_wset", info.rss)
 
 
 def _proc_status(field: str) -> int | None:
