@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from agd_cli.errors import DataError, ModelError
@@ -273,15 +273,16 @@ class AdapterSet(nn.Module):
     def save(self, path: str | Path, metadata: dict) -> None:
         """One safetensors file, written atomically, with self-describing metadata."""
         from agd_cli import __version__
-        from agd_cli.io import atomic_path
+        from agd_cli.io import atomic_path, save_tensors, tensors_sha256
 
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
         meta.update(agd_version=__version__, adapter_config=json.dumps(self.config.to_dict()),
                     signature=self.signature(), sites=json.dumps([[s.name, s.dim] for s in self.sites]),
                     cond_spec=json.dumps(self.cond_spec), format="agd-adapter/1")
         state = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in self.state_dict().items()}
+        meta["tensors_sha256"] = tensors_sha256(state)  # verified on load
         with atomic_path(path) as tmp:
-            save_file(state, str(tmp), metadata=meta)
+            save_tensors(state, tmp, metadata=meta)
 
 
 def read_adapter_file(path: str | Path) -> tuple[dict, dict]:
@@ -302,7 +303,19 @@ def read_adapter_file(path: str | Path) -> tuple[dict, dict]:
     if meta.get("format") != "agd-adapter/1":
         raise DataError(f"{path} is not an agd adapter file (no agd metadata)",
                         hint="pass a file written by `agd train`")
+    _verify_checksum(path, state, meta)
     return state, meta
+
+
+def _verify_checksum(path: Path, state: dict, meta: dict) -> None:
+    """Files written since checksums exist carry one; older files load without."""
+    from agd_cli.io import tensors_sha256
+
+    if "tensors_sha256" in meta and tensors_sha256(state) != meta["tensors_sha256"]:
+        raise DataError(f"adapter file {path} is damaged: its tensors do not match the checksum "
+                        "in its metadata",
+                        hint="copy it again, or rerun `agd train` on its run folder to rewrite it "
+                             "from the last checkpoint")
 
 
 def adapter_metadata(meta: dict) -> dict:

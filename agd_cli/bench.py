@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agd_cli import ui
+from agd_cli import checks, ui
 from agd_cli.errors import DataError, InputError, ModelError
 
 BASELINES = ("cfg", "cfg-cutoff", "unguided")
@@ -152,9 +152,13 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
     if quality:
         _check_quality_preset(p)
     omega_list = parse_omegas(omegas, [p.sampling["default_omega"]])
+    if steps is not None:
+        checks.sampling_steps(steps, checks.preset_scheduler_config(p))
     run_folder = Path(run) if run else (path.parent if path.name == "adapter.safetensors"
                                         else Path(workdir) / p.name)
-    out_dir = run_folder / "bench"
+    out_dir = checks.writable_folder(run_folder / "bench", "the bench folder")
+    if grid is not None:
+        checks.writable_folder(Path(grid).parent, "--grid's folder")
     return BenchPlan(adapter=path, preset=p, out_dir=out_dir, methods=methods, omegas=omega_list,
                      seeds=seed_list, prompts_file=prompt_list, n=n or 4,
                      steps=steps or p.sampling["steps"], scheduler=scheduler or p.sampling["scheduler"],
@@ -476,8 +480,8 @@ def print_table(report: dict) -> None:
                   *cpu_cells, f"{_gib(e['peak_memory_bytes'])} (+{_gib(e['memory_increase_bytes'])})",
                   f"{agr['psnr']:.2f} dB" if agr else "—", f"{agr['ssim']:.4f}" if agr else "—")
     _console().print(t)
-    ui.info(f"[dim]timing: {report['timing']}[/dim]")
-    ui.info(f"[dim]memory: {report['memory_measure']}[/dim]")
+    ui.info(f"timing: {report['timing']}", style="dim")
+    ui.info(f"memory: {report['memory_measure']}", style="dim")
 
 
 # --- 6. the stage -----------------------------------------------------------------------------

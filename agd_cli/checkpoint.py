@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from agd_cli import ui
 from agd_cli.errors import DataError
-from agd_cli.io import read_json, write_json
+from agd_cli.io import read_json, save_tensors, write_json
 
 FORMAT = "agd-checkpoint/1"
+DAMAGED = "damaged"  # unreadable checkpoints are moved here on resume
 PREFIX = "step-"
 
 
@@ -135,6 +136,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_files(tmp: Path, step: int, adapter_state: dict, optimizer: dict, state: dict) -> None:
+    """The three files of a checkpoint, fsynced, in folder `tmp`."""
+    tmp.mkdir(parents=True)
+    save_tensors({k: v.detach().float().cpu().contiguous() for k, v in adapter_state.items()},
+                 tmp / "adapters.safetensors")
+    tensors, structure = optimizer_tensors(optimizer)
+    save_tensors(tensors, tmp / "optimizer.safetensors",
+                 metadata={"structure": json.dumps(structure), "format": FORMAT})
+    write_json(tmp / "state.json", {"format": FORMAT, "step": step, **state})
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
 def save_checkpoint(root: str | Path, step: int, adapter_state: dict, optimizer: dict,
                     state: dict, keep: int) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
@@ -142,16 +157,11 @@ def save_checkpoint(root: str | Path, step: int, adapter_state: dict, optimizer:
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in adapter_state.items()},
-              str(tmp / "adapters.safetensors"))
-    tensors, structure = optimizer_tensors(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"),
-              metadata={"structure": json.dumps(structure), "format": FORMAT})
-    write_json(tmp / "state.json", {"format": FORMAT, "step": step, **state})
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        _write_files(tmp, step, adapter_state, optimizer, state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk keeps no half checkpoint
+        raise
     if final.exists():  # a rerun reaching the same step: swap, then drop the old one
         old = root / f".{final.name}.old-{os.getpid()}"
         os.replace(final, old)
@@ -184,11 +194,30 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict]:
     return adapters, optimizer_state_dict(tensors, structure), state
 
 
-def latest_checkpoint(root: str | Path) -> tuple[Path, tuple[dict, dict, dict]] | None:
-    """The newest readable checkpoint and its contents; damaged ones are skipped with a warning."""
+def latest_checkpoint(root: str | Path, set_aside: bool = False
+                      ) -> tuple[Path, tuple[dict, dict, dict]] | None:
+    """The newest readable checkpoint and its contents.
+
+    Unreadable newer ones are named loudly and, with `set_aside` (the run's one writer), moved
+    to checkpoints/damaged/: kept as evidence, and no longer "newest" for keep-last-N pruning.
+    """
     for path in reversed(checkpoint_dirs(root)):
         try:
             return path, load_checkpoint(path)
         except DataError as e:
-            ui.warn(f"{e.message}; trying an older checkpoint")
+            where = f"; moved it to {move_aside(path)}" if set_aside else ""
+            ui.warn(f"{e.message}{where}; trying an older checkpoint")
     return None
+
+
+def move_aside(path: Path, aside: Path | None = None) -> Path:
+    """Move a damaged checkpoint (or file) into `aside` (default: `damaged/` beside it), never
+    over older evidence."""
+    aside = aside or path.parent / DAMAGED
+    aside.mkdir(parents=True, exist_ok=True)
+    dest, n = aside / path.name, 1
+    while dest.exists():
+        n += 1
+        dest = aside / f"{path.name}-{n}"
+    os.replace(path, dest)
+    return dest

@@ -40,7 +40,7 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="agd")
-@click.option("--workdir", type=click.Path(file_okay=False), envvar="AGD_WORKDIR",
+@click.option("--workdir", envvar="AGD_WORKDIR",
               default="agd-runs", show_default=True,
               help="Workspace folder holding one run folder per preset (env: AGD_WORKDIR).")
 @click.option("--debug", is_flag=True, envvar="AGD_DEBUG", help="Show tracebacks on errors.")
@@ -61,13 +61,36 @@ def group(ctx: click.Context, workdir: str, debug: bool) -> None:
 
 
 def _report(err: AgdError, as_json: bool) -> None:
+    """One error line and a hint on stderr (values shown literally); with --json, one object."""
+    from rich.markup import escape
+
     from agd_cli import ui
 
-    ui.err.print(f"[bold red]error:[/bold red] {err.message}", markup=True)
+    ui.err.print(f"[bold red]error:[/bold red] {escape(err.message)}")
     if err.hint:
-        ui.err.print(f"[dim]hint:[/dim] {err.hint}")
+        ui.err.print(f"[dim]hint:[/dim] {escape(err.hint)}")
     if as_json:
-        ui.emit_json({"error": err.message, "hint": err.hint})
+        ui.emit_json({"error": err.message, "hint": err.hint, "exit_code": err.exit_code})
+
+
+def _as_agd_error(e: BaseException) -> AgdError:
+    """Any exception as the AgdError the user sees (exit code included)."""
+    from agd_cli.errors import Interrupted, storage_error
+
+    if isinstance(e, AgdError):
+        return e
+    if isinstance(e, click.exceptions.Abort | KeyboardInterrupt):
+        return Interrupted("interrupted", hint="rerun the same command to resume")
+    if isinstance(e, click.ClickException):
+        usage = AgdError(e.format_message(), hint="see `agd --help` or `agd COMMAND --help`")
+        usage.exit_code = e.exit_code
+        return usage
+    if isinstance(e, OSError) and (found := storage_error(e)) is not None:
+        return found
+    internal = AgdError(f"internal error: {type(e).__name__}: {e}",
+                        hint="rerun with --debug for the traceback and report it")
+    internal.exit_code = 1
+    return internal
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,28 +104,20 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv or os.environ.get("AGD_DEBUG") == "1"
     try:
         group.main(args=argv, prog_name="agd", standalone_mode=False)
-    except AgdError as err:
-        if debug:
-            raise
-        _report(err, as_json)
-        sys.exit(err.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        if not as_json:
+            e.show()  # Click's usage block, as users know it
+            sys.exit(e.exit_code)
+        _report(_as_agd_error(e), as_json)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - last line of defence: no traceback without --debug
-        if debug:
+    except (Exception, KeyboardInterrupt, click.exceptions.Abort) as e:  # noqa: BLE001 - last line of defence
+        if debug and not isinstance(e, KeyboardInterrupt | click.exceptions.Abort):
             raise
-        _report(AgdError(f"internal error: {type(e).__name__}: {e}",
-                         "rerun with --debug for the traceback and report it"), as_json)
-        sys.exit(1)
+        err = _as_agd_error(e)
+        _report(err, as_json)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

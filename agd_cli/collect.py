@@ -18,14 +18,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agd_cli import __version__, ui
-from agd_cli.errors import DataError, InputError
+from agd_cli import __version__, checks, ui
+from agd_cli.errors import DataError, InputError, Interrupted
+from agd_cli.locks import run_lock, worker_lock_name
 from agd_cli.presets import DTYPES, Preset, load_preset
 from agd_cli.prompts import builtin_prompts, parse_classes, prompts_sha256, read_prompts
 from agd_cli.workspace import TRAJECTORIES, run_dir
 
 ENCODE_CHUNK = 64          # prompts per text-encoder call
-DISK_MARGIN = 1.05         # refuse unless free space exceeds the estimate by 5 %
+DISK_MARGIN = 1.10         # refuse unless free space exceeds the estimate by 10 % …
+DISK_RESERVE = 64 * 2**20  # … plus 64 MiB: the disk is shared with everything else
+FS_BLOCK = 4096            # allocation unit most file systems round a file up to
+SHARD_HEADER = 2048        # safetensors JSON header of a shard (~20 tensors and metadata)
+SIDECAR = 512              # a shard's .json sidecar and manifest entry, without the ids
+MANIFEST_BASE = 64 * 1024  # the manifest's config, prompts and preset
 FP32_COND_KEYS = ("time_ids",)  # SDXL size/crop ids: exact integers, tiny, keep fp32
 
 
@@ -164,11 +170,28 @@ def estimate_bytes_per_trajectory(preset: str | Preset, keep_steps: int | None =
                "trajectory_id": [[], "int64"], "cond_row": [[], "int64"]}
     size = {"float16": 2, "float32": 4, "int64": 8}
     total = sum(math.prod(s) * size[d] for s, d in tensors.values())
+    cond_bytes = sum(math.prod(s) * nbytes for s, nbytes in layout.values())
     for key, (s, nbytes) in layout.items():
         tensors[f"cond.{key} (per prompt)"] = [list(s), {2: "float16", 4: "float32"}.get(nbytes, "int64")]
-        total += math.prod(s) * nbytes / npp
+    total += cond_bytes / npp
     return {"bytes": int(round(total)), "latent_shape": list(shape), "keep_steps": k,
-            "tensors": tensors}
+            "tensors": tensors, "cond_bytes_per_prompt": cond_bytes}
+
+
+def estimate_collection_bytes(est: dict, trajectories: int, batch_size: int,
+                              block: int = FS_BLOCK) -> int | None:
+    """Disk a collection of `trajectories` takes: tensors plus what each shard adds on top.
+
+    Per shard: the unconditional condition and (worst case) one prompt's condition split
+    across two shards, the safetensors header, the .json sidecar, its manifest entry, and
+    file-system rounding of both files up to a whole block.
+    """
+    if est["bytes"] is None:
+        return None
+    shards = -(-trajectories // batch_size)
+    per_shard = (2 * est["cond_bytes_per_prompt"] + SHARD_HEADER + SIDECAR
+                 + 24 * batch_size + 2 * block)  # ids in sidecar and manifest, rounding
+    return est["bytes"] * trajectories + shards * per_shard + MANIFEST_BASE
 
 
 def human_bytes(n: float | None) -> str:
@@ -235,24 +258,6 @@ def _worker(shard_index: int | None, num_shards: int | None):
     return shard_index, num_shards, None
 
 
-def _positive(flag: str, value, default) -> int:
-    value = default if value is None else value
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InputError(f"{flag} must be a positive integer, got {value!r}", hint=f"e.g. {flag} {default}")
-    return value
-
-
-def _omega_range(preset: Preset, lo: float | None, hi: float | None) -> tuple[float, float]:
-    lo = float(preset.sampling["omega_min"] if lo is None else lo)
-    hi = float(preset.sampling["omega_max"] if hi is None else hi)
-    if lo <= 0 or hi <= 0:
-        raise InputError(f"guidance scales must be positive, got --omega-min {lo:g} --omega-max {hi:g}",
-                         hint="the paper uses ω ~ U[1, 12] for text-to-image, U[1, 6] for DiT")
-    if lo > hi:
-        raise InputError(f"--omega-min {lo:g} is larger than --omega-max {hi:g}", hint="swap the two values")
-    return lo, hi
-
-
 def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: str | None = None,
                      out: str | None = None, num_per_prompt: int | None = None,
                      steps: int | None = None, keep_steps: int | None = None,
@@ -266,16 +271,19 @@ def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: 
 
     p = load_preset(preset) if isinstance(preset, str) else preset
     prompt_list, source = load_prompt_set(p, prompts, classes)
-    steps = _positive("--steps", steps, p.sampling["steps"])
-    keep = _positive("--keep-steps", keep_steps, min(p.collect["keep_steps"], steps))
+    steps = checks.integer("--steps", p.sampling["steps"] if steps is None else steps)
+    checks.sampling_steps(steps, checks.preset_scheduler_config(p))
+    keep = checks.integer("--keep-steps", min(p.collect["keep_steps"], steps)
+                          if keep_steps is None else keep_steps)
     if keep > steps:
         raise InputError(f"--keep-steps {keep} is more than the {steps} sampling steps",
                          hint=f"use --keep-steps {steps} (all) or fewer, or raise --steps")
-    npp = _positive("--num-per-prompt", num_per_prompt, p.collect["num_per_prompt"])
-    batch = _positive("--batch-size", batch_size, p.collect["batch_size"])
-    lo, hi = _omega_range(p, omega_min, omega_max)
-    if not isinstance(seed, int) or seed < 0:
-        raise InputError(f"--seed must be a non-negative integer, got {seed!r}", hint="e.g. --seed 0")
+    npp = checks.integer("--num-per-prompt",
+                         p.collect["num_per_prompt"] if num_per_prompt is None else num_per_prompt)
+    batch = checks.integer("--batch-size", p.collect["batch_size"] if batch_size is None else batch_size)
+    lo, hi = checks.omega_range(p.sampling["omega_min"] if omega_min is None else omega_min,
+                                p.sampling["omega_max"] if omega_max is None else omega_max)
+    checks.integer("--seed", seed, minimum=0)
     dtype = dtype or p.collect.get("dtype", "fp16")
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype '{dtype}'", hint=f"use one of {', '.join(DTYPES)}")
@@ -292,9 +300,9 @@ def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: 
         if torch.cuda.is_available():  # one GPU per launched process
             device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     resolve_device(device)  # an unknown device or missing CUDA fails here, before the plan
-    run = Path(out) if out else run_dir(workdir, p.name)
-    if run.exists() and not run.is_dir():
-        raise InputError(f"--out {run} exists and is not a folder", hint="give a folder path")
+    run = checks.writable_folder(out, "--out") if out else run_dir(checks.workdir(workdir), p.name)
+    if not out:
+        checks.writable_folder(run, "the run folder")
     s = CollectSettings(p, prompt_list, source, npp, steps, keep, lo, hi, batch, seed, device,
                         dtype, index, num, run, overwrite, state)
     s.ids = worker_ids(len(prompt_list), npp, index, num)
@@ -322,18 +330,23 @@ def check_same_collection(s: CollectSettings, store) -> None:
 # --- 2. plan -----------------------------------------------------------------------------------
 def _free_bytes(path: Path) -> int:
     """Free space on the disk that will hold `path` (its nearest existing ancestor)."""
-    probe = path.resolve()
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
+    return shutil.disk_usage(checks.nearest_existing(path)).free
 
 
-def plan_collection(s: CollectSettings, store) -> list[int]:
-    """Print what will be done and check the disk can hold it; returns the ids still to collect."""
-    done = set() if (s.overwrite or not store.exists()) else store.completed()
+def _block_size(path: Path) -> int:
+    """The file system's allocation block (st_blksize; Windows has none: assume 4 KiB)."""
+    stat = checks.nearest_existing(path).stat()
+    return max(getattr(stat, "st_blksize", FS_BLOCK) or FS_BLOCK, FS_BLOCK)
+
+
+def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> list[int]:
+    """Print what will be done and check the disk can hold it; returns the ids still to collect.
+
+    `redo`: ids of damaged shards, stored but to be collected again."""
+    done = set() if (s.overwrite or not store.exists()) else store.completed() - redo
     remaining = [i for i in s.ids if i not in done]
     est = estimate_bytes_per_trajectory(s.preset, s.keep_steps, s.num_per_prompt)
-    need = est["bytes"] * len(remaining) if est["bytes"] is not None else None
+    need = estimate_collection_bytes(est, len(remaining), s.batch_size, _block_size(store.root))
     free = _free_bytes(store.root)
     if s.overwrite and store.exists():
         free += sum(info["bytes"] for info in store.shards())  # --overwrite deletes them first
@@ -346,7 +359,7 @@ def plan_collection(s: CollectSettings, store) -> list[int]:
     shape = "×".join(map(str, est["latent_shape"] or ["?"]))
     ui.info(f"disk: ~{human_bytes(need)} needed ({human_bytes(est['bytes'])} per trajectory: "
             f"2 × {s.keep_steps} × {shape} fp16), {human_bytes(free)} free at {store.root}")
-    if need is not None and need * DISK_MARGIN > free:
+    if need is not None and need * DISK_MARGIN + DISK_RESERVE > free:
         raise InputError(f"not enough disk space at {store.root}: the collection needs "
                          f"~{human_bytes(need)}, {human_bytes(free)} are free",
                          hint="free some space, collect elsewhere with --out DIR, keep fewer steps "
@@ -515,9 +528,6 @@ def run_collect(preset: str | Preset, prompts: str | None = None, classes: str |
                 num_shards: int | None = None, overwrite: bool = False,
                 workdir: str = "agd-runs") -> dict:
     """Collect (or resume) CFG-guided trajectories; returns the summary `--json` prints."""
-    import torch
-
-    from agd_cli.families import load_denoiser
     from agd_cli.trajectories import TrajectoryStore
 
     t0 = time.perf_counter()
@@ -526,30 +536,67 @@ def run_collect(preset: str | Preset, prompts: str | None = None, classes: str |
                          omega_min, omega_max, batch_size, seed, device, dtype, shard_index,
                          num_shards, overwrite, workdir)
     store = TrajectoryStore(s.run / TRAJECTORIES)
+    damaged = []
     if store.exists() and not s.overwrite:
         check_same_collection(s, store)
+        damaged = _damaged_shards(store)
     # 2. Plan: what is left, and whether the disk can hold it
-    remaining = plan_collection(s, store)
+    remaining = plan_collection(s, store, {i for _, ids in damaged for i in ids})
     new, seconds, attention = 0, 0.0, None
     if remaining:
-        # 3. Teacher (no VAE) and conditions, encoded once; the text encoders are then freed
-        den = load_denoiser(s.preset, device=s.device, dtype=s.dtype, text=True)
-        attention = _fast_attention(den)
-        needed = sorted({i // s.num_per_prompt for i in remaining})
-        table, row_of, uncond = encode_conditions(den, s.prompts, needed)
-        keep = keep_indices(s.steps, s.keep_steps)
-        config = manifest_config(s, den, keep, den.source)
-        # 4. Store: manifest + cleanup of this worker's partial writes
-        _open_store(s, store, config)
-        remaining = [i for i in remaining if i not in store.completed()]
-        meta = {k: config[k] for k in ("preset", "family", "base_model", "agd_version", "seed",
-                                       "steps", "keep_steps", "scheduler", "prediction_type")}
-        # 5. Trajectories, one atomic shard per batch
-        with torch.inference_mode():
-            new, seconds = _collect_all(den, s, store, remaining, table, row_of, uncond, keep, meta)
+        with run_lock(s.run, "collect", worker_lock_name(s.shard_index, s.num_shards)):
+            if damaged:
+                aside = store.set_aside([sidecar for sidecar, _ in damaged])
+                ui.warn(f"moved {len(damaged)} damaged shard(s) to {aside}; redoing their "
+                        "trajectories")
+            new, seconds, attention = _record(s, store, remaining)
     # 6. Summary
     m = _finalize(store) if store.exists() else {"trajectories": 0, "bytes_on_disk": 0, "shards": []}
     return _summary(s, store, m, new, seconds, attention, time.perf_counter() - t0)
+
+
+def _damaged_shards(store) -> list:
+    """Check every stored shard against its checksum; name the bad ones (resume trusts the rest)."""
+    bad = store.damaged()
+    for sidecar, reason, _ in bad:
+        ui.warn(f"shard {sidecar.with_suffix('.safetensors')} is damaged ({reason}); "
+                "it will be redone")
+    return [(sidecar, ids) for sidecar, _, ids in bad]
+
+
+def _record(s: CollectSettings, store, remaining: list[int]) -> tuple[int, float, str]:
+    """Load the teacher, open the store and record the remaining trajectories (run locked)."""
+    import torch
+
+    from agd_cli.families import load_denoiser
+
+    # 3. Teacher (no VAE) and conditions, encoded once; the text encoders are then freed
+    den = load_denoiser(s.preset, device=s.device, dtype=s.dtype, text=True)
+    checks.sampling_steps(s.steps, den.scheduler_config)  # hub bases: first known now
+    attention = _fast_attention(den)
+    needed = sorted({i // s.num_per_prompt for i in remaining})
+    table, row_of, uncond = encode_conditions(den, s.prompts, needed)
+    keep = keep_indices(s.steps, s.keep_steps)
+    config = manifest_config(s, den, keep, den.source)
+    # 4. Store: manifest + cleanup of this worker's partial writes; a failed start leaves none
+    _open_store(s, store, config)
+    remaining = [i for i in remaining if i not in store.completed()]
+    meta = {k: config[k] for k in ("preset", "family", "base_model", "agd_version", "seed",
+                                   "steps", "keep_steps", "scheduler", "prediction_type")}
+    # 5. Trajectories, one atomic shard per batch
+    try:
+        with torch.inference_mode():
+            new, seconds = _collect_all(den, s, store, remaining, table, row_of, uncond, keep, meta)
+    except KeyboardInterrupt:
+        done = len(store.completed())
+        raise Interrupted(f"interrupted: {done} of {len(s.prompts) * s.num_per_prompt} "
+                          f"trajectories are stored in {store.root}",
+                          hint="rerun the same command to resume: it continues with the "
+                               f"{len(s.prompts) * s.num_per_prompt - done} not yet stored") from None
+    except BaseException:
+        store.discard_if_empty()
+        raise
+    return new, seconds, attention
 
 
 def _summary(s: CollectSettings, store, m: dict, new: int, seconds: float, attention,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class AgdError(Exception):
     """A user-facing error: a message naming the bad value, and a hint on what to do."""
@@ -24,3 +26,40 @@ class DataError(AgdError):
 
 class ModelError(AgdError):
     """A model cannot be loaded or does not fit what is asked of it."""
+
+
+class StorageError(AgdError):
+    """The file system refused: disk full, read-only, no permission, a file where a folder goes."""
+
+
+class Interrupted(AgdError):
+    """Ctrl-C: the message says what is kept and how to continue."""
+
+    exit_code = 130
+
+
+class LockedError(AgdError):
+    """Another agd process is writing into the same run folder."""
+
+
+# errno -> what to do about it (the message names the path and the system's reason)
+_STORAGE_HINTS = {
+    errno.ENOSPC: "free some disk space (or use another --workdir/--out), then rerun the same "
+                  "command: finished work is kept and it continues from there",
+    errno.EROFS: "the file system is read-only: pass a writable --workdir or --out",
+    errno.EACCES: "no permission: pass a --workdir or --out you can write to, or fix permissions",
+    errno.EPERM: "no permission: pass a --workdir or --out you can write to, or fix permissions",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
+    errno.EISDIR: "that path is a folder where a file was expected: choose another path",
+}
+if hasattr(errno, "EDQUOT"):  # not on Windows
+    _STORAGE_HINTS[errno.EDQUOT] = "your disk quota is used up: free some space, then rerun"
+
+
+def storage_error(e: OSError) -> StorageError | None:
+    """An OSError caused by the user's environment as a StorageError (None for other errors)."""
+    hint = _STORAGE_HINTS.get(e.errno)  # type: ignore[arg-type]
+    if hint is None:
+        return None
+    where = f" '{e.filename}'" if e.filename else ""
+    return StorageError(f"cannot write{where}: {e.strerror or e}", hint=hint)

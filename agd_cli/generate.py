@@ -12,14 +12,13 @@ prompt), so an image does not depend on the batch it was made in.
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agd_cli import ui, workspace
+from agd_cli import checks, ui, workspace
 from agd_cli.errors import InputError
 from agd_cli.presets import DTYPES, SCHEDULERS, Preset
 
@@ -90,24 +89,11 @@ def resolve_adapter(adapter: str | None, run: str | None, workdir: str) -> Path:
     return workspace.latest_adapter(workdir)
 
 
-def _writable_folder(folder: Path, flag: str) -> None:
-    """Fail now, not after sampling, if images cannot be written under `folder`."""
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(f"cannot write to {flag} '{folder}': '{probe}' is a file, not a folder",
-                         hint="choose another output folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write to {flag} '{folder}': no write permission on '{probe}'",
-                         hint="choose a folder you can write to")
-
-
 def plan_output(out: str | None, adapter_path: Path, n_images: int) -> tuple[Path, Path | None]:
     """(folder, single file or None): --out FOLDER, --out FILE.png (one image) or run/samples."""
     if out is None:
         folder = adapter_path.resolve().parent / "samples"
-        _writable_folder(folder, "the samples folder")
+        checks.writable_folder(folder, "the samples folder")
         return folder, None
     path = Path(out)
     if path.suffix.lower() == ".png":
@@ -116,12 +102,12 @@ def plan_output(out: str | None, adapter_path: Path, n_images: int) -> tuple[Pat
                              hint="give a folder for --out, or make one image (one prompt, -n 1)")
         if path.is_dir():
             raise InputError(f"--out '{out}' is a folder", hint="drop the .png suffix or pick a file name")
-        _writable_folder(path.parent, "--out")
+        checks.writable_folder(path.parent, "--out")
         return path.parent, path
     if path.exists() and not path.is_dir():
         raise InputError(f"--out '{out}' is an existing file, not a folder",
                          hint="give a folder, or a name ending in .png for one image")
-    _writable_folder(path, "--out")
+    checks.writable_folder(path, "--out")
     return path, None
 
 
@@ -329,6 +315,8 @@ def plan_generation(prompts: Sequence[str], *, omega: float | None, adapter: str
         raise InputError(f"--negative-prompt '{negative_prompt}' given for a class-conditional "
                          f"DiT base ({base.name})", hint="DiT has no text prompts; drop it")
     height, width = check_size(wh, base)
+    if steps is not None:
+        checks.sampling_steps(steps, checks.preset_scheduler_config(base))
     distinct = list(dict.fromkeys(str(p) for p in prompts))
     jobs = [Job(p, seed + k) for p in prompts for k in range(num_images)]
     folder, single = plan_output(out, path, len(jobs))

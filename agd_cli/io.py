@@ -3,25 +3,53 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
+
+
+def naming(e: OSError, path: str | Path, tmp: str | Path | None = None) -> OSError:
+    """The same OSError, naming `path` when it named nothing (a full disk) or only `tmp`."""
+    if e.filename and str(e.filename) != str(tmp):
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temp path beside `path`; on success fsync and rename it over `path`."""
+    """Yield a temp path beside `path`; on success fsync and rename it over `path`.
+
+    On failure the temp file goes and the old `path` stays as it was; an OSError names `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise naming(e, path, tmp) from e
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file; its I/O failures (e.g. a full disk) as OSError naming the file."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError as e:
+        raise naming(e, path) from e
+    except Exception as e:  # SafetensorError: "... I/O error: No space left ... (os error 28)"
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -33,3 +61,15 @@ def write_json(path: str | Path, obj) -> None:
 def read_json(path: str | Path):
     """Read a JSON file."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """Checksum of a state dict: names, dtypes, shapes and bytes, in name order."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

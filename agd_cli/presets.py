@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agd_cli.checks import is_finite, is_int, omega_range
 from agd_cli.errors import InputError
 
 if sys.version_info >= (3, 11):
@@ -29,19 +30,28 @@ OPTIMIZERS = ("adamw8bit", "adamw")
 
 
 def _positive(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    """a finite number > 0"""
+    return is_finite(v) and v > 0
 
 
 def _fraction(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+    """a number in [0, 1)"""
+    return is_finite(v) and 0 <= v < 1
+
+
+def _nonneg(v: Any) -> bool:
+    """a finite number >= 0"""
+    return is_finite(v) and v >= 0
 
 
 def _nonneg_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    """an integer >= 0"""
+    return is_int(v) and v >= 0
 
 
 def _pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    """an integer > 0"""
+    return is_int(v) and v > 0
 
 
 def _str(v: Any) -> bool:
@@ -90,7 +100,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "optimizer": _one_of(OPTIMIZERS), "precision": _one_of(DTYPES),
         "gradient_checkpointing": _bool, "warmup_steps": _nonneg_int,
         "val_fraction": _fraction, "checkpoint_every": _pos_int, "keep_checkpoints": _pos_int,
-        "preview_every": _nonneg_int, "weight_decay": lambda v: isinstance(v, (int, float)) and v >= 0,
+        "preview_every": _nonneg_int, "weight_decay": _nonneg,
     },
     "memory": {"profile": _str, "vae_tiling": _bool},
 }
@@ -203,9 +213,7 @@ def validate(data: dict, where: str) -> None:
         if k not in s:
             raise InputError(f"preset {where}: missing key 'sampling.{k}'",
                              hint="the guidance-scale range adapters are trained on, e.g. 1 and 12")
-    if s["omega_min"] > s["omega_max"]:
-        raise InputError(f"preset {where}: sampling.omega_min {s['omega_min']} > "
-                         f"sampling.omega_max {s['omega_max']}", hint="swap the two values")
+    omega_range(s["omega_min"], s["omega_max"], where)
 
 
 def from_dict(data: dict, source: Path | None = None) -> Preset:

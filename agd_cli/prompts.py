@@ -12,6 +12,7 @@ import io
 import json
 from pathlib import Path
 
+from agd_cli import checks, ui
 from agd_cli.errors import InputError
 
 ASSET_PROMPTS = Path(__file__).parent / "assets" / "prompts"
@@ -49,6 +50,7 @@ def _from_csv(text: str, path: Path) -> list[str]:
         raise InputError(f"prompt file {path} has no 'caption' column (columns: {columns})",
                          hint="name the prompt column 'caption'")
     key = next((k for k in (rows[0] if rows else {}) if k.strip().lower() == "caption"), None)
+    checks.csv_rows(rows, text, path, key)
     return [(row.get(key) or "").strip() for row in rows if (row.get(key) or "").strip()]
 
 
@@ -88,6 +90,8 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise InputError(f"prompt file {path} holds no prompts",
                          hint="add at least one non-empty prompt")
+    for warning in checks.prompt_warnings(prompts, path):
+        ui.warn(warning)
     return prompts
 
 

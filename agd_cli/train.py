@@ -20,17 +20,21 @@ from pathlib import Path
 
 import torch
 
-from agd_cli import ui
+from agd_cli import checks, ui
 from agd_cli.checkpoint import (
+    DAMAGED,
+    checkpoint_dirs,
     clean_stale,
     latest_checkpoint,
+    move_aside,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from agd_cli.data import ShuffledSampler, TrajectoryData, collection_root
-from agd_cli.errors import DataError, InputError
+from agd_cli.errors import DataError, InputError, Interrupted
 from agd_cli.io import atomic_path
+from agd_cli.locks import run_lock
 from agd_cli.presets import DTYPES, OPTIMIZERS, AdapterConfig, Preset
 
 MAX_VAL_SAMPLES = 512  # validation cost stays bounded on big collections
@@ -86,24 +90,18 @@ class TrainSettings:
 
     def check(self) -> None:
         """Refuse values that cannot train, naming the flag and the value."""
-        for flag, value, ok, example in (
-                ("--steps", self.steps, _int(self.steps) and self.steps >= 1, "--steps 2000"),
-                ("--batch-size", self.batch_size, _int(self.batch_size) and self.batch_size >= 1,
-                 "--batch-size 8"),
-                ("--grad-accum", self.grad_accum, _int(self.grad_accum) and self.grad_accum >= 1,
-                 "--grad-accum 4"),
-                ("--lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "--lr 1e-4"),
-                ("--val-fraction", self.val_fraction, 0 <= self.val_fraction < 1,
-                 "--val-fraction 0.1"),
-                ("--checkpoint-every", self.checkpoint_every,
-                 _int(self.checkpoint_every) and self.checkpoint_every >= 1, "--checkpoint-every 500"),
-                ("--keep-checkpoints", self.keep_checkpoints,
-                 _int(self.keep_checkpoints) and self.keep_checkpoints >= 1, "--keep-checkpoints 2"),
-                ("--preview-every", self.preview_every,
-                 _int(self.preview_every) and self.preview_every >= 0, "--preview-every 0 (off)"),
-                ("--seed", self.seed, _int(self.seed) and self.seed >= 0, "--seed 0")):
-            if not ok:
-                raise InputError(f"bad value for {flag}: {value!r}", hint=f"for example {example}")
+        for flag, value, minimum, example in (
+                ("--steps", self.steps, 1, "--steps 2000"),
+                ("--batch-size", self.batch_size, 1, "--batch-size 8"),
+                ("--grad-accum", self.grad_accum, 1, "--grad-accum 4"),
+                ("--checkpoint-every", self.checkpoint_every, 1, "--checkpoint-every 500"),
+                ("--keep-checkpoints", self.keep_checkpoints, 1, "--keep-checkpoints 2"),
+                ("--preview-every", self.preview_every, 0, "--preview-every 0 (off)"),
+                ("--seed", self.seed, 0, "--seed 0")):
+            checks.integer(flag, value, minimum, example)
+        checks.number("--lr", self.lr, example="--lr 1e-4")
+        checks.number("--val-fraction", self.val_fraction, 0, 1, low_open=False, high_open=True,
+                      example="--val-fraction 0.1")
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"unknown optimizer '{self.optimizer}'",
                              hint=f"use one of {', '.join(OPTIMIZERS)}")
@@ -116,10 +114,6 @@ class TrainSettings:
         d = asdict(self)
         d["adapter"] = self.adapter.to_dict()
         return d
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
@@ -311,10 +305,11 @@ class Trainer:
         if self.main:
             clean_stale(self.ckpt_dir)
         self._barrier()
-        found = latest_checkpoint(self.ckpt_dir)
+        had_checkpoints = bool(checkpoint_dirs(self.ckpt_dir))
+        found = latest_checkpoint(self.ckpt_dir, set_aside=self.main)
         if found is None:
             if self.main:
-                self.metrics_path.unlink(missing_ok=True)
+                self._restart_metrics(had_checkpoints)
             return False
         path, (adapter_state, opt_state, state) = found
         self._check_resumable(path, state)
@@ -333,6 +328,20 @@ class Trainer:
         if self.main:
             ui.info(f"resuming from step {self.step} ({path})")
         return True
+
+    def _restart_metrics(self, lost_checkpoints: bool) -> None:
+        """A fresh start logs from step 0: an old log goes (aside, if checkpoints were lost)."""
+        if not lost_checkpoints or not self.metrics_path.is_file():
+            self.metrics_path.unlink(missing_ok=True)  # a run killed before its first checkpoint
+            return
+        kept = move_aside(self.metrics_path, self.ckpt_dir / DAMAGED)
+        ui.warn(f"no readable checkpoint in {self.ckpt_dir}: training starts again at step 0; "
+                f"the old metrics log was moved to {kept}")
+
+    def last_checkpoint_step(self) -> int | None:
+        """Step of the newest checkpoint on disk (what a rerun resumes from)."""
+        found = checkpoint_dirs(self.ckpt_dir)
+        return int(found[-1].name.split("-")[-1]) if found else None
 
     def _check_resumable(self, path: Path, state: dict) -> None:
         old, new = state.get("identity", {}), self.identity()
@@ -586,12 +595,21 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
                                                              "workdir", "resume")}
     # 1. Where: the run folder and its collection(s); the preset they were recorded with
     run_path, roots = locate(run, data, workdir)
+    checks.writable_folder(run_path, "the run folder")
     preset_obj = recorded_preset(roots, preset)
     # 2. What: settings checked, and the adapter kind against the family, before weights load
     settings = TrainSettings.resolve(preset_obj, flags)
     family = FAMILIES[preset_obj.family]
     family.check_adapter_kind(family, settings.adapter.kind)  # uses class attributes only
     acc = _accelerator(device)
+    lock = run_lock(run_path, "train") if acc.is_main_process else contextlib.nullcontext()
+    with lock:  # one writer per run folder (the main process writes for all)
+        return _train(run_path, roots, preset, preset_obj, settings, acc, resume)
+
+
+def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_obj: Preset,
+           settings: TrainSettings, acc, resume: bool) -> dict:
+    """Load the data and the model, resume or start over, and fit (the run folder is locked)."""
     trajectories = TrajectoryData(roots, processes=acc.num_processes)
     # 3. The model: frozen base + fresh adapters on this process's device
     den = prepare_denoiser(preset_obj, acc.device, settings)
@@ -604,8 +622,16 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
         if not resume:
             trainer.start_over()
     if trainer.main:
-        _announce(trainer, roots, preset)
-    return trainer.fit()
+        _announce(trainer, roots, preset_flag)
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        last = trainer.last_checkpoint_step()
+        where = (f"the last checkpoint is step {last} in {trainer.ckpt_dir}" if last is not None
+                 else "no checkpoint was written yet")
+        raise Interrupted(f"interrupted at step {trainer.step} of {settings.steps}; {where}",
+                          hint="rerun the same command to resume from "
+                               + (f"step {last}" if last is not None else "step 0")) from None
 
 
 def _announce(tr: Trainer, roots: list[Path], preset_flag: str | None) -> None:

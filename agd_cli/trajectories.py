@@ -17,17 +17,19 @@ Tensors of a shard with N trajectories of K kept steps (fp16 unless noted):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from agd_cli.errors import DataError
-from agd_cli.io import atomic_path, read_json, write_json
+from agd_cli.io import atomic_path, read_json, save_tensors, write_json
 
+DAMAGED = "damaged"  # where resume moves shards that fail their checksum
 IDENTITY_KEYS = ("preset", "base_model", "prompts_sha256", "seed", "steps", "keep_steps",
                  "omega_min", "omega_max", "num_per_prompt", "scheduler")
 
@@ -38,6 +40,19 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _shard_fault(shard: Path, info: dict | None) -> str | None:
+    """Why a shard does not match its sidecar, or None when it does."""
+    if info is None:
+        return "unreadable sidecar"
+    if not shard.is_file():
+        return "shard file missing"
+    if shard.stat().st_size != info.get("bytes"):
+        return f"{shard.stat().st_size} bytes, {info.get('bytes')} expected"
+    if sha256_file(shard) != info.get("sha256"):
+        return "checksum mismatch"
+    return None
 
 
 class TrajectoryStore:
@@ -78,6 +93,13 @@ class TrajectoryStore:
                 p.unlink()
         write_json(self.manifest_path, {"config": config, "shards": []})
 
+    def discard_if_empty(self) -> None:
+        """A collection that never stored a shard leaves nothing behind (a failed start)."""
+        if self.exists() and not list(self.root.glob("shard-*")):
+            self.manifest_path.unlink()
+            with contextlib.suppress(OSError):
+                self.root.rmdir()  # only if nothing else is in it
+
     def clean_partial(self, tag_prefix: str = "") -> None:
         """Remove leftovers of an interrupted write: temp files and shards without sidecar.
 
@@ -91,8 +113,36 @@ class TrajectoryStore:
                 p.unlink(missing_ok=True)
 
     def shards(self) -> list[dict]:
-        """Sidecar infos of all complete shards, in name order."""
-        return [read_json(p) for p in sorted(self.root.glob("shard-*.json"))]
+        """Sidecar infos of all complete shards, in name order (unreadable sidecars skipped)."""
+        return [info for _, info in self._sidecars() if info is not None]
+
+    def _sidecars(self) -> list[tuple[Path, dict | None]]:
+        out = []
+        for p in sorted(self.root.glob("shard-*.json")):
+            try:
+                out.append((p, read_json(p)))
+            except (OSError, ValueError):
+                out.append((p, None))
+        return out
+
+    def damaged(self) -> list[tuple[Path, str, list[int]]]:
+        """Shards whose bytes do not match their sidecar: (sidecar, reason, trajectory ids)."""
+        found = []
+        for sidecar, info in self._sidecars():
+            reason = _shard_fault(sidecar.with_suffix(".safetensors"), info)
+            if reason:
+                found.append((sidecar, reason, list((info or {}).get("trajectory_ids", []))))
+        return found
+
+    def set_aside(self, sidecars: list[Path]) -> Path:
+        """Move damaged shards and their sidecars into trajectories/damaged/ (kept as evidence)."""
+        aside = self.root / DAMAGED
+        aside.mkdir(exist_ok=True)
+        for sidecar in sidecars:
+            for p in (sidecar, sidecar.with_suffix(".safetensors")):
+                if p.exists():
+                    os.replace(p, aside / p.name)
+        return aside
 
     def completed(self) -> set[int]:
         """Trajectory ids already stored in complete shards."""
@@ -103,8 +153,8 @@ class TrajectoryStore:
         """Write a shard atomically, then its sidecar (which marks it complete)."""
         path = self.root / f"shard-{tag}.safetensors"
         with atomic_path(path) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                      metadata={k: str(v) for k, v in (metadata or {}).items()})
+            save_tensors({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
+                         metadata={k: str(v) for k, v in (metadata or {}).items()})
         x = tensors["x"]
         info = {"file": path.name, "trajectories": len(trajectory_ids),
                 "trajectory_ids": [int(i) for i in trajectory_ids], "steps": int(x.shape[1]),
@@ -126,9 +176,11 @@ class TrajectoryStore:
         path = self.root / info["file"]
         if not path.is_file():
             raise DataError(f"shard {path} is listed but missing", hint="recollect with --overwrite")
-        if verify and (path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]):
-            raise DataError(f"shard {path} is corrupt or truncated (checksum mismatch)",
-                            hint="delete it and its .json sidecar, then rerun `agd collect` to redo it")
+        fault = _shard_fault(path, info) if verify else None
+        if fault:
+            raise DataError(f"shard {path} is corrupt or truncated ({fault})",
+                            hint="rerun the `agd collect` command that made it: it sets damaged "
+                                 "shards aside and redoes them")
         try:
             return safe_open(str(path), "pt")
         except Exception as e:  # noqa: BLE001 - safetensors raises several types

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,14 +23,14 @@ _no_color = "NO_COLOR" in os.environ
 err = Console(stderr=True, no_color=_no_color, highlight=False, soft_wrap=True)
 
 
-def info(message: str) -> None:
-    """A log line on stderr."""
-    err.print(message)
+def info(message: str, style: str | None = None) -> None:
+    """A log line on stderr, shown literally (paths like `a[draft]` are not rich markup)."""
+    err.print(escape(message), style=style)
 
 
 def warn(message: str) -> None:
-    """A warning on stderr."""
-    err.print(f"[yellow]warning:[/yellow] {message}")
+    """A warning on stderr, shown literally."""
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
 
 def progress(*extra_columns: Any) -> Progress:
@@ -46,9 +48,21 @@ def progress(*extra_columns: Any) -> Progress:
     )
 
 
+def json_safe(value: Any) -> Any:
+    """NaN and ±inf as null (bare NaN is not JSON); containers converted recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def emit_json(obj: dict) -> None:
-    """The one JSON object a command prints on stdout with --json."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """The one JSON object a command prints on stdout with --json (strict JSON: no NaN)."""
+    text = json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 

@@ -53,7 +53,7 @@ BAD_PRESETS = [
     ('name = "x"\nfamily = "unet"\nbase_model = "config"\nresolution = 32\n'
      '[sampling]\nomega_min = 1.0\nomega_max = 4.0\n', "'family': 'unet'"),
     ('name = "x"\nfamily = "sd"\nbase_model = "config"\nresolution = 32\n'
-     '[sampling]\nomega_min = 5.0\nomega_max = 4.0\n', "omega_min 5.0 > sampling.omega_max 4.0"),
+     '[sampling]\nomega_min = 5.0\nomega_max = 4.0\n', "sampling.omega_min 5 is larger than sampling.omega_max 4"),
     ('name = "x"\nfamily = "sd"\nbase_model = "config"\nresolution = -3\n'
      '[sampling]\nomega_min = 1.0\nomega_max = 4.0\n', "'resolution': -3"),
     ('name = "x"\nfamily = "sd"\nbase_model = "config"\nresolution = 32\n'

@@ -248,7 +248,7 @@ BAD = [  # (flags after `--preset tiny-sd --prompts GOOD` unless they say otherw
     (["--prompts", "{doc}"], "unknown format '.docx'"),
     (["--keep-steps", "5"], "--keep-steps 5 is more than the 2 sampling steps"),
     (["--omega-min", "9", "--omega-max", "2"], "--omega-min 9 is larger than --omega-max 2"),
-    (["--omega-min", "0"], "guidance scales must be positive"),
+    (["--omega-min", "0"], "--omega-min must be a finite number > 0, got 0"),
     (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
     (["--steps", "-3"], "--steps must be a positive integer, got -3"),
     (["--shard-index", "2", "--num-shards", "2"], "--shard-index 2 is out of range"),
@@ -262,7 +262,7 @@ BAD = [  # (flags after `--preset tiny-sd --prompts GOOD` unless they say otherw
     (["--preset", "tiny-dit", "--classes", "5-2"], "bad class range '5-2'"),
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
-    (["--out", "{afile}"], "exists and is not a folder"),
+    (["--out", "{afile}"], "is a file, not a folder"),
 ]
 
 

@@ -257,8 +257,8 @@ def test_two_processes_write_one_adapter_equal_to_one_process(run_of):
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])  # one JSON object, from rank 0
     assert summary["processes"] == 2 and summary["steps"] == 30
     assert proc.stdout.count('"adapter"') == 1
-    assert sorted(p.name for p in two.iterdir()) == ["adapter.safetensors", "checkpoints", "train",
-                                                     "trajectories"]
+    assert sorted(p.name for p in two.iterdir()) == [".agd.lock", "adapter.safetensors",
+                                                     "checkpoints", "train", "trajectories"]
     assert len((two / "train" / "metrics.jsonl").read_text().splitlines()) == 30 + 4
     code, _, _ = agd(*args, "--run", str(one))
     assert code == 0
@@ -285,7 +285,7 @@ def _corrupt(run: Path) -> None:
     ("truncated shard", [], _truncate, "corrupt or truncated"),
     ("corrupt shard", [], _corrupt, "corrupt or truncated"),
     ("adapter kind", ["--adapter-kind", "cross_attention"], None, "does not fit family 'dit'"),
-    ("steps 0", ["--steps", "0"], None, "--steps: 0"),
+    ("steps 0", ["--steps", "0"], None, "--steps must be a positive integer, got 0"),
     ("other preset", ["--preset", "tiny-sd"], None, "recorded with preset 'tiny-dit'"),
 ])
 def test_bad_inputs_exit_2(run_of, tmp_path, capsys, case, extra, damage, needle):
