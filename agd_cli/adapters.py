@@ -3,10 +3,12 @@
 One shared embedding of (ω, t, condition) per model feeds small per-block adapters:
   * cross_attention: block tokens attend to [ω, t, prompt tokens] (paper: best for SD/SDXL);
   * offset: a vector from (ω, t, class/pooled condition) added after self-attention (DiT).
-Adapters live in attention processors that wrap the base's own processors; the base's modules
-and weights are never edited. ω travels with each call in `cross_attention_kwargs["agd_omega"]`;
-a forward pre-hook turns it into a per-call context, so nothing is tied to a batch size and
-gradient checkpointing recomputes with the same inputs.
+Adapters hang on the base's attention MODULES (forward hooks), not on their processors, so a
+processor set later (set_attn_processor, fused QKV, xformers, IP-Adapter) cannot drop them; the
+base's modules and weights are never edited. ω travels with each call in
+`cross_attention_kwargs["agd_omega"]`; a forward pre-hook turns it into a per-call context that
+flows down with the kwargs, so nothing is tied to a batch size and gradient checkpointing
+recomputes with the same inputs.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import hashlib
 import inspect
 import json
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from safetensors.torch import load_file
@@ -154,23 +158,60 @@ class OffsetAdapter(nn.Module):
 ADAPTER_CLASSES = {"cross_attention": CrossAttentionAdapter, "offset": OffsetAdapter}
 
 
-class AgdAttnProcessor:
-    """Wraps a base attention processor: base output + adapter(hidden_states, ctx) when active."""
+ATTENTION_TYPES = (Attention, AttentionModuleMixin)  # the modules cross_attention_kwargs reach
 
-    def __init__(self, base, adapter: nn.Module | None):
-        self.base = base
+
+class AttentionHook:
+    """The forward hooks on one attention module: `before` takes the per-call context out of the
+    module's kwargs (no processor ever sees it), `after` adds gain·adapter(input) to its output.
+
+    Hooking the module rather than wrapping its processor means whatever processor is set later
+    (set_attn_processor, fused QKV, xformers, IP-Adapter) runs inside, adapters still on top.
+    `pending` lives from one call's `before` to the same call's `after` (always run, even when
+    the forward raises); calls of one attention module never nest."""
+
+    def __init__(self, adapter: nn.Module | None):
         self.adapter = adapter
+        self.pending: AgdContext | None = None
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 agd: AgdContext | None = None, **kwargs) -> torch.Tensor:
-        out = self.base(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                        attention_mask=attention_mask, temb=temb, **kwargs)
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.pending = kwargs.pop("agd", None)
+        return args, kwargs
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        agd, self.pending = self.pending, None
         if agd is None or self.adapter is None:
-            return out
-        dtype = agd.tokens.dtype
-        return out + (agd.gain * self.adapter(hidden_states.to(dtype), agd)).to(out.dtype)
+            return None  # output unchanged
+        hidden = args[0] if args else kwargs["hidden_states"]
+        delta = agd.gain * self.adapter(hidden.to(agd.tokens.dtype), agd)
+        if isinstance(output, tuple):  # joint attention returns (image tokens, text tokens)
+            return (output[0] + delta.to(output[0].dtype), *output[1:])
+        return output + delta.to(output.dtype)
+
+    def install(self, module: nn.Module) -> list:
+        """Register both hooks on `module`; returns their handles."""
+        return [module.register_forward_pre_hook(self.before, with_kwargs=True),
+                module.register_forward_hook(self.after, with_kwargs=True, always_call=True)]
+
+
+@dataclass
+class Attachment:
+    """Where an AdapterSet is attached: the model, each site's attention module, the hooks."""
+
+    model: nn.Module
+    modules: dict[str, nn.Module]
+    handles: list
+
+
+# model -> its AdapterSet, both weakly held: the model's hooks keep the AdapterSet alive, and a
+# deleted model frees both (a strong value would keep its key, the model, alive for ever)
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def attached_adapters(model: nn.Module) -> AdapterSet | None:
+    """The AdapterSet whose hooks drive `model`, if any."""
+    ref = _ATTACHED.get(model)
+    return None if ref is None else ref()
 
 
 def site_key(name: str) -> str:
@@ -190,7 +231,7 @@ class AdapterSet(nn.Module):
         cls = ADAPTER_CLASSES[cfg.kind]
         self.blocks = nn.ModuleDict({site_key(s.name): cls(s.dim, cfg) for s in sites})
         self.enabled = True
-        self._attached: tuple | None = None
+        self._attached: Attachment | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -219,20 +260,29 @@ class AdapterSet(nn.Module):
 
     # --- attaching to a base model -------------------------------------------------------
     def attach(self, model: nn.Module, extract: Callable[[dict], tuple[int, dict]]) -> None:
-        """Install agd processors on every attention module and the ω pre-hook on `model`."""
-        if self._attached is not None:
-            raise ModelError("adapters are already attached to a model")
-        wanted = {s.name for s in self.sites}
-        originals = {}
-        for name, module in model.named_modules():
-            if isinstance(module, Attention):
-                originals[name] = module.processor
-                adapter = self.blocks[site_key(name)] if name in wanted else None
-                module.set_processor(AgdAttnProcessor(module.processor, adapter))
-        missing = wanted - set(originals)
+        """Hook every attention module of `model` (adapters on the sites) and add the ω pre-hook."""
+        if self._attached is not None or attached_adapters(model) is not None:
+            raise ModelError("an agd adapter is already attached to this model",
+                             hint="detach it first (unload_agd_adapter(pipe) or adapters.detach())")
+        modules = dict(model.named_modules())
+        missing = sorted(s.name for s in self.sites
+                         if not isinstance(modules.get(s.name), ATTENTION_TYPES))
         if missing:
-            raise ModelError(f"adapter sites not found in the base model: {sorted(missing)[:3]}",
+            raise ModelError(f"adapter sites not found in the base model: {missing[:3]}",
                              hint="the adapters were built for a different architecture")
+        wanted = {s.name for s in self.sites}
+        handles = []
+        for name, module in modules.items():
+            if isinstance(module, ATTENTION_TYPES):  # every one: each must drop the `agd` kwarg
+                adapter = self.blocks[site_key(name)] if name in wanted else None
+                handles += AttentionHook(adapter).install(module)
+        handles.append(model.register_forward_pre_hook(self._omega_hook(model, extract),
+                                                       with_kwargs=True))
+        self._attached = Attachment(model, {n: modules[n] for n in wanted}, handles)
+        _ATTACHED[model] = weakref.ref(self)
+
+    def _omega_hook(self, model: nn.Module, extract: Callable[[dict], tuple[int, dict]]):
+        """The model's pre-hook: `cross_attention_kwargs["agd_omega"]` -> the per-call context."""
         sig = inspect.signature(model.forward)
 
         def pre_hook(mod, args, kwargs):
@@ -240,24 +290,40 @@ class AdapterSet(nn.Module):
             cak = dict(bound.arguments.get("cross_attention_kwargs") or {})
             omega = cak.pop("agd_omega", None)
             if omega is not None and self.enabled:
+                self.check_sites()
                 batch, cond = extract(bound.arguments)
                 device = next(iter(bound.arguments.values())).device
                 cak["agd"] = self.context(omega, bound.arguments["timestep"], cond, batch, device)
             bound.arguments["cross_attention_kwargs"] = cak or None
             return bound.args, bound.kwargs
 
-        handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        self._attached = (model, originals, handle)
+        return pre_hook
+
+    def check_sites(self) -> None:
+        """Raise if an attention module that carries an adapter was replaced after attaching:
+        its adapter would be dropped silently."""
+        if self._attached is None:
+            return
+        model = self._attached.model
+        for name, module in self._attached.modules.items():
+            try:
+                current = model.get_submodule(name)
+            except AttributeError:
+                current = None
+            if current is not module:
+                raise ModelError(f"attention module '{name}' of {type(model).__name__} was "
+                                 "replaced after the agd adapter was attached; its adapter "
+                                 "would no longer run",
+                                 hint="attach the agd adapter again after changing the model's "
+                                      "modules (load_agd_adapter)")
 
     def detach(self) -> None:
         """Give the base model back exactly as it was."""
         if self._attached is None:
             return
-        model, originals, handle = self._attached
-        handle.remove()
-        for name, module in model.named_modules():
-            if name in originals:
-                module.set_processor(originals[name])
+        for handle in self._attached.handles:
+            handle.remove()
+        _ATTACHED.pop(self._attached.model, None)
         self._attached = None
 
     @contextlib.contextmanager

@@ -2,6 +2,8 @@
 
 The adapter attaches to the pipeline's own UNet / transformer: no second model is loaded and
 the base's weights are not touched, so LoRAs (diffusers/peft) and ControlNets keep working.
+The adapters hook the attention modules, not their processors: attention processors set later
+(xformers, fused QKV, `set_attn_processor`, IP-Adapter) keep them.
 Call the pipeline WITHOUT classifier-free guidance — the adapters do the guiding — and pass ω
 with each call::
 
@@ -25,22 +27,17 @@ would run its own CFG on top (both halves through the adapters): don't.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from agd_cli.adapters import AdapterSet, adapter_metadata, read_adapter_file
+from agd_cli.adapters import AdapterSet, adapter_metadata, attached_adapters, read_adapter_file
 from agd_cli.errors import DataError, ModelError
 
 __all__ = ["agd_adapter", "agd_guidance", "denoiser_of", "family_of", "load_agd_adapter",
            "unload_agd_adapter"]
-
-# model -> its attached AdapterSet; weak keys: a deleted pipeline frees its adapters
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, AdapterSet] = weakref.WeakKeyDictionary()
-
 
 def denoiser_of(pipe) -> nn.Module:
     """The pipeline's denoising model (`unet` or `transformer`); a bare model is returned as is."""
@@ -114,21 +111,23 @@ def load_agd_adapter(pipe, path: str | Path, dtype: torch.dtype | None = None) -
     param = next(model.parameters())
     den = _denoiser_view(family, preset_for_adapter(path), model, source,
                          _execution_device(pipe, model), dtype or param.dtype)
-    adapters = den.load_adapters(path, dtype=dtype or param.dtype)  # checks the architecture
-    _ATTACHED[model] = adapters
-    return adapters
+    return den.load_adapters(path, dtype=dtype or param.dtype)  # checks the architecture
 
 
 def unload_agd_adapter(pipe) -> None:
     """Detach the agd adapter: the pipeline's model runs exactly as before it was attached."""
-    adapters = _ATTACHED.pop(denoiser_of(pipe), None)
+    adapters = attached_adapters(denoiser_of(pipe))
     if adapters is not None:
         adapters.detach()
 
 
 def agd_adapter(pipe) -> AdapterSet | None:
-    """The agd adapter attached to a pipeline, if any."""
-    return _ATTACHED.get(denoiser_of(pipe))
+    """The agd adapter that drives the pipeline's model, if any (attention processors set later
+    do not remove it); raises if an attention module carrying an adapter was replaced since."""
+    adapters = attached_adapters(denoiser_of(pipe))
+    if adapters is not None:
+        adapters.check_sites()
+    return adapters
 
 
 @contextlib.contextmanager
@@ -136,7 +135,7 @@ def agd_guidance(pipe, omega: float | torch.Tensor) -> Iterator[None]:
     """Within the block every call of the pipeline's model gets ω (unless the call passes its
     own `cross_attention_kwargs["agd_omega"]`): for pipelines that take no cross_attention_kwargs."""
     model = denoiser_of(pipe)
-    if model not in _ATTACHED:
+    if attached_adapters(model) is None:
         raise ModelError("no agd adapter is attached to this pipeline",
                          hint="call load_agd_adapter(pipe, path) first")
 

@@ -510,6 +510,7 @@ def run_compare(den, plan: BenchPlan) -> dict:
         "cpu_ratio_agd_to_cfg": agd["cpu_ratio_to_cfg"],
         "agreement": agd["agreement"],
         "batch_size": plan.batch_size,
+        "vae_decode": den.vae_decode(),
         "timing": "median over images (and --repeats) of noise→pixels (sampling loop + decode; "
                   f"text encoding excluded), batch {plan.batch_size} per call (s/img = call time / batch); "
                   "warm-up and memory-probe calls excluded"

@@ -10,6 +10,7 @@ import click
 
 from agd_cli import __version__
 from agd_cli.errors import AgdError
+from agd_cli.runtime import quiet_libraries
 
 # name -> (module, one-line help shown by `agd --help` without importing the module)
 COMMANDS = {
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     # slower (a thread spins while its partner is descheduled); passive waiting costs little on
     # an idle machine. Must be set before torch loads OpenMP.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    quiet_libraries()  # the CLI's choice; importing agd as a library leaves logging alone
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
     debug = "--debug" in argv or os.environ.get("AGD_DEBUG") == "1"

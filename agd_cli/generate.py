@@ -380,4 +380,5 @@ def run_generate(prompts: Sequence[str], *, omega: float | None = None, adapter:
             "steps": plan.steps, "scheduler": plan.scheduler, "seeds": [j.seed for j in plan.jobs],
             "prompts": [j.prompt for j in plan.jobs], "adapter": str(plan.adapter),
             "base_model": den.source, "device": str(den.device), "dtype": str(den.dtype).replace("torch.", ""),
-            "size": [plan.width, plan.height], "batch_size": plan.batch_size}
+            "size": [plan.width, plan.height], "batch_size": plan.batch_size,
+            "vae_decode": den.vae_decode(plan.height, plan.width)}

@@ -215,7 +215,9 @@ def _measure(preset_name: str, precision: str, optimizer: str, checkpointing: bo
 
 def main(argv: list[str] | None = None) -> None:
     """One measurement; prints it as one JSON line (the subprocess side of measure_train_step)."""
-    import agd_cli.runtime  # noqa: F401 - quiet library logs
+    from agd_cli.runtime import quiet_libraries
+
+    quiet_libraries()
 
     p = argparse.ArgumentParser(prog="python -m agd_cli.memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,6 @@
-"""Process-wide settings applied before the ML libraries load: quiet their logs."""
+"""Process-wide settings for agd's own entry points (the CLI, tool scripts): quiet library logs.
+
+Importing agd as a library changes no global logging: only entry points call quiet_libraries()."""
 
 from __future__ import annotations
 
@@ -16,5 +18,3 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
 
-
-quiet_libraries()

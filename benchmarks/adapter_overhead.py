@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     import torch
 
-    import agd_cli.runtime  # noqa: F401 - quiet library logs
+    from agd_cli.runtime import quiet_libraries
+
+    quiet_libraries()
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -100,6 +100,7 @@ def test_compare_cfg_json_schema_and_nfe_counts(workdir, preset):
     saved = json.loads((workdir / preset / "bench" / "compare-cfg.json").read_text())
     assert saved["methods"]["agd"]["nfe"] == 4 and saved["preset"] == preset
     assert r["grid"]["col_labels"] == ["CFG", "agd", "unguided", "CFG cutoff"]
+    assert r["vae_decode"]["slicing"] and not r["vae_decode"]["tiling"]  # one image at a time
 
 
 def test_full_cutoff_reproduces_cfg_and_omega_one_cfg_is_unguided(workdir):

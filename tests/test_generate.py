@@ -93,6 +93,7 @@ def test_nfe_is_steps_with_adapters_and_twice_with_cfg(ws, capsys):
     for run in (agd_run, cfg_run):
         assert run["omega"] == 6.0 and run["seconds"] > 0
         assert Path(run["images"][0]).parent == ws / "tiny-sd" / "samples"
+        assert run["vae_decode"] == {"slicing": True, "tiling": False, "tile_size": 32}
     assert Path(agd_run["images"][0]).name == "a-red-fox-seed0-w6.png"
     assert Path(cfg_run["images"][0]).name == "a-red-fox-seed0-w6-cfg.png"
     meta = read_png_metadata(agd_run["images"][0])

@@ -7,7 +7,6 @@ predicts for (x_t, t, cond) with adapters fed ω; and runs real CFG through guid
 
 from __future__ import annotations
 
-import agd_cli.runtime  # noqa: F401 - quiets library logs before they load
 from agd_cli.families.base import (
     Denoiser,
     cond_cat,

@@ -242,7 +242,11 @@ class Denoiser:
 
     # --- images --------------------------------------------------------------------------
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Model-space samples -> images in [0, 1], (N, C, H, W) float32 on CPU."""
+        """Model-space samples -> images in [0, 1], (N, C, H, W) float32 on CPU.
+
+        The VAE decodes one image at a time (slicing: its peak memory is one image's, ~3.3 GiB
+        for SDXL at 1024² in fp32, whatever the batch size) and in tiles when tiling is on and
+        the image is larger than the VAE's own tile size; `vae_decode` says which."""
         if self.preset.pixel_space:
             return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
         vae = self._vae()
@@ -250,6 +254,18 @@ class Denoiser:
             z = x.to(self.device, torch.float32) / vae.config.scaling_factor
             img = vae.decode(z, return_dict=False)[0]
         return ((img.float().clamp(-1, 1) + 1) / 2).cpu()
+
+    def vae_decode(self, height: int | None = None, width: int | None = None) -> dict | None:
+        """How `decode` runs for images of this size: {"slicing", "tiling", "tile_size"};
+        None for pixel-space models. `tiling` is true only if the decode really tiles."""
+        if self.preset.pixel_space:
+            return None
+        vae = self._vae()
+        h, w = height or self.preset.resolution, width or self.preset.resolution
+        tile = vae.tile_latent_min_size  # diffusers tiles only latents larger than this
+        tiles = vae.use_tiling and max(h, w) // self.vae_scale_factor > tile
+        return {"slicing": bool(vae.use_slicing), "tiling": bool(tiles),
+                "tile_size": int(tile * self.vae_scale_factor)}
 
     def _vae(self):
         from diffusers import AutoencoderKL
@@ -260,8 +276,9 @@ class Denoiser:
             else:
                 self.vae = AutoencoderKL.from_pretrained(self.source, subfolder="vae")
             self.vae.requires_grad_(False).eval().to(self.device, torch.float32)
+            self.vae.enable_slicing()  # one image at a time: a batch costs one image's memory
             if self.preset.memory.get("vae_tiling"):
-                self.vae.enable_tiling()
+                self.vae.enable_tiling()  # diffusers tiles only above the VAE's own sample size
         return self.vae
 
 
