@@ -155,22 +155,35 @@ ADAPTER_CLASSES = {"cross_attention": CrossAttentionAdapter, "offset": OffsetAda
 
 
 class AgdAttnProcessor:
-    """Wraps a base attention processor: base output + adapter(hidden_states, ctx) when active."""
+    """Wraps a base attention processor: base output + adapter(hidden_states, ctx) when active.
 
-    def __init__(self, base, adapter: nn.Module | None):
+    `context` (optional) supplies the per-call context for models whose forward does not pass
+    attention kwargs down to their blocks (Sana). Joint attention (SD3) returns (image, text):
+    the adapter output goes to the image stream, see families/sd3.py.
+    """
+
+    def __init__(self, base, adapter: nn.Module | None,
+                 context: Callable[[], AgdContext | None] | None = None):
         self.base = base
         self.adapter = adapter
+        self.context = context
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  agd: AgdContext | None = None, **kwargs) -> torch.Tensor:
+        if temb is not None:  # some processors (Sana's) take no temb at all
+            kwargs["temb"] = temb
         out = self.base(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                        attention_mask=attention_mask, temb=temb, **kwargs)
+                        attention_mask=attention_mask, **kwargs)
+        if agd is None and self.context is not None:
+            agd = self.context()
         if agd is None or self.adapter is None:
             return out
+        image = out[0] if isinstance(out, tuple) else out  # joint attention: (image, text)
         dtype = agd.tokens.dtype
-        return out + (agd.gain * self.adapter(hidden_states.to(dtype), agd)).to(out.dtype)
+        image = image + (agd.gain * self.adapter(hidden_states.to(dtype), agd)).to(image.dtype)
+        return (image, *out[1:]) if isinstance(out, tuple) else image
 
 
 def site_key(name: str) -> str:
@@ -218,17 +231,25 @@ class AdapterSet(nn.Module):
         return self.shared(w.to(p.device), t.to(p.device), cond)
 
     # --- attaching to a base model -------------------------------------------------------
-    def attach(self, model: nn.Module, extract: Callable[[dict], tuple[int, dict]]) -> None:
-        """Install agd processors on every attention module and the ω pre-hook on `model`."""
+    def attach(self, model: nn.Module, extract: Callable[[dict], tuple[int, dict]],
+               omega_kwarg: str = "cross_attention_kwargs", routed: bool = True) -> None:
+        """Install agd processors on every attention module and the ω pre-hook on `model`.
+
+        ω arrives in `model(..., <omega_kwarg>={"agd_omega": ω})`. When the model passes that
+        dict on to its attention processors (`routed`), the context travels inside it;
+        otherwise the pre-hook keeps this call's context here for the processors to read.
+        """
         if self._attached is not None:
             raise ModelError("adapters are already attached to a model")
         wanted = {s.name for s in self.sites}
         originals = {}
+        self._call_context = None
+        source = None if routed else (lambda: self._call_context)
         for name, module in model.named_modules():
             if isinstance(module, Attention):
                 originals[name] = module.processor
                 adapter = self.blocks[site_key(name)] if name in wanted else None
-                module.set_processor(AgdAttnProcessor(module.processor, adapter))
+                module.set_processor(AgdAttnProcessor(module.processor, adapter, source))
         missing = wanted - set(originals)
         if missing:
             raise ModelError(f"adapter sites not found in the base model: {sorted(missing)[:3]}",
@@ -237,13 +258,18 @@ class AdapterSet(nn.Module):
 
         def pre_hook(mod, args, kwargs):
             bound = sig.bind(*args, **kwargs)
-            cak = dict(bound.arguments.get("cross_attention_kwargs") or {})
+            cak = dict(bound.arguments.get(omega_kwarg) or {})
             omega = cak.pop("agd_omega", None)
+            ctx = None
             if omega is not None and self.enabled:
                 batch, cond = extract(bound.arguments)
                 device = next(iter(bound.arguments.values())).device
-                cak["agd"] = self.context(omega, bound.arguments["timestep"], cond, batch, device)
-            bound.arguments["cross_attention_kwargs"] = cak or None
+                ctx = self.context(omega, bound.arguments["timestep"], cond, batch, device)
+            if routed and ctx is not None:
+                cak["agd"] = ctx
+            # kept until the next call: gradient checkpointing recomputes with the same context
+            self._call_context = ctx
+            bound.arguments[omega_kwarg] = cak or None
             return bound.args, bound.kwargs
 
         handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -258,7 +284,7 @@ class AdapterSet(nn.Module):
         for name, module in model.named_modules():
             if name in originals:
                 module.set_processor(originals[name])
-        self._attached = None
+        self._attached = self._call_context = None
 
     @contextlib.contextmanager
     def disabled(self):
