@@ -168,10 +168,14 @@ class AttentionHook:
     Hooking the module rather than wrapping its processor means whatever processor is set later
     (set_attn_processor, fused QKV, xformers, IP-Adapter) runs inside, adapters still on top.
     `pending` lives from one call's `before` to the same call's `after` (always run, even when
-    the forward raises); calls of one attention module never nest."""
+    the forward raises); calls of one attention module never nest. `fallback` supplies the
+    per-call context for models whose forward does not hand attention kwargs down to their
+    blocks (Sana)."""
 
-    def __init__(self, adapter: nn.Module | None):
+    def __init__(self, adapter: nn.Module | None,
+                 fallback: Callable[[], AgdContext | None] | None = None):
         self.adapter = adapter
+        self.fallback = fallback
         self.pending: AgdContext | None = None
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -180,6 +184,8 @@ class AttentionHook:
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output):
         agd, self.pending = self.pending, None
+        if agd is None and self.fallback is not None:
+            agd = self.fallback()
         if agd is None or self.adapter is None:
             return None  # output unchanged
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -232,6 +238,7 @@ class AdapterSet(nn.Module):
         self.blocks = nn.ModuleDict({site_key(s.name): cls(s.dim, cfg) for s in sites})
         self.enabled = True
         self._attached: Attachment | None = None
+        self._call_context: AgdContext | None = None  # this call's context, for unrouted models
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -259,8 +266,14 @@ class AdapterSet(nn.Module):
         return self.shared(w.to(p.device), t.to(p.device), cond)
 
     # --- attaching to a base model -------------------------------------------------------
-    def attach(self, model: nn.Module, extract: Callable[[dict], tuple[int, dict]]) -> None:
-        """Hook every attention module of `model` (adapters on the sites) and add the ω pre-hook."""
+    def attach(self, model: nn.Module, extract: Callable[[dict], tuple[int, dict]],
+               omega_kwarg: str = "cross_attention_kwargs", routed: bool = True) -> None:
+        """Hook every attention module of `model` (adapters on the sites) and add the ω pre-hook.
+
+        ω arrives in `model(..., <omega_kwarg>={"agd_omega": ω})`. When the model passes that
+        dict on to its attention modules (`routed`), the context travels inside it; otherwise
+        the pre-hook keeps this call's context here for the attention hooks to read.
+        """
         if self._attached is not None or attached_adapters(model) is not None:
             raise ModelError("an agd adapter is already attached to this model",
                              hint="detach it first (unload_agd_adapter(pipe) or adapters.detach())")
@@ -271,30 +284,38 @@ class AdapterSet(nn.Module):
             raise ModelError(f"adapter sites not found in the base model: {missing[:3]}",
                              hint="the adapters were built for a different architecture")
         wanted = {s.name for s in self.sites}
+        self._call_context = None
+        fallback = None if routed else (lambda: self._call_context)
         handles = []
         for name, module in modules.items():
             if isinstance(module, ATTENTION_TYPES):  # every one: each must drop the `agd` kwarg
                 adapter = self.blocks[site_key(name)] if name in wanted else None
-                handles += AttentionHook(adapter).install(module)
-        handles.append(model.register_forward_pre_hook(self._omega_hook(model, extract),
-                                                       with_kwargs=True))
+                handles += AttentionHook(adapter, fallback).install(module)
+        hook = self._omega_hook(model, extract, omega_kwarg, routed)
+        handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
         self._attached = Attachment(model, {n: modules[n] for n in wanted}, handles)
         _ATTACHED[model] = weakref.ref(self)
 
-    def _omega_hook(self, model: nn.Module, extract: Callable[[dict], tuple[int, dict]]):
-        """The model's pre-hook: `cross_attention_kwargs["agd_omega"]` -> the per-call context."""
+    def _omega_hook(self, model: nn.Module, extract: Callable[[dict], tuple[int, dict]],
+                    omega_kwarg: str, routed: bool):
+        """The model's pre-hook: `<omega_kwarg>["agd_omega"]` -> the per-call context."""
         sig = inspect.signature(model.forward)
 
         def pre_hook(mod, args, kwargs):
             bound = sig.bind(*args, **kwargs)
-            cak = dict(bound.arguments.get("cross_attention_kwargs") or {})
+            cak = dict(bound.arguments.get(omega_kwarg) or {})
             omega = cak.pop("agd_omega", None)
+            ctx = None
             if omega is not None and self.enabled:
                 self.check_sites()
                 batch, cond = extract(bound.arguments)
                 device = next(iter(bound.arguments.values())).device
-                cak["agd"] = self.context(omega, bound.arguments["timestep"], cond, batch, device)
-            bound.arguments["cross_attention_kwargs"] = cak or None
+                ctx = self.context(omega, bound.arguments["timestep"], cond, batch, device)
+            if routed and ctx is not None:
+                cak["agd"] = ctx
+            # kept until the next call: gradient checkpointing recomputes with the same context
+            self._call_context = ctx
+            bound.arguments[omega_kwarg] = cak or None
             return bound.args, bound.kwargs
 
         return pre_hook
@@ -324,7 +345,7 @@ class AdapterSet(nn.Module):
         for handle in self._attached.handles:
             handle.remove()
         _ATTACHED.pop(self._attached.model, None)
-        self._attached = None
+        self._attached = self._call_context = None
 
     @contextlib.contextmanager
     def disabled(self):

@@ -20,6 +20,9 @@ with each call::
         image = dit_pipe(class_labels=[207], guidance_scale=1.0).images[0]  # cross_attention_kwargs
     unload_agd_adapter(pipe)                                 # the exact base again
 
+SD3/SD3.5 pipelines take ω in `joint_attention_kwargs={"agd_omega": ω}`, Sana pipelines in
+`attention_kwargs={"agd_omega": ω}`; PixArt-Σ pipelines pass no such dict: use agd_guidance.
+
 Without ω the base runs exactly as without adapters. With guidance_scale > 1 the pipeline
 would run its own CFG on top (both halves through the adapters): don't.
 """
@@ -59,8 +62,14 @@ def family_of(model: nn.Module) -> str:
         return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"
     if name in ("DiTTransformer2DModel", "Transformer2DModel") and cfg.get("num_embeds_ada_norm"):
         return "dit"
+    from agd_cli.families import FAMILIES
+
+    for family, cls in FAMILIES.items():  # SD3, PixArt-Σ, Sana: one transformer class each
+        if getattr(cls, "model_class", None) == name:
+            return family
     raise ModelError(f"agd adapters do not support {name}",
-                     hint="supported: UNet2DConditionModel (SD 1.x/2.x/XL) and DiT transformers")
+                     hint="supported: UNet2DConditionModel (SD 1.x/2.x/XL), DiT, SD3/SD3.5, "
+                          "PixArt and Sana transformers")
 
 
 def _name_of(pipe, model: nn.Module) -> str:
@@ -139,9 +148,12 @@ def agd_guidance(pipe, omega: float | torch.Tensor) -> Iterator[None]:
         raise ModelError("no agd adapter is attached to this pipeline",
                          hint="call load_agd_adapter(pipe, path) first")
 
+    from agd_cli.families import FAMILIES
+
+    key = FAMILIES[family_of(model)].omega_kwarg  # cross_attention_kwargs, joint_attention_kwargs…
+
     def give_omega(module, args, kwargs):
-        kwargs["cross_attention_kwargs"] = {"agd_omega": omega,
-                                            **(kwargs.get("cross_attention_kwargs") or {})}
+        kwargs[key] = {"agd_omega": omega, **(kwargs.get(key) or {})}
         return args, kwargs
 
     # prepend: ω must be in place before the adapters' own pre-hook reads it

@@ -122,13 +122,14 @@ def _model_config(preset: Preset, part: str) -> dict | None:
 
 def latent_geometry(preset: Preset) -> tuple[int, int, int] | None:
     """(C, h, w) of the model input at the preset's resolution, from configs only."""
-    net = _model_config(preset, "transformer" if preset.family == "dit" else "unet")
+    net = _model_config(preset, "unet" if preset.family in ("sd", "sdxl") else "transformer")
     if net is None:
         return None
     factor = 1
     if not preset.pixel_space:
         vae = _model_config(preset, "vae")
-        factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae else 8
+        stages = vae and (vae.get("block_out_channels") or vae.get("encoder_block_out_channels"))
+        factor = 2 ** (len(stages) - 1) if stages else 8  # DC-AE (Sana) names its stages apart
     side = preset.resolution // factor
     return (int(net.get("in_channels", 4)), side, side)
 
@@ -137,6 +138,12 @@ def _cond_layout(preset: Preset) -> dict[str, tuple[tuple, int]] | None:
     """Stored condition tensors of one prompt: key -> (shape, bytes per element)."""
     if preset.family == "dit":
         return {"class_labels": ((), 8)}
+    from agd_cli.families import FAMILIES
+
+    own = getattr(FAMILIES[preset.family], "stored_cond_layout", None)
+    if own is not None:  # diffusion-transformer families describe their own conditions
+        net = _model_config(preset, "transformer")
+        return None if net is None else own(net, preset.architecture.get("tokenizer", {}))
     unet = _model_config(preset, "unet")
     if unet is None:
         return None

@@ -136,7 +136,9 @@ def random_inputs(den, batch: int, resolution: int) -> dict:
 
     dev, dt = den.device, den.dtype
     shape = (batch, *den.latent_shape(resolution, resolution))
-    if den.family == "dit":
+    if hasattr(den, "random_cond"):  # diffusion-transformer families know their own shapes
+        cond = den.random_cond(batch)
+    elif den.family == "dit":
         cond = {"class_labels": torch.randint(0, 1000, (batch,), device=dev)}
     else:
         spec = den.cond_spec()

@@ -21,10 +21,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PRESET_DIR = Path(__file__).parent / "presets"
-FAMILIES = ("sd", "sdxl", "dit")
+FAMILIES = ("sd", "sdxl", "dit", "sd3", "pixart", "sana")
 ADAPTER_KINDS = ("cross_attention", "offset")
 ADAPTER_INPUTS = ("omega", "timestep", "condition")
-SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "ddpm", "unipc", "heun")
+SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "ddpm", "unipc", "heun", "flow-euler")
 DTYPES = ("fp16", "bf16", "fp32")
 OPTIMIZERS = ("adamw8bit", "adamw")
 
@@ -104,8 +104,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "memory": {"profile": _str, "vae_tiling": _bool},
 }
-ARCH_KEYS = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae", "scheduler",
-             "tokenizer")
+ARCH_KEYS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae",
+             "scheduler", "tokenizer")
 
 
 @dataclass

@@ -13,6 +13,9 @@ SCHEDULERS = {
     "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
     "ddpm": "DDPMScheduler", "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler",
+    # flow matching (SD3, Sana): the model predicts a velocity, x_next = x + (σ_next − σ)·v;
+    # the preset's scheduler config carries the timestep shift
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",
 }
 MODES = ("agd", "cfg", "unguided", "cfg-cutoff")
 
@@ -70,11 +73,13 @@ def sample(denoiser, cond: dict, uncond: dict | None, omega, noise: torch.Tensor
         raise InputError(f"--steps must be at least 1, got {steps}", hint="try --steps 50")
     sched = make_scheduler(scheduler, denoiser.scheduler_config)
     sched.set_timesteps(steps, device=denoiser.device)
-    x = noise.to(denoiser.device, torch.float32) * sched.init_noise_sigma
+    # flow-matching schedulers start at σ = 1 and take the model input as is
+    x = noise.to(denoiser.device, torch.float32) * getattr(sched, "init_noise_sigma", 1.0)
+    scale = getattr(sched, "scale_model_input", lambda x, t: x)
     start = denoiser.nfe
     timesteps = sched.timesteps
     for i, t in enumerate(timesteps):
-        model_input = sched.scale_model_input(x, t)
+        model_input = scale(x, t)
         guided = i < int(round(cutoff * len(timesteps))) if mode == "cfg-cutoff" else True
         out = model_output(denoiser, mode, model_input, t, cond, uncond, omega, guided).float()
         x_next = sched.step(out, t, x, return_dict=False)[0]

@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of fruit",
            "a city street in the rain"]
 ENV = {**os.environ, "AGD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-PRESETS = {"tiny-sd": {}, "tiny-sdxl": {}, "tiny-dit": {"classes": "0-3"}}
+PRESETS = {"tiny-sd": {}, "tiny-sdxl": {}, "tiny-dit": {"classes": "0-3"},
+           "tiny-sd3": {}, "tiny-pixart": {}, "tiny-sana": {}}
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from agd_cli.families import count_parameters, load_denoiser, load_with_adapters
 from agd_cli.guidance import cfg_combine
 from agd_cli.presets import AdapterConfig, builtin_names, load_preset
 
-TINY = ["tiny-sd", "tiny-sdxl", "tiny-dit"]
+TINY = ["tiny-sd", "tiny-sdxl", "tiny-dit", "tiny-sd3", "tiny-pixart", "tiny-sana"]
 
 
 def _inputs(den, n=2, seed=0):

@@ -17,11 +17,16 @@ from agd_cli.families.base import (
     resolve_dtype,
 )
 from agd_cli.families.dit import DiTDenoiser
+from agd_cli.families.pixart import PixArtDenoiser
+from agd_cli.families.sana import SanaDenoiser
 from agd_cli.families.sd import SDDenoiser
+from agd_cli.families.sd3 import SD3Denoiser
 from agd_cli.families.sdxl import SDXLDenoiser
 from agd_cli.presets import Preset
 
-FAMILIES: dict[str, type[Denoiser]] = {"sd": SDDenoiser, "sdxl": SDXLDenoiser, "dit": DiTDenoiser}
+FAMILIES: dict[str, type[Denoiser]] = {"sd": SDDenoiser, "sdxl": SDXLDenoiser, "dit": DiTDenoiser,
+                                       "sd3": SD3Denoiser, "pixart": PixArtDenoiser,
+                                       "sana": SanaDenoiser}
 
 __all__ = ["FAMILIES", "Denoiser", "cond_cat", "cond_select", "cond_to", "count_truncated",
            "load_denoiser", "load_with_adapters", "preset_for_adapter", "resolve_device", "resolve_dtype"]

@@ -69,6 +69,9 @@ class Denoiser:
     family = "base"
     adapter_kinds: tuple[str, ...] = ("cross_attention", "offset")
     model_subfolder = "unet"
+    omega_kwarg = "cross_attention_kwargs"  # the model-forward dict that carries agd_omega
+    omega_kwarg_routed = True  # does the model hand that dict on to its attention processors?
+    vae_class = "AutoencoderKL"
 
     def __init__(self, preset: Preset, model: nn.Module, text: dict, scheduler_config: dict,
                  device: torch.device, dtype: torch.dtype, source: str, vae_config: dict | None):
@@ -155,11 +158,11 @@ class Denoiser:
         """One batched model call; with `omega` the attached adapters are active."""
         kwargs = self._model_kwargs(cond_to(cond, self.device, self.dtype))
         if omega is not None:
-            kwargs["cross_attention_kwargs"] = {"agd_omega": omega}
+            kwargs[self.omega_kwarg] = {"agd_omega": omega}
         t = torch.as_tensor(t, device=self.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        out = self.model(x.to(self.device, self.dtype), t, return_dict=False, **kwargs)[0]
+        out = self.model(x.to(self.device, self.dtype), timestep=t, return_dict=False, **kwargs)[0]
         return out[:, : self.in_channels]  # learned-sigma models: keep the ε/v channels
 
     def predict(self, x, t, cond: dict, omega=None) -> torch.Tensor:
@@ -207,7 +210,7 @@ class Denoiser:
     def attach(self, aset: AdapterSet) -> None:
         if self.adapters is not None:
             self.adapters.detach()
-        aset.attach(self.model, self.extract_adapter_cond)
+        aset.attach(self.model, self.extract_adapter_cond, self.omega_kwarg, self.omega_kwarg_routed)
         self.adapters = aset
 
     def adapter_metadata(self, train_steps: int = 0, **extra) -> dict:
@@ -251,7 +254,8 @@ class Denoiser:
             return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
         vae = self._vae()
         with torch.inference_mode():
-            z = x.to(self.device, torch.float32) / vae.config.scaling_factor
+            shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's VAE has one
+            z = x.to(self.device, torch.float32) / vae.config.scaling_factor + shift
             img = vae.decode(z, return_dict=False)[0]
         return ((img.float().clamp(-1, 1) + 1) / 2).cpu()
 
@@ -268,13 +272,14 @@ class Denoiser:
                 "tile_size": int(tile * self.vae_scale_factor)}
 
     def _vae(self):
-        from diffusers import AutoencoderKL
+        import diffusers
 
         if self.vae is None:
+            cls = getattr(diffusers, self.vae_class)
             if self.source.startswith("random:"):
-                self.vae = _seeded(lambda: AutoencoderKL(**self.preset.architecture["vae"]))
+                self.vae = _seeded(lambda: cls(**self.preset.architecture["vae"]))
             else:
-                self.vae = AutoencoderKL.from_pretrained(self.source, subfolder="vae")
+                self.vae = cls.from_pretrained(self.source, subfolder="vae")
             self.vae.requires_grad_(False).eval().to(self.device, torch.float32)
             self.vae.enable_slicing()  # one image at a time: a batch costs one image's memory
             if self.preset.memory.get("vae_tiling"):
