@@ -266,7 +266,8 @@ class Denoiser:
             return None
         vae = self._vae()
         h, w = height or self.preset.resolution, width or self.preset.resolution
-        tile = vae.tile_latent_min_size  # diffusers tiles only latents larger than this
+        # diffusers tiles only latents larger than this (AutoencoderKL: one size; DC: per axis)
+        tile = getattr(vae, "tile_latent_min_size", None) or vae.tile_latent_min_height
         tiles = vae.use_tiling and max(h, w) // self.vae_scale_factor > tile
         return {"slicing": bool(vae.use_slicing), "tiling": bool(tiles),
                 "tile_size": int(tile * self.vae_scale_factor)}
