@@ -19,6 +19,7 @@ COMMANDS = {
     "generate": ("agd_cli.commands.generate", "Sample with adapters: one forward pass per step."),
     "bench": ("agd_cli.commands.bench", "Speed, memory and agreement of agd against real CFG."),
     "presets": ("agd_cli.commands.presets", "List the model presets."),
+    "env": ("agd_cli.commands.env", "Versions, CUDA, GPUs and hub access, for bug reports."),
 }
 
 

@@ -272,11 +272,13 @@ def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: 
                      batch_size: int | None = None, seed: int = 0, device: str | None = None,
                      dtype: str | None = None, shard_index: int | None = None,
                      num_shards: int | None = None, overwrite: bool = False,
-                     workdir: str = "agd-runs") -> CollectSettings:
+                     workdir: str = "agd-runs", base_model: str | None = None) -> CollectSettings:
     """Check every flag against the preset (flag > preset > default); nothing loads or is written."""
     from agd_cli.families import resolve_device
+    from agd_cli.families.weights import with_base_model
 
     p = load_preset(preset) if isinstance(preset, str) else preset
+    p = with_base_model(p, base_model)
     prompt_list, source = load_prompt_set(p, prompts, classes)
     steps = checks.integer("--steps", p.sampling["steps"] if steps is None else steps)
     checks.sampling_steps(steps, checks.preset_scheduler_config(p))
@@ -533,7 +535,7 @@ def run_collect(preset: str | Preset, prompts: str | None = None, classes: str |
                 batch_size: int | None = None, seed: int = 0, device: str | None = None,
                 dtype: str | None = None, shard_index: int | None = None,
                 num_shards: int | None = None, overwrite: bool = False,
-                workdir: str = "agd-runs") -> dict:
+                workdir: str = "agd-runs", base_model: str | None = None) -> dict:
     """Collect (or resume) CFG-guided trajectories; returns the summary `--json` prints."""
     from agd_cli.trajectories import TrajectoryStore
 
@@ -541,7 +543,7 @@ def run_collect(preset: str | Preset, prompts: str | None = None, classes: str |
     # 1. Check inputs: flags, prompts and the existing run folder, before anything loads
     s = resolve_settings(preset, prompts, classes, out, num_per_prompt, steps, keep_steps,
                          omega_min, omega_max, batch_size, seed, device, dtype, shard_index,
-                         num_shards, overwrite, workdir)
+                         num_shards, overwrite, workdir, base_model)
     store = TrajectoryStore(s.run / TRAJECTORIES)
     damaged = []
     if store.exists() and not s.overwrite:

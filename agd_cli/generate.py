@@ -169,15 +169,19 @@ def check_base(adapter_path: Path, meta: dict, base: Preset | None) -> None:
 def load_generator(adapter_path: Path, base: Preset, device: str | None, dtype: str,
                    offload: bool, height: int, width: int):
     """The base model with the adapter file attached, placed for generation."""
+    import torch
+
     from agd_cli.families import load_denoiser, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     if offload and dev.type != "cuda":
         ui.info("--offload: running on the CPU already, nothing to offload")
     if offload and dev.type == "cuda":
-        den = load_denoiser(base, device="cpu", dtype="fp32")  # weights stay on the CPU
+        # weights stay on the CPU, loaded straight in the GPU's dtype: no fp32 copy in RAM
+        half = resolve_dtype(dtype, dev)
+        den = load_denoiser(base, device=torch.device("cpu"), dtype=half)
         den.load_adapters(adapter_path)
-        _offload_to(den, dev, resolve_dtype(dtype, dev))
+        _offload_to(den, dev, half)
     else:
         den = load_denoiser(base, device=dev, dtype=dtype)
         den.load_adapters(adapter_path)

@@ -153,14 +153,11 @@ def random_inputs(den, batch: int, resolution: int) -> dict:
             "omega": torch.rand(batch, device=dev) * 5 + 1, "cond": cond}
 
 
-def _step(den, params, opt, inputs, amp_dtype) -> None:
-    """One training step as `agd train` takes it: autocast forward, L2, backward, update."""
+def _step(den, params, opt, inputs) -> None:
+    """One training step as `agd train` takes it: forward in the base's dtype, L2, backward, update."""
     import torch
 
-    ctx = (torch.autocast(den.device.type, dtype=amp_dtype) if amp_dtype
-           else contextlib.nullcontext())
-    with ctx:
-        pred = den.forward(inputs["x"], inputs["t"], inputs["cond"], omega=inputs["omega"])
+    pred = den.forward(inputs["x"], inputs["t"], inputs["cond"], omega=inputs["omega"])
     loss = (pred.float() - inputs["target"]).pow(2).mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -175,7 +172,6 @@ def _measure(preset_name: str, precision: str, optimizer: str, checkpointing: bo
     from agd_cli.families import resolve_device
     from agd_cli.families.base import DTYPES
     from agd_cli.presets import load_preset
-    from agd_cli.train import make_optimizer
 
     if precision not in DTYPES:
         raise InputError(f"unknown precision '{precision}'", hint="use fp16, bf16 or fp32")
@@ -183,36 +179,57 @@ def _measure(preset_name: str, precision: str, optimizer: str, checkpointing: bo
     dev = resolve_device(device)
     dtype = DTYPES[precision]
     res = resolution or preset.resolution
-    den = build_random_base(preset, dev, dtype)
-    if checkpointing:
-        den.model.enable_gradient_checkpointing()
-    torch.manual_seed(0)
-    adapters = den.new_adapters().train()
+    with torch.device(dev) if dev.type == "meta" else contextlib.nullcontext():
+        den = build_random_base(preset, dev, dtype)
+        if checkpointing:
+            den.model.enable_gradient_checkpointing()
+        torch.manual_seed(0)
+        adapters = den.new_adapters().train()
+        inputs = random_inputs(den, batch_size, res)
     params = [p for p in adapters.parameters() if p.requires_grad]
-    opt, used = make_optimizer(params, optimizer, 1e-4, 0.0, dev)
-    inputs = random_inputs(den, batch_size, res)
-    amp = None if precision == "fp32" else dtype
-    # The window covers two steps: the first allocates the optimizer state (after its
-    # backward), the second runs with it in place: the steady state of a training run.
-    method = _reset_peak(dev)
-    baseline = _current(dev)
-    _step(den, params, opt, inputs, amp)
-    t0 = time.perf_counter()
-    _step(den, params, opt, inputs, amp)
-    seconds = time.perf_counter() - t0
-    peak = _peak(dev)
-    state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values()
-                      for v in s.values() if isinstance(v, torch.Tensor))
+    figures = (_estimate(den, adapters, inputs, optimizer) if dev.type == "meta"
+               else _run_steps(den, params, inputs, optimizer, dev))
     return {"preset": preset.name, "family": preset.family, "device": str(dev),
-            "precision": precision, "optimizer": used, "optimizer_requested": optimizer,
+            "precision": precision, "optimizer_requested": optimizer,
             "gradient_checkpointing": checkpointing, "batch_size": batch_size,
             "resolution": res, "latent_shape": list(den.latent_shape(res, res)),
             "base_params": sum(p.numel() for p in den.model.parameters()),
             "adapter_params": sum(p.numel() for p in params),
             "weights_bytes": sum(p.numel() * p.element_size() for p in den.model.parameters()),
-            "optimizer_state_bytes": state_bytes, "baseline_bytes": baseline,
+            "torch": torch.__version__, **figures}
+
+
+def _estimate(den, adapters, inputs: dict, optimizer: str) -> dict:
+    """The meta-device figures (no GPU needed): peak bytes and FLOPs per sample."""
+    from agd_cli.estimate import estimate_train_step
+
+    est = estimate_train_step(den, adapters, inputs,
+                              _step, optimizer)
+    return {**est, "optimizer": optimizer, "seconds_step": None}
+
+
+def _run_steps(den, params, inputs: dict, optimizer: str, dev) -> dict:
+    """Two real training steps on CPU or CUDA; peak memory over both, time of the second."""
+    import torch
+
+    from agd_cli.train import make_optimizer
+
+    opt, used = make_optimizer(params, optimizer, 1e-4, 0.0, dev)
+    # No autocast: the base already computes in the training dtype (agd train does the same).
+    # The window covers two steps: the first allocates the optimizer state (after its
+    # backward), the second runs with it in place: the steady state of a training run.
+    method = _reset_peak(dev)
+    baseline = _current(dev)
+    _step(den, params, opt, inputs)
+    t0 = time.perf_counter()
+    _step(den, params, opt, inputs)
+    seconds = time.perf_counter() - t0
+    peak = _peak(dev)
+    state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values()
+                      for v in s.values() if isinstance(v, torch.Tensor))
+    return {"optimizer": used, "optimizer_state_bytes": state_bytes, "baseline_bytes": baseline,
             "peak_bytes": peak, "step_bytes": peak - baseline, "method": method,
-            "seconds_step": round(seconds, 2), "torch": torch.__version__}
+            "seconds_step": round(seconds, 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--optimizer", default="adamw8bit", choices=["adamw8bit", "adamw"])
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N], or meta (an estimate "
+                   "without a GPU: peak tensor memory and FLOPs, see agd_cli/estimate.py)")
     p.add_argument("--resolution", type=int, default=None)
     a = p.parse_args(argv)
     print(json.dumps(_measure(a.preset, a.precision, a.optimizer, a.checkpointing, a.batch_size,

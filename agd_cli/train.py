@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -128,19 +129,37 @@ def make_optimizer(params: list, name: str, lr: float, weight_decay: float,
                    device: torch.device, say: bool = True) -> tuple[torch.optim.Optimizer, str]:
     """AdamW8bit (bitsandbytes) when it works on `device`, else torch AdamW (said once)."""
     if name == "adamw8bit":
-        try:
+        problem = adamw8bit_problem(device)
+        if problem is None:
             import bitsandbytes as bnb
 
-            probe = torch.zeros(4096, device=device, requires_grad=True)  # 8-bit path needs ≥ 4096
-            probe.grad = torch.ones_like(probe)
-            bnb.optim.AdamW8bit([probe], lr=1e-3).step()
             return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay), "adamw8bit"
-        except Exception as e:  # noqa: BLE001 - import errors, missing kernels, driver errors
-            if say:
-                ui.warn(f"AdamW8bit (bitsandbytes) does not run on {device.type} here "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
-                        "using torch AdamW (4x the optimizer-state memory)")
+        if say:
+            ui.warn(f"AdamW8bit (bitsandbytes) does not run on {device.type} here ({problem}); "
+                    "using torch AdamW (4x the optimizer-state memory)")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "adamw"
+
+
+def autocast_dtype(precision: str, device: torch.device, base_dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype a training forward needs: none where the base already computes in
+    the training precision (autocast would only add fp32 norms: +0.6 GiB at SDXL batch 4)."""
+    compute = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    if device.type != "cuda" or compute is None or base_dtype == compute:
+        return None
+    return compute
+
+
+def adamw8bit_problem(device: torch.device) -> str | None:
+    """None when one bitsandbytes AdamW8bit step really runs on `device`, else why not."""
+    try:
+        import bitsandbytes as bnb
+
+        probe = torch.zeros(4096, device=device, requires_grad=True)  # 8-bit path needs ≥ 4096
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+        return None
+    except Exception as e:  # noqa: BLE001 - import errors, missing kernels, driver errors
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
 class Trainer:
@@ -163,9 +182,9 @@ class Trainer:
         self.opt, self.optimizer_name = make_optimizer(
             self.params, settings.optimizer, settings.lr, settings.weight_decay, self.device,
             say=self.main)
-        half = self.device.type == "cuda" and settings.precision != "fp32"
-        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.precision) if half else None
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.amp_dtype = autocast_dtype(settings.precision, self.device, den.dtype)
+        half = self.device.type == "cuda" and settings.precision == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if half else None
         train_idx, val_idx = data.split(settings.val_fraction, settings.seed)
         self.n_val_traj = data.trajectories_in(val_idx)
         self.n_train_traj = data.num_trajectories - self.n_val_traj
@@ -577,7 +596,17 @@ def _accelerator(device: str):
     from agd_cli.families import resolve_device
 
     dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(dev)  # one process: accelerate's device is "the current GPU"
     return Accelerator(cpu=dev.type == "cpu")
+
+
+def _process_device(acc) -> torch.device:
+    """This process's device with its index (cuda:N as asked, or the one accelerate assigned)."""
+    dev = acc.device
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def run_train(run: str | None = None, data: tuple | list = (), preset: str | None = None,
@@ -612,7 +641,7 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
     """Load the data and the model, resume or start over, and fit (the run folder is locked)."""
     trajectories = TrajectoryData(roots, processes=acc.num_processes)
     # 3. The model: frozen base + fresh adapters on this process's device
-    den = prepare_denoiser(preset_obj, acc.device, settings)
+    den = prepare_denoiser(preset_obj, _process_device(acc), settings)
     if trajectories.sample_shape[0] != den.in_channels:
         raise DataError(f"collection holds {trajectories.sample_shape[0]}-channel samples; "
                         f"the base takes {den.in_channels}",

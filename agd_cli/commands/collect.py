@@ -9,6 +9,9 @@ from agd_cli.commands import common_options
 
 @click.command("collect")
 @click.option("--preset", required=True, help="Preset name (see `agd presets`) or a TOML file.")
+@click.option("--base-model", default=None, metavar="FILE|DIR|ID",
+              help="The teacher: a single-file .safetensors checkpoint (e.g. a fine-tune), a "
+                   "diffusers folder or a hub id (default: the preset's base_model).")
 @click.option("--prompts", "prompts", default=None, metavar="FILE",
               help=".txt (one per line), .csv ('caption' column) or .jsonl ('prompt' field); "
                    "default: the preset's prompt set.")

@@ -11,6 +11,7 @@ from torch import nn
 
 from agd_cli.adapters import AdapterSet, Site, adapter_metadata, read_adapter_file
 from agd_cli.errors import AgdError, DataError, InputError, ModelError
+from agd_cli.families.weights import checkpoint_identity, is_single_file, open_base
 from agd_cli.guidance import cfg_combine
 from agd_cli.presets import AdapterConfig, Preset
 
@@ -72,6 +73,7 @@ class Denoiser:
     omega_kwarg = "cross_attention_kwargs"  # the model-forward dict that carries agd_omega
     omega_kwarg_routed = True  # does the model hand that dict on to its attention processors?
     vae_class = "AutoencoderKL"
+    checkpoint: dict | None = None  # file name and sha256 of a single-file base
 
     def __init__(self, preset: Preset, model: nn.Module, text: dict, scheduler_config: dict,
                  device: torch.device, dtype: torch.dtype, source: str, vae_config: dict | None):
@@ -94,7 +96,8 @@ class Denoiser:
              weights: str = "pretrained", text: bool = True) -> Denoiser:
         """Load the preset's base (hub id / folder) or build it with random weights."""
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
+        # a torch.dtype is taken as is (--offload keeps half-precision weights on the CPU)
+        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
         source = preset.resolve_base_model()
         random = weights == "random" or source == "config"
         try:
@@ -108,8 +111,11 @@ class Denoiser:
                              hint="check the model id or folder; the hub must be reachable, or "
                                   "point base_model at a local copy") from None
         model, text_parts, sched, vae_cfg = parts
-        return cls(preset, model, text_parts if text else {}, sched, dev, dt,
-                   "random:" + preset.name if random else source, vae_cfg)
+        den = cls(preset, model, text_parts if text else {}, sched, dev, dt,
+                  "random:" + preset.name if random else source, vae_cfg)
+        if not random and is_single_file(source):
+            den.checkpoint = checkpoint_identity(source)
+        return den
 
     @classmethod
     def _build_random(cls, preset: Preset):
@@ -216,9 +222,11 @@ class Denoiser:
     def adapter_metadata(self, train_steps: int = 0, **extra) -> dict:
         """What an adapter file says about where it came from (see AdapterSet.save)."""
         lo, hi = self.preset.omega_range
+        where = ({"base_checkpoint_file": self.checkpoint["file"],
+                  "base_checkpoint_sha256": self.checkpoint["sha256"]} if self.checkpoint else {})
         return {"family": self.family, "base_model": self.source, "preset": self.preset.name,
                 "preset_toml": self.preset.raw, "omega_min": lo, "omega_max": hi,
-                "train_steps": train_steps, **extra}
+                "train_steps": train_steps, **where, **extra}
 
     def load_adapters(self, path: str | Path, dtype: torch.dtype | None = None) -> AdapterSet:
         """Load an adapter file written by `agd train`; refuse one made for another base."""
@@ -240,8 +248,20 @@ class Denoiser:
                             hint="retrain it with `agd train` (the base was not changed)") from None
         mine.to(self.device, dtype or self.dtype).requires_grad_(False).eval()
         mine.metadata = meta
+        self._warn_other_checkpoint(path, meta)
         self.attach(mine)
         return mine
+
+    def _warn_other_checkpoint(self, path, meta: dict) -> None:
+        """Same architecture, other weights: it runs, but the adapter learned another teacher."""
+        trained = meta.get("base_checkpoint_sha256")
+        mine = (self.checkpoint or {}).get("sha256")
+        if trained and mine and trained != mine:
+            from agd_cli import ui
+
+            ui.warn(f"adapter {path} was trained on checkpoint "
+                    f"{meta.get('base_checkpoint_file')} (sha256 {trained[:12]}…), but the base "
+                    f"is {self.checkpoint['file']} (sha256 {mine[:12]}…); results may not match CFG")
 
     # --- images --------------------------------------------------------------------------
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,8 +299,8 @@ class Denoiser:
             cls = getattr(diffusers, self.vae_class)
             if self.source.startswith("random:"):
                 self.vae = _seeded(lambda: cls(**self.preset.architecture["vae"]))
-            else:
-                self.vae = cls.from_pretrained(self.source, subfolder="vae")
+            else:  # fp16 weights where the base is half (smaller download); decodes in fp32
+                self.vae = open_base(self.preset, self.source).model(cls, "vae", self.dtype)
             self.vae.requires_grad_(False).eval().to(self.device, torch.float32)
             self.vae.enable_slicing()  # one image at a time: a batch costs one image's memory
             if self.preset.memory.get("vae_tiling"):
@@ -311,12 +331,14 @@ def count_truncated(tokenizer, prompts: Sequence[str]) -> int:
 def _load_scheduler_config(source: str) -> dict:
     from diffusers import DDIMScheduler
 
-    return dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
+    from agd_cli.families.weights import PretrainedBase
+
+    return PretrainedBase(source).config(DDIMScheduler, "scheduler")
 
 
 def _vae_config(source: str) -> dict | None:
     from diffusers import AutoencoderKL
 
-    if Path(source).is_dir() and not (Path(source) / "vae").is_dir():
-        return None
-    return dict(AutoencoderKL.load_config(source, subfolder="vae"))
+    from agd_cli.families.weights import PretrainedBase
+
+    return PretrainedBase(source).config(AutoencoderKL, "vae")

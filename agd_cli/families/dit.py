@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from agd_cli.errors import InputError
-from agd_cli.families.base import Denoiser, _load_scheduler_config, _seeded, _vae_config
+from agd_cli.families.base import Denoiser, _seeded
+from agd_cli.families.weights import is_single_file, open_base
 
 
 class DiTDenoiser(Denoiser):
@@ -26,15 +27,19 @@ class DiTDenoiser(Denoiser):
 
     @classmethod
     def _load_pretrained(cls, preset, source, text, dtype):
-        from diffusers import DiTPipeline, DiTTransformer2DModel
+        from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-        model = DiTTransformer2DModel.from_pretrained(source, subfolder="transformer",
-                                                      torch_dtype=dtype)
+        if is_single_file(source):
+            raise InputError(f"single-file checkpoints are not supported for DiT: '{source}'",
+                             hint="point base_model at a diffusers folder or hub id")
+        base = open_base(preset, source)
+        model = base.model(DiTTransformer2DModel, "transformer", dtype)
         try:
             id2label = dict(DiTPipeline.load_config(source).get("id2label") or {})
         except (OSError, ValueError):
             id2label = {}
-        return model, {"id2label": id2label}, _load_scheduler_config(source), _vae_config(source)
+        return (model, {"id2label": id2label}, base.config(DDIMScheduler, "scheduler"),
+                base.config(AutoencoderKL, "vae"))
 
     @property
     def null_class(self) -> int:

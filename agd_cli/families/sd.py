@@ -7,14 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from agd_cli.errors import ModelError
-from agd_cli.families.base import (
-    Denoiser,
-    _clip_config,
-    _load_scheduler_config,
-    _seeded,
-    _tokenize,
-    _vae_config,
-)
+from agd_cli.families.base import Denoiser, _clip_config, _seeded, _tokenize
+from agd_cli.families.weights import open_base
 from agd_cli.text import build_char_tokenizer
 
 
@@ -36,17 +30,17 @@ class SDDenoiser(Denoiser):
 
     @classmethod
     def _load_pretrained(cls, preset, source, text, dtype):
-        from diffusers import UNet2DConditionModel
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+        base = open_base(preset, source)
+        unet = base.model(UNet2DConditionModel, "unet", dtype)
         parts = {}
         if text:
-            parts["tokenizer"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-            parts["text_encoder"] = CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder", dtype=dtype)
-        vae = None if preset.pixel_space else _vae_config(source)
-        return unet, parts, _load_scheduler_config(source), vae
+            parts["tokenizer"] = base.tokenizer(CLIPTokenizer, "tokenizer")
+            parts["text_encoder"] = base.text_encoder(CLIPTextModel, "text_encoder", dtype)
+        vae = None if preset.pixel_space else base.config(AutoencoderKL, "vae")
+        return unet, parts, base.config(DDIMScheduler, "scheduler"), vae
 
     def _text(self):
         if "text_encoder" not in self.text:

@@ -6,14 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from agd_cli.families.base import (
-    _clip_config,
-    _load_scheduler_config,
-    _seeded,
-    _tokenize,
-    _vae_config,
-)
+from agd_cli.families.base import _clip_config, _seeded, _tokenize
 from agd_cli.families.sd import SDDenoiser
+from agd_cli.families.weights import open_base
 from agd_cli.text import build_char_tokenizer
 
 
@@ -37,17 +32,18 @@ class SDXLDenoiser(SDDenoiser):
 
     @classmethod
     def _load_pretrained(cls, preset, source, text, dtype):
-        from diffusers import UNet2DConditionModel
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+        base = open_base(preset, source)
+        unet = base.model(UNet2DConditionModel, "unet", dtype)
         parts = {}
         if text:
             for sub, cls_ in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
-                parts["tokenizer" + sub] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer" + sub)
-                parts["text_encoder" + sub] = cls_.from_pretrained(
-                    source, subfolder="text_encoder" + sub, dtype=dtype)
-        return unet, parts, _load_scheduler_config(source), _vae_config(source)
+                parts["tokenizer" + sub] = base.tokenizer(CLIPTokenizer, "tokenizer" + sub)
+                parts["text_encoder" + sub] = base.text_encoder(cls_, "text_encoder" + sub, dtype)
+        return (unet, parts, base.config(DDIMScheduler, "scheduler"),
+                base.config(AutoencoderKL, "vae"))
 
     def _time_ids(self, n: int, size) -> torch.Tensor:
         h, w = size or (self.preset.resolution, self.preset.resolution)

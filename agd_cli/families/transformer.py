@@ -13,6 +13,7 @@ import torch
 
 from agd_cli.errors import ModelError
 from agd_cli.families.base import Denoiser, _load_scheduler_config, _seeded, _vae_config
+from agd_cli.families.weights import open_base
 
 
 class TextTransformerDenoiser(Denoiser):
@@ -41,13 +42,13 @@ class TextTransformerDenoiser(Denoiser):
         import diffusers
         import transformers
 
-        model = getattr(diffusers, cls.model_class).from_pretrained(
-            source, subfolder=cls.model_subfolder, torch_dtype=dtype)
+        base = open_base(preset, source)  # safetensors only, fp16 variant for half loads
+        model = base.model(getattr(diffusers, cls.model_class), cls.model_subfolder, dtype)
         parts = {}
         for name, cls_name in (cls.text_parts.items() if text else ()):
             loader = getattr(transformers, cls_name)
-            extra = {} if name.startswith("tokenizer") else {"dtype": dtype}
-            parts[name] = loader.from_pretrained(source, subfolder=name, **extra)
+            parts[name] = (base.tokenizer(loader, name) if name.startswith("tokenizer")
+                           else base.text_encoder(loader, name, dtype))
         return model, parts, _load_scheduler_config(source), _vae_config(source)
 
     def _encoder_pipeline(self):
