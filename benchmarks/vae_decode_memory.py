@@ -6,7 +6,11 @@ fresh subprocess per variant, decodes a batch of random latents in fp32 under in
 peak minus the memory held before the decode (weights, libraries, the latents).
 
     python benchmarks/vae_decode_memory.py --preset sdxl --resolution 1024 --batch 4   # CUDA if present
-    python benchmarks/vae_decode_memory.py --preset sdxl --resolution 512 --batch 4 --device cpu
+    python benchmarks/vae_decode_memory.py --preset sdxl --resolution 512 --batch 2 --device cpu --tile 256
+
+Measured here (2 shared CPU cores, peak RSS, the last command): decode adds 1.64 GiB for the
+whole batch of 2, 0.98 GiB one image at a time, 0.64 GiB one image at a time in 256 px tiles
+(1.9x the time). At 1024² one image is ~4x that; diffusers tiles only above the VAE's 1024 px.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def measure(preset_name: str, resolution: int, batch: int, variant: str, device:
     seconds = time.perf_counter() - t0
     peak = _peak(dev)
     return {"preset": preset_name, "resolution": resolution, "batch": batch, "variant": variant,
-            "tile": tile, "device": str(dev), "method": method, "seconds": round(seconds, 2),
+            "tile": tile if variant.endswith("tiled") else None, "device": str(dev), "method": method, "seconds": round(seconds, 2),
             "decode_adds_gib": round((peak - before) / GiB, 3), "peak_gib": round(peak / GiB, 3),
             "image_shape": list(img.shape)}
 
