@@ -125,7 +125,7 @@ def build_random_base(preset, device, dtype):
 
     cls = FAMILIES[preset.family]
     with _default_dtype(dtype):
-        model, _text_encoders, sched, vae = cls._build_random(preset)
+        model, _text_encoders, sched, vae = cls._build_random(preset, text=False)
     del _text_encoders  # conditions come from the collection: no text encoders in training
     return cls(preset, model, {}, sched, device, dtype, "random:" + preset.name, vae)
 
@@ -165,7 +165,7 @@ def _step(den, params, opt, inputs) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _measure(preset_name: str, precision: str, optimizer: str, checkpointing: bool,
+def _measure(preset_name, precision: str, optimizer: str, checkpointing: bool,
              batch_size: int, device: str, resolution: int | None) -> dict:
     import torch
 
@@ -175,7 +175,7 @@ def _measure(preset_name: str, precision: str, optimizer: str, checkpointing: bo
 
     if precision not in DTYPES:
         raise InputError(f"unknown precision '{precision}'", hint="use fp16, bf16 or fp32")
-    preset = load_preset(preset_name)
+    preset = load_preset(preset_name) if isinstance(preset_name, str) else preset_name
     dev = resolve_device(device)
     dtype = DTYPES[precision]
     res = resolution or preset.resolution

@@ -14,20 +14,12 @@ from agd_cli.cli import main
 from agd_cli.families import count_parameters, load_denoiser, load_with_adapters
 from agd_cli.presets import load_preset
 from agd_cli.sampling import initial_noise, make_scheduler, sample
+from tests.test_collect import one_thread  # noqa: F401 - autouse: one thread for tiny models
 
 REAL = {"sd35-medium": 24, "sd35-large": 38, "pixart-sigma": 28, "sana-1600m": 20}  # blocks
 TINY = ("tiny-sd3", "tiny-pixart", "tiny-sana")
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of fruit"]
 STEPS = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are overhead-bound: one thread is faster on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("name", list(REAL))

@@ -101,7 +101,7 @@ class Denoiser:
         source = preset.resolve_base_model()
         random = weights == "random" or source == "config"
         try:
-            parts = (cls._build_random(preset) if random
+            parts = (cls._build_random(preset, text=text) if random
                      else cls._load_pretrained(preset, source, text, dt))
         except AgdError:
             raise
@@ -118,7 +118,9 @@ class Denoiser:
         return den
 
     @classmethod
-    def _build_random(cls, preset: Preset):
+    def _build_random(cls, preset: Preset, text: bool = True):
+        """(model, text parts, scheduler config, VAE config) with seeded random weights; with
+        text=False a family may skip building its text encoders (T5-XXL: 4.7 B parameters)."""
         raise NotImplementedError
 
     @classmethod

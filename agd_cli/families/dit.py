@@ -18,7 +18,7 @@ class DiTDenoiser(Denoiser):
     adapter_kinds = ("offset",)  # no token sequence to attend to
 
     @classmethod
-    def _build_random(cls, preset):
+    def _build_random(cls, preset, text=True):
         from diffusers import DiTTransformer2DModel
 
         arch = preset.architecture

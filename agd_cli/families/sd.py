@@ -18,7 +18,7 @@ class SDDenoiser(Denoiser):
     family = "sd"
 
     @classmethod
-    def _build_random(cls, preset):
+    def _build_random(cls, preset, text=True):
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 

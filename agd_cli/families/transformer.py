@@ -25,12 +25,13 @@ class TextTransformerDenoiser(Denoiser):
     text_parts: dict[str, str] = {}  # pipeline component -> transformers class (pretrained load)
 
     @classmethod
-    def _build_random(cls, preset):
+    def _build_random(cls, preset, text=True):
         import diffusers
 
         arch = preset.architecture
         model = _seeded(lambda: getattr(diffusers, cls.model_class)(**arch["transformer"]))
-        return model, _seeded(lambda: cls._random_text(arch)), arch["scheduler"], arch.get("vae")
+        parts = _seeded(lambda: cls._random_text(arch)) if text else {}
+        return model, parts, arch["scheduler"], arch.get("vae")
 
     @classmethod
     def _random_text(cls, arch: dict) -> dict:
