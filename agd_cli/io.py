@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -50,6 +51,22 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) 
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
+
+
+def json_safe(value):
+    """NaN and ±inf as null (bare NaN is not JSON); containers converted recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_line(obj) -> str:
+    """One strict JSON line (JSONL logs): no bare NaN."""
+    return json.dumps(json_safe(obj), allow_nan=False)
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -34,7 +34,7 @@ from agd_cli.checkpoint import (
 )
 from agd_cli.data import ShuffledSampler, TrajectoryData, collection_root
 from agd_cli.errors import DataError, InputError, Interrupted
-from agd_cli.io import atomic_path
+from agd_cli.io import atomic_path, json_line, naming
 from agd_cli.locks import run_lock
 from agd_cli.presets import DTYPES, OPTIMIZERS, AdapterConfig, Preset
 
@@ -386,8 +386,11 @@ class Trainer:
         self.records.append(record)
         if self.main:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json_line(record) + "\n")
+            except OSError as e:  # a full disk names no file by itself
+                raise naming(e, self.metrics_path) from e
 
     def _validate(self) -> None:
         self.last_val = self.evaluate()
@@ -513,7 +516,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """Rewrite a JSONL file atomically."""
     with atomic_path(path) as tmp:
-        Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        Path(tmp).write_text("".join(json_line(r) + "\n" for r in records), encoding="utf-8")
 
 
 # --- the stage's entry point -----------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from typing import Any
@@ -18,6 +17,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from agd_cli.io import json_safe
 
 _no_color = "NO_COLOR" in os.environ
 err = Console(stderr=True, no_color=_no_color, highlight=False, soft_wrap=True)
@@ -48,20 +49,9 @@ def progress(*extra_columns: Any) -> Progress:
     )
 
 
-def json_safe(value: Any) -> Any:
-    """NaN and ±inf as null (bare NaN is not JSON); containers converted recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def emit_json(obj: dict) -> None:
     """The one JSON object a command prints on stdout with --json (strict JSON: no NaN)."""
-    text = json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False)
+    text = json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False)  # no bare NaN
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 

@@ -101,16 +101,16 @@ def full_disk_after(calls: int):
 
 
 def read_only(mp: pytest.MonkeyPatch, folder: Path) -> None:
-    """Make `folder` read-only; root ignores permissions, so os.access is told the same."""
+    """Make `folder` read-only. Root (and Windows, for folders) ignores the mode bits, so
+    os.access is told the same."""
     folder.chmod(0o555)
-    if os.name != "nt" and os.geteuid() == 0:
-        real = os.access
+    real = os.access
 
-        def access(path, mode, *a, **k):
-            inside = Path(path).absolute().is_relative_to(folder.absolute())
-            return False if inside and mode & os.W_OK else real(path, mode, *a, **k)
+    def access(path, mode, *a, **k):
+        inside = Path(path).absolute().is_relative_to(folder.absolute())
+        return False if inside and mode & os.W_OK else real(path, mode, *a, **k)
 
-        mp.setattr(os, "access", access)
+    mp.setattr(os, "access", access)
 
 
 def hold_lock(folder: Path, command: str, stack: contextlib.ExitStack) -> int:
