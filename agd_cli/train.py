@@ -231,8 +231,8 @@ class Trainer:
     def _sync_grads(self) -> None:
         """All-reduce (sum) the adapter gradients in one flat buffer.
 
-        The adapters run inside the base's attention processors, never through a wrapper's
-        forward, so DDP's hooks do not apply; an explicit all-reduce is simple and exact."""
+        The adapters run in forward hooks on the base's attention modules, never through a
+        wrapper's forward, so DDP's hooks do not apply; an explicit all-reduce is simple and exact."""
         if self.world == 1:
             return
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -578,7 +578,7 @@ def prepare_denoiser(preset: Preset, device: torch.device, settings: TrainSettin
 
     den = load_denoiser(preset, device=device, dtype=settings.precision, text=False)
     if device.type == "cuda":
-        # must happen before the adapters wrap the attention processors
+        # the adapters hook the attention modules, so any processor set here keeps them
         with contextlib.suppress(Exception):
             den.model.enable_xformers_memory_efficient_attention()
             ui.info("attention: xformers")
