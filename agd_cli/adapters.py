@@ -3,6 +3,10 @@
 One shared embedding of (ω, t, condition) per model feeds small per-block adapters:
   * cross_attention: block tokens attend to [ω, t, prompt tokens] (paper: best for SD/SDXL);
   * offset: a vector from (ω, t, class/pooled condition) added after self-attention (DiT).
+Adapters trained with negatives (`AdapterConfig.negatives`) also see CFG's unconditional branch:
+the negative prompt's tokens, through a learned map and marked by a learned type embedding, join
+the cross-attention context; offset adapters add the same map of the negative class / pooled
+vector. "No negative" is the empty prompt / null class, as in training (`agd_negative`).
 Adapters hang on the base's attention MODULES (forward hooks), not on their processors, so a
 processor set later (set_attn_processor, fused QKV, xformers, IP-Adapter) cannot drop them; the
 base's modules and weights are never edited. ω travels with each call in
@@ -93,6 +97,12 @@ class SharedConditioning(nn.Module):
         self.token_proj = nn.Linear(cond_spec["token_dim"], d) if tokens and not pooled else None
         self.pooled_proj = nn.Linear(cond_spec["pooled_dim"], d) if pooled else None
         self.class_emb = nn.Embedding(cond_spec["num_classes"] + 1, d) if classes else None
+        # the negative condition: the same projections, then a map of its own (initialised to
+        # −I, the sign it has in CFG's ε_c − ε_neg: a shared projection plus a type embedding
+        # alone could not subtract inside the softmax average) and a type embedding
+        negatives = cfg.negatives and use_cond
+        self.negative_proj = nn.Linear(d, d, bias=False) if negatives else None
+        self.negative_type = nn.Parameter(torch.zeros(d)) if negatives else None
 
     def _cond_vector(self, cond: dict, batch: int, like: torch.Tensor) -> torch.Tensor:
         if self.class_emb is not None and cond.get("class_labels") is not None:
@@ -103,7 +113,28 @@ class SharedConditioning(nn.Module):
             return self.token_proj(cond["tokens"].to(like.dtype)).mean(dim=1)
         return torch.zeros_like(like)
 
-    def forward(self, omega: torch.Tensor, timestep: torch.Tensor, cond: dict) -> AgdContext:
+    @property
+    def wants_negative(self) -> bool:
+        """Trained with negatives: every call needs the unconditional branch's condition."""
+        return self.negative_proj is not None
+
+    def _negative_parts(self, negative: dict | None, batch: int, like: torch.Tensor):
+        """(context tokens (B, n, D), vector (B, D)) of the negative condition."""
+        if negative is None:
+            raise ModelError("these adapters were trained with negative prompts and need CFG's "
+                             "unconditional condition with every call (agd_negative)",
+                             hint="pass the negative (or the empty prompt's / null class's) "
+                                  "condition, as agd generate and agd_cli.api do")
+        mark = lambda x: self.negative_proj(x) + self.negative_type  # noqa: E731
+        vec = self._cond_vector(negative, batch, like)
+        if self.kind == "offset":
+            return None, mark(vec)
+        if self.token_proj is not None and negative.get("tokens") is not None:
+            return mark(self.token_proj(negative["tokens"].to(like.dtype))), torch.zeros_like(like)
+        return mark(vec)[:, None], torch.zeros_like(like)
+
+    def forward(self, omega: torch.Tensor, timestep: torch.Tensor, cond: dict,
+                negative: dict | None = None) -> AgdContext:
         batch = omega.shape[0]
         w = self.omega(omega)  # (B, D)
         zeros = torch.zeros_like(w)
@@ -116,6 +147,10 @@ class SharedConditioning(nn.Module):
             parts.append(self.token_proj(cond["tokens"].to(w.dtype)))  # (B, L, D)
         else:
             parts.append(c_vec[:, None])
+        if self.wants_negative:
+            neg_tokens, neg_vec = self._negative_parts(negative, batch, w)
+            parts += [neg_tokens] if neg_tokens is not None else []
+            c_vec = c_vec + neg_vec
         # CFG's correction is (ω − 1)·(ε_c − ε_u): scaling the adapters by (ω − 1) makes agd at
         # ω = 1 exactly the conditional base, as CFG is, and lets them learn the difference term
         gain = (omega.float() - 1.0) if self.omega_gain else torch.ones_like(omega.float())
@@ -248,22 +283,36 @@ class AdapterSet(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        neg = self.shared.negative_proj
+        if neg is not None and neg.weight.device.type != "meta":
+            with torch.no_grad():
+                neg.weight.copy_(-torch.eye(self.config.context_dim))
         if self.config.init == "zero":
             for block in self.blocks.values():
                 last = block.out if hasattr(block, "out") else block.net[-1]
                 nn.init.zeros_(last.weight)
+
+    @property
+    def wants_negative(self) -> bool:
+        """Trained with negatives: calls pass CFG's unconditional condition in `agd_negative`."""
+        return self.shared.wants_negative
 
     def signature(self) -> str:
         """Identifies the base architecture the adapters fit: sites, widths and condition dims."""
         spec = {"sites": [[s.name, s.dim] for s in self.sites], "cond": self.cond_spec}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
-    def context(self, omega, timestep, cond: dict, batch: int, device) -> AgdContext:
-        """The per-call context from ω, t and the condition the base was called with."""
+    def context(self, omega, timestep, cond: dict, batch: int, device,
+                negative: dict | None = None) -> AgdContext:
+        """The per-call context from ω, t, the condition the base was called with and (adapters
+        trained with negatives) the condition of CFG's unconditional branch."""
         p = next(self.parameters())
         w = torch.as_tensor(omega, dtype=torch.float32, device=device).view(-1).expand(batch)
         t = torch.as_tensor(timestep, device=device).view(-1).expand(batch)
-        return self.shared(w.to(p.device), t.to(p.device), cond)
+        if negative is not None:  # one row serves the whole batch
+            negative = {k: v.to(p.device).expand(batch, *v.shape[1:]) if v.shape[0] == 1
+                        else v.to(p.device) for k, v in negative.items() if v is not None}
+        return self.shared(w.to(p.device), t.to(p.device), cond, negative)
 
     # --- attaching to a base model -------------------------------------------------------
     def attach(self, model: nn.Module, extract: Callable[[dict], tuple[int, dict]],
@@ -306,11 +355,13 @@ class AdapterSet(nn.Module):
             cak = dict(bound.arguments.get(omega_kwarg) or {})
             omega = cak.pop("agd_omega", None)
             ctx = None
+            negative = cak.pop("agd_negative", None)
             if omega is not None and self.enabled:
                 self.check_sites()
                 batch, cond = extract(bound.arguments)
                 device = next(iter(bound.arguments.values())).device
-                ctx = self.context(omega, bound.arguments["timestep"], cond, batch, device)
+                ctx = self.context(omega, bound.arguments["timestep"], cond, batch, device,
+                                   negative)
             if routed and ctx is not None:
                 cak["agd"] = ctx
             # kept until the next call: gradient checkpointing recomputes with the same context

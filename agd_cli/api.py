@@ -25,11 +25,19 @@ SD3/SD3.5 pipelines take ω in `joint_attention_kwargs={"agd_omega": ω}`, Sana 
 
 Without ω the base runs exactly as without adapters. With guidance_scale > 1 the pipeline
 would run its own CFG on top (both halves through the adapters): don't.
+
+Adapters trained with negatives take the pipeline's usual `negative_prompt` at
+guidance_scale=1.0, still one UNet pass per step (SD/SDXL pipelines)::
+
+    image = pipe("a red fox", negative_prompt="blurry, watermark", guidance_scale=1.0,
+                 cross_attention_kwargs={"agd_omega": 6.0}).images[0]
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +49,10 @@ from agd_cli.errors import DataError, ModelError
 
 __all__ = ["agd_adapter", "agd_guidance", "denoiser_of", "family_of", "load_agd_adapter",
            "unload_agd_adapter"]
+
+# model -> the negative-prompt feed of its attached adapters; weak keys: a deleted pipeline frees it
+_NEGATIVE_FEEDS: weakref.WeakKeyDictionary[nn.Module, _NegativeFeed] = weakref.WeakKeyDictionary()
+
 
 def denoiser_of(pipe) -> nn.Module:
     """The pipeline's denoising model (`unet` or `transformer`); a bare model is returned as is."""
@@ -100,6 +112,40 @@ def _execution_device(pipe, model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class _NegativeFeed:
+    """Hands a pipeline's negative prompt to adapters trained with negatives.
+
+    At guidance_scale=1 diffusers pipelines do not encode `negative_prompt`; the pipeline's
+    `encode_prompt` is wrapped so that it always is (the empty prompt when none is given, as in
+    training), and a pre-hook on the model passes it to the adapters as `agd_negative`."""
+
+    def __init__(self, pipe, model: nn.Module, family: str):
+        self.pipe, self.family, self.negative = pipe, family, None
+        self.original = pipe.encode_prompt
+        signature = inspect.signature(self.original)
+
+        def encode_prompt(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.arguments["do_classifier_free_guidance"] = True  # pipelines skip the
+            out = self.original(*bound.args, **bound.kwargs)       # negative embeds at gs 1
+            # SD: (prompt, negative); SDXL: (prompt, negative, pooled, negative pooled)
+            self.negative = {"tokens": out[1], **({"pooled": out[3]} if family == "sdxl" else {})}
+            return out
+
+        pipe.encode_prompt = encode_prompt
+        self.handle = model.register_forward_pre_hook(self._give, with_kwargs=True, prepend=True)
+
+    def _give(self, module, args, kwargs):
+        cak = kwargs.get("cross_attention_kwargs") or {}
+        if self.negative is not None and "agd_omega" in cak and "agd_negative" not in cak:
+            kwargs["cross_attention_kwargs"] = {**cak, "agd_negative": self.negative}
+        return args, kwargs
+
+    def remove(self) -> None:
+        self.handle.remove()
+        del self.pipe.encode_prompt  # the pipeline class's own method again
+
+
 def load_agd_adapter(pipe, path: str | Path, dtype: torch.dtype | None = None) -> AdapterSet:
     """Attach an agd adapter file to a diffusers pipeline (or a bare UNet/DiT); returns it.
 
@@ -120,14 +166,21 @@ def load_agd_adapter(pipe, path: str | Path, dtype: torch.dtype | None = None) -
     param = next(model.parameters())
     den = _denoiser_view(family, preset_for_adapter(path), model, source,
                          _execution_device(pipe, model), dtype or param.dtype)
-    return den.load_adapters(path, dtype=dtype or param.dtype)  # checks the architecture
+    adapters = den.load_adapters(path, dtype=dtype or param.dtype)  # checks the architecture
+    if adapters.wants_negative and hasattr(pipe, "encode_prompt") and family in ("sd", "sdxl"):
+        _NEGATIVE_FEEDS[model] = _NegativeFeed(pipe, model, family)
+    return adapters
 
 
 def unload_agd_adapter(pipe) -> None:
     """Detach the agd adapter: the pipeline's model runs exactly as before it was attached."""
-    adapters = attached_adapters(denoiser_of(pipe))
+    model = denoiser_of(pipe)
+    adapters = attached_adapters(model)
     if adapters is not None:
         adapters.detach()
+    feed = _NEGATIVE_FEEDS.pop(model, None)
+    if feed is not None:
+        feed.remove()
 
 
 def agd_adapter(pipe) -> AdapterSet | None:
@@ -140,20 +193,27 @@ def agd_adapter(pipe) -> AdapterSet | None:
 
 
 @contextlib.contextmanager
-def agd_guidance(pipe, omega: float | torch.Tensor) -> Iterator[None]:
+def agd_guidance(pipe, omega: float | torch.Tensor,
+                 negative_class: int | None = None) -> Iterator[None]:
     """Within the block every call of the pipeline's model gets ω (unless the call passes its
-    own `cross_attention_kwargs["agd_omega"]`): for pipelines that take no cross_attention_kwargs."""
+    own `cross_attention_kwargs["agd_omega"]`): for pipelines that take no cross_attention_kwargs.
+    DiT adapters trained with negatives also get `negative_class` (default: the null class)."""
     model = denoiser_of(pipe)
     if attached_adapters(model) is None:
         raise ModelError("no agd adapter is attached to this pipeline",
                          hint="call load_agd_adapter(pipe, path) first")
+    extra = {}
+    if attached_adapters(model).wants_negative and family_of(model) == "dit":
+        null = int(model.config.num_embeds_ada_norm)
+        extra["agd_negative"] = {"class_labels": torch.tensor(
+            [null if negative_class is None else int(negative_class)])}
 
     from agd_cli.families import FAMILIES
 
     key = FAMILIES[family_of(model)].omega_kwarg  # cross_attention_kwargs, joint_attention_kwargs…
 
     def give_omega(module, args, kwargs):
-        kwargs[key] = {"agd_omega": omega, **(kwargs.get(key) or {})}
+        kwargs[key] = {"agd_omega": omega, **extra, **(kwargs.get(key) or {})}
         return args, kwargs
 
     # prepend: ω must be in place before the adapters' own pre-hook reads it

@@ -96,6 +96,9 @@ class BenchPlan:
     quality_samples: int = 500
     quality_batch: int = 100
     quality_omegas: list[float] = field(default_factory=list)
+    negative_prompt: str | None = None  # CFG's unconditional branch in the comparison
+    negatives: bool = False             # the negative-prompt table (agd_cli.negative_bench)
+    negative_omegas: list[float] = field(default_factory=list)
 
 
 def _positive_int(value: int | None, flag: str, minimum: int = 1) -> None:
@@ -126,7 +129,8 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
                prompts: str | None, n: int | None, steps: int | None, omegas: Sequence,
                seeds: Sequence, baselines: str | None, cutoff: float, repeats: int,
                scheduler: str | None, grid: str | None, quality: bool, quality_samples: int,
-               quality_batch: int, batch_size: int = 1) -> BenchPlan:
+               quality_batch: int, batch_size: int = 1, negative_prompt: str | None = None,
+               negatives: bool = False) -> BenchPlan:
     """Check every flag and find the adapter and its preset; no model weights load here."""
     from agd_cli.families import preset_for_adapter
     from agd_cli.prompts import read_prompts
@@ -149,8 +153,8 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
     prompt_list = read_prompts(prompts) if prompts else None
     path = resolve_adapter(workdir, run, adapter, preset)
     p = preset_for_adapter(path)  # reads the file's metadata only
-    if quality:
-        _check_quality_preset(p)
+    if quality or negatives:
+        _check_quality_preset(p, "--quality" if quality else "--negatives")
     omega_list = parse_omegas(omegas, [p.sampling["default_omega"]])
     if steps is not None:
         checks.sampling_steps(steps, checks.preset_scheduler_config(p))
@@ -164,15 +168,17 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
                      steps=steps or p.sampling["steps"], scheduler=scheduler or p.sampling["scheduler"],
                      cutoff=cutoff, repeats=repeats, batch_size=batch_size, grid=Path(grid) if grid else out_dir / "compare-cfg.png",
                      quality=quality, quality_samples=quality_samples, quality_batch=quality_batch,
-                     quality_omegas=parse_omegas(omegas, QUALITY_OMEGAS))
+                     quality_omegas=parse_omegas(omegas, QUALITY_OMEGAS),
+                     negative_prompt=negative_prompt, negatives=negatives,
+                     negative_omegas=parse_omegas(omegas, [p.sampling["default_omega"]]))
 
 
-def _check_quality_preset(preset) -> None:
+def _check_quality_preset(preset, flag: str = "--quality") -> None:
     if preset.name not in QUALITY_PRESETS:
-        raise InputError(f"--quality needs a preset with an evaluator; the adapter's preset is "
+        raise InputError(f"{flag} needs a preset with an evaluator; the adapter's preset is "
                          f"'{preset.name}'",
-                         hint=f"--quality works on: {', '.join(QUALITY_PRESETS)} (train one with "
-                              "`agd collect --preset mnist && agd train`); drop --quality here")
+                         hint=f"{flag} works on: {', '.join(QUALITY_PRESETS)} (train one with "
+                              f"`agd collect --preset mnist && agd train`); drop {flag} here")
     from agd_cli import mnist
 
     if not mnist.CLASSIFIER_PATH.is_file():
@@ -330,8 +336,8 @@ def build_cases(den, prompts: list, plan: BenchPlan) -> tuple[list[Case], dict]:
     from agd_cli.sampling import initial_noise
 
     conds = {i: den.encode([p]) for i, p in enumerate(prompts)}
-    uncond = den.encode_null(1)
-    if not plan.quality:  # --quality encodes its own prompts later
+    uncond = den.encode_negative(plan.negative_prompt)
+    if not (plan.quality or plan.negatives):  # they encode their own prompts later
         den.free_text_encoders()
     shape = den.latent_shape()
     noises = {s: initial_noise(shape, [s]) for s in plan.seeds}
@@ -465,7 +471,9 @@ def print_table(report: dict) -> None:
     cpu = report["device"] == "cpu"
     t = Table(title=f"agd vs CFG — {report['preset']} on {report['device']}, "
                     f"{report['steps']} steps, ω {', '.join(f'{w:g}' for w in report['omegas'])}, "
-                    f"{report['methods']['cfg']['images']} images/method")
+                    f"{report['methods']['cfg']['images']} images/method"
+                    + (f", negative prompt {report['negative_prompt']!r}"
+                       if report.get("negative_prompt") else ""))
     cols = ["method", "NFE/img", "s/img (median)", "× CFG", *(["CPU s/img", "× CFG (CPU)"] if cpu else []),
             "peak mem (+increase)", "PSNR vs CFG", "SSIM vs CFG"]
     for col in cols:
@@ -495,6 +503,9 @@ def run_compare(den, plan: BenchPlan) -> dict:
     if outside:
         ui.warn(f"ω {', '.join(f'{w:g}' for w in outside)} outside the trained range "
                 f"{lo:g}–{hi:g}: agd extrapolates there")
+    if plan.negative_prompt and not den.adapters.wants_negative:
+        ui.warn(f"negative prompt {plan.negative_prompt!r}: this adapter was trained without "
+                "negatives, so agd ignores it (CFG uses it)")
     cases, uncond = build_cases(den, prompts, plan)
     results, memory = compare(den, cases, uncond, plan)
     methods = summarize(results, memory, cases)
@@ -505,6 +516,8 @@ def run_compare(den, plan: BenchPlan) -> dict:
         "threads": torch.get_num_threads() if den.device.type == "cpu" else None,
         "steps": plan.steps, "scheduler": plan.scheduler, "omegas": plan.omegas, "seeds": plan.seeds,
         "prompts": [str(p) for p in prompts], "cutoff": plan.cutoff if "cfg-cutoff" in plan.methods else None,
+        "negative_prompt": plan.negative_prompt,
+        "adapter_trained_with_negatives": den.adapters.wants_negative,
         "methods": methods, "ratio_agd_to_cfg": agd["speed_ratio_to_cfg"],
         "denoise_ratio_agd_to_cfg": agd["denoise_ratio_to_cfg"],
         "cpu_ratio_agd_to_cfg": agd["cpu_ratio_to_cfg"],
@@ -532,19 +545,21 @@ def run_bench(*, compare_cfg: bool = True, memory: bool = False, run: str | None
               optimizer: str | None = None, checkpointing: bool | None = None,
               train_batch_size: int | None = None, batch_size: int = 1,
               threads: int | None = None, workdir: str = "agd-runs",
-              show_table: bool = True) -> dict:
+              show_table: bool = True, negative_prompt: str | None = None,
+              negatives: bool = False) -> dict:
     """`agd bench`: --compare-cfg (speed, memory, agreement; --quality) and/or --memory."""
     from agd_cli.io import write_json
 
     _positive_int(threads, "--threads")
     plan = None
-    if compare_cfg or quality:  # every flag is checked before anything runs or loads
+    if compare_cfg or quality or negatives:  # every flag is checked before anything runs or loads
         plan = plan_bench(workdir=workdir, run=run, adapter=adapter, preset=preset,
                           prompts=prompts, n=n, steps=steps, omegas=omegas, seeds=seeds,
                           baselines=baselines, cutoff=cutoff, repeats=repeats,
                           scheduler=scheduler, grid=grid, quality=quality,
                           quality_samples=quality_samples, quality_batch=quality_batch,
-                          batch_size=batch_size)
+                          batch_size=batch_size, negative_prompt=negative_prompt,
+                          negatives=negatives)
     report: dict = {}
     with torch_threads(threads):
         if memory:
@@ -564,6 +579,10 @@ def run_bench(*, compare_cfg: bool = True, memory: bool = False, run: str | None
             print_table(report)
         if plan.quality:
             report["quality"] = run_quality(den, plan, show_table=show_table)
+        if plan.negatives:
+            from agd_cli.negative_bench import run_negatives
+
+            report["negatives"] = run_negatives(den, plan, show_table=show_table)
     report["report"] = str(plan.out_dir / "compare-cfg.json")
     write_json(plan.out_dir / "compare-cfg.json", report)
     return report
@@ -589,8 +608,10 @@ def _quality_batches(total: int, batch: int) -> list[range]:
     return [range(i, min(i + batch, total)) for i in range(0, total, batch)]
 
 
-def sample_for_quality(den, method: str, omega: float, prompts: list, plan: BenchPlan):
-    """N images (model range [-1, 1]) for one method and ω, batched; seconds per image."""
+def sample_for_quality(den, method: str, omega: float, prompts: list, plan: BenchPlan,
+                       negatives: list | None = None):
+    """N images (model range [-1, 1]) for one method and ω, batched; seconds per image.
+    `negatives` (one per prompt) replace the empty prompt as CFG's unconditional branch."""
     import torch
 
     from agd_cli.sampling import initial_noise, sample
@@ -599,7 +620,8 @@ def sample_for_quality(den, method: str, omega: float, prompts: list, plan: Benc
     uncond_all = den.encode_null(plan.quality_batch)
     for idx in _quality_batches(len(prompts), plan.quality_batch):
         cond = den.encode([prompts[i] for i in idx])
-        uncond = {k: v[: len(idx)] for k, v in uncond_all.items()}
+        uncond = ({k: v[: len(idx)] for k, v in uncond_all.items()} if negatives is None
+                  else den.encode([negatives[i] for i in idx]))
         noise = initial_noise(shape, list(idx))  # seed i for sample i: same noise in every method
         _sync(den.device)
         t0 = time.perf_counter()

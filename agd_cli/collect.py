@@ -57,6 +57,9 @@ class CollectSettings:
     overwrite: bool
     accelerate_state: object | None = None
     ids: list[int] = field(default_factory=list)  # this worker's trajectory ids
+    negatives: list = field(default_factory=list)  # CFG's unconditional branch, besides ""
+    negative_source: str | None = None
+    empty_negative_probability: float = 1.0  # share of trajectories that keep the empty prompt
 
     @property
     def scheduler(self) -> str:
@@ -74,7 +77,11 @@ class CollectSettings:
                 "prompts_sha256": prompts_sha256(self.prompts), "seed": self.seed,
                 "steps": self.steps, "keep_steps": self.keep_steps,
                 "omega_min": self.omega_min, "omega_max": self.omega_max,
-                "num_per_prompt": self.num_per_prompt, "scheduler": self.scheduler}
+                "num_per_prompt": self.num_per_prompt, "scheduler": self.scheduler,
+                # None without negatives: collections from before negatives existed still resume
+                "negatives_sha256": prompts_sha256(self.negatives) if self.negatives else None,
+                "empty_negative_probability":
+                    self.empty_negative_probability if self.negatives else None}
 
 
 # --- pure helpers (no model needed) -----------------------------------------------------------
@@ -100,6 +107,19 @@ def trajectory_omegas(seed: int, ids: list[int], lo: float, hi: float):
     u = [torch.rand(1, generator=torch.Generator().manual_seed(trajectory_seed(seed, i, "omega")))
          for i in ids]
     return lo + (hi - lo) * torch.cat(u) if ids else torch.zeros(0)
+
+
+def trajectory_negatives(seed: int, ids: list[int], count: int, empty_probability: float):
+    """Each trajectory's negative: -1 (the empty prompt) with `empty_probability`, else an index
+    into the negative list; (N,) int64 from per-id seeded generators."""
+    import torch
+
+    out = []
+    for i in ids:
+        g = torch.Generator().manual_seed(trajectory_seed(seed, i, "negative"))
+        empty = count == 0 or torch.rand(1, generator=g).item() < empty_probability
+        out.append(-1 if empty else int(torch.randint(count, (1,), generator=g)))
+    return torch.tensor(out, dtype=torch.long)
 
 
 def worker_ids(num_prompts: int, num_per_prompt: int, index: int, num: int) -> list[int]:
@@ -174,7 +194,8 @@ def estimate_bytes_per_trajectory(preset: str | Preset, keep_steps: int | None =
     tensors = {"x": [[k, *shape], "float16"], "target": [[k, *shape], "float16"],
                "x_final": [list(shape), "float16"], "timesteps": [[k], "int64"],
                "omega": [[], "float32"], "prompt_index": [[], "int64"],
-               "trajectory_id": [[], "int64"], "cond_row": [[], "int64"]}
+               "trajectory_id": [[], "int64"], "cond_row": [[], "int64"],
+               "uncond_row": [[], "int64"], "negative_index": [[], "int64"]}
     size = {"float16": 2, "float32": 4, "int64": 8}
     total = sum(math.prod(s) * size[d] for s, d in tensors.values())
     cond_bytes = sum(math.prod(s) * nbytes for s, nbytes in layout.values())
@@ -242,6 +263,26 @@ def load_prompt_set(preset: Preset, prompts: str | None = None,
     return items, spec if spec.startswith("builtin:") else str(Path(spec))
 
 
+def load_negative_set(preset: Preset, spec: str | None,
+                      empty_probability: float | None) -> tuple[list, str | None, float]:
+    """(negatives, where they came from, P(empty prompt)): --negative-prompts FILE, else the
+    preset's list. A probability of 1 means no negatives, as before negatives existed."""
+    p = preset.collect["empty_negative_probability"] if empty_probability is None else empty_probability
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
+        raise InputError(f"--empty-negative-probability must be from 0 to 1, got {p!r}",
+                         hint="e.g. 0.5: half the trajectories use the empty prompt, half a negative")
+    spec = spec if spec is not None else preset.collect.get("negative_prompts")
+    if spec is None or p == 1:
+        return [], None, 1.0
+    try:
+        items = builtin_prompts(spec) if spec.startswith("builtin:") else read_prompts(spec)
+    except InputError as e:
+        raise InputError(f"--negative-prompts: {e.message}", hint=e.hint) from None
+    if preset.family == "dit":  # a file of class ids or names, one per line
+        items = parse_classes(",".join(items), _num_classes(preset))
+    return items, spec if spec.startswith("builtin:") else str(Path(spec)), float(p)
+
+
 def _worker(shard_index: int | None, num_shards: int | None):
     """(index, count, accelerate state or None): from the flags, else from `accelerate launch`."""
     if shard_index is None and num_shards is None:
@@ -272,7 +313,9 @@ def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: 
                      batch_size: int | None = None, seed: int = 0, device: str | None = None,
                      dtype: str | None = None, shard_index: int | None = None,
                      num_shards: int | None = None, overwrite: bool = False,
-                     workdir: str = "agd-runs", base_model: str | None = None) -> CollectSettings:
+                     workdir: str = "agd-runs", base_model: str | None = None,
+                     negative_prompts: str | None = None,
+                     empty_negative_probability: float | None = None) -> CollectSettings:
     """Check every flag against the preset (flag > preset > default); nothing loads or is written."""
     from agd_cli.families import resolve_device
     from agd_cli.families.weights import with_base_model
@@ -280,6 +323,8 @@ def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: 
     p = load_preset(preset) if isinstance(preset, str) else preset
     p = with_base_model(p, base_model)
     prompt_list, source = load_prompt_set(p, prompts, classes)
+    negatives, negative_source, empty_p = load_negative_set(p, negative_prompts,
+                                                            empty_negative_probability)
     steps = checks.integer("--steps", p.sampling["steps"] if steps is None else steps)
     checks.sampling_steps(steps, checks.preset_scheduler_config(p))
     keep = checks.integer("--keep-steps", min(p.collect["keep_steps"], steps)
@@ -315,6 +360,7 @@ def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: 
     s = CollectSettings(p, prompt_list, source, npp, steps, keep, lo, hi, batch, seed, device,
                         dtype, index, num, run, overwrite, state)
     s.ids = worker_ids(len(prompt_list), npp, index, num)
+    s.negatives, s.negative_source, s.empty_negative_probability = negatives, negative_source, empty_p
     return s
 
 
@@ -365,6 +411,9 @@ def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> 
             f"trajectories{worker} · {len(remaining)} to do, {len(s.ids) - len(remaining)} done · "
             f"{s.keep_steps} of {s.steps} {s.scheduler} steps kept · "
             f"ω ~ U[{s.omega_min:g}, {s.omega_max:g}] · seed {s.seed}")
+    if s.negatives:
+        ui.info(f"negatives: {len(s.negatives)} from {s.negative_source}, the empty prompt with "
+                f"probability {s.empty_negative_probability:g}")
     shape = "×".join(map(str, est["latent_shape"] or ["?"]))
     ui.info(f"disk: ~{human_bytes(need)} needed ({human_bytes(est['bytes'])} per trajectory: "
             f"2 × {s.keep_steps} × {shape} fp16), {human_bytes(free)} free at {store.root}")
@@ -398,10 +447,13 @@ def _for_storage(cond: dict) -> dict:
             if v.is_floating_point() else v.cpu() for k, v in cond.items()}
 
 
-def encode_conditions(den, prompts: list, indices: list[int]) -> tuple[dict, dict[int, int], dict]:
-    """Encode each needed prompt once (chunked), the null condition once, then free the encoders.
+def encode_conditions(den, prompts: list, indices: list[int],
+                      negatives: list = ()) -> tuple[dict, dict[int, int], dict]:
+    """Encode each needed prompt once (chunked), the null condition and each negative once, then
+    free the encoders.
 
-    Returns (cond table (P, ...), prompt index -> table row, uncond (1, ...)).
+    Returns (cond table (P, ...), prompt index -> table row, uncond table (1 + V, ...): row 0 the
+    null condition, row 1 + j negative j).
     """
     from agd_cli.families import cond_cat, count_truncated
 
@@ -414,10 +466,12 @@ def encode_conditions(den, prompts: list, indices: list[int]) -> tuple[dict, dic
                     f"{tokenizer.model_max_length} tokens and were truncated")
     chunks = [_for_storage(den.encode(texts[i:i + ENCODE_CHUNK]))
               for i in range(0, len(texts), ENCODE_CHUNK)]
-    uncond = _for_storage(den.encode_null(1))
+    uncond = [_for_storage(den.encode_null(1))]
+    uncond += [_for_storage(den.encode(list(negatives[i:i + ENCODE_CHUNK])))
+               for i in range(0, len(negatives), ENCODE_CHUNK)]
     den.free_text_encoders()  # never needed again in this process
     table = cond_cat(chunks) if chunks else {}
-    return table, {p: r for r, p in enumerate(indices)}, uncond
+    return table, {p: r for r, p in enumerate(indices)}, cond_cat(uncond)
 
 
 # --- 4. trajectories ---------------------------------------------------------------------------
@@ -435,7 +489,12 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
     cond_row = torch.tensor([distinct.index(p) for p in prompt_index.tolist()])
     shard_cond = cond_select(table, torch.tensor([row_of[p] for p in distinct]))  # (U, ...)
     cond = cond_select(shard_cond, cond_row)                                      # (B, ...)
-    uncond_b = {k: v.expand(b, *v.shape[1:]) for k, v in uncond.items()}
+    # CFG's unconditional branch: the trajectory's negative, else the null condition (row 0)
+    negative_index = trajectory_negatives(s.seed, ids, len(s.negatives), s.empty_negative_probability)
+    used = sorted({0, *(negative_index + 1).tolist()})
+    uncond_row = torch.tensor([used.index(r) for r in (negative_index + 1).tolist()])
+    shard_uncond = cond_select(uncond, torch.tensor(used))                         # (V, ...)
+    uncond_b = cond_select(shard_uncond, uncond_row)                              # (B, ...)
     omega = trajectory_omegas(s.seed, ids, s.omega_min, s.omega_max)              # (B,)
     noise = initial_noise(den.latent_shape(), [trajectory_seed(s.seed, i, "noise") for i in ids])
 
@@ -461,8 +520,9 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
     return {"x": xs.cpu(), "target": targets.cpu(), "x_final": res.x.to("cpu", torch.float16),
             "timesteps": ts.expand(b, -1).clone(), "omega": omega.float(),
             "prompt_index": prompt_index, "trajectory_id": torch.tensor(ids), "cond_row": cond_row,
+            "uncond_row": uncond_row, "negative_index": negative_index,
             **{f"cond.{k}": v for k, v in shard_cond.items()},
-            **{f"uncond.{k}": v for k, v in uncond.items()}}
+            **{f"uncond.{k}": v for k, v in shard_uncond.items()}}
 
 
 def shard_tag(s: CollectSettings, first_id: int) -> str:
@@ -490,6 +550,7 @@ def manifest_config(s: CollectSettings, den, keep: list[int], source: str) -> di
             "prompts": s.prompts, "prompt_source": s.prompt_source,
             "total_trajectories": len(s.prompts) * s.num_per_prompt,
             "kept_step_indices": keep, "resolution": s.preset.resolution,
+            "negative_prompts": s.negatives, "negative_source": s.negative_source,
             "latent_shape": list(den.latent_shape()),
             "prediction_type": den.scheduler_config.get("prediction_type", "epsilon"),
             "learned_sigma": den.model.config.get("out_channels", den.in_channels) > den.in_channels,
@@ -535,7 +596,9 @@ def run_collect(preset: str | Preset, prompts: str | None = None, classes: str |
                 batch_size: int | None = None, seed: int = 0, device: str | None = None,
                 dtype: str | None = None, shard_index: int | None = None,
                 num_shards: int | None = None, overwrite: bool = False,
-                workdir: str = "agd-runs", base_model: str | None = None) -> dict:
+                workdir: str = "agd-runs", base_model: str | None = None,
+                negative_prompts: str | None = None,
+                empty_negative_probability: float | None = None) -> dict:
     """Collect (or resume) CFG-guided trajectories; returns the summary `--json` prints."""
     from agd_cli.trajectories import TrajectoryStore
 
@@ -543,7 +606,8 @@ def run_collect(preset: str | Preset, prompts: str | None = None, classes: str |
     # 1. Check inputs: flags, prompts and the existing run folder, before anything loads
     s = resolve_settings(preset, prompts, classes, out, num_per_prompt, steps, keep_steps,
                          omega_min, omega_max, batch_size, seed, device, dtype, shard_index,
-                         num_shards, overwrite, workdir, base_model)
+                         num_shards, overwrite, workdir, base_model, negative_prompts,
+                         empty_negative_probability)
     store = TrajectoryStore(s.run / TRAJECTORIES)
     damaged = []
     if store.exists() and not s.overwrite:
@@ -584,7 +648,7 @@ def _record(s: CollectSettings, store, remaining: list[int]) -> tuple[int, float
     checks.sampling_steps(s.steps, den.scheduler_config)  # hub bases: first known now
     attention = _fast_attention(den)
     needed = sorted({i // s.num_per_prompt for i in remaining})
-    table, row_of, uncond = encode_conditions(den, s.prompts, needed)
+    table, row_of, uncond = encode_conditions(den, s.prompts, needed, s.negatives)
     keep = keep_indices(s.steps, s.keep_steps)
     config = manifest_config(s, den, keep, den.source)
     # 4. Store: manifest + cleanup of this worker's partial writes; a failed start leaves none
@@ -620,6 +684,8 @@ def _summary(s: CollectSettings, store, m: dict, new: int, seconds: float, atten
             "bytes_per_trajectory": round(m["bytes_on_disk"] / n) if n else 0,
             "shards": len(m["shards"]), "shard_index": s.shard_index, "num_shards": s.num_shards,
             "seed": s.seed, "dtype": s.dtype, "attention": attention,
+            "negative_prompts": len(s.negatives),
+            "empty_negative_probability": s.empty_negative_probability,
             "collect_seconds": round(seconds, 3), "wall_seconds": round(wall, 3),
             "trajectories_per_s": round(new / seconds, 4) if seconds else None,
             "steps_per_s": round(new * s.steps / seconds, 2) if seconds else None}

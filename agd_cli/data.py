@@ -36,13 +36,15 @@ def collection_root(path: str | Path) -> Path:
 
 @dataclass
 class Batch:
-    """One batch: model input, guided target, timesteps, ω and the condition rows."""
+    """One batch: model input, guided target, timesteps, ω, the condition rows and the rows of
+    CFG's unconditional branch (the trajectory's negative, or the null condition)."""
 
     x: torch.Tensor          # (B, C, H, W) float32
     target: torch.Tensor     # (B, C, H, W) float32
     timesteps: torch.Tensor  # (B,) int64
     omega: torch.Tensor      # (B,) float32
     cond: dict               # key -> (B, ...)
+    uncond: dict | None = None  # key -> (B, ...)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -77,31 +79,38 @@ class TrajectoryData:
         self.stores = [TrajectoryStore(collection_root(r)) for r in roots]
         self.manifests = [s.manifest() for s in self.stores]
         self._shards: list[_Shard] = []
-        parts: dict[str, list] = {k: [] for k in ("omega", "timesteps", "cond_row", "key", "shard",
-                                                   "row")}
+        parts: dict[str, list] = {k: [] for k in ("omega", "timesteps", "cond_row", "uncond_row",
+                                                   "key", "shard", "row")}
         cond_parts: dict[str, list] = {}
-        self.uncond: dict | None = None
-        rows_so_far = 0
+        uncond_parts: dict[str, list] = {}
+        rows_so_far = [0, 0]  # condition rows, unconditional rows
         for c, store in enumerate(self.stores):
             infos = store.shards()
             if not infos:
                 raise DataError(f"collection {store.root} has no complete shards",
                                 hint="run (or resume) `agd collect` until it writes some")
             for info in infos:
-                rows_so_far += self._add_shard(store, info, c, verify, parts, cond_parts, rows_so_far)
+                self._add_shard(store, info, c, verify, parts, cond_parts, uncond_parts, rows_so_far)
         self.omega = torch.cat(parts["omega"]).float()                  # (T,)
         self.cond_row = torch.cat(parts["cond_row"]).long()             # (T,)
         self.shard_of = torch.cat(parts["shard"]).long()                # (T,)
         self.row_in_shard = torch.cat(parts["row"]).long()              # (T,)
         self.keys = [k for chunk in parts["key"] for k in chunk]        # (collection, id) per T
         self.cond = {k: torch.cat(v) for k, v in cond_parts.items()}    # key -> (U, ...)
+        self.uncond_row = torch.cat(parts["uncond_row"]).long()         # (T,)
+        self.uncond_table = {k: torch.cat(v) for k, v in uncond_parts.items()}  # key -> (V, ...)
+        # the null condition: row 0 of the first shard (every shard starts with it)
+        self.uncond = {k: v[:1] for k, v in self.uncond_table.items()} or None
+        self.has_negatives = any(m.get("config", {}).get("negative_prompts") for m in self.manifests)
         self._timesteps = _common_dtype(parts["timesteps"])            # per shard (N, K)
         self.samples = self._index()                                    # (S, 2) traj, step
         self.sample_shape = tuple(self._shards[0].handle.get_slice("x").get_shape()[2:])
         self._maybe_load(in_memory, processes)
 
-    def _add_shard(self, store, info, c, verify, parts, cond_parts, cond_offset) -> int:
-        """Read a shard's small tensors; returns how many condition rows it adds."""
+    def _add_shard(self, store, info, c, verify, parts, cond_parts, uncond_parts,
+                   offsets: list[int]) -> None:
+        """Read a shard's small tensors; `offsets` (condition rows, unconditional rows so far)
+        grow by what it adds."""
         handle = store.open_shard(info, verify=verify)
         names = set(handle.keys())
         missing = [k for k in REQUIRED if k not in names]
@@ -114,19 +123,23 @@ class TrajectoryData:
         self._shards.append(_Shard(handle, store.root / info["file"]))
         parts["omega"].append(handle.get_tensor("omega"))
         parts["timesteps"].append(handle.get_tensor("timesteps"))  # int64, or float (Euler, DPM)
-        parts["cond_row"].append(handle.get_tensor("cond_row").long() + cond_offset)
+        parts["cond_row"].append(handle.get_tensor("cond_row").long() + offsets[0])
+        # shards from before negatives hold one unconditional row and no uncond_row
+        uncond_row = (handle.get_tensor("uncond_row").long() if "uncond_row" in names
+                      else torch.zeros(n, dtype=torch.long))
+        parts["uncond_row"].append(uncond_row + offsets[1])
         parts["key"].append([(c, int(i)) for i in ids])
         parts["shard"].append(torch.full((n,), s))
         parts["row"].append(torch.arange(n))
-        added = 0
+        added = [0, 0]
         for name in sorted(names):
-            if name.startswith("cond."):
-                t = handle.get_tensor(name)
-                cond_parts.setdefault(name[5:], []).append(t)
-                added = t.shape[0]
-            elif name.startswith("uncond.") and name[7:] not in (self.uncond or {}):
-                self.uncond = {**(self.uncond or {}), name[7:]: handle.get_tensor(name)}
-        return added
+            for k, (prefix, table) in enumerate((("cond.", cond_parts), ("uncond.", uncond_parts))):
+                if name.startswith(prefix):
+                    t = handle.get_tensor(name)
+                    table.setdefault(name[len(prefix):], []).append(t)
+                    added[k] = t.shape[0]
+        offsets[0] += added[0]
+        offsets[1] += added[1]
 
     def _index(self) -> torch.Tensor:
         """(trajectory, step) for every kept step of every trajectory."""
@@ -194,7 +207,8 @@ class TrajectoryData:
             x[sel], target[sel] = xs.float(), ts.float()
             t[sel] = self._timesteps[s][rows, step[sel]]
         cond = {k: v[self.cond_row[traj]] for k, v in self.cond.items()}
-        return Batch(x, target, t, self.omega[traj], cond)
+        uncond = {k: v[self.uncond_row[traj]] for k, v in self.uncond_table.items()} or None
+        return Batch(x, target, t, self.omega[traj], cond, uncond)
 
 
 def _common_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

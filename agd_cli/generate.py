@@ -208,30 +208,27 @@ def _offload_to(den, device, dtype) -> None:
 
 
 # --- 4. sampling ------------------------------------------------------------------------------
-def encode_conditions(den, prompts: Sequence[str], negative_prompt: str | None, mode: str,
-                      size: tuple[int, int]) -> tuple[dict, dict | None]:
-    """Conditions of the distinct prompts (row i = prompts[i]) and the one unconditional row."""
+def encode_conditions(den, prompts: Sequence[str], negative_prompt: str | None,
+                      size: tuple[int, int]) -> tuple[dict, dict]:
+    """Conditions of the distinct prompts (row i = prompts[i]) and the one unconditional row:
+    the negative prompt, else the null condition (CFG's branch; adapters trained with
+    negatives read it too)."""
     cond = den.encode(list(prompts), size=size)
-    uncond = None
-    if mode == "cfg":
-        uncond = (den.encode([negative_prompt], size=size) if negative_prompt
-                  else den.encode_null(1, size=size))
+    uncond = den.encode_negative(negative_prompt, size=size)
     den.free_text_encoders()  # encoded once; frees memory for the sampling loop
     return cond, uncond
 
 
-def _batch_conditions(cond: dict, uncond: dict | None, rows: list[int]):
+def _batch_conditions(cond: dict, uncond: dict, rows: list[int]):
     import torch
 
     from agd_cli.families import cond_select
 
     index = torch.tensor(rows, device=next(iter(cond.values())).device)
-    c = cond_select(cond, index)
-    u = None if uncond is None else cond_select(uncond, torch.zeros_like(index))
-    return c, u
+    return cond_select(cond, index), cond_select(uncond, torch.zeros_like(index))
 
 
-def sample_jobs(den, jobs: list[Job], prompts: list[str], cond: dict, uncond: dict | None, *,
+def sample_jobs(den, jobs: list[Job], prompts: list[str], cond: dict, uncond: dict, *,
                 omega: float, mode: str, steps: int, scheduler: str, batch_size: int,
                 height: int, width: int):
     """Yield (job, image (C, H, W) in [0, 1], nfe per image, seconds) batch by batch."""
@@ -315,9 +312,6 @@ def plan_generation(prompts: Sequence[str], *, omega: float | None, adapter: str
     meta = adapter_metadata(read_adapter_file(path)[1])
     base = load_preset(preset) if preset else preset_for_adapter(path)
     check_base(path, meta, base if preset else None)
-    if negative_prompt is not None and base.family == "dit":
-        raise InputError(f"--negative-prompt '{negative_prompt}' given for a class-conditional "
-                         f"DiT base ({base.name})", hint="DiT has no text prompts; drop it")
     height, width = check_size(wh, base)
     if steps is not None:
         checks.sampling_steps(steps, checks.preset_scheduler_config(base))
@@ -327,12 +321,21 @@ def plan_generation(prompts: Sequence[str], *, omega: float | None, adapter: str
     omega = float(base.sampling["default_omega"] if omega is None else omega)
     mode = "cfg" if cfg else "agd"
     if negative_prompt is not None and not cfg:
-        ui.info("note: a negative prompt needs the unconditional branch that the adapters "
-                "replace, so this run uses real CFG (2 passes per step) with the negative prompt")
-        mode = "cfg"
+        mode = negative_mode(meta)
     return Plan(path, meta, base, jobs, distinct, omega, check_omega_range(omega, meta, base),
                 mode, steps or int(base.sampling["steps"]), scheduler or base.sampling["scheduler"],
                 batch_size or DEFAULT_BATCH_SIZE, height, width, folder, single)
+
+
+def negative_mode(meta: dict) -> str:
+    """agd when the adapter was trained with negatives (one pass per step), else real CFG."""
+    if (meta.get("adapter_config") or {}).get("negatives"):
+        ui.info("negative prompt: one pass per step (the adapter was trained with negatives)")
+        return "agd"
+    ui.info("note: this adapter was trained without negative prompts, so this run uses real CFG "
+            "(2 passes per step) with the negative prompt; collect and train again with "
+            "--negative-prompts to get one pass")
+    return "cfg"
 
 
 def _png_metadata(plan: Plan, job: Job, nfe: int, negative_prompt: str | None, den) -> dict:
@@ -365,8 +368,7 @@ def run_generate(prompts: Sequence[str], *, omega: float | None = None, adapter:
     t0 = time.perf_counter()
     den = load_generator(plan.adapter, plan.base, device, dtype or "fp16", offload,
                          plan.height, plan.width)
-    cond, uncond = encode_conditions(den, plan.prompts, negative_prompt, plan.mode,
-                                     (plan.height, plan.width))
+    cond, uncond = encode_conditions(den, plan.prompts, negative_prompt, (plan.height, plan.width))
     load_seconds = time.perf_counter() - t0
     from agd_cli.images import save_png
 
@@ -385,4 +387,5 @@ def run_generate(prompts: Sequence[str], *, omega: float | None = None, adapter:
             "prompts": [j.prompt for j in plan.jobs], "adapter": str(plan.adapter),
             "base_model": den.source, "device": str(den.device), "dtype": str(den.dtype).replace("torch.", ""),
             "size": [plan.width, plan.height], "batch_size": plan.batch_size,
-            "vae_decode": den.vae_decode(plan.height, plan.width)}
+            "vae_decode": den.vae_decode(plan.height, plan.width),
+            "negative_prompt": negative_prompt}

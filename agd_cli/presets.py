@@ -44,6 +44,11 @@ def _nonneg(v: Any) -> bool:
     return is_finite(v) and v >= 0
 
 
+def _probability(v: Any) -> bool:
+    """a number from 0 to 1"""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+
+
 def _nonneg_int(v: Any) -> bool:
     """an integer >= 0"""
     return is_int(v) and v >= 0
@@ -93,7 +98,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "collect": {
         "num_per_prompt": _pos_int, "batch_size": _pos_int, "keep_steps": _pos_int,
-        "dtype": _one_of(DTYPES),
+        "dtype": _one_of(DTYPES), "negative_prompts": _str,
+        "empty_negative_probability": _probability,
     },
     "train": {
         "lr": _positive, "batch_size": _pos_int, "grad_accum": _pos_int, "steps": _pos_int,
@@ -119,11 +125,15 @@ class AdapterConfig:
     inputs: list[str] = field(default_factory=lambda: list(ADAPTER_INPUTS))
     init: str = "xavier"
     omega_gain: bool = True  # adapter outputs scaled by (ω − 1): exact base at ω = 1, like CFG
+    negatives: bool = False  # also fed CFG's unconditional branch (a negative prompt / class)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "hidden_dim": self.hidden_dim,
-                "context_dim": self.context_dim, "heads": self.heads,
-                "inputs": list(self.inputs), "init": self.init, "omega_gain": self.omega_gain}
+        d = {"kind": self.kind, "hidden_dim": self.hidden_dim,
+             "context_dim": self.context_dim, "heads": self.heads,
+             "inputs": list(self.inputs), "init": self.init, "omega_gain": self.omega_gain}
+        if self.negatives:  # absent otherwise: files and checkpoints from before stay identical
+            d["negatives"] = True
+        return d
 
 
 @dataclass
@@ -166,7 +176,8 @@ class Preset:
 
 DEFAULTS: dict[str, dict] = {
     "sampling": {"scheduler": "ddim", "steps": 50},
-    "collect": {"num_per_prompt": 1, "batch_size": 4, "dtype": "fp16"},
+    "collect": {"num_per_prompt": 1, "batch_size": 4, "dtype": "fp16",
+                "empty_negative_probability": 0.5},
     "train": {"lr": 1e-4, "batch_size": 8, "grad_accum": 1, "steps": 2000,
               "optimizer": "adamw8bit", "precision": "bf16", "gradient_checkpointing": True,
               "warmup_steps": 100, "val_fraction": 0.1, "checkpoint_every": 500,

@@ -52,7 +52,8 @@ def model_output(denoiser, mode: str, x, t, cond: dict, uncond: dict | None, ome
     if mode == "agd":
         if denoiser.adapters is None:
             raise InputError("mode 'agd' needs adapters", hint="load an adapter file first")
-        return denoiser.predict(x, t, cond, omega=omega)
+        # CFG's unconditional branch (negative or null) also feeds adapters trained with negatives
+        return denoiser.predict(x, t, cond, omega=omega, negative=uncond)
     if mode in ("cfg", "cfg-cutoff") and guided:
         return denoiser.predict_cfg(x, t, cond, uncond, omega)
     return denoiser.predict(x, t, cond)

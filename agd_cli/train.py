@@ -202,6 +202,17 @@ class Trainer:
         self.metrics_path = self.run / "train" / "metrics.jsonl"
         self._preview_cfg = None
 
+    def _negatives_metadata(self) -> dict:
+        """What the adapter file records about the negatives it was trained with."""
+        if not self.s.adapter.negatives:
+            return {}
+        configs = [m["config"] for m in self.data.manifests
+                   if m.get("config", {}).get("negative_prompts")]
+        return {"negatives": {
+            "negative_prompts": [n for c in configs for n in c["negative_prompts"]],
+            "negative_source": ", ".join(str(c.get("negative_source")) for c in configs),
+            "empty_negative_probability": configs[0].get("empty_negative_probability")}}
+
     # --- numerics ----------------------------------------------------------------------------
     def _autocast(self):
         if self.amp_dtype is None:
@@ -218,7 +229,8 @@ class Trainer:
         dev = self.device
         omega = b.omega.to(dev) if adapters else None
         with self._autocast():
-            pred = self.den.forward(b.x.to(dev), b.timesteps.to(dev), b.cond, omega=omega)
+            pred = self.den.forward(b.x.to(dev), b.timesteps.to(dev), b.cond, omega=omega,
+                                    negative=b.uncond)
         return (pred.float() - b.target.to(dev)).pow(2).sum()
 
     def _reduce(self, values: list[float]) -> list[float]:
@@ -483,7 +495,7 @@ class Trainer:
                 gap_closed=gap, lr=self.s.lr, batch_size=self.s.batch_size * self.s.grad_accum,
                 optimizer=self.optimizer_name, seed=self.s.seed,
                 trajectories=self.data.num_trajectories,
-                collections=[str(s.root) for s in self.data.stores])
+                collections=[str(s.root) for s in self.data.stores], **self._negatives_metadata())
             self.den.adapters.save(adapter_path, meta)
             if self.records:
                 loss_curve(self.records, summary["loss_plot"],
@@ -643,6 +655,8 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
            settings: TrainSettings, acc, resume: bool) -> dict:
     """Load the data and the model, resume or start over, and fit (the run folder is locked)."""
     trajectories = TrajectoryData(roots, processes=acc.num_processes)
+    # collections with negative prompts train adapters that also read the negative
+    settings.adapter.negatives = trajectories.has_negatives
     # 3. The model: frozen base + fresh adapters on this process's device
     den = prepare_denoiser(preset_obj, _process_device(acc), settings)
     if trajectories.sample_shape[0] != den.in_channels:

@@ -12,7 +12,11 @@ Tensors of a shard with N trajectories of K kept steps (fp16 unless noted):
     prompt_index (N,) int64    trajectory_id (N,) int64
     cond_row (N,) int64        row of this trajectory's condition in the cond.* tensors
     cond.<key> (U, ...)        condition of each distinct prompt in the shard (stored once)
-    uncond.<key> (1, ...)      the unconditional condition
+    uncond.<key> (V, ...)      CFG's unconditional branch: row 0 the null condition (empty
+                               prompt / null class), then each distinct negative of the shard
+    uncond_row (N,) int64      row of this trajectory's unconditional branch (absent in shards
+                               from before negatives: then row 0)
+    negative_index (N,) int64  index into the manifest's negative_prompts, -1 for none
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from agd_cli.io import atomic_path, read_json, save_tensors, write_json
 
 DAMAGED = "damaged"  # where resume moves shards that fail their checksum
 IDENTITY_KEYS = ("preset", "base_model", "prompts_sha256", "seed", "steps", "keep_steps",
-                 "omega_min", "omega_max", "num_per_prompt", "scheduler")
+                 "omega_min", "omega_max", "num_per_prompt", "scheduler", "negatives_sha256",
+                 "empty_negative_probability")
 
 
 def sha256_file(path: Path) -> str:

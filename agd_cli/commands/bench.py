@@ -41,8 +41,14 @@ from agd_cli.commands import common_options
               show_default=True, help="Model dtype on CUDA (CPU always computes in fp32).")
 @click.option("--quality", is_flag=True,
               help="Add accuracy/FID per method and ω (presets with an evaluator: mnist).")
+@click.option("--negative-prompt", default=None,
+              help="Negative prompt for CFG's unconditional branch; agd gets it too when its "
+                   "adapter was trained with negatives.")
+@click.option("--negatives", is_flag=True,
+              help="Add the negative-prompt table: accuracy, P(negative digit) and PSNR vs "
+                   "CFG + negative (mnist; ω from -w, default the preset's).")
 @click.option("--quality-samples", type=int, default=500, show_default=True,
-              help="--quality: samples per method and ω.")
+              help="--quality/--negatives: samples per method and ω.")
 @click.option("--quality-batch", type=int, default=100, show_default=True,
               help="--quality: images per sampling call.")
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
@@ -67,13 +73,14 @@ def command(compare_cfg: bool, memory: bool, as_json: bool, workdir: str, **kwar
     Examples:
       agd bench --compare-cfg
       agd bench --compare-cfg --preset mnist --quality
+      agd bench --preset mnist --negatives --negative-prompt "a handwritten 1"
       agd bench --compare-cfg -w 2,4,6 --seeds 0-3 --baselines cfg,cfg-cutoff,unguided
       agd bench --memory --preset sdxl --optimizer adamw8bit --train-batch-size 4
     """
     from agd_cli import ui
     from agd_cli.bench import run_bench
 
-    compare = compare_cfg or kwargs["quality"] or not memory  # plain `agd bench` compares
+    compare = compare_cfg or kwargs["quality"] or kwargs["negatives"] or not memory
     report = run_bench(compare_cfg=compare, memory=memory, workdir=workdir, **kwargs)
     if as_json:
         ui.emit_json(report)

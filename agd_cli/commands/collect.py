@@ -35,6 +35,12 @@ from agd_cli.commands import common_options
 @click.option("--shard-index", type=int, default=None, help="This worker's index (0-based).")
 @click.option("--num-shards", type=int, default=None,
               help="Number of workers splitting the prompts (accelerate launch sets both).")
+@click.option("--negative-prompts", default=None, metavar="FILE",
+              help="Negatives for CFG's unconditional branch, same formats as --prompts (DiT: "
+                   "classes); default: the preset's list.")
+@click.option("--empty-negative-probability", type=float, default=None, metavar="P",
+              help="Share of trajectories that keep the empty prompt (1: no negatives) "
+                   "[preset, 0.5].")
 @click.option("--overwrite", is_flag=True, help="Replace a different collection in the folder.")
 @common_options
 def command(as_json: bool, workdir: str, **flags) -> None:

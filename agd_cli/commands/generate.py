@@ -33,7 +33,8 @@ from agd_cli.presets import DTYPES, SCHEDULERS
 @click.option("--cfg", is_flag=True,
               help="Real two-pass CFG on the same base with adapters off, for comparison.")
 @click.option("--negative-prompt", type=str, default=None,
-              help="Negative prompt (needs the unconditional branch: runs real CFG).")
+              help="Negative prompt (DiT: a class). One pass per step with an adapter trained "
+                   "with negatives, else real CFG.")
 @click.option("--offload", is_flag=True,
               help="Model CPU offload: each model moves to the GPU only while it runs.")
 @click.option("--device", type=str, default=None, help="cpu, cuda, cuda:N or auto (default).")
@@ -60,6 +61,8 @@ def command(prompts: tuple[str, ...], as_json: bool, workdir: str, **flags) -> N
     for path in summary["images"]:
         ui.result(path)
     per_step = "1 pass per step" if summary["mode"] == "agd" else "2 passes per step"
+    if summary["negative_prompt"] is not None:
+        per_step += f", negative prompt {summary['negative_prompt']!r}"
     ui.info(f"{len(summary['images'])} image(s), ω={summary['omega']:g}, {summary['steps']} "
             f"{summary['scheduler']} steps, {summary['nfe']} NFE each ({summary['mode']}, "
             f"{per_step}), {summary['seconds_per_image']:.3f} s/image")

@@ -142,6 +142,15 @@ class Denoiser:
         """The unconditional condition (empty prompt / null class), repeated n times."""
         raise NotImplementedError
 
+    def encode_negative(self, negative: str | None, size=None) -> dict:
+        """CFG's unconditional condition (1, ...): the negative prompt (DiT: a class), else null."""
+        if not negative:
+            return self.encode_null(1, size=size)
+        try:
+            return self.encode([negative], size=size)
+        except InputError as e:  # e.g. text where a DiT class is needed
+            raise InputError(f"--negative-prompt: {e.message}", hint=e.hint) from None
+
     def _model_kwargs(self, cond: dict) -> dict:
         raise NotImplementedError
 
@@ -162,21 +171,26 @@ class Denoiser:
     def in_channels(self) -> int:
         return self.model.config.in_channels
 
-    def forward(self, x: torch.Tensor, t, cond: dict, omega=None) -> torch.Tensor:
-        """One batched model call; with `omega` the attached adapters are active."""
+    def forward(self, x: torch.Tensor, t, cond: dict, omega=None,
+                negative: dict | None = None) -> torch.Tensor:
+        """One batched model call; with `omega` the attached adapters are active. `negative` is
+        CFG's unconditional condition (a negative prompt, or the null one) for adapters trained
+        with negatives; others ignore it."""
         kwargs = self._model_kwargs(cond_to(cond, self.device, self.dtype))
         if omega is not None:
             kwargs[self.omega_kwarg] = {"agd_omega": omega}
+            if negative is not None and self.adapters is not None and self.adapters.wants_negative:
+                kwargs[self.omega_kwarg]["agd_negative"] = self.adapter_cond(negative, x)
         t = torch.as_tensor(t, device=self.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         out = self.model(x.to(self.device, self.dtype), timestep=t, return_dict=False, **kwargs)[0]
         return out[:, : self.in_channels]  # learned-sigma models: keep the ε/v channels
 
-    def predict(self, x, t, cond: dict, omega=None) -> torch.Tensor:
+    def predict(self, x, t, cond: dict, omega=None, negative: dict | None = None) -> torch.Tensor:
         """Single-pass prediction (1 NFE); adapters active when `omega` is given."""
         self.nfe += 1
-        return self.forward(x, t, cond, omega)
+        return self.forward(x, t, cond, omega, negative)
 
     def predict_cfg(self, x, t, cond: dict, uncond: dict, omega) -> torch.Tensor:
         """Real CFG (2 NFE): cond and uncond in one batched call, adapters off."""
@@ -200,6 +214,11 @@ class Denoiser:
 
     def extract_adapter_cond(self, arguments: dict) -> tuple[int, dict]:
         raise NotImplementedError
+
+    def adapter_cond(self, cond: dict, x: torch.Tensor) -> dict:
+        """A condition dict in the form the adapters read (as the model call would pass it)."""
+        kwargs = self._model_kwargs(cond_to(cond, self.device, self.dtype))
+        return self.extract_adapter_cond({"sample": x, "hidden_states": x, **kwargs})[1]
 
     def check_adapter_kind(self, kind: str) -> None:
         if kind not in self.adapter_kinds:

@@ -1,0 +1,273 @@
+"""Negative prompts in one pass: collected CFG-with-negative targets, adapters that read the
+negative, one-pass generate, old files still loading, bad input refused."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from agd_cli.collect import run_collect
+from agd_cli.data import TrajectoryData
+from agd_cli.families import load_denoiser, load_with_adapters
+from agd_cli.presets import AdapterConfig, load_preset
+from agd_cli.train import run_train
+from agd_cli.trajectories import TrajectoryStore, sha256_file
+from tests.test_generate import agd
+
+STEPS = 4
+NEGATIVES = ["blurry", "a watermark"]
+PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of fruit"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("AGD_NO_PROGRESS", "1")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def write_lines(path: Path, lines: list[str]) -> str:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A tiny-sd collection with two negatives, and adapters trained on it for a few steps."""
+    tmp = tmp_path_factory.mktemp("negatives")
+    torch.set_num_threads(1)
+    run_collect("tiny-sd", prompts=write_lines(tmp / "p.txt", PROMPTS), num_per_prompt=3,
+                steps=STEPS, batch_size=4, seed=3, out=str(tmp / "run"),
+                negative_prompts=write_lines(tmp / "neg.txt", NEGATIVES),
+                empty_negative_probability=0.4)
+    run_train(run=str(tmp / "run"), steps=3, batch_size=8, device="cpu", workdir=str(tmp))
+    return tmp / "run"
+
+
+def shard_tensors(run: Path) -> list[dict]:
+    store = TrajectoryStore(run / "trajectories")
+    out = []
+    for info in store.shards():
+        with store.open_shard(info, verify=True) as f:
+            out.append({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 - safetensors handle
+    return out
+
+
+def test_collected_target_is_cfg_with_the_trajectorys_negative(run):
+    """target == ε(neg) + ω·(ε(c) − ε(neg)), recomputed from the teacher; the null is not it."""
+    den = load_denoiser(load_preset("tiny-sd"), device="cpu")
+    encoded = {n: den.encode([n])["prompt_embeds"] for n in NEGATIVES}
+    null = den.encode_null(1)["prompt_embeds"]
+    manifest = TrajectoryStore(run / "trajectories").manifest()["config"]
+    assert manifest["negative_prompts"] == NEGATIVES
+    assert manifest["empty_negative_probability"] == 0.4
+    seen = set()
+    for t in shard_tensors(run):
+        for n in range(len(t["trajectory_id"])):
+            index = int(t["negative_index"][n])
+            seen.add(index)
+            uncond = {"prompt_embeds": t["uncond.prompt_embeds"][int(t["uncond_row"][n])][None]}
+            expected = null if index < 0 else encoded[NEGATIVES[index]]
+            torch.testing.assert_close(uncond["prompt_embeds"].float(), expected, atol=2e-3, rtol=2e-3)
+            row = int(t["cond_row"][n])
+            cond = {"prompt_embeds": t["cond.prompt_embeds"][row:row + 1]}
+            k, omega = 1, t["omega"][n].view(1)
+            x, ts = t["x"][n, k:k + 1].float(), t["timesteps"][n, k]
+            target = t["target"][n, k:k + 1].float()
+            torch.testing.assert_close(den.predict_cfg(x, ts, cond, uncond, omega), target,
+                                       atol=3e-3, rtol=3e-3)
+            if index >= 0:  # the empty prompt's CFG is a different target
+                assert not torch.allclose(den.predict_cfg(x, ts, cond, {"prompt_embeds": null},
+                                                          omega), target, atol=3e-3)
+    assert seen == {-1, 0, 1}
+
+
+def test_dit_collection_with_negative_classes(tmp_path):
+    """DiT: the negative is a class; every trajectory here has one (probability of none 0)."""
+    s = run_collect("tiny-dit", classes="0-1", num_per_prompt=2, steps=2, batch_size=4, seed=1,
+                    out=str(tmp_path / "run"), empty_negative_probability=0.0,
+                    negative_prompts=write_lines(tmp_path / "neg.txt", ["5", "6"]))
+    (t,) = shard_tensors(Path(s["out"]))
+    den = load_denoiser(load_preset("tiny-dit"), device="cpu")
+    labels = t["uncond.class_labels"][t["uncond_row"]]
+    assert t["uncond.class_labels"][0] == den.null_class  # row 0 is always the null class
+    assert set(labels.tolist()) <= {5, 6} and (t["negative_index"] >= 0).all()
+    for n in range(4):
+        cond = {"class_labels": t["cond.class_labels"][t["cond_row"][n]].view(1)}
+        out = den.predict_cfg(t["x"][n, 1:2].float(), t["timesteps"][n, 1], cond,
+                              {"class_labels": labels[n].view(1)}, t["omega"][n].view(1))
+        torch.testing.assert_close(out, t["target"][n, 1:2].float(), atol=3e-3, rtol=3e-3)
+
+
+def test_adapter_file_records_negatives_and_reads_them(run):
+    den = load_with_adapters(run / "adapter.safetensors", device="cpu")
+    meta = den.adapters.metadata
+    assert meta["adapter_config"]["negatives"] is True and den.adapters.wants_negative
+    assert meta["negatives"]["negative_prompts"] == NEGATIVES
+    x = torch.randn(1, *den.latent_shape())
+    cond = den.encode(["a red fox in the snow"])
+    a = den.predict(x, 500, cond, omega=4.0, negative=den.encode(["blurry"]))
+    b = den.predict(x, 500, cond, omega=4.0, negative=den.encode(["a watermark"]))
+    assert (a - b).abs().max() > 1e-6  # the negative reaches the adapters
+    base = den.predict(x, 500, cond)
+    same = den.predict(x, 500, cond, omega=1.0, negative=den.encode(["blurry"]))
+    torch.testing.assert_close(same, base)  # ω = 1 is the conditional model, as in CFG
+    from agd_cli.errors import ModelError
+
+    with pytest.raises(ModelError, match="trained with negative prompts"):
+        den.predict(x, 500, cond, omega=4.0)
+
+
+def test_generate_with_negative_runs_one_pass_per_step(run, capsys):
+    code, out, err = agd(capsys, "generate", "a red fox", "--adapter", str(run / "adapter.safetensors"),
+                         "--steps", str(STEPS), "--negative-prompt", "blurry", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["mode"] == "agd" and summary["nfe"] == STEPS
+    assert summary["negative_prompt"] == "blurry" and "one pass per step" in err
+    code, out, err = agd(capsys, "generate", "a red fox", "--adapter", str(run / "adapter.safetensors"),
+                         "--steps", str(STEPS), "--negative-prompt", "blurry")
+    assert code == 0 and "1 pass per step, negative prompt 'blurry'" in err
+
+
+def test_old_adapter_falls_back_to_cfg_and_says_so(tmp_path, capsys):
+    den = load_denoiser(load_preset("tiny-sd"), "cpu")
+    path = tmp_path / "old.safetensors"
+    den.new_adapters().save(path, den.adapter_metadata(train_steps=0))  # the format from before
+    assert "negatives" not in json.loads(load_meta(path)["adapter_config"])
+    code, out, err = agd(capsys, "generate", "a red fox", "--adapter", str(path), "--steps", "2",
+                         "--negative-prompt", "blurry", "--json")
+    assert code == 0, err
+    assert json.loads(out)["mode"] == "cfg" and json.loads(out)["nfe"] == 4
+    assert "trained without negative prompts" in err and "real CFG" in err
+
+
+def load_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_collection_from_before_negatives_still_trains(run, tmp_path):
+    """Shards without uncond_row/negative_index and a manifest without negatives load as 'none'."""
+    import shutil
+
+    old = tmp_path / "old" / "trajectories"
+    shutil.copytree(run / "trajectories", old)
+    store = TrajectoryStore(old)
+    for info in store.shards():
+        path = old / info["file"]
+        tensors = {k: v for k, v in load_file(str(path)).items()
+                   if k not in ("uncond_row", "negative_index")}
+        tensors = {k: v[:1] if k.startswith("uncond.") else v for k, v in tensors.items()}
+        save_file(tensors, str(path))
+        info.update(bytes=path.stat().st_size, sha256=sha256_file(path))
+        path.with_suffix(".json").write_text(json.dumps(info), encoding="utf-8")
+    manifest = store.manifest()
+    for key in ("negative_prompts", "negative_source", "negatives_sha256", "empty_negative_probability"):
+        manifest["config"].pop(key)
+    (old / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    data = TrajectoryData([old])
+    assert not data.has_negatives
+    batch = data.batch(torch.arange(6))
+    null = data.uncond["prompt_embeds"]
+    assert torch.equal(batch.uncond["prompt_embeds"], null.expand(6, *null.shape[1:]))
+
+
+# --- bad input: exit 2, one clear message ---------------------------------------------------
+def test_empty_negatives_file_is_refused(tmp_path, capsys):
+    empty = tmp_path / "neg.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    code, out, err = agd(capsys, "--workdir", str(tmp_path), "collect", "--preset", "tiny-sd",
+                         "--negative-prompts", str(empty))
+    assert code == 2 and "--negative-prompts" in err and "holds no prompts" in err
+    assert "hint:" in err and "Traceback" not in err and not (tmp_path / "tiny-sd").exists()
+
+
+def test_bad_empty_negative_probability_is_refused(tmp_path, capsys):
+    code, _, err = agd(capsys, "--workdir", str(tmp_path), "collect", "--preset", "tiny-sd",
+                       "--empty-negative-probability", "1.5")
+    assert code == 2 and "--empty-negative-probability must be from 0 to 1, got 1.5" in err
+
+
+def test_dit_negative_given_as_text_is_refused(tmp_path, capsys):
+    den = load_denoiser(load_preset("tiny-dit"), "cpu")
+    path = tmp_path / "dit.safetensors"
+    den.new_adapters(AdapterConfig(kind="offset", negatives=True)).save(
+        path, den.adapter_metadata(train_steps=0))
+    code, out, err = agd(capsys, "generate", "3", "--adapter", str(path), "--steps", "2",
+                         "--negative-prompt", "blurry", "--out", str(tmp_path / "img"))
+    assert code == 2 and "--negative-prompt: unknown class 'blurry'" in err and "hint:" in err
+    assert "Traceback" not in err and not (tmp_path / "img").exists()
+    code, out, err = agd(capsys, "generate", "3", "--adapter", str(path), "--steps", "2",
+                         "--negative-prompt", "5", "--out", str(tmp_path / "img"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["mode"] == "agd" and json.loads(out)["nfe"] == 2
+
+
+def test_api_negative_prompt_at_guidance_scale_one(tmp_path):
+    """The pipeline's own negative_prompt reaches the adapters: same latents as agd's sampler."""
+    from agd_cli import sampling
+    from agd_cli.api import load_agd_adapter, unload_agd_adapter
+    from tests.test_api import latents, tiny_sd_pipeline
+
+    den = load_denoiser(load_preset("tiny-sd"), "cpu")
+    path = tmp_path / "neg.safetensors"
+    den.new_adapters(AdapterConfig(kind="cross_attention", hidden_dim=32, context_dim=32,
+                                   negatives=True)).save(path, den.adapter_metadata(train_steps=0))
+    pipe, shape = tiny_sd_pipeline()
+    noise = sampling.initial_noise(shape, [0])
+    load_agd_adapter(pipe, path)
+    agd = {"cross_attention_kwargs": {"agd_omega": 4.0}}
+    with_neg = latents(pipe, noise, negative_prompt="blurry", **agd)
+    without = latents(pipe, noise, **agd)
+    own = load_with_adapters(path, "cpu")
+    cond = own.encode(["a red fox"])
+    for result, negative in ((with_neg, own.encode(["blurry"])), (without, own.encode_null(1))):
+        ref = sampling.sample(own, cond, negative, 4.0, noise, mode="agd", steps=4, scheduler="ddim")
+        torch.testing.assert_close(result, ref.x, rtol=1e-5, atol=1e-5)
+        assert ref.nfe == 4
+    assert (with_neg - without).abs().max() > 1e-5
+    unload_agd_adapter(pipe)
+    assert "encode_prompt" not in vars(pipe)  # the pipeline's own method again
+
+
+# --- bench ----------------------------------------------------------------------------------
+def test_bench_compares_agd_and_cfg_with_the_same_negative(run):
+    from agd_cli.bench import run_bench
+
+    r = run_bench(adapter=str(run / "adapter.safetensors"), negative_prompt="blurry", threads=1,
+                  steps=STEPS, n=1, show_table=False)
+    assert r["negative_prompt"] == "blurry" and r["adapter_trained_with_negatives"] is True
+    assert r["methods"]["agd"]["nfe"] == STEPS and r["methods"]["cfg"]["nfe"] == 2 * STEPS
+
+
+def test_bench_negatives_table_on_mnist(tmp_path):
+    from agd_cli.bench import run_bench
+
+    den = load_denoiser(load_preset("mnist"), "cpu")
+    path = tmp_path / "mnist" / "adapter.safetensors"
+    cfg = AdapterConfig(**{**load_preset("mnist").adapter.to_dict(), "init": "xavier",
+                           "negatives": True})
+    den.new_adapters(cfg).save(path, den.adapter_metadata(train_steps=0))
+    r = run_bench(preset="mnist", negatives=True, quality_samples=8, quality_batch=8,
+                  omegas=["3"], workdir=str(tmp_path), threads=1, steps=2, n=1, show_table=False)
+    q = r["negatives"]
+    assert q["settings"]["samples_per_row"] == 8 and q["unguided"]["nfe"] == 2
+    rows = q["by_omega"]["3"]
+    assert set(rows) == {"cfg", "cfg-negative", "agd-negative", "agd"}
+    assert [rows[m]["nfe"] for m in ("cfg", "cfg-negative", "agd-negative", "agd")] == [4, 4, 2, 2]
+    for m, e in rows.items():
+        assert 0 <= e["accuracy"] <= 1 and 0 <= e["negative_probability"] <= 1
+        assert ("psnr_vs_cfg_negative" in e) == (m != "cfg-negative")
+    assert math.isfinite(rows["agd"]["psnr_vs_cfg_negative"])
+    # the negative changes CFG's images: CFG without it is not identical to CFG with it
+    assert rows["cfg"]["psnr_vs_cfg_negative"] < 100
