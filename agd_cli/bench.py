@@ -195,19 +195,13 @@ def spread(items: Sequence, n: int) -> list:
 
 
 def bench_prompts(preset, prompts_file: list | None, n: int) -> list:
-    """The prompts (or DiT classes) to compare on: --prompts FILE or the preset's own set."""
-    from agd_cli.prompts import builtin_prompts, parse_classes
+    """The prompts (or DiT classes) to compare on: --prompts FILE or the preset's own set, read
+    exactly as `agd collect` reads it (a builtin set, a prompt file, or DiT class ids)."""
+    from agd_cli.collect import load_prompt_set
 
     if prompts_file is not None:
         return spread(prompts_file, n)
-    spec = preset.prompts
-    if not spec:
-        raise InputError(f"preset '{preset.name}' has no built-in prompt set",
-                         hint="give prompts with --prompts FILE")
-    if spec.startswith("builtin:"):
-        return spread(builtin_prompts(spec), n)
-    num_classes = preset.architecture.get("transformer", {}).get("num_embeds_ada_norm", 1000)
-    return spread(parse_classes(spec, num_classes), n)
+    return spread(load_prompt_set(preset)[0], n)
 
 
 # --- 3. measuring ---------------------------------------------------------------------------

@@ -254,3 +254,21 @@ def test_quality_table_on_mnist(tmp_path):
     assert q["agd"]["8"]["beyond_trained_range"] is True
     with Image.open(q["settings"]["grid"]) as grid:  # rows unguided, CFG/agd at ω 2 and 8; 10 digits
         assert grid.width > 10 * MIN_CELL and 5 * MIN_CELL < grid.height < 6 * MIN_CELL
+
+
+def test_bench_reads_a_presets_prompt_file_like_collect(tmp_path):
+    """A text preset whose `prompts` is a file path: bench compares on the file's prompts, not on
+    the path string (the bug: bench used the path itself as a prompt)."""
+    import dataclasses
+
+    from agd_cli.bench import bench_prompts
+    from agd_cli.collect import load_prompt_set
+    from agd_cli.presets import load_preset
+
+    path = tmp_path / "my [draft] prompts.txt"
+    path.write_text("a red fox\na lighthouse at dusk\na bowl of soup\n", encoding="utf-8")
+    preset = dataclasses.replace(load_preset("tiny-sd"), prompts=str(path))
+    got = bench_prompts(preset, None, 3)
+    assert sorted(got) == ["a bowl of soup", "a lighthouse at dusk", "a red fox"]
+    assert sorted(got) == sorted(load_prompt_set(preset)[0])
+    assert str(path) not in got
