@@ -228,16 +228,7 @@ def test_memory_arguments_fit_the_probe_and_flags_beat_the_preset():
         inspect.signature(measure_train_step).bind(**args)  # the probe takes exactly these
 
 
-# --- --quality on the embedded default ------------------------------------------------------
-def _mnist_shipped() -> bool:
-    from agd_cli import mnist
-    from agd_cli.presets import PRESET_DIR
-
-    return (mnist.CLASSIFIER_PATH.is_file() and mnist.TEACHER_DIR.is_dir()
-            and (PRESET_DIR / "mnist.toml").is_file())
-
-
-@pytest.mark.skipif(not _mnist_shipped(), reason="mnist preset/assets not shipped yet")
+# --- --quality on the embedded default (teacher, classifier and preset ship with agd) ---------
 def test_quality_table_on_mnist(tmp_path):
     from agd_cli.bench import MIN_CELL, run_bench
 

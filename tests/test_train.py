@@ -114,7 +114,8 @@ def test_gap_closed_tiny_dit_via_cli(run_of, capsys):
     records = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 801))
     assert (run / "train" / "loss.png").stat().st_size > 1000
-    assert "using" not in err or "collection" in err  # says what it picked
+    # --run names the collection: nothing is picked "as the most recent" behind the user's back
+    assert "most recent" not in err and "using the" not in err, err
 
 
 def test_base_bit_identical_and_grads_flow_with_checkpointing(run_of):
