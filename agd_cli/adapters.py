@@ -364,8 +364,8 @@ class AdapterSet(nn.Module):
                                    negative)
             if routed and ctx is not None:
                 cak["agd"] = ctx
-            # kept until the next call: gradient checkpointing recomputes with the same context
-            self._call_context = ctx
+            # unrouted models: kept until the next call (checkpointing recomputes with it)
+            self._call_context = None if routed else ctx
             bound.arguments[omega_kwarg] = cak or None
             return bound.args, bound.kwargs
 

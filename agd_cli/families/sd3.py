@@ -2,8 +2,8 @@
 
 Where the adapters sit. SD3 has no text cross-attention: each JointTransformerBlock runs ONE
 attention over the concatenation [image tokens; text tokens] (`block.attn`, processor
-JointAttnProcessor2_0), which returns the two streams separately. The guidance adapter wraps
-that processor and adds its output to the IMAGE stream only, right after the joint attention
+JointAttnProcessor2_0), which returns the two streams separately. The guidance adapter hooks
+that attention module and adds its output to the IMAGE stream only, right after the joint attention
 and before the block's adaLN gate (gate_msa), as the offset adapters sit in DiT:
   * the image stream is what the transformer finally decodes into the velocity; the text
     stream of the last block is dropped (context_pre_only), so an adapter there would do nothing;
