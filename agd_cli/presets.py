@@ -20,7 +20,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def _preset_dir() -> Path:
+    """Shipped presets: agd_cli/_presets in an installed wheel, the repository's presets/ in a
+    clone or an editable install."""
+    installed = Path(__file__).parent / "_presets"
+    return installed if installed.is_dir() else Path(__file__).parents[1] / "presets"
+
+
+PRESET_DIR = _preset_dir()
 FAMILIES = ("sd", "sdxl", "dit", "sd3", "pixart", "sana")
 ADAPTER_KINDS = ("cross_attention", "offset")
 ADAPTER_INPUTS = ("omega", "timestep", "condition")
@@ -218,7 +227,7 @@ def validate(data: dict, where: str) -> None:
     for required in ("name", "family", "base_model", "resolution"):
         if required not in data:
             raise InputError(f"preset {where}: missing key '{required}'",
-                             hint="see the presets shipped in agd_cli/presets/ for examples")
+                             hint="see the shipped presets (`agd presets`) for examples")
     s = data.get("sampling", {})
     for k in ("omega_min", "omega_max"):
         if k not in s:
@@ -268,5 +277,5 @@ def load_preset(name_or_path: str) -> Preset:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"preset {path} is not valid TOML: {e}",
-                         hint="fix the syntax; see agd_cli/presets/*.toml for examples") from None
+                         hint="fix the syntax; see the shipped presets (`agd presets`) for examples") from None
     return from_dict(data, source=path.resolve())
