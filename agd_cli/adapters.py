@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from safetensors.torch import load_file
 from torch import nn
 
-from agd_cli.errors import DataError, ModelError
+from agd_cli.adapter_file import AdapterFile, adapter_metadata, read_adapter_file  # noqa: F401
+from agd_cli.errors import ModelError
 from agd_cli.presets import AdapterConfig
 
 
@@ -421,47 +421,3 @@ class AdapterSet(nn.Module):
         meta["tensors_sha256"] = tensors_sha256(state)  # verified on load
         with atomic_path(path) as tmp:
             save_tensors(state, tmp, metadata=meta)
-
-
-def read_adapter_file(path: str | Path) -> tuple[dict, dict]:
-    """(state_dict, metadata) of an agd adapter file, with a clear error if it is not one."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"adapter file not found: {path}",
-                        hint="train one with `agd train`, or pass --adapter PATH")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise DataError(f"cannot read adapter file {path}: {e}",
-                        hint="the file is corrupt or not a safetensors file") from None
-    if meta.get("format") != "agd-adapter/1":
-        raise DataError(f"{path} is not an agd adapter file (no agd metadata)",
-                        hint="pass a file written by `agd train`")
-    _verify_checksum(path, state, meta)
-    return state, meta
-
-
-def _verify_checksum(path: Path, state: dict, meta: dict) -> None:
-    """Files written since checksums exist carry one; older files load without."""
-    from agd_cli.io import tensors_sha256
-
-    if "tensors_sha256" in meta and tensors_sha256(state) != meta["tensors_sha256"]:
-        raise DataError(f"adapter file {path} is damaged: its tensors do not match the checksum "
-                        "in its metadata",
-                        hint="copy it again, or rerun `agd train` on its run folder to rewrite it "
-                             "from the last checkpoint")
-
-
-def adapter_metadata(meta: dict) -> dict:
-    """Metadata with JSON fields decoded."""
-    out = {}
-    for k, v in meta.items():
-        try:
-            out[k] = json.loads(v)
-        except (json.JSONDecodeError, TypeError):
-            out[k] = v
-    return out

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agd_cli import checks, ui
-from agd_cli.errors import DataError, InputError, ModelError
+from agd_cli import checks, ui, workspace
+from agd_cli.adapter_file import AdapterFile
+from agd_cli.errors import DataError, InputError
 
 BASELINES = ("cfg", "cfg-cutoff", "unguided")
 DEFAULT_BASELINES = "cfg,unguided"
@@ -99,30 +100,7 @@ class BenchPlan:
     negative_prompt: str | None = None  # CFG's unconditional branch in the comparison
     negatives: bool = False             # the negative-prompt table (agd_cli.negative_bench)
     negative_omegas: list[float] = field(default_factory=list)
-
-
-def _positive_int(value: int | None, flag: str, minimum: int = 1) -> None:
-    if value is not None and value < minimum:
-        raise InputError(f"{flag} must be at least {minimum}, got {value}", hint=f"e.g. {flag} {max(minimum, 4)}")
-
-
-def resolve_adapter(workdir: str, run: str | None, adapter: str | None, preset: str | None) -> Path:
-    """--adapter FILE, --run DIR, --preset NAME (its run folder) or the most recent adapter."""
-    from agd_cli import workspace
-
-    given = [f for f, v in (("--run", run), ("--adapter", adapter), ("--preset", preset)) if v]
-    if len(given) > 1:
-        raise InputError(f"only one of --run, --adapter, --preset may name the adapter "
-                         f"(got {' and '.join(given)})", hint="give only one of them")
-    if adapter:
-        return Path(adapter)
-    if run:
-        return workspace.adapter_in(run)
-    if preset:
-        from agd_cli.presets import load_preset
-
-        return workspace.adapter_in(workspace.run_dir(workdir, load_preset(preset).name))
-    return workspace.latest_adapter(workdir)
+    file: AdapterFile | None = None     # the adapter file, its metadata read once
 
 
 def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: str | None,
@@ -132,17 +110,15 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
                quality_batch: int, batch_size: int = 1, negative_prompt: str | None = None,
                negatives: bool = False) -> BenchPlan:
     """Check every flag and find the adapter and its preset; no model weights load here."""
-    from agd_cli.families import preset_for_adapter
     from agd_cli.prompts import read_prompts
     from agd_cli.sampling import SCHEDULERS
 
     methods = ["agd", *parse_baselines(baselines)]
-    _positive_int(n, "-n")
-    _positive_int(steps, "--steps")
-    _positive_int(repeats, "--repeats")
-    _positive_int(batch_size, "--batch-size")
-    _positive_int(quality_samples, "--quality-samples", 2)
-    _positive_int(quality_batch, "--quality-batch")
+    for flag, value, least in (("--num-prompts", n, 1), ("--steps", steps, 1),
+                               ("--repeats", repeats, 1), ("--batch-size", batch_size, 1),
+                               ("--quality-samples", quality_samples, 2),
+                               ("--quality-batch", quality_batch, 1)):
+        checks.optional_integer(flag, value, least)
     if not 0 < cutoff <= 1:
         raise InputError(f"--cutoff {cutoff} is not in (0, 1]", hint="the fraction of steps that use CFG, e.g. 0.5")
     if scheduler is not None and scheduler not in SCHEDULERS:
@@ -151,15 +127,15 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
         raise InputError(f"--grid {grid} is not a .png path", hint="e.g. --grid compare.png")
     seed_list = parse_seeds(seeds)
     prompt_list = read_prompts(prompts) if prompts else None
-    path = resolve_adapter(workdir, run, adapter, preset)
-    p = preset_for_adapter(path)  # reads the file's metadata only
+    path = workspace.find_adapter(workdir, adapter, run, preset)
+    file = AdapterFile.open(path)  # the metadata only: tensors load with the model
+    p = file.base_for(preset)
     if quality or negatives:
         _check_quality_preset(p, "--quality" if quality else "--negatives")
     omega_list = parse_omegas(omegas, [p.sampling["default_omega"]])
     if steps is not None:
         checks.sampling_steps(steps, checks.preset_scheduler_config(p))
-    run_folder = Path(run) if run else (path.parent if path.name == "adapter.safetensors"
-                                        else Path(workdir) / p.name)
+    run_folder = path.parent if path.name == workspace.ADAPTER else Path(workdir) / p.name
     out_dir = checks.writable_folder(run_folder / "bench", "the bench folder")
     if grid is not None:
         checks.writable_folder(Path(grid).parent, "--grid's folder")
@@ -170,7 +146,8 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
                      quality=quality, quality_samples=quality_samples, quality_batch=quality_batch,
                      quality_omegas=parse_omegas(omegas, QUALITY_OMEGAS),
                      negative_prompt=negative_prompt, negatives=negatives,
-                     negative_omegas=parse_omegas(omegas, [p.sampling["default_omega"]]))
+                     negative_omegas=parse_omegas(omegas, [p.sampling["default_omega"]]),
+                     file=file)
 
 
 def _check_quality_preset(preset, flag: str = "--quality") -> None:
@@ -544,7 +521,7 @@ def run_bench(*, compare_cfg: bool = True, memory: bool = False, run: str | None
     """`agd bench`: --compare-cfg (speed, memory, agreement; --quality) and/or --memory."""
     from agd_cli.io import write_json
 
-    _positive_int(threads, "--threads")
+    checks.optional_integer("--threads", threads)
     plan = None
     if compare_cfg or quality or negatives:  # every flag is checked before anything runs or loads
         plan = plan_bench(workdir=workdir, run=run, adapter=adapter, preset=preset,
@@ -567,7 +544,7 @@ def run_bench(*, compare_cfg: bool = True, memory: bool = False, run: str | None
         from agd_cli.families import load_with_adapters
 
         ui.info(f"loading {plan.preset.name} with adapters from {plan.adapter}")
-        den = load_with_adapters(plan.adapter, device=device, dtype=dtype)
+        den = load_with_adapters(plan.file, device=device, dtype=dtype, base=plan.preset)
         report.update(run_compare(den, plan))
         if show_table:
             print_table(report)
@@ -713,7 +690,7 @@ def print_quality_table(q: dict) -> None:
 def memory_args(preset, precision: str | None, optimizer: str | None,
                 checkpointing: bool | None, batch_size: int | None, device: str | None) -> dict:
     """measure_train_step's arguments: the flags, else the preset's training defaults."""
-    _positive_int(batch_size, "--train-batch-size")
+    checks.optional_integer("--train-batch-size", batch_size)
     t = preset.train
     return {"preset_name": preset.name, "precision": precision or t["precision"],
             "optimizer": optimizer or t["optimizer"],
@@ -725,16 +702,11 @@ def run_memory(*, workdir: str, run: str | None, adapter: str | None, preset: st
                precision: str | None, optimizer: str | None, checkpointing: bool | None,
                batch_size: int | None, device: str | None, show_table: bool = True) -> dict:
     """Peak memory of one adapter training step, measured by agd_cli.memory.measure_train_step."""
-    try:
-        from agd_cli.memory import measure_train_step
-    except ImportError:
-        raise ModelError("--memory needs agd_cli.memory (the training memory probe of `agd train`), "
-                         "which this installation does not have",
-                         hint="update agd, or run `agd bench --compare-cfg` without --memory") from None
-    from agd_cli.families import preset_for_adapter
+    from agd_cli.memory import measure_train_step
     from agd_cli.presets import load_preset
 
-    p = load_preset(preset) if preset else preset_for_adapter(resolve_adapter(workdir, run, adapter, None))
+    p = (load_preset(preset) if preset
+         else AdapterFile.open(workspace.find_adapter(workdir, adapter, run)).preset)
     args = memory_args(p, precision, optimizer, checkpointing, batch_size, device)
     ui.info(f"measuring one training step of {p.name} in a fresh process…")
     result = {**args, **measure_train_step(**args)}

@@ -40,6 +40,11 @@ def integer(flag: str, value: Any, minimum: int = 1, example: str | None = None)
     return value
 
 
+def optional_integer(flag: str, value: Any, minimum: int = 1) -> int | None:
+    """None (the flag was not given), else an integer flag ≥ `minimum`."""
+    return None if value is None else integer(flag, value, minimum)
+
+
 def number(flag: str, value: Any, low: float = 0.0, high: float = math.inf,
            low_open: bool = True, high_open: bool = False, example: str | None = None) -> float:
     """A finite number in the interval between `low` and `high` (open or closed ends)."""

@@ -68,8 +68,7 @@ class CollectSettings:
     @property
     def base_model(self) -> str:
         """What the denoiser will report as its source (random-weight bases: 'random:<preset>')."""
-        src = self.preset.resolve_base_model()
-        return "random:" + self.preset.name if src == "config" else src
+        return self.preset.base_source()
 
     def identity(self) -> dict:
         """The manifest keys that say which collection this is (TrajectoryStore.IDENTITY_KEYS)."""
@@ -342,6 +341,7 @@ def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: 
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype '{dtype}'", hint=f"use one of {', '.join(DTYPES)}")
     index, num, state = _worker(shard_index, num_shards)
+    device = None if device == "auto" else device  # auto: a resumed or launched worker's own
     if overwrite and num > 1 and state is None:
         raise InputError("--overwrite cannot be combined with --num-shards > 1 (workers would "
                          "delete each other's shards)",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agd_cli import checks, ui, workspace
+from agd_cli.adapter_file import AdapterFile
 from agd_cli.errors import InputError
 from agd_cli.presets import DTYPES, SCHEDULERS, Preset
 
@@ -72,21 +73,6 @@ def check_inputs(prompts: Sequence[str], omega: float | None, steps: int | None,
         raise InputError(f"unknown dtype '{dtype}'", hint=f"use one of {', '.join(DTYPES)}")
     if seed < 0:
         raise InputError(f"--seed must be >= 0, got {seed}", hint="e.g. --seed 0")
-
-
-def resolve_adapter(adapter: str | None, run: str | None, workdir: str) -> Path:
-    """--adapter FILE, --run DIR (a folder, or a run name in the workspace), else the newest."""
-    if adapter and run:
-        raise InputError(f"both --adapter '{adapter}' and --run '{run}' given",
-                         hint="pass one of them (or neither, for the newest adapter in the workspace)")
-    if adapter:
-        return Path(adapter)
-    if run:
-        folder = Path(run)
-        if not folder.is_dir() and (Path(workdir) / run).is_dir():
-            folder = Path(workdir) / run  # `--run tiny-sd` names a run in the workspace
-        return workspace.adapter_in(folder)
-    return workspace.latest_adapter(workdir)
 
 
 def plan_output(out: str | None, adapter_path: Path, n_images: int) -> tuple[Path, Path | None]:
@@ -143,30 +129,17 @@ def check_size(size: tuple[int, int] | None, preset: Preset) -> tuple[int, int]:
     return h, w
 
 
-def check_omega_range(omega: float, meta: dict, preset: Preset) -> tuple[float, float]:
+def check_omega_range(omega: float, file: AdapterFile) -> tuple[float, float]:
     """Warn (and go on) when ω lies outside the range the adapter was trained on."""
-    lo = float(meta.get("omega_min", preset.omega_range[0]))
-    hi = float(meta.get("omega_max", preset.omega_range[1]))
+    lo, hi = file.omega_range
     if not lo <= omega <= hi:
         ui.warn(f"ω = {omega:g} is outside the range this adapter was trained on "
                 f"[{lo:g}, {hi:g}]; the result may not match CFG")
     return lo, hi
 
 
-def check_base(adapter_path: Path, meta: dict, base: Preset | None) -> None:
-    """--preset runs the adapter on another base of the same family; refuse another family now."""
-    if base is not None and base.family != meta.get("family"):
-        source = base.resolve_base_model()
-        source = f"random:{base.name}" if source == "config" else source  # as Denoiser names it
-        raise InputError(
-            f"adapter {adapter_path} was trained for '{meta.get('base_model')}' "
-            f"(family {meta.get('family')}), but --preset {base.name} is '{source}' "
-            f"(family {base.family})",
-            hint="drop --preset to use the base the adapter was trained on")
-
-
 # --- 3. loading: one base, adapters attached ----------------------------------------------------
-def load_generator(adapter_path: Path, base: Preset, device: str | None, dtype: str,
+def load_generator(adapter: AdapterFile, base: Preset, device: str | None, dtype: str,
                    offload: bool, height: int, width: int):
     """The base model with the adapter file attached, placed for generation."""
     import torch
@@ -180,11 +153,11 @@ def load_generator(adapter_path: Path, base: Preset, device: str | None, dtype: 
         # weights stay on the CPU, loaded straight in the GPU's dtype: no fp32 copy in RAM
         half = resolve_dtype(dtype, dev)
         den = load_denoiser(base, device=torch.device("cpu"), dtype=half)
-        den.load_adapters(adapter_path)
+        den.load_adapters(adapter)
         _offload_to(den, dev, half)
     else:
         den = load_denoiser(base, device=dev, dtype=dtype)
-        den.load_adapters(adapter_path)
+        den.load_adapters(adapter)
     if not base.pixel_space and max(height, width) > TILE_ABOVE:
         den._vae().enable_tiling()  # decode large images in tiles: bounded VAE memory
     return den
@@ -280,7 +253,7 @@ class Plan:
     """Everything decided before any weights load."""
 
     adapter: Path
-    meta: dict
+    file: AdapterFile
     base: Preset
     jobs: list[Job]
     prompts: list[str]
@@ -302,16 +275,11 @@ def plan_generation(prompts: Sequence[str], *, omega: float | None, adapter: str
                     out: str | None, cfg: bool, negative_prompt: str | None, dtype: str | None,
                     workdir: str) -> Plan:
     """Check every input and decide what to make, reading only the adapter file's metadata."""
-    from agd_cli.adapters import adapter_metadata, read_adapter_file
-    from agd_cli.families import preset_for_adapter
-    from agd_cli.presets import load_preset
-
     check_inputs(prompts, omega, steps, scheduler, num_images, batch_size, dtype, seed)
     wh = parse_size(size)
-    path = resolve_adapter(adapter, run, workdir)
-    meta = adapter_metadata(read_adapter_file(path)[1])
-    base = load_preset(preset) if preset else preset_for_adapter(path)
-    check_base(path, meta, base if preset else None)
+    path = workspace.find_adapter(workdir, adapter, run, preset)
+    file = AdapterFile.open(path)  # the metadata only: tensors load with the model
+    base = file.base_for(preset)
     height, width = check_size(wh, base)
     if steps is not None:
         checks.sampling_steps(steps, checks.preset_scheduler_config(base))
@@ -321,15 +289,15 @@ def plan_generation(prompts: Sequence[str], *, omega: float | None, adapter: str
     omega = float(base.sampling["default_omega"] if omega is None else omega)
     mode = "cfg" if cfg else "agd"
     if negative_prompt is not None and not cfg:
-        mode = negative_mode(meta)
-    return Plan(path, meta, base, jobs, distinct, omega, check_omega_range(omega, meta, base),
+        mode = negative_mode(file)
+    return Plan(path, file, base, jobs, distinct, omega, check_omega_range(omega, file),
                 mode, steps or int(base.sampling["steps"]), scheduler or base.sampling["scheduler"],
                 batch_size or DEFAULT_BATCH_SIZE, height, width, folder, single)
 
 
-def negative_mode(meta: dict) -> str:
+def negative_mode(file: AdapterFile) -> str:
     """agd when the adapter was trained with negatives (one pass per step), else real CFG."""
-    if (meta.get("adapter_config") or {}).get("negatives"):
+    if file.negatives:
         ui.info("negative prompt: one pass per step (the adapter was trained with negatives)")
         return "agd"
     ui.info("note: this adapter was trained without negative prompts, so this run uses real CFG "
@@ -366,7 +334,7 @@ def run_generate(prompts: Sequence[str], *, omega: float | None = None, adapter:
                            batch_size=batch_size, size=size, out=out, cfg=cfg,
                            negative_prompt=negative_prompt, dtype=dtype, workdir=workdir)
     t0 = time.perf_counter()
-    den = load_generator(plan.adapter, plan.base, device, dtype or "fp16", offload,
+    den = load_generator(plan.file, plan.base, device, dtype or "fp16", offload,
                          plan.height, plan.width)
     cond, uncond = encode_conditions(den, plan.prompts, negative_prompt, (plan.height, plan.width))
     load_seconds = time.perf_counter() - t0

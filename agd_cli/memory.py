@@ -127,7 +127,8 @@ def build_random_base(preset, device, dtype):
     with _default_dtype(dtype):
         model, _text_encoders, sched, vae = cls._build_random(preset, text=False)
     del _text_encoders  # conditions come from the collection: no text encoders in training
-    return cls(preset, model, {}, sched, device, dtype, "random:" + preset.name, vae)
+    return cls(preset, model, {}, sched, device, dtype,
+               preset.base_source(random_weights=True), vae)
 
 
 def random_inputs(den, batch: int, resolution: int) -> dict:

@@ -36,6 +36,12 @@ ADAPTER_INPUTS = ("omega", "timestep", "condition")
 SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "ddpm", "unipc", "heun", "flow-euler")
 DTYPES = ("fp16", "bf16", "fp32")
 OPTIMIZERS = ("adamw8bit", "adamw")
+RANDOM_BASE = "random:"  # a base built from the preset's config: "random:<preset name>"
+
+
+def is_random_base(source: object) -> bool:
+    """Whether a recorded base model names seeded random weights ("random:<preset>")."""
+    return str(source).startswith(RANDOM_BASE)
 
 
 def _positive(v: Any) -> bool:
@@ -169,6 +175,12 @@ class Preset:
     def omega_range(self) -> tuple[float, float]:
         return float(self.sampling["omega_min"]), float(self.sampling["omega_max"])
 
+    def base_source(self, random_weights: bool = False) -> str:
+        """What a loaded base reports as its source: the resolved base model, or
+        'random:<preset>' for seeded random weights (built from the architecture config)."""
+        source = self.resolve_base_model()
+        return RANDOM_BASE + self.name if random_weights or source == "config" else source
+
     def resolve_base_model(self) -> str:
         """A local folder (relative paths are taken from the preset's folder) or a hub id."""
         bm = self.base_model
@@ -255,6 +267,20 @@ def from_dict(data: dict, source: Path | None = None) -> Preset:
         architecture=copy.deepcopy(data.get("architecture", {})), source=source,
         raw=copy.deepcopy(data),
     )
+
+
+def recorded_preset(record: dict) -> Preset | None:
+    """The preset an adapter file or a collection was made with, from its metadata: the TOML
+    it recorded (base model as resolved then), else the shipped preset it names; None if none."""
+    raw = record.get("preset_toml")
+    if isinstance(raw, dict):
+        preset = from_dict(raw)
+        if record.get("base_model") and not is_random_base(record["base_model"]):
+            preset.base_model = record["base_model"]  # already resolved when it was recorded
+        return preset
+    if record.get("preset"):
+        return load_preset(record["preset"])
+    return None
 
 
 def builtin_names() -> list[str]:

@@ -552,7 +552,7 @@ def locate(run: str | None, data: tuple | list, workdir: str) -> tuple[Path, lis
 
 def recorded_preset(roots: list[Path], override: str | None) -> Preset:
     """The preset the collection was recorded with; --preset may override it for the same base."""
-    from agd_cli.presets import from_dict, load_preset
+    from agd_cli.presets import load_preset, recorded_preset
     from agd_cli.trajectories import TrajectoryStore
 
     configs = [TrajectoryStore(r).manifest().get("config", {}) for r in roots]
@@ -561,13 +561,7 @@ def recorded_preset(roots: list[Path], override: str | None) -> Preset:
         raise DataError(f"the collections were recorded with different base models: {sorted(map(str, bases))}",
                         hint="train on collections of one base model at a time")
     cfg = configs[0]
-    recorded = None
-    if isinstance(cfg.get("preset_toml"), dict):
-        recorded = from_dict(cfg["preset_toml"])
-        if cfg.get("base_model") and not str(cfg["base_model"]).startswith("random:"):
-            recorded.base_model = cfg["base_model"]  # already resolved when it was collected
-    elif cfg.get("preset"):
-        recorded = load_preset(cfg["preset"])
+    recorded = recorded_preset(cfg)
     if override is None:
         if recorded is None:
             raise DataError(f"collection {roots[0]} does not say which preset recorded it",

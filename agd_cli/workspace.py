@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agd_cli import ui
-from agd_cli.errors import DataError
+from agd_cli.errors import DataError, InputError
 
 TRAJECTORIES = "trajectories"
 ADAPTER = "adapter.safetensors"
@@ -48,6 +48,30 @@ def latest_adapter(workdir: str | Path) -> Path:
                         hint="run `agd train` first, or pass --adapter FILE / --run DIR")
     ui.info(f"using the most recent adapter: {found}")
     return found
+
+
+def find_adapter(workdir: str | Path, adapter: str | None = None, run: str | None = None,
+                 preset: str | None = None) -> Path:
+    """--adapter FILE, --run DIR (or a run name in the workspace), else the run folder of
+    --preset when it holds an adapter, else the most recently trained adapter."""
+    if adapter and run:
+        raise InputError(f"both --adapter '{adapter}' and --run '{run}' given",
+                         hint="pass one of them (or neither, for the newest adapter in the workspace)")
+    if adapter:
+        return Path(adapter)
+    if run:
+        folder = Path(run)
+        if not folder.is_dir() and (Path(workdir) / run).is_dir():
+            folder = Path(workdir) / run  # `--run tiny-sd` names a run in the workspace
+        return adapter_in(folder)
+    if preset:
+        from agd_cli.presets import load_preset
+
+        own = run_dir(workdir, load_preset(preset).name) / ADAPTER
+        if own.is_file():
+            ui.info(f"using the adapter of preset {Path(preset).stem}'s run: {own}")
+            return own
+    return latest_adapter(workdir)
 
 
 def adapter_in(run: str | Path) -> Path:

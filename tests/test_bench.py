@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -135,7 +133,7 @@ def test_batched_cases_give_the_same_images_as_one_at_a_time(workdir):
 def test_cli_json_grid_size_and_counts(workdir, tmp_path, capsys):
     grid = tmp_path / "g.png"
     code, out, err = run_cli(["bench", "--compare-cfg", "--preset", "tiny-sd", "--workdir",
-                              str(workdir), "--threads", "1", "--steps", "3", "-n", "2", "-w", "2,4",
+                              str(workdir), "--threads", "1", "--steps", "3", "--num-prompts", "2", "-w", "2,4",
                               "--seeds", "0-1", "--grid", str(grid), "--json"], capsys)
     assert code == 0, err
     r = json.loads(out)
@@ -173,10 +171,11 @@ def test_no_arguments_use_the_most_recent_adapter_and_its_builtin_prompts(tmp_pa
     (["--seeds", "3-1"], "bad seed '3-1'"),
     (["--preset", "tiny-sd", "-w", "-2"], "must be a positive number"),
     (["--preset", "tiny-sd", "-w", "abc"], "bad guidance scale 'abc'"),
-    (["-n", "0"], "-n must be at least 1"),
+    (["--num-prompts", "0"], "--num-prompts must be a positive integer, got 0"),
+    (["-n", "0"], "--num-prompts must be a positive integer, got 0"),  # deprecated alias
     (["--cutoff", "1.5"], "--cutoff 1.5"),
     (["--grid", "out.jpg"], "not a .png path"),
-    (["--run", "r", "--adapter", "a.safetensors"], "got --run and --adapter"),
+    (["--run", "r", "--adapter", "a.safetensors"], "both --adapter 'a.safetensors' and --run 'r'"),
     (["--adapter", "missing.safetensors"], "adapter file not found"),
     (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
 ])
@@ -203,13 +202,6 @@ def test_quality_on_a_preset_without_evaluator_exits_2(workdir, capsys):
     assert code == 2 and "'tiny-sd'" in err and "mnist" in err
 
 
-def test_memory_without_the_probe_module_exits_2(workdir, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "agd_cli.memory", None)  # as if agd train's probe were absent
-    code, _, err = run_cli(["bench", "--memory", "--preset", "tiny-sd", "--workdir", str(workdir)],
-                           capsys)
-    assert code == 2 and "agd_cli.memory" in err and "hint:" in err
-
-
 def test_memory_arguments_fit_the_probe_and_flags_beat_the_preset():
     from agd_cli.bench import memory_args
     from agd_cli.presets import load_preset
@@ -222,10 +214,9 @@ def test_memory_arguments_fit_the_probe_and_flags_beat_the_preset():
     args = memory_args(p, "fp32", "adamw", False, 3, "cpu")
     assert (args["precision"], args["optimizer"], args["checkpointing"], args["batch_size"]) == (
         "fp32", "adamw", False, 3)
-    if importlib.util.find_spec("agd_cli.memory") is not None:
-        from agd_cli.memory import measure_train_step
+    from agd_cli.memory import measure_train_step
 
-        inspect.signature(measure_train_step).bind(**args)  # the probe takes exactly these
+    inspect.signature(measure_train_step).bind(**args)  # the probe takes exactly these
 
 
 # --- --quality on the embedded default (teacher, classifier and preset ship with agd) ---------

@@ -84,3 +84,97 @@ def test_unknown_preset_name_exits_2():
 def test_no_color_has_no_escape_codes(tmp_path):
     out = run_agd("presets", "--preset", str(tmp_path / "missing.toml"), env={"NO_COLOR": "1"})
     assert out.returncode == 2 and "\x1b[" not in out.stderr
+
+
+# --- one vocabulary of flags across commands ---------------------------------------------------
+def _options(name: str) -> dict:
+    """Visible options of `agd NAME`: flag -> click.Option (every spelling of each option)."""
+    import click
+
+    from agd_cli.cli import group
+
+    cmd = group.get_command(click.Context(group), name)
+    found = {}
+    for p in cmd.params:
+        if isinstance(p, click.Option) and not p.hidden:
+            for flag in [*p.opts, *p.secondary_opts]:
+                found[flag] = p
+    return found
+
+
+STAGES = ("collect", "train", "generate", "bench")
+
+
+def test_every_command_uses_the_same_flag_names_for_the_same_concepts():
+    opts = {name: _options(name) for name in COMMANDS}
+    # one name per concept: the old synonyms are hidden aliases now
+    for name, flags in opts.items():
+        assert not {"--precision", "--checkpointing", "--no-checkpointing"} & set(flags), name
+        if "-n" in flags:  # -n is images per prompt, nothing else
+            assert name == "generate" and flags["-n"].name == "num_images"
+    for name in STAGES:
+        flags = opts[name]
+        assert list(flags["--dtype"].type.choices) == ["fp16", "bf16", "fp32"], name
+        assert flags["--device"].default == "auto" and flags["--device"].show_default, name
+        assert flags["--preset"].help.startswith("Preset name"), name
+        assert "the base and settings to use" in flags["--preset"].help, name
+        assert "--json" in flags and "--workdir" in flags
+    for name in ("train", "bench"):
+        assert "--gradient-checkpointing" in opts[name] and "--no-gradient-checkpointing" in opts[name]
+    for name in ("generate", "bench"):  # the adapter is chosen the same way
+        assert {"--adapter", "--run", "--preset", "--steps", "--scheduler", "--negative-prompt"} <= set(opts[name])
+        assert opts[name]["--run"].help == opts["generate"]["--run"].help
+    assert "--num-prompts" in opts["bench"]
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_help_text_shows_the_vocabulary(name):
+    out = run_agd(name, "--help", env={"NO_COLOR": "1", "COLUMNS": "200"})
+    assert out.returncode == 0
+    assert "--dtype" in out.stdout and "--device" in out.stdout and "--precision" not in out.stdout
+    assert "--checkpointing" not in out.stdout.replace("--gradient-checkpointing", "").replace(
+        "--no-gradient-checkpointing", "")
+
+
+@pytest.mark.parametrize("cmd, old, new", [
+    (["bench", "--memory", "--precision", "bf16"], "--precision", "--dtype"),
+    (["bench", "--memory", "--checkpointing"], "--checkpointing", "--gradient-checkpointing"),
+    (["bench", "--memory", "--no-checkpointing"], "--checkpointing", "--gradient-checkpointing"),
+    (["bench", "-n", "3"], "-n", "--num-prompts"),
+    (["train", "--precision", "bf16"], "--precision", "--dtype"),
+])
+def test_deprecated_flags_still_work_with_one_note_and_clean_json(cmd, old, new, monkeypatch,
+                                                                   capsys, tmp_path):
+    """The old spelling reaches the same parameter; stderr says so in one line; stdout stays
+    one JSON object."""
+    from agd_cli import bench, train
+    from agd_cli.cli import main
+
+    seen = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+        return {"processes": 1}
+
+    monkeypatch.setattr(bench, "run_bench", fake)
+    monkeypatch.setattr(train, "run_train", fake)
+    main([*cmd, "--workdir", str(tmp_path), "--json"])  # exits only on errors
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {"processes": 1}
+    notes = [ln for ln in out.err.splitlines() if "deprecated" in ln]
+    assert notes == [f"warning: {old} is deprecated, use {new}"]
+    expected = {"--precision": ("precision", "bf16"), "-n": ("n", 3),
+                "--checkpointing": ("checkpointing", cmd[-1] == "--checkpointing")}[old]
+    assert seen[expected[0]] == expected[1]
+    if cmd[0] == "bench" and old == "--precision":
+        assert seen["dtype"] == "bf16"  # one --dtype for both the comparison and --memory
+
+
+def test_the_new_flag_wins_over_its_deprecated_alias(monkeypatch, capsys, tmp_path):
+    from agd_cli import train
+    from agd_cli.cli import main
+
+    seen = {}
+    monkeypatch.setattr(train, "run_train", lambda **kw: seen.update(kw) or {"processes": 1})
+    main(["train", "--dtype", "fp32", "--precision", "bf16", "--workdir", str(tmp_path), "--json"])
+    assert seen["precision"] == "fp32" and "deprecated" in capsys.readouterr().err

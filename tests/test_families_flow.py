@@ -66,7 +66,7 @@ def test_collect_train_generate_bench_through_the_cli(name, tmp_path, capsys, mo
     assert tr["steps"] == 30 and math.isfinite(tr["val_loss"]) and math.isfinite(tr["train_loss"])
     gen = _run([*wd, "generate", "a red fox", "-w", "4", "--steps", str(STEPS), "-n", "1"], capsys)
     assert gen["nfe"] == STEPS and gen["mode"] == "agd" and len(gen["images"]) == 1
-    b = _run([*wd, "bench", "--compare-cfg", "-n", "1", "--steps", str(STEPS)], capsys)
+    b = _run([*wd, "bench", "--compare-cfg", "--num-prompts", "1", "--steps", str(STEPS)], capsys)
     m = b["methods"]
     assert (m["agd"]["nfe"], m["cfg"]["nfe"]) == (STEPS, 2 * STEPS)
 

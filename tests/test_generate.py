@@ -166,7 +166,7 @@ BAD = [
     (["--size", "big"], "bad --size 'big'"),
     (["--adapter", "nope.safetensors"], "adapter file not found: nope.safetensors"),
     (["--run", "no-such-run"], "run folder 'no-such-run' has no adapter.safetensors"),
-    (["--preset", "tiny-dit"], "trained for 'random:tiny-sd' (family sd), but --preset tiny-dit is 'random:tiny-dit'"),
+    (["--run", "tiny-sd", "--preset", "tiny-dit"], "trained for 'random:tiny-sd' (family sd), but --preset tiny-dit is 'random:tiny-dit'"),
     (["-n", "2", "--out", "{tmp}/one.png"], "is one file, but 2 images will be made"),
     (["--out", "{tmp}/file.txt/sub"], "file.txt' is a file, not a folder"),
     (["--out", "{tmp}/file.txt"], "is an existing file, not a folder"),
@@ -211,3 +211,12 @@ def test_bad_input_in_a_real_process_and_no_prompt(ws, tmp_path, capsys):
     code, _, err = agd(capsys, "generate", "x", "--workdir", str(empty))
     assert code == 2 and "no trained adapter found" in err
     shutil.rmtree(empty)
+
+
+def test_preset_without_run_uses_the_adapter_of_that_presets_run(ws, capsys):
+    """--preset means one thing everywhere (the preset to use); its run folder's adapter is the
+    default, before the newest one in the workspace (tiny-sd here)."""
+    code, out, err = agd(capsys, "generate", "3", "--workdir", str(ws), "--steps", "1",
+                         "--preset", "tiny-dit", "--out", str(ws / "out-dit"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["adapter"] == str(ws / "tiny-dit" / "adapter.safetensors")

@@ -37,7 +37,7 @@ def test_mnist_pipeline_end_to_end(tmp_path):
     assert len(gen["images"]) == 2 and gen["nfe"] == 8 and gen["mode"] == "agd"
 
     b = _ok(run_agd("--workdir", wd, "bench", "--compare-cfg", "--quality", "--quality-samples", "20",
-                    "--quality-batch", "20", "-w", "4", "--steps", "8", "-n", "2", "--json"))
+                    "--quality-batch", "20", "-w", "4", "--steps", "8", "--num-prompts", "2", "--json"))
     q = b["quality"]
     assert set(q) == {"unguided", "cfg", "agd", "settings"}
     assert (q["unguided"]["1"]["nfe"], q["cfg"]["4"]["nfe"], q["agd"]["4"]["nfe"]) == (8, 16, 8)

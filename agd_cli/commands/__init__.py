@@ -6,9 +6,37 @@ import functools
 
 import click
 
+# The flag vocabulary (README, "Everyday use"): one name per concept in every command.
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (CUDA when present, else the CPU)."
+
+# hidden option name -> (old flag, new flag, the new flag's parameter name)
+DEPRECATED: dict[str, tuple[str, str, str]] = {}
+
+
+def deprecated_alias(old: str, new: str, dest: str, *decls: str, **attrs):
+    """A hidden option `old` that still works as `new` (one note on stderr when used)."""
+    name = "deprecated_" + old.lstrip("-").replace("-", "_").split("/")[0] + "_" + dest
+    DEPRECATED[name] = (old.split("/")[0], new, dest)
+    return click.option(*(decls or (old,)), name, hidden=True, default=None, **attrs)
+
+
+def _apply_deprecated(kwargs: dict) -> None:
+    """Move each used deprecated flag's value to its new name (the new name wins if both)."""
+    from agd_cli import ui
+
+    for name in [k for k in kwargs if k in DEPRECATED]:
+        value = kwargs.pop(name)
+        if value is None:
+            continue
+        old, new, dest = DEPRECATED[name]
+        ui.warn(f"{old} is deprecated, use {new}")
+        if kwargs.get(dest) is None:
+            kwargs[dest] = value
+
 
 def common_options(func):
-    """--json and --workdir on every subcommand (a flag here beats the group's --workdir)."""
+    """--json and --workdir on every subcommand (a flag here beats the group's --workdir); maps
+    deprecated flag names to the current ones."""
 
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
     @click.option("--workdir", "workdir_override", default=None,
@@ -20,6 +48,7 @@ def common_options(func):
 
         obj = ctx.find_root().obj or {}
         workdir = str(checked_workdir(workdir_override or obj.get("workdir", "agd-runs")))
+        _apply_deprecated(kwargs)
         return func(*args, as_json=as_json, workdir=workdir, **kwargs)
 
     return wrapper

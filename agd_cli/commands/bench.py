@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import common_options
+from agd_cli.commands import DEVICE_HELP, common_options, deprecated_alias
 
 
 @click.command("bench")
@@ -12,12 +12,18 @@ from agd_cli.commands import common_options
               help="Compare agd with real CFG on the same base, seeds and noise (the default).")
 @click.option("--memory", is_flag=True,
               help="Peak memory of one adapter training step (precision/optimizer flags below).")
-@click.option("--run", type=click.Path(file_okay=False), help="Run folder whose adapter to use.")
+@click.option("--run", type=str, default=None,
+              help="Run folder (or run name in the workspace) whose adapter to use.")
 @click.option("--adapter", type=click.Path(dir_okay=False), help="Adapter file to use.")
-@click.option("--preset", help="Use the adapter in this preset's run folder (--memory: the preset).")
+@click.option("--preset", default=None,
+              help="Preset name or TOML: the base and settings to use (default: the adapter's); "
+                   "without --run/--adapter, the adapter of its run folder. --memory: the preset "
+                   "measured.")
 @click.option("--prompts", type=click.Path(dir_okay=False),
               help="Prompt file (.txt/.csv/.jsonl); default: the preset's built-in set.")
-@click.option("-n", "n", type=int, default=None, help="Number of prompts, spread over the set [4].")
+@click.option("--num-prompts", "n", type=int, default=None,
+              help="Number of prompts, spread over the set [4].")
+@deprecated_alias("-n", "--num-prompts", "n", type=int)
 @click.option("--steps", type=int, default=None, help="Sampling steps [preset].")
 @click.option("-w", "--omega", "omegas", multiple=True,
               help="Guidance scale(s): -w 2 -w 4 or -w 2,4 [preset default; --quality: 2,4,6,8].")
@@ -34,11 +40,12 @@ from agd_cli.commands import common_options
 @click.option("--scheduler", default=None, help="Scheduler [preset].")
 @click.option("--grid", type=click.Path(dir_okay=False),
               help="Where to write the comparison grid PNG [RUN/bench/compare-cfg.png].")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch (1 is steadiest on a busy shared CPU) [torch default].")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16",
-              show_default=True, help="Model dtype on CUDA (CPU always computes in fp32).")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+              help="Model precision on CUDA (CPU computes in fp32) [fp16; --memory: preset].")
+@deprecated_alias("--precision", "--dtype", "dtype", type=click.Choice(["fp16", "bf16", "fp32"]))
 @click.option("--quality", is_flag=True,
               help="Add accuracy/FID per method and ω (presets with an evaluator: mnist).")
 @click.option("--negative-prompt", default=None,
@@ -51,12 +58,11 @@ from agd_cli.commands import common_options
               help="--quality/--negatives: samples per method and ω.")
 @click.option("--quality-batch", type=int, default=100, show_default=True,
               help="--quality: images per sampling call.")
-@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
-              help="--memory: training precision [preset].")
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default=None,
               help="--memory: optimizer [preset].")
-@click.option("--checkpointing/--no-checkpointing", default=None,
-              help="--memory: gradient checkpointing [preset].")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", "checkpointing",
+              default=None, help="--memory: gradient checkpointing [preset].")
+@deprecated_alias("--checkpointing/--no-checkpointing", "--gradient-checkpointing", "checkpointing")
 @click.option("--train-batch-size", type=int, default=None,
               help="--memory: training batch size [preset].")
 @common_options
@@ -81,7 +87,9 @@ def command(compare_cfg: bool, memory: bool, as_json: bool, workdir: str, **kwar
     from agd_cli.bench import run_bench
 
     compare = compare_cfg or kwargs["quality"] or kwargs["negatives"] or not memory
-    report = run_bench(compare_cfg=compare, memory=memory, workdir=workdir, **kwargs)
+    dtype = kwargs.pop("dtype")  # one --dtype: compare's model dtype, --memory's training one
+    report = run_bench(compare_cfg=compare, memory=memory, workdir=workdir,
+                       dtype=dtype or "fp16", precision=dtype, **kwargs)
     if as_json:
         ui.emit_json(report)
         return

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import common_options
+from agd_cli.commands import DEVICE_HELP, common_options
 
 
 @click.command("collect")
-@click.option("--preset", required=True, help="Preset name (see `agd presets`) or a TOML file.")
+@click.option("--preset", required=True,
+              help="Preset name (see `agd presets`) or TOML: the base and settings to use.")
 @click.option("--base-model", default=None, metavar="FILE|DIR|ID",
               help="The teacher: a single-file .safetensors checkpoint (e.g. a fine-tune), a "
                    "diffusers folder or a hub id (default: the preset's base_model).")
@@ -29,9 +30,9 @@ from agd_cli.commands import common_options
 @click.option("--batch-size", type=int, default=None, help="Trajectories per batch.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of every trajectory's noise and ω.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: auto).")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
-              help="Compute precision (default: the preset's, fp16; storage is always fp16).")
+              help="Model precision on CUDA (CPU computes in fp32) [preset, fp16; storage: fp16].")
 @click.option("--shard-index", type=int, default=None, help="This worker's index (0-based).")
 @click.option("--num-shards", type=int, default=None,
               help="Number of workers splitting the prompts (accelerate launch sets both).")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import common_options
+from agd_cli.commands import DEVICE_HELP, common_options
 from agd_cli.presets import DTYPES, SCHEDULERS
 
 
@@ -17,8 +17,9 @@ from agd_cli.presets import DTYPES, SCHEDULERS
 @click.option("--run", "run", type=str, default=None,
               help="Run folder (or run name in the workspace) whose adapter to use.")
 @click.option("--preset", type=str, default=None,
-              help="Run the adapter on this preset's base (same architecture, e.g. a fine-tune) "
-                   "instead of the base it was trained on.")
+              help="Preset name or TOML: the base and settings to use (default: the adapter's; "
+                   "same family, e.g. a fine-tune); without --run/--adapter, the adapter of its "
+                   "run folder.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the preset's).")
 @click.option("--scheduler", type=str, default=None,
               help=f"Sampler: {', '.join(SCHEDULERS)} (default: the preset's).")
@@ -37,9 +38,9 @@ from agd_cli.presets import DTYPES, SCHEDULERS
                    "with negatives, else real CFG.")
 @click.option("--offload", is_flag=True,
               help="Model CPU offload: each model moves to the GPU only while it runs.")
-@click.option("--device", type=str, default=None, help="cpu, cuda, cuda:N or auto (default).")
+@click.option("--device", type=str, default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
-              help="Model precision (default fp16 on CUDA; the CPU always computes in fp32).")
+              help="Model precision on CUDA (CPU computes in fp32) [fp16].")
 @common_options
 def command(prompts: tuple[str, ...], as_json: bool, workdir: str, **flags) -> None:
     """Generate images for PROMPTS with a trained adapter: one forward pass per step.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import common_options
+from agd_cli.commands import DEVICE_HELP, common_options, deprecated_alias
 
 
 @click.command("train")
@@ -13,15 +13,17 @@ from agd_cli.commands import common_options
                    "results are written here.")
 @click.option("--data", "data", multiple=True, type=click.Path(file_okay=False),
               help="A collection (run folder or its trajectories/); repeat to train on several.")
-@click.option("--preset", help="Preset name or TOML (default: the one the collection was recorded with).")
+@click.option("--preset", help="Preset name or TOML: the base and settings to use (default: the "
+                                "collection's).")
 @click.option("--steps", type=int, help="Optimizer steps (preset default).")
 @click.option("--batch-size", type=int, help="Samples per micro-batch, split across processes.")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, help="Peak learning rate (linear warmup, then cosine).")
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]),
               help="adamw8bit (bitsandbytes; falls back to adamw where it does not run) or adamw.")
-@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]),
-              help="Base weights and autocast dtype on CUDA (CPU computes in fp32).")
+@click.option("--dtype", "precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+              help="Base weights and autocast dtype on CUDA (CPU computes in fp32) [preset].")
+@deprecated_alias("--precision", "--dtype", "precision", type=click.Choice(["fp16", "bf16", "fp32"]))
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute base activations in the backward pass (preset default).")
 @click.option("--val-fraction", type=float, help="Share of trajectories held out for validation.")
@@ -33,7 +35,7 @@ from agd_cli.commands import common_options
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Adapter init, validation split and data order.")
 @click.option("--adapter-kind", help="cross_attention or offset (preset default).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @common_options
 def command(as_json: bool, workdir: str, **flags) -> None:
     """Train guidance adapters on collected CFG trajectories; the base stays frozen.

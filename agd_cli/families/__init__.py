@@ -60,23 +60,18 @@ def count_parameters(preset: Preset) -> dict:
 
 
 def preset_for_adapter(path) -> Preset:
-    """The preset an adapter file was trained with (from its metadata)."""
-    from agd_cli.adapters import adapter_metadata, read_adapter_file
-    from agd_cli.presets import from_dict, load_preset
+    """The preset an adapter file was trained with (from its metadata; no tensor is read)."""
+    from agd_cli.adapter_file import AdapterFile
 
-    meta = adapter_metadata(read_adapter_file(path)[1])
-    raw = meta.get("preset_toml")
-    if isinstance(raw, dict):
-        preset = from_dict(raw)
-        if not str(meta.get("base_model", "")).startswith("random:"):
-            preset.base_model = meta["base_model"]  # already resolved when it was trained
-        return preset
-    return load_preset(meta["preset"])
+    return AdapterFile.open(path).preset
 
 
-def load_with_adapters(path, device=None, dtype: str = "fp32", text: bool = True) -> Denoiser:
-    """Load the base an adapter file was trained on and attach the adapters."""
-    preset = preset_for_adapter(path)
-    den = load_denoiser(preset, device=device, dtype=dtype, text=text)
-    den.load_adapters(path)
+def load_with_adapters(path, device=None, dtype: str = "fp32", text: bool = True,
+                       base: Preset | None = None) -> Denoiser:
+    """Load the base an adapter file was trained on (or `base`) and attach the adapters."""
+    from agd_cli.adapter_file import AdapterFile
+
+    file = AdapterFile.open(path)
+    den = load_denoiser(base or file.preset, device=device, dtype=dtype, text=text)
+    den.load_adapters(file)
     return den

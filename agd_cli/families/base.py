@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from agd_cli.adapters import AdapterSet, Site, adapter_metadata, read_adapter_file
+from agd_cli.adapter_file import AdapterFile
+from agd_cli.adapters import AdapterSet, Site
 from agd_cli.errors import AgdError, DataError, InputError, ModelError
 from agd_cli.families.weights import checkpoint_identity, is_single_file, open_base
 from agd_cli.guidance import cfg_combine
-from agd_cli.presets import AdapterConfig, Preset
+from agd_cli.presets import AdapterConfig, Preset, is_random_base
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RANDOM_SEED = 0  # random-weight bases are identical in every process
@@ -112,7 +113,7 @@ class Denoiser:
                                   "point base_model at a local copy") from None
         model, text_parts, sched, vae_cfg = parts
         den = cls(preset, model, text_parts if text else {}, sched, dev, dt,
-                  "random:" + preset.name if random else source, vae_cfg)
+                  preset.base_source(random_weights=random), vae_cfg)
         if not random and is_single_file(source):
             den.checkpoint = checkpoint_identity(source)
         return den
@@ -249,10 +250,11 @@ class Denoiser:
                 "preset_toml": self.preset.raw, "omega_min": lo, "omega_max": hi,
                 "train_steps": train_steps, **where, **extra}
 
-    def load_adapters(self, path: str | Path, dtype: torch.dtype | None = None) -> AdapterSet:
+    def load_adapters(self, file: str | Path | AdapterFile,
+                      dtype: torch.dtype | None = None) -> AdapterSet:
         """Load an adapter file written by `agd train`; refuse one made for another base."""
-        state, raw = read_adapter_file(path)
-        meta = adapter_metadata(raw)
+        file = AdapterFile.open(file)
+        path, meta = file.path, file.meta
         cfg = AdapterConfig(**meta["adapter_config"])
         mine = AdapterSet(cfg, self.adapter_sites(cfg.kind), self.cond_spec())
         if meta.get("signature") != mine.signature() or meta.get("family") != self.family:
@@ -262,7 +264,7 @@ class Denoiser:
                 f"'{self.source}' (family {self.family})",
                 hint="use the adapter with the base it was trained on, or train a new one")
         try:
-            mine.load_state_dict(state)
+            mine.load_state_dict(file.tensors())
         except RuntimeError as e:
             raise DataError(f"adapter {path} does not match this agd version's adapter layout: "
                             f"{str(e).splitlines()[0][:200]}",
@@ -318,7 +320,7 @@ class Denoiser:
 
         if self.vae is None:
             cls = getattr(diffusers, self.vae_class)
-            if self.source.startswith("random:"):
+            if is_random_base(self.source):
                 self.vae = _seeded(lambda: cls(**self.preset.architecture["vae"]))
             else:  # fp16 weights where the base is half (smaller download); decodes in fp32
                 self.vae = open_base(self.preset, self.source).model(cls, "vae", self.dtype)
