@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from agd_cli.adapters import AdapterSet, adapter_metadata, attached_adapters, read_adapter_file
+from agd_cli.adapter_file import AdapterFile
+from agd_cli.adapters import AdapterSet, attached_adapters
 from agd_cli.errors import DataError, ModelError
 
 __all__ = ["agd_adapter", "agd_guidance", "denoiser_of", "family_of", "load_agd_adapter",
@@ -74,9 +75,9 @@ def family_of(model: nn.Module) -> str:
         return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"
     if name in ("DiTTransformer2DModel", "Transformer2DModel") and cfg.get("num_embeds_ada_norm"):
         return "dit"
-    from agd_cli.families import FAMILIES
+    from agd_cli.families import FAMILY_CLASSES
 
-    for family, cls in FAMILIES.items():  # SD3, PixArt-Σ, Sana: one transformer class each
+    for family, cls in FAMILY_CLASSES.items():  # SD3, PixArt-Σ, Sana: one transformer class each
         if getattr(cls, "model_class", None) == name:
             return family
     raise ModelError(f"agd adapters do not support {name}",
@@ -95,9 +96,9 @@ def _name_of(pipe, model: nn.Module) -> str:
 def _denoiser_view(family: str, preset, model: nn.Module, source: str, device, dtype):
     """A Denoiser of `family` around the user's model, built without Denoiser.__init__: that
     would freeze, cast and move the model (a LoRA being trained must stay trainable)."""
-    from agd_cli.families import FAMILIES
+    from agd_cli.families import FAMILY_CLASSES
 
-    den = FAMILIES[family].__new__(FAMILIES[family])
+    den = FAMILY_CLASSES[family].__new__(FAMILY_CLASSES[family])
     den.preset, den.model, den.text, den.source = preset, model, {}, source
     den.scheduler_config, den.vae_config, den.vae = {}, None, None
     den.device, den.dtype, den.adapters, den.nfe = device, dtype, None, 0
@@ -152,21 +153,19 @@ def load_agd_adapter(pipe, path: str | Path, dtype: torch.dtype | None = None) -
     Refuses an adapter trained for another architecture, naming both bases. Replaces an agd
     adapter attached earlier. Other adapters (LoRA via peft) are left alone.
     """
-    from agd_cli.families import preset_for_adapter
-
     model = denoiser_of(pipe)
     family, source = family_of(model), _name_of(pipe, model)
-    meta = adapter_metadata(read_adapter_file(path)[1])
-    if meta.get("family") != family:
-        raise DataError(f"adapter {path} was trained for '{meta.get('base_model')}' (family "
-                        f"{meta.get('family')}), but the pipeline's model is '{source}' "
+    file = AdapterFile.open(path)  # metadata only; the tensors load once, in load_adapters
+    if file.family != family:
+        raise DataError(f"adapter {path} was trained for '{file.base_model}' (family "
+                        f"{file.family}), but the pipeline's model is '{source}' "
                         f"(family {family})",
                         hint="use the adapter with a pipeline of the base it was trained on")
     unload_agd_adapter(pipe)
     param = next(model.parameters())
-    den = _denoiser_view(family, preset_for_adapter(path), model, source,
+    den = _denoiser_view(family, file.preset, model, source,
                          _execution_device(pipe, model), dtype or param.dtype)
-    adapters = den.load_adapters(path, dtype=dtype or param.dtype)  # checks the architecture
+    adapters = den.load_adapters(file, dtype=dtype or param.dtype)  # checks the architecture
     if adapters.wants_negative and hasattr(pipe, "encode_prompt") and family in ("sd", "sdxl"):
         _NEGATIVE_FEEDS[model] = _NegativeFeed(pipe, model, family)
     return adapters
@@ -204,13 +203,15 @@ def agd_guidance(pipe, omega: float | torch.Tensor,
                          hint="call load_agd_adapter(pipe, path) first")
     extra = {}
     if attached_adapters(model).wants_negative and family_of(model) == "dit":
-        null = int(model.config.num_embeds_ada_norm)
+        from agd_cli.families.spec import num_classes
+
+        null = num_classes(model.config)
         extra["agd_negative"] = {"class_labels": torch.tensor(
             [null if negative_class is None else int(negative_class)])}
 
-    from agd_cli.families import FAMILIES
+    from agd_cli.families import FAMILY_CLASSES
 
-    key = FAMILIES[family_of(model)].omega_kwarg  # cross_attention_kwargs, joint_attention_kwargs…
+    key = FAMILY_CLASSES[family_of(model)].omega_kwarg  # cross_attention_kwargs, joint_attention_kwargs…
 
     def give_omega(module, args, kwargs):
         kwargs[key] = {"agd_omega": omega, **extra, **(kwargs.get(key) or {})}

@@ -42,39 +42,6 @@ def parse_baselines(text: str | None) -> list[str]:
     return ["cfg"] + [m for m in BASELINES[1:] if m in names]
 
 
-def _split(values: Sequence) -> list[str]:
-    return [p.strip() for v in values for p in str(v).split(",") if p.strip()]
-
-
-def parse_omegas(values: Sequence, default: Sequence[float]) -> list[float]:
-    """Guidance scales from -w flags (each may be a comma list); positive numbers only."""
-    out = []
-    for part in _split(values):
-        try:
-            w = float(part)
-        except ValueError:
-            raise InputError(f"bad guidance scale '{part}' in -w", hint="give numbers, e.g. -w 2 -w 4 or -w 2,4") from None
-        if not w > 0 or w == float("inf"):
-            raise InputError(f"guidance scale {part} must be a positive number", hint="e.g. -w 4")
-        out.append(w)
-    return list(dict.fromkeys(out)) or [float(w) for w in default]
-
-
-def parse_seeds(values: Sequence, default: Sequence[int] = (0,)) -> list[int]:
-    """Seeds from --seeds: '0,1,2', ranges '0-3', or repeated flags."""
-    out: list[int] = []
-    for part in _split(values):
-        lo, sep, hi = part.partition("-")
-        try:
-            seeds = range(int(lo), int(hi) + 1) if sep and lo else [int(part)]
-        except ValueError:
-            raise InputError(f"bad seed '{part}' in --seeds", hint="e.g. --seeds 0,1,2 or --seeds 0-7") from None
-        if any(s < 0 for s in seeds) or (sep and lo and int(lo) > int(hi)):
-            raise InputError(f"bad seed '{part}' in --seeds", hint="seeds are integers ≥ 0, ranges low-high")
-        out.extend(seeds)
-    return list(dict.fromkeys(out)) or list(default)
-
-
 @dataclass
 class BenchPlan:
     """Everything `run_bench` will do, checked before the model loads."""
@@ -111,7 +78,6 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
                negatives: bool = False) -> BenchPlan:
     """Check every flag and find the adapter and its preset; no model weights load here."""
     from agd_cli.prompts import read_prompts
-    from agd_cli.sampling import SCHEDULERS
 
     methods = ["agd", *parse_baselines(baselines)]
     for flag, value, least in (("--num-prompts", n, 1), ("--steps", steps, 1),
@@ -121,18 +87,18 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
         checks.optional_integer(flag, value, least)
     if not 0 < cutoff <= 1:
         raise InputError(f"--cutoff {cutoff} is not in (0, 1]", hint="the fraction of steps that use CFG, e.g. 0.5")
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise InputError(f"unknown scheduler '{scheduler}'", hint=f"choose one of {', '.join(SCHEDULERS)}")
+    if scheduler is not None:
+        checks.scheduler(scheduler)
     if grid is not None and Path(grid).suffix.lower() != ".png":
         raise InputError(f"--grid {grid} is not a .png path", hint="e.g. --grid compare.png")
-    seed_list = parse_seeds(seeds)
+    seed_list = checks.seed_list(seeds)
     prompt_list = read_prompts(prompts) if prompts else None
     path = workspace.find_adapter(workdir, adapter, run, preset)
     file = AdapterFile.open(path)  # the metadata only: tensors load with the model
     p = file.base_for(preset)
     if quality or negatives:
         _check_quality_preset(p, "--quality" if quality else "--negatives")
-    omega_list = parse_omegas(omegas, [p.sampling["default_omega"]])
+    omega_list = checks.omega_list(omegas, [p.sampling["default_omega"]])
     if steps is not None:
         checks.sampling_steps(steps, checks.preset_scheduler_config(p))
     run_folder = path.parent if path.name == workspace.ADAPTER else Path(workdir) / p.name
@@ -144,9 +110,9 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
                      steps=steps or p.sampling["steps"], scheduler=scheduler or p.sampling["scheduler"],
                      cutoff=cutoff, repeats=repeats, batch_size=batch_size, grid=Path(grid) if grid else out_dir / "compare-cfg.png",
                      quality=quality, quality_samples=quality_samples, quality_batch=quality_batch,
-                     quality_omegas=parse_omegas(omegas, QUALITY_OMEGAS),
+                     quality_omegas=checks.omega_list(omegas, QUALITY_OMEGAS),
                      negative_prompt=negative_prompt, negatives=negatives,
-                     negative_omegas=parse_omegas(omegas, [p.sampling["default_omega"]]),
+                     negative_omegas=checks.omega_list(omegas, [p.sampling["default_omega"]]),
                      file=file)
 
 
@@ -267,7 +233,7 @@ class Generated:
     nfe: int
 
 
-def generate(den, method: str, batch: list, uncond: dict, plan) -> list[Generated]:
+def timed_sample(den, method: str, batch: list, uncond: dict, plan) -> list[Generated]:
     """Sample and decode a batch of cases in one call, timed with the device synchronised;
     each image gets the call's time divided by the batch size."""
     import torch
@@ -325,11 +291,11 @@ def compare(den, cases: list[Case], uncond: dict, plan: BenchPlan) -> tuple[dict
     first = [cases[i] for i in batches[0]]
     order = [m for m in METHOD_ORDER if m in plan.methods]
     for m in order:  # warm-up: first-call allocations and lazy inits count for no method
-        generate(den, m, first, uncond, plan)
+        timed_sample(den, m, first, uncond, plan)
     memory = {}
     for m in order:
         with PeakMemory(den.device) as mem:
-            generate(den, m, first, uncond, plan)
+            timed_sample(den, m, first, uncond, plan)
         memory[m] = {"peak_memory_bytes": mem.peak, "memory_increase_bytes": mem.increase,
                      "what": mem.what}
     results: dict[str, list[list[Generated]]] = {m: [[] for _ in cases] for m in plan.methods}
@@ -338,7 +304,7 @@ def compare(den, cases: list[Case], uncond: dict, plan: BenchPlan) -> tuple[dict
         for idx in batches:
             for m in plan.methods:
                 for _ in range(plan.repeats):
-                    for i, g in zip(idx, generate(den, m, [cases[i] for i in idx], uncond, plan),
+                    for i, g in zip(idx, timed_sample(den, m, [cases[i] for i in idx], uncond, plan),
                                     strict=True):
                         results[m][i].append(g)
                     bar.advance(task, len(idx))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,96 @@ def omega_range(lo: Any, hi: Any, where: str = "") -> tuple[float, float]:
         raise InputError(f"{prefix}{names[0]} {lo:g} is larger than {names[1]} {hi:g}",
                          hint="swap the two values")
     return float(lo), float(hi)
+
+
+def omega(value: Any, flag: str = "-w/--omega") -> float:
+    """A guidance scale ω: finite and > 0."""
+    if not (is_finite(value) and value > 0):
+        raise InputError(f"{flag} must be a finite number > 0, got {_literal(value)}",
+                         hint="ω = 1 is the conditional model alone; typical values are 2–12")
+    return float(value)
+
+
+def seed(value: Any, flag: str = "--seed") -> int:
+    """A seed: an integer ≥ 0."""
+    return integer(flag, value, minimum=0, example=f"{flag} 0")
+
+
+def size(text: str | None, flag: str = "--size") -> tuple[int, int] | None:
+    """'WxH' (or one number for a square) -> (height, width), the order of sizes in agd."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[x×X*]\s*(\d+))?\s*", str(text))
+    if not m:
+        raise InputError(f"bad {flag} '{text}'",
+                         hint=f"use WIDTHxHEIGHT, e.g. {flag} 1024x768, or one number")
+    w = int(m.group(1))
+    h = int(m.group(2)) if m.group(2) else w
+    if w < 1 or h < 1:
+        raise InputError(f"bad {flag} '{text}': width and height must be positive",
+                         hint=f"e.g. {flag} 512x512")
+    return h, w
+
+
+def _comma_split(values: Sequence) -> list[str]:
+    return [p.strip() for v in values for p in str(v).split(",") if p.strip()]
+
+
+def omega_list(values: Sequence, default: Sequence[float]) -> list[float]:
+    """Guidance scales from repeated -w flags, each maybe a comma list (bench); finite and > 0."""
+    out = []
+    for part in _comma_split(values):
+        try:
+            w = float(part)
+        except ValueError:
+            raise InputError(f"bad guidance scale '{part}' in -w", hint="give numbers, e.g. -w 2 -w 4 or -w 2,4") from None
+        if not w > 0 or w == float("inf"):
+            raise InputError(f"guidance scale {part} must be a positive number", hint="e.g. -w 4")
+        out.append(w)
+    return list(dict.fromkeys(out)) or [float(w) for w in default]
+
+
+def seed_list(values: Sequence, default: Sequence[int] = (0,)) -> list[int]:
+    """Seeds from --seeds: '0,1,2', ranges '0-3', or repeated flags."""
+    out: list[int] = []
+    for part in _comma_split(values):
+        lo, sep, hi = part.partition("-")
+        try:
+            seeds = range(int(lo), int(hi) + 1) if sep and lo else [int(part)]
+        except ValueError:
+            raise InputError(f"bad seed '{part}' in --seeds", hint="e.g. --seeds 0,1,2 or --seeds 0-7") from None
+        if any(s < 0 for s in seeds) or (sep and lo and int(lo) > int(hi)):
+            raise InputError(f"bad seed '{part}' in --seeds", hint="seeds are integers ≥ 0, ranges low-high")
+        out.extend(seeds)
+    return list(dict.fromkeys(out)) or list(default)
+
+
+# --- names from the vocabulary (agd_cli.presets: DTYPES, SCHEDULERS, OPTIMIZERS) -------------
+def choice(value: Any, options: Sequence[str], what: str) -> str:
+    """One of `options`, else an error naming the value and the choices."""
+    if value not in options:
+        raise InputError(f"unknown {what} '{value}'", hint=f"use one of {', '.join(options)}")
+    return value
+
+
+def dtype(value: Any, what: str = "dtype") -> str:
+    """fp16, bf16 or fp32."""
+    from agd_cli.presets import DTYPES
+
+    return choice(value, DTYPES, what)
+
+
+def scheduler(value: Any) -> str:
+    """A sampler name (agd_cli.sampling.SCHEDULER_CLASSES maps each to diffusers)."""
+    from agd_cli.presets import SCHEDULERS
+
+    return choice(value, SCHEDULERS, "scheduler")
+
+
+def optimizer(value: Any) -> str:
+    from agd_cli.presets import OPTIMIZERS
+
+    return choice(value, OPTIMIZERS, "optimizer")
 
 
 def _literal(value: Any) -> str:

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agd_cli import __version__, checks, ui
-from agd_cli.errors import DataError, InputError, Interrupted
+from agd_cli.errors import InputError, Interrupted
+from agd_cli.families.spec import FamilySpec
 from agd_cli.locks import run_lock, worker_lock_name
-from agd_cli.presets import DTYPES, Preset, load_preset
+from agd_cli.presets import Preset, load_preset
 from agd_cli.prompts import builtin_prompts, parse_classes, prompts_sha256, read_prompts
 from agd_cli.workspace import TRAJECTORIES, run_dir
 
@@ -127,54 +128,6 @@ def worker_ids(num_prompts: int, num_per_prompt: int, index: int, num: int) -> l
             for j in range(num_per_prompt)]
 
 
-def _model_config(preset: Preset, part: str) -> dict | None:
-    """A model part's config from the preset's architecture, or a local model folder (no weights)."""
-    if preset.architecture.get(part):
-        return preset.architecture[part]
-    src = Path(preset.resolve_base_model())
-    if (src / part / "config.json").is_file():
-        from agd_cli.io import read_json
-
-        return read_json(src / part / "config.json")
-    return None
-
-
-def latent_geometry(preset: Preset) -> tuple[int, int, int] | None:
-    """(C, h, w) of the model input at the preset's resolution, from configs only."""
-    net = _model_config(preset, "unet" if preset.family in ("sd", "sdxl") else "transformer")
-    if net is None:
-        return None
-    factor = 1
-    if not preset.pixel_space:
-        vae = _model_config(preset, "vae")
-        stages = vae and (vae.get("block_out_channels") or vae.get("encoder_block_out_channels"))
-        factor = 2 ** (len(stages) - 1) if stages else 8  # DC-AE (Sana) names its stages apart
-    side = preset.resolution // factor
-    return (int(net.get("in_channels", 4)), side, side)
-
-
-def _cond_layout(preset: Preset) -> dict[str, tuple[tuple, int]] | None:
-    """Stored condition tensors of one prompt: key -> (shape, bytes per element)."""
-    if preset.family == "dit":
-        return {"class_labels": ((), 8)}
-    from agd_cli.families import FAMILIES
-
-    own = getattr(FAMILIES[preset.family], "stored_cond_layout", None)
-    if own is not None:  # diffusion-transformer families describe their own conditions
-        net = _model_config(preset, "transformer")
-        return None if net is None else own(net, preset.architecture.get("tokenizer", {}))
-    unet = _model_config(preset, "unet")
-    if unet is None:
-        return None
-    tokens = preset.architecture.get("tokenizer", {}).get("model_max_length", 77)
-    layout = {"prompt_embeds": ((tokens, unet.get("cross_attention_dim", 768)), 2)}
-    if preset.family == "sdxl":
-        pooled = (unet["projection_class_embeddings_input_dim"]
-                  - 6 * unet["addition_time_embed_dim"])
-        layout.update({"pooled": ((pooled,), 2), "time_ids": ((6,), 4)})
-    return layout
-
-
 def estimate_bytes_per_trajectory(preset: str | Preset, keep_steps: int | None = None,
                                   num_per_prompt: int | None = None) -> dict:
     """Bytes one trajectory takes on disk at these settings, without loading any weights.
@@ -187,7 +140,8 @@ def estimate_bytes_per_trajectory(preset: str | Preset, keep_steps: int | None =
     preset = load_preset(preset) if isinstance(preset, str) else preset
     k = keep_steps or preset.collect["keep_steps"]
     npp = num_per_prompt or preset.collect["num_per_prompt"]
-    shape, layout = latent_geometry(preset), _cond_layout(preset)
+    spec = FamilySpec(preset)
+    shape, layout = spec.latent_shape(), spec.cond_layout()
     if shape is None or layout is None:
         return {"bytes": None, "latent_shape": None, "keep_steps": k, "tensors": {}}
     tensors = {"x": [[k, *shape], "float16"], "target": [[k, *shape], "float16"],
@@ -233,11 +187,6 @@ def human_bytes(n: float | None) -> str:
 
 
 # --- 1. inputs ---------------------------------------------------------------------------------
-def _num_classes(preset: Preset) -> int:
-    net = _model_config(preset, "transformer") or {}
-    return int(net.get("num_embeds_ada_norm", 1000))
-
-
 def load_prompt_set(preset: Preset, prompts: str | None = None,
                     classes: str | None = None) -> tuple[list, str]:
     """The prompts (or DiT classes) to collect for, and a label saying where they came from."""
@@ -248,17 +197,17 @@ def load_prompt_set(preset: Preset, prompts: str | None = None,
         if preset.family != "dit":
             raise InputError(f"--classes given, but preset '{preset.name}' is text-conditional "
                              f"(family {preset.family})", hint="give --prompts FILE instead")
-        return parse_classes(classes, _num_classes(preset)), f"classes:{classes}"
+        return parse_classes(classes, FamilySpec(preset).num_classes), f"classes:{classes}"
     spec = prompts if prompts is not None else preset.prompts
     if not spec:
         raise InputError(f"no prompts given and preset '{preset.name}' has no default prompt set",
                          hint="pass --prompts FILE (.txt, .csv or .jsonl)"
                               + (" or --classes all" if preset.family == "dit" else ""))
     if preset.family == "dit" and prompts is None and not spec.startswith("builtin:"):
-        return parse_classes(spec, _num_classes(preset)), f"classes:{spec}"
+        return parse_classes(spec, FamilySpec(preset).num_classes), f"classes:{spec}"
     items = builtin_prompts(spec) if spec.startswith("builtin:") else read_prompts(spec)
     if preset.family == "dit":  # a file of class ids or names, one per line
-        items = parse_classes(",".join(items), _num_classes(preset))
+        items = parse_classes(",".join(items), FamilySpec(preset).num_classes)
     return items, spec if spec.startswith("builtin:") else str(Path(spec))
 
 
@@ -278,7 +227,7 @@ def load_negative_set(preset: Preset, spec: str | None,
     except InputError as e:
         raise InputError(f"--negative-prompts: {e.message}", hint=e.hint) from None
     if preset.family == "dit":  # a file of class ids or names, one per line
-        items = parse_classes(",".join(items), _num_classes(preset))
+        items = parse_classes(",".join(items), FamilySpec(preset).num_classes)
     return items, spec if spec.startswith("builtin:") else str(Path(spec)), float(p)
 
 
@@ -338,8 +287,7 @@ def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: 
                                 p.sampling["omega_max"] if omega_max is None else omega_max)
     checks.integer("--seed", seed, minimum=0)
     dtype = dtype or p.collect.get("dtype", "fp16")
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype '{dtype}'", hint=f"use one of {', '.join(DTYPES)}")
+    checks.dtype(dtype)
     index, num, state = _worker(shard_index, num_shards)
     device = None if device == "auto" else device  # auto: a resumed or launched worker's own
     if overwrite and num > 1 and state is None:
@@ -362,24 +310,6 @@ def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: 
     s.ids = worker_ids(len(prompt_list), npp, index, num)
     s.negatives, s.negative_source, s.empty_negative_probability = negatives, negative_source, empty_p
     return s
-
-
-def check_same_collection(s: CollectSettings, store) -> None:
-    """An existing collection must be this one (same identity keys) to be resumed."""
-    from agd_cli.trajectories import IDENTITY_KEYS
-
-    old, new = store.manifest().get("config", {}), s.identity()
-    for key in IDENTITY_KEYS:
-        if old.get(key) == new[key]:
-            continue
-        if key == "prompts_sha256":  # say which prompt sets, not which hashes
-            what = (f"prompts: {old.get('prompt_source')!r} ({len(old.get('prompts', []))} prompts) "
-                    f"there, {s.prompt_source!r} ({len(s.prompts)} prompts) now")
-        else:
-            what = f"{key}: {old.get(key)!r} there, {new[key]!r} now"
-        raise DataError(f"{store.root} already holds a different collection ({what})",
-                        hint="rerun with the same settings to resume, use --out for a new folder, "
-                             "or --overwrite to replace it")
 
 
 # --- 2. plan -----------------------------------------------------------------------------------
@@ -611,7 +541,7 @@ def run_collect(preset: str | Preset, prompts: str | None = None, classes: str |
     store = TrajectoryStore(s.run / TRAJECTORIES)
     damaged = []
     if store.exists() and not s.overwrite:
-        check_same_collection(s, store)
+        store.check_same({**s.identity(), "prompts": s.prompts, "prompt_source": s.prompt_source})
         damaged = _damaged_shards(store)
     # 2. Plan: what is left, and whether the disk can hold it
     remaining = plan_collection(s, store, {i for _, ids in damaged for i in ids})

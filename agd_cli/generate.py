@@ -11,7 +11,6 @@ prompt), so an image does not depend on the batch it was made in.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Sequence
@@ -21,7 +20,8 @@ from pathlib import Path
 from agd_cli import checks, ui, workspace
 from agd_cli.adapter_file import AdapterFile
 from agd_cli.errors import InputError
-from agd_cli.presets import DTYPES, SCHEDULERS, Preset
+from agd_cli.families.spec import FamilySpec
+from agd_cli.presets import Preset
 
 DEFAULT_BATCH_SIZE = 4
 TILE_ABOVE = 1024  # VAE tiling for images larger than this many pixels per side
@@ -36,21 +36,6 @@ class Job:
 
 
 # --- 1. checks that need nothing loaded ------------------------------------------------------
-def parse_size(size: str | None) -> tuple[int, int] | None:
-    """'WxH' or 'N' -> (width, height)."""
-    if size is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[x×X*]\s*(\d+))?\s*", str(size))
-    if not m:
-        raise InputError(f"bad --size '{size}'", hint="use WIDTHxHEIGHT, e.g. --size 1024x768, or one number")
-    w = int(m.group(1))
-    h = int(m.group(2)) if m.group(2) else w
-    if w < 1 or h < 1:
-        raise InputError(f"bad --size '{size}': width and height must be positive",
-                         hint="e.g. --size 512x512")
-    return w, h
-
-
 def check_inputs(prompts: Sequence[str], omega: float | None, steps: int | None,
                  scheduler: str | None, num_images: int, batch_size: int | None,
                  dtype: str | None, seed: int) -> None:
@@ -58,21 +43,16 @@ def check_inputs(prompts: Sequence[str], omega: float | None, steps: int | None,
     if not prompts:
         raise InputError("no prompt given", hint='e.g. agd generate "a red fox" -w 6 '
                                                   "(for DiT: class ids or names)")
-    if omega is not None and not (math.isfinite(omega) and omega > 0):
-        raise InputError(f"-w/--omega must be a finite number > 0, got {omega}",
-                         hint="ω = 1 is the conditional model alone; typical values are 2–12")
-    if steps is not None and steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}", hint="try --steps 50")
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise InputError(f"unknown scheduler '{scheduler}'", hint=f"choose one of {', '.join(SCHEDULERS)}")
-    if num_images < 1:
-        raise InputError(f"-n/--num-images must be at least 1, got {num_images}", hint="e.g. -n 4")
-    if batch_size is not None and batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}", hint="e.g. --batch-size 4")
-    if dtype is not None and dtype not in DTYPES:
-        raise InputError(f"unknown dtype '{dtype}'", hint=f"use one of {', '.join(DTYPES)}")
-    if seed < 0:
-        raise InputError(f"--seed must be >= 0, got {seed}", hint="e.g. --seed 0")
+    if omega is not None:
+        checks.omega(omega)
+    checks.optional_integer("--steps", steps)
+    if scheduler is not None:
+        checks.scheduler(scheduler)
+    checks.integer("-n/--num-images", num_images)
+    checks.optional_integer("--batch-size", batch_size)
+    if dtype is not None:
+        checks.dtype(dtype)
+    checks.seed(seed)
 
 
 def plan_output(out: str | None, adapter_path: Path, n_images: int) -> tuple[Path, Path | None]:
@@ -98,30 +78,12 @@ def plan_output(out: str | None, adapter_path: Path, n_images: int) -> tuple[Pat
 
 
 # --- 2. checks that need the adapter's preset --------------------------------------------------
-def size_multiple(preset: Preset) -> int:
-    """Image sizes must be multiples of this: VAE downsampling × the model's own downsampling."""
-    arch = preset.architecture
-    if preset.pixel_space:
-        vae = 1
-    elif "vae" in arch:
-        vae = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
-    else:
-        vae = 8  # every SD/SDXL/DiT VAE
-    if "transformer" in arch:
-        model = int(arch["transformer"].get("patch_size", 2))
-    elif "unet" in arch:
-        model = 2 ** (len(arch["unet"]["block_out_channels"]) - 1)
-    else:  # shipped UNets forward odd upsample sizes; DiT needs whole patches
-        model = 2 if preset.family == "dit" else 1
-    return vae * model
-
-
 def check_size(size: tuple[int, int] | None, preset: Preset) -> tuple[int, int]:
     """(height, width) in pixels, defaulting to the preset's resolution."""
     if size is None:
         return preset.resolution, preset.resolution
-    w, h = size
-    m = size_multiple(preset)
+    h, w = size
+    m = FamilySpec(preset).size_multiple
     if w % m or h % m:
         raise InputError(f"--size {w}x{h} does not fit {preset.name}: width and height must be "
                          f"multiples of {m}",
@@ -276,11 +238,11 @@ def plan_generation(prompts: Sequence[str], *, omega: float | None, adapter: str
                     workdir: str) -> Plan:
     """Check every input and decide what to make, reading only the adapter file's metadata."""
     check_inputs(prompts, omega, steps, scheduler, num_images, batch_size, dtype, seed)
-    wh = parse_size(size)
+    hw = checks.size(size)
     path = workspace.find_adapter(workdir, adapter, run, preset)
     file = AdapterFile.open(path)  # the metadata only: tensors load with the model
     base = file.base_for(preset)
-    height, width = check_size(wh, base)
+    height, width = check_size(hw, base)
     if steps is not None:
         checks.sampling_steps(steps, checks.preset_scheduler_config(base))
     distinct = list(dict.fromkeys(str(p) for p in prompts))

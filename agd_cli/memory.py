@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from agd_cli.errors import InputError, ModelError
+from agd_cli import checks
+from agd_cli.errors import ModelError
 
 
 def measure_train_step(preset_name: str, precision: str = "bf16", optimizer: str = "adamw8bit",
@@ -121,9 +122,9 @@ def build_random_base(preset, device, dtype):
     Like load_denoiser(weights="random", text=False), but without an fp32 copy first
     (10 GB for SDXL) and keeping half precision on CPU too, so the CPU figure is comparable.
     """
-    from agd_cli.families import FAMILIES
+    from agd_cli.families import FAMILY_CLASSES
 
-    cls = FAMILIES[preset.family]
+    cls = FAMILY_CLASSES[preset.family]
     with _default_dtype(dtype):
         model, _text_encoders, sched, vae = cls._build_random(preset, text=False)
     del _text_encoders  # conditions come from the collection: no text encoders in training
@@ -140,7 +141,7 @@ def random_inputs(den, batch: int, resolution: int) -> dict:
     if hasattr(den, "random_cond"):  # diffusion-transformer families know their own shapes
         cond = den.random_cond(batch)
     elif den.family == "dit":
-        cond = {"class_labels": torch.randint(0, 1000, (batch,), device=dev)}
+        cond = {"class_labels": torch.randint(0, den.null_class, (batch,), device=dev)}
     else:
         spec = den.cond_spec()
         length = den.preset.architecture.get("tokenizer", {}).get("model_max_length", 77)
@@ -171,14 +172,13 @@ def _measure(preset_name, precision: str, optimizer: str, checkpointing: bool,
     import torch
 
     from agd_cli.families import resolve_device
-    from agd_cli.families.base import DTYPES
+    from agd_cli.families.base import TORCH_DTYPES
     from agd_cli.presets import load_preset
 
-    if precision not in DTYPES:
-        raise InputError(f"unknown precision '{precision}'", hint="use fp16, bf16 or fp32")
+    checks.dtype(precision, "precision")
     preset = load_preset(preset_name) if isinstance(preset_name, str) else preset_name
     dev = resolve_device(device)
-    dtype = DTYPES[precision]
+    dtype = TORCH_DTYPES[precision]
     res = resolution or preset.resolution
     with torch.device(dev) if dev.type == "meta" else contextlib.nullcontext():
         den = build_random_base(preset, dev, dtype)

@@ -9,7 +9,7 @@ import torch
 
 from agd_cli.errors import InputError
 
-SCHEDULERS = {
+SCHEDULER_CLASSES = {
     "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
     "ddpm": "DDPMScheduler", "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler",
@@ -24,9 +24,9 @@ def make_scheduler(name: str, config: dict):
     """A diffusers scheduler of the named kind from the base model's scheduler config."""
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise InputError(f"unknown scheduler '{name}'", hint=f"choose one of {', '.join(SCHEDULERS)}")
-    cls = getattr(diffusers, SCHEDULERS[name])
+    if name not in SCHEDULER_CLASSES:
+        raise InputError(f"unknown scheduler '{name}'", hint=f"choose one of {', '.join(SCHEDULER_CLASSES)}")
+    cls = getattr(diffusers, SCHEDULER_CLASSES[name])
     kwargs = {"timestep_spacing": "trailing"} if name in ("euler", "euler-a", "dpm++", "heun") else {}
     return cls.from_config({**config, **kwargs})
 

@@ -36,7 +36,7 @@ from agd_cli.data import ShuffledSampler, TrajectoryData, collection_root
 from agd_cli.errors import DataError, InputError, Interrupted
 from agd_cli.io import atomic_path, json_line, naming
 from agd_cli.locks import run_lock
-from agd_cli.presets import DTYPES, OPTIMIZERS, AdapterConfig, Preset
+from agd_cli.presets import AdapterConfig, Preset
 
 MAX_VAL_SAMPLES = 512  # validation cost stays bounded on big collections
 GRAD_CLIP = 1.0        # global-norm clip: early Xavier-initialised adapters can spike
@@ -103,12 +103,8 @@ class TrainSettings:
         checks.number("--lr", self.lr, example="--lr 1e-4")
         checks.number("--val-fraction", self.val_fraction, 0, 1, low_open=False, high_open=True,
                       example="--val-fraction 0.1")
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"unknown optimizer '{self.optimizer}'",
-                             hint=f"use one of {', '.join(OPTIMIZERS)}")
-        if self.precision not in DTYPES:
-            raise InputError(f"unknown precision '{self.precision}'",
-                             hint=f"use one of {', '.join(DTYPES)}")
+        checks.optimizer(self.optimizer)
+        checks.dtype(self.precision, "precision")
 
     def describe(self) -> dict:
         """The settings as JSON-able values (for checkpoints)."""
@@ -627,7 +623,7 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
               adapter_kind: str | None = None, device: str = "auto",
               workdir: str = "agd-runs") -> dict:
     """Train adapters on collected trajectories; returns the summary `agd train --json` prints."""
-    from agd_cli.families import FAMILIES
+    from agd_cli.families import FAMILY_CLASSES
 
     flags = {k: v for k, v in locals().items() if k not in ("run", "data", "preset", "device",
                                                              "workdir", "resume")}
@@ -637,7 +633,7 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
     preset_obj = recorded_preset(roots, preset)
     # 2. What: settings checked, and the adapter kind against the family, before weights load
     settings = TrainSettings.resolve(preset_obj, flags)
-    family = FAMILIES[preset_obj.family]
+    family = FAMILY_CLASSES[preset_obj.family]
     family.check_adapter_kind(family, settings.adapter.kind)  # uses class attributes only
     acc = _accelerator(device)
     lock = run_lock(run_path, "train") if acc.is_main_process else contextlib.nullcontext()

@@ -80,18 +80,26 @@ class TrajectoryStore:
             raise DataError(f"cannot read {self.manifest_path}: {e}",
                             hint="the file is damaged; recollect with --overwrite") from None
 
+    def check_same(self, config: dict) -> None:
+        """The existing collection must be this one (same IDENTITY_KEYS) to be resumed."""
+        old = self.manifest().get("config", {})
+        for key in IDENTITY_KEYS:
+            if old.get(key) == config.get(key):
+                continue
+            if key == "prompts_sha256" and "prompt_source" in config:  # which sets, not hashes
+                what = (f"prompts: {old.get('prompt_source')!r} ({len(old.get('prompts', []))} "
+                        f"prompts) there, {config['prompt_source']!r} "
+                        f"({len(config.get('prompts', []))} prompts) now")
+            else:
+                what = f"{key}: {old.get(key)!r} there, {config.get(key)!r} now"
+            raise DataError(f"{self.root} already holds a different collection ({what})",
+                            hint="rerun with the same settings to resume, use --out for a new "
+                                 "folder, or --overwrite to replace it")
+
     def init(self, config: dict, overwrite: bool = False) -> None:
         """Create the manifest, or check that an existing one describes the same collection."""
         if self.exists() and not overwrite:
-            old = self.manifest().get("config", {})
-            diff = [k for k in IDENTITY_KEYS if old.get(k) != config.get(k)]
-            if diff:
-                k = diff[0]
-                raise DataError(
-                    f"{self.root} already holds a different collection ({k}: "
-                    f"{old.get(k)!r} there, {config.get(k)!r} now)",
-                    hint="rerun with the same settings to resume, use --out for a new folder, "
-                         "or --overwrite to replace it")
+            self.check_same(config)
             return
         if overwrite and self.root.exists():
             for p in self.root.glob("shard-*"):

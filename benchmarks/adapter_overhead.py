@@ -35,7 +35,7 @@ def build(name: str):
     """A denoiser with random weights and no text encoders, plus fresh adapters (not attached)."""
     import torch
 
-    from agd_cli.families import FAMILIES
+    from agd_cli.families import FAMILY_CLASSES
     from agd_cli.families.base import _seeded
     from agd_cli.presets import load_preset
 
@@ -44,7 +44,7 @@ def build(name: str):
     if res:
         preset.resolution = int(res)
     arch = preset.architecture
-    cls = FAMILIES[preset.family]
+    cls = FAMILY_CLASSES[preset.family]
     if preset.family == "dit":
         from diffusers import DiTTransformer2DModel
 

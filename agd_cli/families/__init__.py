@@ -1,4 +1,4 @@
-"""Model families behind one interface (registry: FAMILIES).
+"""Model families behind one interface (registry: FAMILY_CLASSES).
 
 Each family loads from a hub id or a local folder, or builds from the preset's architecture
 config with seeded random weights; encodes conditions once (including the unconditional one);
@@ -24,18 +24,18 @@ from agd_cli.families.sd3 import SD3Denoiser
 from agd_cli.families.sdxl import SDXLDenoiser
 from agd_cli.presets import Preset
 
-FAMILIES: dict[str, type[Denoiser]] = {"sd": SDDenoiser, "sdxl": SDXLDenoiser, "dit": DiTDenoiser,
-                                       "sd3": SD3Denoiser, "pixart": PixArtDenoiser,
-                                       "sana": SanaDenoiser}
+FAMILY_CLASSES: dict[str, type[Denoiser]] = {
+    "sd": SDDenoiser, "sdxl": SDXLDenoiser, "dit": DiTDenoiser, "sd3": SD3Denoiser,
+    "pixart": PixArtDenoiser, "sana": SanaDenoiser}  # presets.FAMILIES names them
 
-__all__ = ["FAMILIES", "Denoiser", "cond_cat", "cond_select", "cond_to", "count_truncated",
+__all__ = ["FAMILY_CLASSES", "Denoiser", "cond_cat", "cond_select", "cond_to", "count_truncated",
            "load_denoiser", "load_with_adapters", "preset_for_adapter", "resolve_device", "resolve_dtype"]
 
 
 def load_denoiser(preset: Preset, device=None, dtype: str = "fp32", weights: str = "pretrained",
                   text: bool = True) -> Denoiser:
     """The registry's entry point: the preset's family, loaded (or built with random weights)."""
-    return FAMILIES[preset.family].load(preset, device=device, dtype=dtype, weights=weights,
+    return FAMILY_CLASSES[preset.family].load(preset, device=device, dtype=dtype, weights=weights,
                                         text=text)
 
 
@@ -44,7 +44,7 @@ def count_parameters(preset: Preset) -> dict:
     import torch
     from accelerate import init_empty_weights
 
-    cls = FAMILIES[preset.family]
+    cls = FAMILY_CLASSES[preset.family]
     if preset.architecture.get("unet") or preset.architecture.get("transformer"):
         # the device context also puts buffers on meta: SD3.5's 384² position table takes 13 s
         with init_empty_weights(), torch.device("meta"):

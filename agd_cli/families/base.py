@@ -12,11 +12,12 @@ from torch import nn
 from agd_cli.adapter_file import AdapterFile
 from agd_cli.adapters import AdapterSet, Site
 from agd_cli.errors import AgdError, DataError, InputError, ModelError
+from agd_cli.families.spec import vae_factor
 from agd_cli.families.weights import checkpoint_identity, is_single_file, open_base
 from agd_cli.guidance import cfg_combine
 from agd_cli.presets import AdapterConfig, Preset, is_random_base
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RANDOM_SEED = 0  # random-weight bases are identical in every process
 
 
@@ -36,11 +37,11 @@ def resolve_device(device: str | None) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """Half precision on CUDA; CPU kernels for fp16 are slow or missing, so CPU runs fp32."""
-    if name not in DTYPES:
+    if name not in TORCH_DTYPES:
         raise InputError(f"unknown dtype '{name}'", hint="use fp16, bf16 or fp32")
     if device.type == "cpu" and name != "fp32":
         return torch.float32
-    return DTYPES[name]
+    return TORCH_DTYPES[name]
 
 
 def cond_select(cond: dict, index) -> dict:
@@ -164,9 +165,9 @@ class Denoiser:
 
     @property
     def vae_scale_factor(self) -> int:
-        if self.preset.pixel_space or self.vae_config is None:
+        if self.vae_config is None:
             return 1
-        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+        return vae_factor(self.vae_config, self.preset.pixel_space)
 
     @property
     def in_channels(self) -> int:

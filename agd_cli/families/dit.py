@@ -8,14 +8,21 @@ import torch
 
 from agd_cli.errors import InputError
 from agd_cli.families.base import Denoiser, _seeded
+from agd_cli.families.spec import num_classes
 from agd_cli.families.weights import is_single_file, open_base
 
 
 class DiTDenoiser(Denoiser):
-    """cond = {"class_labels": (B,) int64}; the null class is num_embeds_ada_norm (1000)."""
+    """cond = {"class_labels": (B,) int64}; the null class id is the class count (spec.num_classes)."""
 
     family = "dit"
     adapter_kinds = ("offset",)  # no token sequence to attend to
+    labels: dict = {}  # class id -> ImageNet names; set per instance in __init__
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the label table is not a text encoder: it stays after free_text_encoders()
+        self.labels = self.text.pop("id2label", {})
 
     @classmethod
     def _build_random(cls, preset, text=True):
@@ -43,19 +50,20 @@ class DiTDenoiser(Denoiser):
 
     @property
     def null_class(self) -> int:
-        return int(self.model.config.num_embeds_ada_norm)
+        """The class count (from the loaded config, as FamilySpec reads it before loading)."""
+        return num_classes(self.model.config)
 
     def class_id(self, prompt) -> int:
         """A class id from an int, a numeric string or an ImageNet class name."""
         text = str(prompt).strip()
         if text.isdigit() and int(text) < self.null_class:
             return int(text)
-        for idx, names in self.text.get("id2label", {}).items():
+        for idx, names in self.labels.items():
             if text.lower() in [n.strip().lower() for n in str(names).split(",")]:
                 return int(idx)
         raise InputError(f"unknown class '{prompt}' for {self.preset.name}",
                          hint=f"use a class id 0-{self.null_class - 1}"
-                              + (" or an ImageNet class name" if self.text.get("id2label") else ""))
+                              + (" or an ImageNet class name" if self.labels else ""))
 
     def encode(self, prompts: Sequence, size=None) -> dict:
         labels = [self.class_id(p) for p in prompts]

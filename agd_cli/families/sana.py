@@ -38,12 +38,6 @@ class SanaDenoiser(TextTransformerDenoiser):
                            **{"vocab_size": len(tok), **arch["text_encoder"]})
         return {"tokenizer": tok, "text_encoder": Gemma2Model(cfg)}
 
-    @property
-    def vae_scale_factor(self) -> int:
-        if self.vae_config is None:
-            return 1
-        return 2 ** (len(self.vae_config["encoder_block_out_channels"]) - 1)
-
     def _encoder_pipeline(self):
         pipe = super()._encoder_pipeline()
         pipe.tokenizer.padding_side = "right"  # as SanaPipeline.__init__ sets it
