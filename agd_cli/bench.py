@@ -70,50 +70,83 @@ class BenchPlan:
     file: AdapterFile | None = None     # the adapter file, its metadata read once
 
 
-def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: str | None,
-               prompts: str | None, n: int | None, steps: int | None, omegas: Sequence,
-               seeds: Sequence, baselines: str | None, cutoff: float, repeats: int,
-               scheduler: str | None, grid: str | None, quality: bool, quality_samples: int,
-               quality_batch: int, batch_size: int = 1, negative_prompt: str | None = None,
-               negatives: bool = False) -> BenchPlan:
+@dataclass
+class BenchFlags:
+    """`agd bench`'s flags as given; None takes the preset's (or the adapter's) value."""
+
+    compare_cfg: bool = True
+    memory: bool = False
+    run: str | None = None
+    adapter: str | None = None
+    preset: str | None = None
+    prompts: str | None = None
+    n: int | None = None                 # --num-prompts
+    steps: int | None = None
+    omegas: Sequence = ()
+    seeds: Sequence = ()
+    baselines: str | None = None
+    cutoff: float = 0.5
+    repeats: int = 1
+    scheduler: str | None = None
+    grid: str | None = None
+    device: str | None = None
+    dtype: str = "fp16"                  # the comparison's model dtype
+    quality: bool = False
+    quality_samples: int = 500
+    quality_batch: int = 100
+    precision: str | None = None         # --memory's training dtype
+    optimizer: str | None = None
+    checkpointing: bool | None = None
+    train_batch_size: int | None = None
+    batch_size: int = 1
+    threads: int | None = None
+    workdir: str = "agd-runs"
+    show_table: bool = True
+    negative_prompt: str | None = None
+    negatives: bool = False
+
+
+def plan_bench(f: BenchFlags) -> BenchPlan:
     """Check every flag and find the adapter and its preset; no model weights load here."""
     from agd_cli.prompts import read_prompts
 
-    methods = ["agd", *parse_baselines(baselines)]
-    for flag, value, least in (("--num-prompts", n, 1), ("--steps", steps, 1),
-                               ("--repeats", repeats, 1), ("--batch-size", batch_size, 1),
-                               ("--quality-samples", quality_samples, 2),
-                               ("--quality-batch", quality_batch, 1)):
+    methods = ["agd", *parse_baselines(f.baselines)]
+    for flag, value, least in (("--num-prompts", f.n, 1), ("--steps", f.steps, 1),
+                               ("--repeats", f.repeats, 1), ("--batch-size", f.batch_size, 1),
+                               ("--quality-samples", f.quality_samples, 2),
+                               ("--quality-batch", f.quality_batch, 1)):
         checks.optional_integer(flag, value, least)
-    if not 0 < cutoff <= 1:
-        raise InputError(f"--cutoff {cutoff} is not in (0, 1]", hint="the fraction of steps that use CFG, e.g. 0.5")
-    if scheduler is not None:
-        checks.scheduler(scheduler)
-    if grid is not None and Path(grid).suffix.lower() != ".png":
-        raise InputError(f"--grid {grid} is not a .png path", hint="e.g. --grid compare.png")
-    seed_list = checks.seed_list(seeds)
-    prompt_list = read_prompts(prompts) if prompts else None
-    path = workspace.find_adapter(workdir, adapter, run, preset)
+    if not 0 < f.cutoff <= 1:
+        raise InputError(f"--cutoff {f.cutoff} is not in (0, 1]", hint="the fraction of steps that use CFG, e.g. 0.5")
+    if f.scheduler is not None:
+        checks.scheduler(f.scheduler)
+    if f.grid is not None and Path(f.grid).suffix.lower() != ".png":
+        raise InputError(f"--grid {f.grid} is not a .png path", hint="e.g. --grid compare.png")
+    seed_list = checks.seed_list(f.seeds)
+    prompt_list = read_prompts(f.prompts) if f.prompts else None
+    path = workspace.find_adapter(f.workdir, f.adapter, f.run, f.preset)
     file = AdapterFile.open(path)  # the metadata only: tensors load with the model
-    p = file.base_for(preset)
-    if quality or negatives:
-        _check_quality_preset(p, "--quality" if quality else "--negatives")
-    omega_list = checks.omega_list(omegas, [p.sampling["default_omega"]])
-    if steps is not None:
-        checks.sampling_steps(steps, checks.preset_scheduler_config(p))
-    run_folder = path.parent if path.name == workspace.ADAPTER else Path(workdir) / p.name
+    p = file.base_for(f.preset)
+    if f.quality or f.negatives:
+        _check_quality_preset(p, "--quality" if f.quality else "--negatives")
+    default_omega = [p.sampling["default_omega"]]
+    if f.steps is not None:
+        checks.sampling_steps(f.steps, checks.preset_scheduler_config(p))
+    run_folder = path.parent if path.name == workspace.ADAPTER else Path(f.workdir) / p.name
     out_dir = checks.writable_folder(run_folder / "bench", "the bench folder")
-    if grid is not None:
-        checks.writable_folder(Path(grid).parent, "--grid's folder")
-    return BenchPlan(adapter=path, preset=p, out_dir=out_dir, methods=methods, omegas=omega_list,
-                     seeds=seed_list, prompts_file=prompt_list, n=n or 4,
-                     steps=steps or p.sampling["steps"], scheduler=scheduler or p.sampling["scheduler"],
-                     cutoff=cutoff, repeats=repeats, batch_size=batch_size, grid=Path(grid) if grid else out_dir / "compare-cfg.png",
-                     quality=quality, quality_samples=quality_samples, quality_batch=quality_batch,
-                     quality_omegas=checks.omega_list(omegas, QUALITY_OMEGAS),
-                     negative_prompt=negative_prompt, negatives=negatives,
-                     negative_omegas=checks.omega_list(omegas, [p.sampling["default_omega"]]),
-                     file=file)
+    if f.grid is not None:
+        checks.writable_folder(Path(f.grid).parent, "--grid's folder")
+    return BenchPlan(adapter=path, preset=p, out_dir=out_dir, methods=methods,
+                     omegas=checks.omega_list(f.omegas, default_omega), seeds=seed_list,
+                     prompts_file=prompt_list, n=f.n or 4, steps=f.steps or p.sampling["steps"],
+                     scheduler=f.scheduler or p.sampling["scheduler"], cutoff=f.cutoff,
+                     repeats=f.repeats, batch_size=f.batch_size,
+                     grid=Path(f.grid) if f.grid else out_dir / "compare-cfg.png",
+                     quality=f.quality, quality_samples=f.quality_samples,
+                     quality_batch=f.quality_batch,
+                     quality_omegas=checks.omega_list(f.omegas, QUALITY_OMEGAS),
+                     negative_prompt=f.negative_prompt, negatives=f.negatives,
+                     negative_omegas=checks.omega_list(f.omegas, default_omega), file=file)
 
 
 def _check_quality_preset(preset, flag: str = "--quality") -> None:
@@ -472,45 +505,28 @@ def run_compare(den, plan: BenchPlan) -> dict:
     }
 
 
-def run_bench(*, compare_cfg: bool = True, memory: bool = False, run: str | None = None,
-              adapter: str | None = None, preset: str | None = None, prompts: str | None = None,
-              n: int | None = None, steps: int | None = None, omegas: Sequence = (),
-              seeds: Sequence = (), baselines: str | None = None, cutoff: float = 0.5,
-              repeats: int = 1, scheduler: str | None = None, grid: str | None = None,
-              device: str | None = None, dtype: str = "fp16", quality: bool = False,
-              quality_samples: int = 500, quality_batch: int = 100, precision: str | None = None,
-              optimizer: str | None = None, checkpointing: bool | None = None,
-              train_batch_size: int | None = None, batch_size: int = 1,
-              threads: int | None = None, workdir: str = "agd-runs",
-              show_table: bool = True, negative_prompt: str | None = None,
-              negatives: bool = False) -> dict:
-    """`agd bench`: --compare-cfg (speed, memory, agreement; --quality) and/or --memory."""
+def run_bench(flags: BenchFlags | None = None, /, **kwargs) -> dict:
+    """`agd bench`: --compare-cfg (speed, memory, agreement; --quality) and/or --memory.
+
+    `run_bench(preset="tiny-sd", steps=4)` takes BenchFlags' fields as keywords."""
     from agd_cli.io import write_json
 
-    checks.optional_integer("--threads", threads)
+    f = flags if flags is not None else BenchFlags(**kwargs)
+    show_table = f.show_table
+    checks.optional_integer("--threads", f.threads)
     plan = None
-    if compare_cfg or quality or negatives:  # every flag is checked before anything runs or loads
-        plan = plan_bench(workdir=workdir, run=run, adapter=adapter, preset=preset,
-                          prompts=prompts, n=n, steps=steps, omegas=omegas, seeds=seeds,
-                          baselines=baselines, cutoff=cutoff, repeats=repeats,
-                          scheduler=scheduler, grid=grid, quality=quality,
-                          quality_samples=quality_samples, quality_batch=quality_batch,
-                          batch_size=batch_size, negative_prompt=negative_prompt,
-                          negatives=negatives)
+    if f.compare_cfg or f.quality or f.negatives:  # every flag is checked before anything runs
+        plan = plan_bench(f)
     report: dict = {}
-    with torch_threads(threads):
-        if memory:
-            report["memory"] = run_memory(workdir=workdir, run=run, adapter=adapter,
-                                          preset=preset, precision=precision,
-                                          optimizer=optimizer, checkpointing=checkpointing,
-                                          batch_size=train_batch_size, device=device,
-                                          show_table=show_table)
+    with torch_threads(f.threads):
+        if f.memory:
+            report["memory"] = run_memory(f)
         if plan is None:
             return report
         from agd_cli.families import load_with_adapters
 
         ui.info(f"loading {plan.preset.name} with adapters from {plan.adapter}")
-        den = load_with_adapters(plan.file, device=device, dtype=dtype, base=plan.preset)
+        den = load_with_adapters(plan.file, device=f.device, dtype=f.dtype, base=plan.preset)
         report.update(run_compare(den, plan))
         if show_table:
             print_table(report)
@@ -664,19 +680,17 @@ def memory_args(preset, precision: str | None, optimizer: str | None,
             "batch_size": batch_size or t["batch_size"], "device": device or "auto"}
 
 
-def run_memory(*, workdir: str, run: str | None, adapter: str | None, preset: str | None,
-               precision: str | None, optimizer: str | None, checkpointing: bool | None,
-               batch_size: int | None, device: str | None, show_table: bool = True) -> dict:
+def run_memory(f: BenchFlags) -> dict:
     """Peak memory of one adapter training step, measured by agd_cli.memory.measure_train_step."""
     from agd_cli.memory import measure_train_step
     from agd_cli.presets import load_preset
 
-    p = (load_preset(preset) if preset
-         else AdapterFile.open(workspace.find_adapter(workdir, adapter, run)).preset)
-    args = memory_args(p, precision, optimizer, checkpointing, batch_size, device)
+    p = (load_preset(f.preset) if f.preset
+         else AdapterFile.open(workspace.find_adapter(f.workdir, f.adapter, f.run)).preset)
+    args = memory_args(p, f.precision, f.optimizer, f.checkpointing, f.train_batch_size, f.device)
     ui.info(f"measuring one training step of {p.name} in a fresh process…")
     result = {**args, **measure_train_step(**args)}
-    if show_table:
+    if f.show_table:
         from rich.table import Table
 
         t = Table(title=f"one adapter training step of {p.name}")

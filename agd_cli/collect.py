@@ -37,8 +37,35 @@ FP32_COND_KEYS = ("time_ids",)  # SDXL size/crop ids: exact integers, tiny, keep
 
 
 @dataclass
+class CollectFlags:
+    """`agd collect`'s flags as given; None takes the preset's value (see resolve_settings)."""
+
+    preset: str | Preset
+    prompts: str | None = None
+    classes: str | None = None
+    out: str | None = None
+    num_per_prompt: int | None = None
+    steps: int | None = None
+    keep_steps: int | None = None
+    omega_min: float | None = None
+    omega_max: float | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    shard_index: int | None = None
+    num_shards: int | None = None
+    overwrite: bool = False
+    workdir: str = "agd-runs"
+    base_model: str | None = None
+    negative_prompts: str | None = None
+    empty_negative_probability: float | None = None
+
+
+@dataclass
 class CollectSettings:
-    """Resolved flags (flag > preset > default) for one collect worker."""
+    """The plan of one collect worker: flags resolved against the preset (flag > preset >
+    default) and checked; built by resolve_settings before anything loads."""
 
     preset: Preset
     prompts: list
@@ -254,25 +281,33 @@ def _worker(shard_index: int | None, num_shards: int | None):
     return shard_index, num_shards, None
 
 
-def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: str | None = None,
-                     out: str | None = None, num_per_prompt: int | None = None,
-                     steps: int | None = None, keep_steps: int | None = None,
-                     omega_min: float | None = None, omega_max: float | None = None,
-                     batch_size: int | None = None, seed: int = 0, device: str | None = None,
-                     dtype: str | None = None, shard_index: int | None = None,
-                     num_shards: int | None = None, overwrite: bool = False,
-                     workdir: str = "agd-runs", base_model: str | None = None,
-                     negative_prompts: str | None = None,
-                     empty_negative_probability: float | None = None) -> CollectSettings:
-    """Check every flag against the preset (flag > preset > default); nothing loads or is written."""
+def _worker_device(device: str | None, num: int, state) -> str | None:
+    """--device; auto: a resumed or accelerate-launched worker's own GPU. Checked here."""
     from agd_cli.families import resolve_device
+
+    device = None if device == "auto" else device
+    if device is None and state is not None:
+        device = str(state.device)
+    elif device is None and num > 1 and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():  # one GPU per launched process
+            device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    resolve_device(device)  # an unknown device or missing CUDA fails here, before the plan
+    return device
+
+
+def resolve_settings(f: CollectFlags) -> CollectSettings:
+    """Check every flag against the preset (flag > preset > default); nothing loads or is written."""
     from agd_cli.families.weights import with_base_model
 
-    p = load_preset(preset) if isinstance(preset, str) else preset
-    p = with_base_model(p, base_model)
-    prompt_list, source = load_prompt_set(p, prompts, classes)
-    negatives, negative_source, empty_p = load_negative_set(p, negative_prompts,
-                                                            empty_negative_probability)
+    p = load_preset(f.preset) if isinstance(f.preset, str) else f.preset
+    p = with_base_model(p, f.base_model)
+    prompt_list, source = load_prompt_set(p, f.prompts, f.classes)
+    negatives, negative_source, empty_p = load_negative_set(p, f.negative_prompts,
+                                                            f.empty_negative_probability)
+    steps, keep_steps, num_per_prompt, batch_size = f.steps, f.keep_steps, f.num_per_prompt, f.batch_size
+    seed, dtype, overwrite, out = f.seed, f.dtype, f.overwrite, f.out
     steps = checks.integer("--steps", p.sampling["steps"] if steps is None else steps)
     checks.sampling_steps(steps, checks.preset_scheduler_config(p))
     keep = checks.integer("--keep-steps", min(p.collect["keep_steps"], steps)
@@ -283,26 +318,18 @@ def resolve_settings(preset: str | Preset, prompts: str | None = None, classes: 
     npp = checks.integer("--num-per-prompt",
                          p.collect["num_per_prompt"] if num_per_prompt is None else num_per_prompt)
     batch = checks.integer("--batch-size", p.collect["batch_size"] if batch_size is None else batch_size)
-    lo, hi = checks.omega_range(p.sampling["omega_min"] if omega_min is None else omega_min,
-                                p.sampling["omega_max"] if omega_max is None else omega_max)
+    lo, hi = checks.omega_range(p.sampling["omega_min"] if f.omega_min is None else f.omega_min,
+                                p.sampling["omega_max"] if f.omega_max is None else f.omega_max)
     checks.integer("--seed", seed, minimum=0)
     dtype = dtype or p.collect.get("dtype", "fp16")
     checks.dtype(dtype)
-    index, num, state = _worker(shard_index, num_shards)
-    device = None if device == "auto" else device  # auto: a resumed or launched worker's own
+    index, num, state = _worker(f.shard_index, f.num_shards)
     if overwrite and num > 1 and state is None:
         raise InputError("--overwrite cannot be combined with --num-shards > 1 (workers would "
                          "delete each other's shards)",
                          hint="delete the old folder first, or collect into a new one with --out")
-    if device is None and state is not None:
-        device = str(state.device)
-    elif device is None and num > 1 and "LOCAL_RANK" in os.environ:
-        import torch
-
-        if torch.cuda.is_available():  # one GPU per launched process
-            device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
-    resolve_device(device)  # an unknown device or missing CUDA fails here, before the plan
-    run = checks.writable_folder(out, "--out") if out else run_dir(checks.workdir(workdir), p.name)
+    device = _worker_device(f.device, num, state)
+    run = checks.writable_folder(out, "--out") if out else run_dir(checks.workdir(f.workdir), p.name)
     if not out:
         checks.writable_folder(run, "the run folder")
     s = CollectSettings(p, prompt_list, source, npp, steps, keep, lo, hi, batch, seed, device,
@@ -519,25 +546,21 @@ def _finalize(store) -> dict:
     return m
 
 
-def run_collect(preset: str | Preset, prompts: str | None = None, classes: str | None = None,
-                out: str | None = None, num_per_prompt: int | None = None,
-                steps: int | None = None, keep_steps: int | None = None,
-                omega_min: float | None = None, omega_max: float | None = None,
-                batch_size: int | None = None, seed: int = 0, device: str | None = None,
-                dtype: str | None = None, shard_index: int | None = None,
-                num_shards: int | None = None, overwrite: bool = False,
-                workdir: str = "agd-runs", base_model: str | None = None,
-                negative_prompts: str | None = None,
-                empty_negative_probability: float | None = None) -> dict:
-    """Collect (or resume) CFG-guided trajectories; returns the summary `--json` prints."""
-    from agd_cli.trajectories import TrajectoryStore
+def run_collect(preset: str | Preset | CollectFlags, **flags) -> dict:
+    """Collect (or resume) CFG-guided trajectories; returns the summary `--json` prints.
 
+    `run_collect("tiny-sd", steps=10)` takes CollectFlags' fields as keywords."""
+    request = preset if isinstance(preset, CollectFlags) else CollectFlags(preset, **flags)
     t0 = time.perf_counter()
     # 1. Check inputs: flags, prompts and the existing run folder, before anything loads
-    s = resolve_settings(preset, prompts, classes, out, num_per_prompt, steps, keep_steps,
-                         omega_min, omega_max, batch_size, seed, device, dtype, shard_index,
-                         num_shards, overwrite, workdir, base_model, negative_prompts,
-                         empty_negative_probability)
+    return collect(resolve_settings(request), t0)
+
+
+def collect(s: CollectSettings, t0: float | None = None) -> dict:
+    """The stage, from its plan: plan the disk, record what is left, summarise."""
+    from agd_cli.trajectories import TrajectoryStore
+
+    t0 = time.perf_counter() if t0 is None else t0
     store = TrajectoryStore(s.run / TRAJECTORIES)
     damaged = []
     if store.exists() and not s.overwrite:

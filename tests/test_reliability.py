@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from agd_cli.cli import main
+from agd_cli.presets import PRESET_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "AGD_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -141,7 +142,7 @@ class Probe:
 
 
 def _setup_toml(tmp, run, mp, stack):
-    text = (REPO / "agd_cli" / "presets" / "tiny-dit.toml").read_text(encoding="utf-8")
+    text = (PRESET_DIR / "tiny-dit.toml").read_text(encoding="utf-8")
     (tmp / "inf.toml").write_text(text.replace("omega_max = 6.0", "omega_max = inf"))
 
 
