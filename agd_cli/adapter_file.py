@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 from agd_cli.errors import DataError, InputError
-from agd_cli.presets import Preset, load_preset, recorded_preset
+from agd_cli.presets import Preset, load_preset, preset_from_record
 
 FORMAT = "agd-adapter/1"
 
@@ -69,7 +69,7 @@ class AdapterFile:
     @cached_property
     def preset(self) -> Preset:
         """The preset the adapter was trained with (as recorded in the file)."""
-        found = recorded_preset(self.meta)
+        found = preset_from_record(self.meta)
         if found is None:
             raise DataError(f"adapter {self.path} does not say which preset trained it",
                             hint="retrain it with `agd train`")

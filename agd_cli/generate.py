@@ -121,7 +121,7 @@ def load_generator(adapter: AdapterFile, base: Preset, device: str | None, dtype
         den = load_denoiser(base, device=dev, dtype=dtype)
         den.load_adapters(adapter)
     if not base.pixel_space and max(height, width) > TILE_ABOVE:
-        den._vae().enable_tiling()  # decode large images in tiles: bounded VAE memory
+        den.vae_model().enable_tiling()  # decode large images in tiles: bounded VAE memory
     return den
 
 
@@ -130,7 +130,7 @@ def _offload_to(den, device, dtype) -> None:
     import torch
     from accelerate import cpu_offload_with_hook
 
-    vae = None if den.preset.pixel_space else den._vae()  # built on the CPU, offloaded too
+    vae = None if den.preset.pixel_space else den.vae_model()  # built on the CPU, offloaded too
     modules = [m for m in den.text.values() if isinstance(m, torch.nn.Module)]
     for m in modules:
         m.to(dtype)

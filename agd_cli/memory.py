@@ -39,7 +39,7 @@ def measure_train_step(preset_name: str, precision: str = "bf16", optimizer: str
             "checkpointing": checkpointing, "batch_size": batch_size, "device": device,
             "resolution": resolution}
     if not isolate:
-        return _measure(**args)
+        return measure_in_process(**args)
     cmd = [sys.executable, "-m", "agd_cli.memory", "--preset", preset_name, "--precision", precision,
            "--optimizer", optimizer, "--batch-size", str(batch_size), "--device", device,
            "--checkpointing" if checkpointing else "--no-checkpointing"]
@@ -167,8 +167,9 @@ def _step(den, params, opt, inputs) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _measure(preset_name, precision: str, optimizer: str, checkpointing: bool,
-             batch_size: int, device: str, resolution: int | None) -> dict:
+def measure_in_process(preset_name, precision: str, optimizer: str, checkpointing: bool,
+                       batch_size: int, device: str, resolution: int | None) -> dict:
+    """One training step's peak memory, measured in this process (the probe's child side)."""
     import torch
 
     from agd_cli.families import resolve_device
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
                    "without a GPU: peak tensor memory and FLOPs, see agd_cli/estimate.py)")
     p.add_argument("--resolution", type=int, default=None)
     a = p.parse_args(argv)
-    print(json.dumps(_measure(a.preset, a.precision, a.optimizer, a.checkpointing, a.batch_size,
+    print(json.dumps(measure_in_process(a.preset, a.precision, a.optimizer, a.checkpointing, a.batch_size,
                               a.device, a.resolution)))
 
 

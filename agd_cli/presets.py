@@ -269,7 +269,7 @@ def from_dict(data: dict, source: Path | None = None) -> Preset:
     )
 
 
-def recorded_preset(record: dict) -> Preset | None:
+def preset_from_record(record: dict) -> Preset | None:
     """The preset an adapter file or a collection was made with, from its metadata: the TOML
     it recorded (base model as resolved then), else the shipped preset it names; None if none."""
     raw = record.get("preset_toml")

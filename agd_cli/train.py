@@ -548,7 +548,7 @@ def locate(run: str | None, data: tuple | list, workdir: str) -> tuple[Path, lis
 
 def recorded_preset(roots: list[Path], override: str | None) -> Preset:
     """The preset the collection was recorded with; --preset may override it for the same base."""
-    from agd_cli.presets import load_preset, recorded_preset
+    from agd_cli.presets import load_preset, preset_from_record
     from agd_cli.trajectories import TrajectoryStore
 
     configs = [TrajectoryStore(r).manifest().get("config", {}) for r in roots]
@@ -557,7 +557,7 @@ def recorded_preset(roots: list[Path], override: str | None) -> Preset:
         raise DataError(f"the collections were recorded with different base models: {sorted(map(str, bases))}",
                         hint="train on collections of one base model at a time")
     cfg = configs[0]
-    recorded = recorded_preset(cfg)
+    recorded = preset_from_record(cfg)
     if override is None:
         if recorded is None:
             raise DataError(f"collection {roots[0]} does not say which preset recorded it",

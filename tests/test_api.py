@@ -39,7 +39,7 @@ def tiny_sd_pipeline():
 
     den = load_denoiser(load_preset("tiny-sd"), "cpu")
     pipe = StableDiffusionPipeline(
-        vae=den._vae(), text_encoder=den.text["text_encoder"], tokenizer=den.text["tokenizer"],
+        vae=den.vae_model(), text_encoder=den.text["text_encoder"], tokenizer=den.text["tokenizer"],
         unet=den.model, scheduler=DDIMScheduler.from_config(den.scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -88,7 +88,7 @@ def test_dit_pipeline_with_agd_guidance(adapter_files):
     from diffusers import DDIMScheduler, DiTPipeline
 
     den = load_denoiser(load_preset("tiny-dit"), "cpu")
-    pipe = DiTPipeline(transformer=den.model, vae=den._vae(),
+    pipe = DiTPipeline(transformer=den.model, vae=den.vae_model(),
                        scheduler=DDIMScheduler.from_config(den.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
 

@@ -21,8 +21,10 @@ def _inputs(den, n=2, seed=0):
     return x, den.encode(prompts), den.encode_null(n)
 
 
-@pytest.fixture(scope="module", params=TINY)
+@pytest.fixture(params=TINY)
 def den(request):
+    """A fresh base per test (tiny: milliseconds): tests attach and train adapters on it, so
+    none may see another's adapters, whatever the order."""
     return load_denoiser(load_preset(request.param), "cpu")
 
 
@@ -35,8 +37,7 @@ def _fresh(den, **cfg):
 @torch.no_grad()
 def test_disabled_adapters_give_the_exact_base(den):
     x, c, _ = _inputs(den)
-    den.adapters and den.adapters.detach()
-    den.adapters = None
+    assert den.adapters is None
     base = den.predict(x, 500, c)
     adapters = _fresh(den)
     active = den.predict(x, 500, c, omega=4.0)
@@ -110,9 +111,7 @@ def test_adapter_for_another_base_is_refused(tmp_path):
 @torch.no_grad()
 def test_cfg_at_omega_one_is_the_conditional_prediction(den):
     x, c, u = _inputs(den)
-    if den.adapters is not None:
-        den.adapters.detach()
-        den.adapters = None
+    assert den.adapters is None
     cond = den.predict(x, 400, c)
     assert torch.allclose(den.predict_cfg(x, 400, c, u, 1.0), cond, atol=1e-5)
     uncond = den.predict(x, 400, u)

@@ -86,7 +86,7 @@ def _pipeline(name: str):
     den = load_denoiser(load_preset(name), "cpu")
     sched_cls = {"flow-euler": "FlowMatchEulerDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler"}
     sched = getattr(diffusers, sched_cls[den.preset.sampling["scheduler"]]).from_config(den.scheduler_config)
-    pipe = getattr(diffusers, den.pipeline_class)(transformer=den.model, vae=den._vae(),
+    pipe = getattr(diffusers, den.pipeline_class)(transformer=den.model, vae=den.vae_model(),
                                                   scheduler=sched, **den.text)
     pipe.set_progress_bar_config(disable=True)
     return pipe, den

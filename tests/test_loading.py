@@ -22,7 +22,7 @@ from tests.test_generate import agd as agd_here
 def tiny_sd():
     """The tiny-sd base (random weights, seed 0), text encoder and VAE included."""
     den = load_denoiser(load_preset("tiny-sd"), device="cpu")
-    den._vae()
+    den.vae_model()
     return den
 
 
@@ -40,7 +40,7 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_single_file_checkpoint_loads_exactly_the_model_it_came_from(tiny_sd, tmp_path):
     ckpt = _checkpoint(tiny_sd, tmp_path / "tiny-finetune.safetensors")
     den = load_denoiser(with_base_model(load_preset("tiny-sd"), str(ckpt)), device="cpu")
-    assert _same(den.model, tiny_sd.model) and _same(den._vae(), tiny_sd.vae)
+    assert _same(den.model, tiny_sd.model) and _same(den.vae_model(), tiny_sd.vae)
     assert _same(den.text["text_encoder"], tiny_sd.text["text_encoder"])
     assert den.checkpoint == {"file": "tiny-finetune.safetensors",
                               "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}

@@ -10,7 +10,7 @@ from agd_cli.adapter_file import AdapterFile
 from agd_cli.errors import DataError, InputError
 from agd_cli.families import load_denoiser
 from agd_cli.families.spec import FamilySpec
-from agd_cli.presets import load_preset, recorded_preset
+from agd_cli.presets import load_preset, preset_from_record
 
 TINY = ("tiny-sd", "tiny-sdxl", "tiny-dit", "tiny-sd3", "tiny-pixart", "tiny-sana")
 
@@ -52,10 +52,10 @@ def test_adapter_metadata_reads_without_the_tensors_and_the_checksum_still_guard
 
 def test_one_preset_from_recorded_metadata():
     p = load_preset("tiny-sd")
-    assert recorded_preset({"preset_toml": p.raw, "base_model": "random:tiny-sd"}).base_model == "config"
-    assert recorded_preset({"preset_toml": p.raw, "base_model": "/models/x"}).base_model == "/models/x"
-    assert recorded_preset({"preset": "tiny-sd"}).name == "tiny-sd"
-    assert recorded_preset({}) is None
+    assert preset_from_record({"preset_toml": p.raw, "base_model": "random:tiny-sd"}).base_model == "config"
+    assert preset_from_record({"preset_toml": p.raw, "base_model": "/models/x"}).base_model == "/models/x"
+    assert preset_from_record({"preset": "tiny-sd"}).name == "tiny-sd"
+    assert preset_from_record({}) is None
 
 
 def test_sizes_are_height_then_width():

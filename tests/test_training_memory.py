@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agd_cli.estimate import LiveBytes
-from agd_cli.memory import _measure
+from agd_cli.memory import measure_in_process
 from agd_cli.train import autocast_dtype
 
 
@@ -23,7 +23,7 @@ def test_live_bytes_counts_each_storage_once_until_it_is_freed():
 
 @pytest.fixture(scope="module")
 def tiny_sdxl_steps():
-    return {ckpt: _measure("tiny-sdxl", "bf16", "adamw", ckpt, 2, "meta", 64)
+    return {ckpt: measure_in_process("tiny-sdxl", "bf16", "adamw", ckpt, 2, "meta", 64)
             for ckpt in (True, False)}
 
 
@@ -40,7 +40,7 @@ def test_meta_estimate_sees_checkpointing_trade_memory_for_compute(tiny_sdxl_ste
 
 
 def test_eight_bit_state_is_a_quarter_of_adamw_for_large_tensors():
-    est = _measure("tiny-sd", "bf16", "adamw8bit", True, 1, "meta", 32)
+    est = measure_in_process("tiny-sd", "bf16", "adamw8bit", True, 1, "meta", 32)
     assert est["optimizer"] == "adamw8bit"
     assert 2 * est["adapter_params"] <= est["optimizer_state_bytes"] < 8 * est["adapter_params"]
 

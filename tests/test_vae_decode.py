@@ -12,7 +12,7 @@ from agd_cli.presets import load_preset
 def decoder_inputs(den, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
     """Decode `x`; returns the images and the shape of every latent the VAE's decoder saw."""
     seen: list[tuple] = []
-    hook = den._vae().decoder.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    hook = den.vae_model().decoder.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
     try:
         return den.decode(x), seen
     finally:
@@ -25,7 +25,7 @@ def test_decode_is_one_image_at_a_time_and_equals_the_batched_decode():
     assert den.vae_decode() == {"slicing": True, "tiling": False, "tile_size": 32}
     images, seen = decoder_inputs(den, x)
     assert seen == [(1, 4, 16, 16)] * 3  # three calls of one latent each
-    den._vae().disable_slicing()
+    den.vae_model().disable_slicing()
     batched, seen = decoder_inputs(den, x)
     assert seen == [(3, 4, 16, 16)]
     torch.testing.assert_close(images, batched, rtol=1e-5, atol=1e-5)

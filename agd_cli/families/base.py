@@ -296,7 +296,7 @@ class Denoiser:
         the image is larger than the VAE's own tile size; `vae_decode` says which."""
         if self.preset.pixel_space:
             return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
-        vae = self._vae()
+        vae = self.vae_model()
         with torch.inference_mode():
             shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's VAE has one
             z = x.to(self.device, torch.float32) / vae.config.scaling_factor + shift
@@ -308,7 +308,7 @@ class Denoiser:
         None for pixel-space models. `tiling` is true only if the decode really tiles."""
         if self.preset.pixel_space:
             return None
-        vae = self._vae()
+        vae = self.vae_model()
         h, w = height or self.preset.resolution, width or self.preset.resolution
         # diffusers tiles only latents larger than this (AutoencoderKL: one size; DC: per axis)
         tile = getattr(vae, "tile_latent_min_size", None) or vae.tile_latent_min_height
@@ -316,7 +316,8 @@ class Denoiser:
         return {"slicing": bool(vae.use_slicing), "tiling": bool(tiles),
                 "tile_size": int(tile * self.vae_scale_factor)}
 
-    def _vae(self):
+    def vae_model(self):
+        """The VAE (fp32), built or loaded on first use: sampling never needs it."""
         import diffusers
 
         if self.vae is None:
