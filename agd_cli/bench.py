@@ -173,7 +173,7 @@ def spread(items: Sequence, n: int) -> list:
 def bench_prompts(preset, prompts_file: list | None, n: int) -> list:
     """The prompts (or DiT classes) to compare on: --prompts FILE or the preset's own set, read
     exactly as `agd collect` reads it (a builtin set, a prompt file, or DiT class ids)."""
-    from agd_cli.collect import load_prompt_set
+    from agd_cli.prompts import load_prompt_set
 
     if prompts_file is not None:
         return spread(prompts_file, n)

@@ -11,28 +11,35 @@ whatever the batch size, sharding or resume point.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agd_cli import __version__, checks, ui
+from agd_cli.disk import (
+    DISK_MARGIN,
+    DISK_RESERVE,
+    block_size,
+    estimate_bytes_per_trajectory,
+    estimate_collection_bytes,
+    free_bytes,
+    human_bytes,
+)
 from agd_cli.errors import InputError, Interrupted
-from agd_cli.families.spec import FamilySpec
 from agd_cli.locks import run_lock, worker_lock_name
 from agd_cli.presets import Preset, load_preset
-from agd_cli.prompts import builtin_prompts, parse_classes, prompts_sha256, read_prompts
+from agd_cli.prompts import load_negative_set, load_prompt_set, prompts_sha256
+from agd_cli.trajectories import (
+    keep_indices,
+    trajectory_negatives,
+    trajectory_omegas,
+    trajectory_seed,
+    worker_ids,
+)
 from agd_cli.workspace import TRAJECTORIES, run_dir
 
 ENCODE_CHUNK = 64          # prompts per text-encoder call
-DISK_MARGIN = 1.10         # refuse unless free space exceeds the estimate by 10 % …
-DISK_RESERVE = 64 * 2**20  # … plus 64 MiB: the disk is shared with everything else
-FS_BLOCK = 4096            # allocation unit most file systems round a file up to
-SHARD_HEADER = 2048        # safetensors JSON header of a shard (~20 tensors and metadata)
-SIDECAR = 512              # a shard's .json sidecar and manifest entry, without the ids
-MANIFEST_BASE = 64 * 1024  # the manifest's config, prompts and preset
 FP32_COND_KEYS = ("time_ids",)  # SDXL size/crop ids: exact integers, tiny, keep fp32
 
 
@@ -111,153 +118,7 @@ class CollectSettings:
                     self.empty_negative_probability if self.negatives else None}
 
 
-# --- pure helpers (no model needed) -----------------------------------------------------------
-def keep_indices(steps: int, keep: int) -> list[int]:
-    """A spread subset of `keep` step indices out of `steps`, always including the first."""
-    import torch
-
-    if keep >= steps:
-        return list(range(steps))
-    return sorted({int(i) for i in torch.linspace(0, steps - 1, keep).round().long()})
-
-
-def trajectory_seed(seed: int, trajectory_id: int, stream: str) -> int:
-    """A 63-bit seed for one random stream ('noise', 'omega') of one trajectory."""
-    digest = hashlib.sha256(f"agd:{seed}:{trajectory_id}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def trajectory_omegas(seed: int, ids: list[int], lo: float, hi: float):
-    """ω ~ U[lo, hi] per trajectory, (N,) float32, from per-id seeded generators."""
-    import torch
-
-    u = [torch.rand(1, generator=torch.Generator().manual_seed(trajectory_seed(seed, i, "omega")))
-         for i in ids]
-    return lo + (hi - lo) * torch.cat(u) if ids else torch.zeros(0)
-
-
-def trajectory_negatives(seed: int, ids: list[int], count: int, empty_probability: float):
-    """Each trajectory's negative: -1 (the empty prompt) with `empty_probability`, else an index
-    into the negative list; (N,) int64 from per-id seeded generators."""
-    import torch
-
-    out = []
-    for i in ids:
-        g = torch.Generator().manual_seed(trajectory_seed(seed, i, "negative"))
-        empty = count == 0 or torch.rand(1, generator=g).item() < empty_probability
-        out.append(-1 if empty else int(torch.randint(count, (1,), generator=g)))
-    return torch.tensor(out, dtype=torch.long)
-
-
-def worker_ids(num_prompts: int, num_per_prompt: int, index: int, num: int) -> list[int]:
-    """Trajectory ids of worker `index` of `num`: every num-th prompt, all its trajectories."""
-    return [p * num_per_prompt + j for p in range(index, num_prompts, num)
-            for j in range(num_per_prompt)]
-
-
-def estimate_bytes_per_trajectory(preset: str | Preset, keep_steps: int | None = None,
-                                  num_per_prompt: int | None = None) -> dict:
-    """Bytes one trajectory takes on disk at these settings, without loading any weights.
-
-    Returns {"bytes", "latent_shape", "keep_steps", "tensors": {name: [shape, dtype]}}; the
-    prompt's condition is stored once and shared by its `num_per_prompt` trajectories.
-    """
-    import math
-
-    preset = load_preset(preset) if isinstance(preset, str) else preset
-    k = keep_steps or preset.collect["keep_steps"]
-    npp = num_per_prompt or preset.collect["num_per_prompt"]
-    spec = FamilySpec(preset)
-    shape, layout = spec.latent_shape(), spec.cond_layout()
-    if shape is None or layout is None:
-        return {"bytes": None, "latent_shape": None, "keep_steps": k, "tensors": {}}
-    tensors = {"x": [[k, *shape], "float16"], "target": [[k, *shape], "float16"],
-               "x_final": [list(shape), "float16"], "timesteps": [[k], "int64"],
-               "omega": [[], "float32"], "prompt_index": [[], "int64"],
-               "trajectory_id": [[], "int64"], "cond_row": [[], "int64"],
-               "uncond_row": [[], "int64"], "negative_index": [[], "int64"]}
-    size = {"float16": 2, "float32": 4, "int64": 8}
-    total = sum(math.prod(s) * size[d] for s, d in tensors.values())
-    cond_bytes = sum(math.prod(s) * nbytes for s, nbytes in layout.values())
-    for key, (s, nbytes) in layout.items():
-        tensors[f"cond.{key} (per prompt)"] = [list(s), {2: "float16", 4: "float32"}.get(nbytes, "int64")]
-    total += cond_bytes / npp
-    return {"bytes": int(round(total)), "latent_shape": list(shape), "keep_steps": k,
-            "tensors": tensors, "cond_bytes_per_prompt": cond_bytes}
-
-
-def estimate_collection_bytes(est: dict, trajectories: int, batch_size: int,
-                              block: int = FS_BLOCK) -> int | None:
-    """Disk a collection of `trajectories` takes: tensors plus what each shard adds on top.
-
-    Per shard: the unconditional condition and (worst case) one prompt's condition split
-    across two shards, the safetensors header, the .json sidecar, its manifest entry, and
-    file-system rounding of both files up to a whole block.
-    """
-    if est["bytes"] is None:
-        return None
-    shards = -(-trajectories // batch_size)
-    per_shard = (2 * est["cond_bytes_per_prompt"] + SHARD_HEADER + SIDECAR
-                 + 24 * batch_size + 2 * block)  # ids in sidecar and manifest, rounding
-    return est["bytes"] * trajectories + shards * per_shard + MANIFEST_BASE
-
-
-def human_bytes(n: float | None) -> str:
-    """1234567 -> '1.2 MB' (decimal units, like disk vendors and `df -H`)."""
-    if n is None:
-        return "unknown"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 # --- 1. inputs ---------------------------------------------------------------------------------
-def load_prompt_set(preset: Preset, prompts: str | None = None,
-                    classes: str | None = None) -> tuple[list, str]:
-    """The prompts (or DiT classes) to collect for, and a label saying where they came from."""
-    if prompts is not None and classes is not None:
-        raise InputError("--prompts and --classes were both given",
-                         hint="--classes is for class-conditional (dit) presets; give one of them")
-    if classes is not None:
-        if preset.family != "dit":
-            raise InputError(f"--classes given, but preset '{preset.name}' is text-conditional "
-                             f"(family {preset.family})", hint="give --prompts FILE instead")
-        return parse_classes(classes, FamilySpec(preset).num_classes), f"classes:{classes}"
-    spec = prompts if prompts is not None else preset.prompts
-    if not spec:
-        raise InputError(f"no prompts given and preset '{preset.name}' has no default prompt set",
-                         hint="pass --prompts FILE (.txt, .csv or .jsonl)"
-                              + (" or --classes all" if preset.family == "dit" else ""))
-    if preset.family == "dit" and prompts is None and not spec.startswith("builtin:"):
-        return parse_classes(spec, FamilySpec(preset).num_classes), f"classes:{spec}"
-    items = builtin_prompts(spec) if spec.startswith("builtin:") else read_prompts(spec)
-    if preset.family == "dit":  # a file of class ids or names, one per line
-        items = parse_classes(",".join(items), FamilySpec(preset).num_classes)
-    return items, spec if spec.startswith("builtin:") else str(Path(spec))
-
-
-def load_negative_set(preset: Preset, spec: str | None,
-                      empty_probability: float | None) -> tuple[list, str | None, float]:
-    """(negatives, where they came from, P(empty prompt)): --negative-prompts FILE, else the
-    preset's list. A probability of 1 means no negatives, as before negatives existed."""
-    p = preset.collect["empty_negative_probability"] if empty_probability is None else empty_probability
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
-        raise InputError(f"--empty-negative-probability must be from 0 to 1, got {p!r}",
-                         hint="e.g. 0.5: half the trajectories use the empty prompt, half a negative")
-    spec = spec if spec is not None else preset.collect.get("negative_prompts")
-    if spec is None or p == 1:
-        return [], None, 1.0
-    try:
-        items = builtin_prompts(spec) if spec.startswith("builtin:") else read_prompts(spec)
-    except InputError as e:
-        raise InputError(f"--negative-prompts: {e.message}", hint=e.hint) from None
-    if preset.family == "dit":  # a file of class ids or names, one per line
-        items = parse_classes(",".join(items), FamilySpec(preset).num_classes)
-    return items, spec if spec.startswith("builtin:") else str(Path(spec)), float(p)
-
-
 def _worker(shard_index: int | None, num_shards: int | None):
     """(index, count, accelerate state or None): from the flags, else from `accelerate launch`."""
     if shard_index is None and num_shards is None:
@@ -340,17 +201,6 @@ def resolve_settings(f: CollectFlags) -> CollectSettings:
 
 
 # --- 2. plan -----------------------------------------------------------------------------------
-def _free_bytes(path: Path) -> int:
-    """Free space on the disk that will hold `path` (its nearest existing ancestor)."""
-    return shutil.disk_usage(checks.nearest_existing(path)).free
-
-
-def _block_size(path: Path) -> int:
-    """The file system's allocation block (st_blksize; Windows has none: assume 4 KiB)."""
-    stat = checks.nearest_existing(path).stat()
-    return max(getattr(stat, "st_blksize", FS_BLOCK) or FS_BLOCK, FS_BLOCK)
-
-
 def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> list[int]:
     """Print what will be done and check the disk can hold it; returns the ids still to collect.
 
@@ -358,8 +208,8 @@ def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> 
     done = set() if (s.overwrite or not store.exists()) else store.completed() - redo
     remaining = [i for i in s.ids if i not in done]
     est = estimate_bytes_per_trajectory(s.preset, s.keep_steps, s.num_per_prompt)
-    need = estimate_collection_bytes(est, len(remaining), s.batch_size, _block_size(store.root))
-    free = _free_bytes(store.root)
+    need = estimate_collection_bytes(est, len(remaining), s.batch_size, block_size(store.root))
+    free = free_bytes(store.root)
     if s.overwrite and store.exists():
         free += sum(info["bytes"] for info in store.shards())  # --overwrite deletes them first
     total = len(s.prompts) * s.num_per_prompt

@@ -68,9 +68,9 @@ def xformers_facts() -> dict:
 
 def disk_facts(workdir: str | Path) -> dict:
     """Free space on the disk that holds (or will hold) the workspace."""
-    from agd_cli.collect import _free_bytes
+    from agd_cli.disk import free_bytes
 
-    return {"workdir": str(Path(workdir).resolve()), "free_bytes": _free_bytes(Path(workdir))}
+    return {"workdir": str(Path(workdir).resolve()), "free_bytes": free_bytes(Path(workdir))}
 
 
 def hub_facts(timeout: float = HUB_TIMEOUT_S) -> dict:

@@ -11,9 +11,13 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agd_cli import checks, ui
 from agd_cli.errors import InputError
+
+if TYPE_CHECKING:
+    from agd_cli.presets import Preset
 
 ASSET_PROMPTS = Path(__file__).parent / "assets" / "prompts"
 FORMATS = (".txt", ".csv", ".jsonl")
@@ -147,3 +151,54 @@ def parse_classes(spec: str, num_classes: int) -> list[int | str]:
 def prompts_sha256(prompts: list) -> str:
     """Identity of a prompt set: the hash of its parsed content (line endings/BOM don't matter)."""
     return hashlib.sha256(json.dumps([str(p) for p in prompts]).encode("utf-8")).hexdigest()
+
+
+# --- the prompt sets of a preset (collect, bench) ----------------------------------------------
+def _num_classes(preset: Preset) -> int:
+    from agd_cli.families.spec import FamilySpec  # imports torch: only for DiT presets
+
+    return FamilySpec(preset).num_classes
+
+
+def load_prompt_set(preset: Preset, prompts: str | None = None,
+                    classes: str | None = None) -> tuple[list, str]:
+    """The prompts (or DiT classes) to collect for, and a label saying where they came from."""
+    if prompts is not None and classes is not None:
+        raise InputError("--prompts and --classes were both given",
+                         hint="--classes is for class-conditional (dit) presets; give one of them")
+    if classes is not None:
+        if preset.family != "dit":
+            raise InputError(f"--classes given, but preset '{preset.name}' is text-conditional "
+                             f"(family {preset.family})", hint="give --prompts FILE instead")
+        return parse_classes(classes, _num_classes(preset)), f"classes:{classes}"
+    spec = prompts if prompts is not None else preset.prompts
+    if not spec:
+        raise InputError(f"no prompts given and preset '{preset.name}' has no default prompt set",
+                         hint="pass --prompts FILE (.txt, .csv or .jsonl)"
+                              + (" or --classes all" if preset.family == "dit" else ""))
+    if preset.family == "dit" and prompts is None and not spec.startswith("builtin:"):
+        return parse_classes(spec, _num_classes(preset)), f"classes:{spec}"
+    items = builtin_prompts(spec) if spec.startswith("builtin:") else read_prompts(spec)
+    if preset.family == "dit":  # a file of class ids or names, one per line
+        items = parse_classes(",".join(items), _num_classes(preset))
+    return items, spec if spec.startswith("builtin:") else str(Path(spec))
+
+
+def load_negative_set(preset: Preset, spec: str | None,
+                      empty_probability: float | None) -> tuple[list, str | None, float]:
+    """(negatives, where they came from, P(empty prompt)): --negative-prompts FILE, else the
+    preset's list. A probability of 1 means no negatives, as before negatives existed."""
+    p = preset.collect["empty_negative_probability"] if empty_probability is None else empty_probability
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
+        raise InputError(f"--empty-negative-probability must be from 0 to 1, got {p!r}",
+                         hint="e.g. 0.5: half the trajectories use the empty prompt, half a negative")
+    spec = spec if spec is not None else preset.collect.get("negative_prompts")
+    if spec is None or p == 1:
+        return [], None, 1.0
+    try:
+        items = builtin_prompts(spec) if spec.startswith("builtin:") else read_prompts(spec)
+    except InputError as e:
+        raise InputError(f"--negative-prompts: {e.message}", hint=e.hint) from None
+    if preset.family == "dit":  # a file of class ids or names, one per line
+        items = parse_classes(",".join(items), _num_classes(preset))
+    return items, spec if spec.startswith("builtin:") else str(Path(spec)), float(p)

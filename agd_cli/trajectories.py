@@ -199,3 +199,47 @@ class TrajectoryStore:
         except Exception as e:  # noqa: BLE001 - safetensors raises several types
             raise DataError(f"cannot read shard {path}: {e}",
                             hint="delete it and its .json sidecar, then rerun `agd collect`") from None
+
+
+# --- which trajectories, and their seeded ω, noise and negative (no model needed) -------------
+def keep_indices(steps: int, keep: int) -> list[int]:
+    """A spread subset of `keep` step indices out of `steps`, always including the first."""
+    import torch
+
+    if keep >= steps:
+        return list(range(steps))
+    return sorted({int(i) for i in torch.linspace(0, steps - 1, keep).round().long()})
+
+
+def trajectory_seed(seed: int, trajectory_id: int, stream: str) -> int:
+    """A 63-bit seed for one random stream ('noise', 'omega') of one trajectory."""
+    digest = hashlib.sha256(f"agd:{seed}:{trajectory_id}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def trajectory_omegas(seed: int, ids: list[int], lo: float, hi: float):
+    """ω ~ U[lo, hi] per trajectory, (N,) float32, from per-id seeded generators."""
+    import torch
+
+    u = [torch.rand(1, generator=torch.Generator().manual_seed(trajectory_seed(seed, i, "omega")))
+         for i in ids]
+    return lo + (hi - lo) * torch.cat(u) if ids else torch.zeros(0)
+
+
+def trajectory_negatives(seed: int, ids: list[int], count: int, empty_probability: float):
+    """Each trajectory's negative: -1 (the empty prompt) with `empty_probability`, else an index
+    into the negative list; (N,) int64 from per-id seeded generators."""
+    import torch
+
+    out = []
+    for i in ids:
+        g = torch.Generator().manual_seed(trajectory_seed(seed, i, "negative"))
+        empty = count == 0 or torch.rand(1, generator=g).item() < empty_probability
+        out.append(-1 if empty else int(torch.randint(count, (1,), generator=g)))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def worker_ids(num_prompts: int, num_per_prompt: int, index: int, num: int) -> list[int]:
+    """Trajectory ids of worker `index` of `num`: every num-th prompt, all its trajectories."""
+    return [p * num_per_prompt + j for p in range(index, num_prompts, num)
+            for j in range(num_per_prompt)]

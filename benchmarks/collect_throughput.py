@@ -28,10 +28,10 @@ def naive_collect(preset, prompts: list[str], num_per_prompt: int, steps: int, s
     import numpy as np
     import torch
 
-    from agd_cli.collect import trajectory_omegas, trajectory_seed
     from agd_cli.families import load_denoiser
     from agd_cli.guidance import cfg_combine
     from agd_cli.sampling import initial_noise, make_scheduler
+    from agd_cli.trajectories import trajectory_omegas, trajectory_seed
 
     den = load_denoiser(preset, device="cpu", dtype="fp32")
     lo, hi = preset.omega_range

@@ -244,8 +244,8 @@ def test_bench_reads_a_presets_prompt_file_like_collect(tmp_path):
     import dataclasses
 
     from agd_cli.bench import bench_prompts
-    from agd_cli.collect import load_prompt_set
     from agd_cli.presets import load_preset
+    from agd_cli.prompts import load_prompt_set
 
     path = tmp_path / "my [draft] prompts.txt"
     path.write_text("a red fox\na lighthouse at dusk\na bowl of soup\n", encoding="utf-8")

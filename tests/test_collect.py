@@ -15,18 +15,19 @@ import pytest
 import torch
 
 from agd_cli.cli import main
-from agd_cli.collect import (
-    estimate_bytes_per_trajectory,
-    keep_indices,
-    run_collect,
-    trajectory_omegas,
-    worker_ids,
-)
+from agd_cli.collect import run_collect
+from agd_cli.disk import estimate_bytes_per_trajectory
 from agd_cli.families import load_denoiser
 from agd_cli.presets import load_preset
 from agd_cli.prompts import parse_classes, read_prompts
 from agd_cli.sampling import make_scheduler
-from agd_cli.trajectories import IDENTITY_KEYS, TrajectoryStore
+from agd_cli.trajectories import (
+    IDENTITY_KEYS,
+    TrajectoryStore,
+    keep_indices,
+    trajectory_omegas,
+    worker_ids,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of fruit",

@@ -389,7 +389,7 @@ def test_prompt_file_warnings_once_per_kind(tmp_path, capsys):
 
 def test_disk_estimate_covers_what_collect_writes(tmp_path):
     """The plan's estimate (before its safety margin) is at least the bytes the disk allocates."""
-    from agd_cli.collect import estimate_bytes_per_trajectory, estimate_collection_bytes
+    from agd_cli.disk import estimate_bytes_per_trajectory, estimate_collection_bytes
 
     out = tmp_path / "run"
     code, _, err = invoke(["collect", *DIT, "--out", str(out)])

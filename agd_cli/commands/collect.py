@@ -50,7 +50,8 @@ def command(as_json: bool, workdir: str, **flags) -> None:
     Resumable: rerun the same command after an interruption and it continues where it stopped.
     """
     from agd_cli import ui
-    from agd_cli.collect import human_bytes, run_collect
+    from agd_cli.collect import run_collect
+    from agd_cli.disk import human_bytes
 
     summary = run_collect(workdir=workdir, **flags)
     if as_json:

@@ -9,7 +9,6 @@ import torch
 from agd_cli.families.base import _clip_config, _seeded, _tokenize
 from agd_cli.families.sd import SDDenoiser
 from agd_cli.families.weights import open_base
-from agd_cli.text import build_char_tokenizer
 
 
 class SDXLDenoiser(SDDenoiser):
@@ -19,16 +18,12 @@ class SDXLDenoiser(SDDenoiser):
 
     @classmethod
     def _build_random(cls, preset, text=True):
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+        from transformers import CLIPTextModelWithProjection
 
-        arch = preset.architecture
-        tok = build_char_tokenizer(arch.get("tokenizer", {}).get("model_max_length", 77))
-        unet = _seeded(lambda: UNet2DConditionModel(**arch["unet"]))
-        te = _seeded(lambda: CLIPTextModel(_clip_config(arch["text_encoder"], tok)))
+        unet, parts, scheduler, vae = super()._build_random(preset, text)  # each part seeded alike
+        tok, arch = parts["tokenizer"], preset.architecture
         te2 = _seeded(lambda: CLIPTextModelWithProjection(_clip_config(arch["text_encoder_2"], tok)))
-        text = {"tokenizer": tok, "text_encoder": te, "tokenizer_2": tok, "text_encoder_2": te2}
-        return unet, text, arch["scheduler"], arch.get("vae")
+        return unet, {**parts, "tokenizer_2": tok, "text_encoder_2": te2}, scheduler, vae
 
     @classmethod
     def _load_pretrained(cls, preset, source, text, dtype):
