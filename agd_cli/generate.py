@@ -35,24 +35,46 @@ class Job:
     seed: int
 
 
+@dataclass
+class GenerateFlags:
+    """`agd generate`'s flags as given; None takes the adapter's preset's value."""
+
+    prompts: Sequence[str] = ()
+    omega: float | None = None
+    adapter: str | None = None
+    run: str | None = None
+    preset: str | None = None
+    steps: int | None = None
+    scheduler: str | None = None
+    seed: int = 0
+    num_images: int = 1
+    batch_size: int | None = None
+    size: str | None = None
+    out: str | None = None
+    cfg: bool = False
+    negative_prompt: str | None = None
+    offload: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    workdir: str = "agd-runs"
+
+
 # --- 1. checks that need nothing loaded ------------------------------------------------------
-def check_inputs(prompts: Sequence[str], omega: float | None, steps: int | None,
-                 scheduler: str | None, num_images: int, batch_size: int | None,
-                 dtype: str | None, seed: int) -> None:
+def check_inputs(f: GenerateFlags) -> None:
     """Validate the flags that need no model and no adapter file."""
-    if not prompts:
+    if not f.prompts:
         raise InputError("no prompt given", hint='e.g. agd generate "a red fox" -w 6 '
                                                   "(for DiT: class ids or names)")
-    if omega is not None:
-        checks.omega(omega)
-    checks.optional_integer("--steps", steps)
-    if scheduler is not None:
-        checks.scheduler(scheduler)
-    checks.integer("-n/--num-images", num_images)
-    checks.optional_integer("--batch-size", batch_size)
-    if dtype is not None:
-        checks.dtype(dtype)
-    checks.seed(seed)
+    if f.omega is not None:
+        checks.omega(f.omega)
+    checks.optional_integer("--steps", f.steps)
+    if f.scheduler is not None:
+        checks.scheduler(f.scheduler)
+    checks.integer("-n/--num-images", f.num_images)
+    checks.optional_integer("--batch-size", f.batch_size)
+    if f.dtype is not None:
+        checks.dtype(f.dtype)
+    checks.seed(f.seed)
 
 
 def plan_output(out: str | None, adapter_path: Path, n_images: int) -> tuple[Path, Path | None]:
@@ -231,30 +253,27 @@ class Plan:
     single: Path | None
 
 
-def plan_generation(prompts: Sequence[str], *, omega: float | None, adapter: str | None,
-                    run: str | None, preset: str | None, steps: int | None, scheduler: str | None,
-                    seed: int, num_images: int, batch_size: int | None, size: str | None,
-                    out: str | None, cfg: bool, negative_prompt: str | None, dtype: str | None,
-                    workdir: str) -> Plan:
+def plan_generation(f: GenerateFlags) -> Plan:
     """Check every input and decide what to make, reading only the adapter file's metadata."""
-    check_inputs(prompts, omega, steps, scheduler, num_images, batch_size, dtype, seed)
-    hw = checks.size(size)
-    path = workspace.find_adapter(workdir, adapter, run, preset)
+    check_inputs(f)
+    hw = checks.size(f.size)
+    path = workspace.find_adapter(f.workdir, f.adapter, f.run, f.preset)
     file = AdapterFile.open(path)  # the metadata only: tensors load with the model
-    base = file.base_for(preset)
+    base = file.base_for(f.preset)
     height, width = check_size(hw, base)
-    if steps is not None:
-        checks.sampling_steps(steps, checks.preset_scheduler_config(base))
-    distinct = list(dict.fromkeys(str(p) for p in prompts))
-    jobs = [Job(p, seed + k) for p in prompts for k in range(num_images)]
-    folder, single = plan_output(out, path, len(jobs))
-    omega = float(base.sampling["default_omega"] if omega is None else omega)
-    mode = "cfg" if cfg else "agd"
-    if negative_prompt is not None and not cfg:
+    if f.steps is not None:
+        checks.sampling_steps(f.steps, checks.preset_scheduler_config(base))
+    distinct = list(dict.fromkeys(str(p) for p in f.prompts))
+    jobs = [Job(p, f.seed + k) for p in f.prompts for k in range(f.num_images)]
+    folder, single = plan_output(f.out, path, len(jobs))
+    omega = float(base.sampling["default_omega"] if f.omega is None else f.omega)
+    mode = "cfg" if f.cfg else "agd"
+    if f.negative_prompt is not None and not f.cfg:
         mode = negative_mode(file)
     return Plan(path, file, base, jobs, distinct, omega, check_omega_range(omega, file),
-                mode, steps or int(base.sampling["steps"]), scheduler or base.sampling["scheduler"],
-                batch_size or DEFAULT_BATCH_SIZE, height, width, folder, single)
+                mode, f.steps or int(base.sampling["steps"]),
+                f.scheduler or base.sampling["scheduler"], f.batch_size or DEFAULT_BATCH_SIZE,
+                height, width, folder, single)
 
 
 def negative_mode(file: AdapterFile) -> str:
@@ -280,23 +299,17 @@ def _png_metadata(plan: Plan, job: Job, nfe: int, negative_prompt: str | None, d
     return meta
 
 
-def run_generate(prompts: Sequence[str], *, omega: float | None = None, adapter: str | None = None,
-                 run: str | None = None, preset: str | None = None, steps: int | None = None,
-                 scheduler: str | None = None, seed: int = 0, num_images: int = 1,
-                 batch_size: int | None = None, size: str | None = None, out: str | None = None,
-                 cfg: bool = False, negative_prompt: str | None = None, offload: bool = False,
-                 device: str | None = None, dtype: str | None = None,
-                 workdir: str = "agd-runs") -> dict:
+def run_generate(prompts: Sequence[str] | GenerateFlags, **flags) -> dict:
     """Generate images with an agd adapter (1 NFE per step), or with real CFG for comparison.
 
-    Returns the summary printed by `--json`: images, nfe (per image), seconds, omega, …
+    `run_generate(["a red fox"], omega=6)` takes GenerateFlags' fields as keywords. Returns the
+    summary printed by `--json`: images, nfe (per image), seconds, omega, …
     """
-    plan = plan_generation(prompts, omega=omega, adapter=adapter, run=run, preset=preset,
-                           steps=steps, scheduler=scheduler, seed=seed, num_images=num_images,
-                           batch_size=batch_size, size=size, out=out, cfg=cfg,
-                           negative_prompt=negative_prompt, dtype=dtype, workdir=workdir)
+    f = prompts if isinstance(prompts, GenerateFlags) else GenerateFlags(list(prompts), **flags)
+    plan = plan_generation(f)
+    negative_prompt = f.negative_prompt
     t0 = time.perf_counter()
-    den = load_generator(plan.file, plan.base, device, dtype or "fp16", offload,
+    den = load_generator(plan.file, plan.base, f.device, f.dtype or "fp16", f.offload,
                          plan.height, plan.width)
     cond, uncond = encode_conditions(den, plan.prompts, negative_prompt, (plan.height, plan.width))
     load_seconds = time.perf_counter() - t0
