@@ -14,9 +14,9 @@ agd --workdir "$WORK" collect --preset "$PRESET"
 agd --workdir "$WORK" train
 if [ "$PRESET" = mnist ]; then
   agd --workdir "$WORK" generate "a handwritten 7" "the digit three" "number five" -w 4 -n 4
-  agd --workdir "$WORK" bench --compare-cfg -n 10 --quality --quality-samples 200
+  agd --workdir "$WORK" bench --compare-cfg --num-prompts 10 --quality --quality-samples 200
 else
   agd --workdir "$WORK" generate "a red fox in the snow" "a lighthouse at dusk" -w 4 -n 2
-  agd --workdir "$WORK" bench --compare-cfg -n 4 --baselines cfg,cfg-cutoff,unguided
+  agd --workdir "$WORK" bench --compare-cfg --num-prompts 4 --baselines cfg,cfg-cutoff,unguided
 fi
 echo "samples: $WORK/$PRESET/samples/   report and grid: $WORK/$PRESET/bench/"
