@@ -221,3 +221,98 @@ def move_aside(path: Path, aside: Path | None = None) -> Path:
         dest = aside / f"{path.name}-{n}"
     os.replace(path, dest)
     return dest
+
+
+# --- a training run's checkpoints -------------------------------------------------------------
+class RunCheckpoints:
+    """The checkpoints of one training run: save its complete state, resume it, start over.
+
+    It reads and restores the trainer's state (adapters, optimizer, loss scaler, sampler
+    position, step, validation figures, metrics log); `check_resumable(path, state)` is the
+    trainer's word on whether a checkpoint belongs to this run (RESUME_KEYS in train.py)."""
+
+    def __init__(self, trainer, check_resumable):
+        self.tr = trainer
+        self.dir = trainer.run / "checkpoints"
+        self.check_resumable = check_resumable
+
+    def save(self) -> None:
+        """Checkpoint the complete training state (main process writes, the others wait)."""
+        from agd_cli.train import lr_at  # train.py holds the schedule and imports this module
+
+        tr, s = self.tr, self.tr.s
+        if tr.main:
+            scaler = tr.update.scaler
+            state = {"lr_schedule": {"kind": "warmup-cosine", "base_lr": s.lr,
+                                     "warmup_steps": s.warmup_steps,
+                                     "total_steps": s.steps, "next_lr": lr_at(tr.step, s)},
+                     "rng": rng_state(), "data_position": tr.sampler.state(),
+                     "identity": tr.identity(), "settings": s.describe(),
+                     "optimizer_used": tr.optimizer_name,
+                     "scaler": scaler.state_dict() if scaler else None,
+                     "val_loss": tr.last_val, "val_loss_no_adapter": tr.val_no_adapter}
+            save_checkpoint(self.dir, tr.step, tr.den.adapters.state_dict(),
+                            tr.opt.state_dict(), state, s.keep_checkpoints)
+        tr.barrier()
+
+    def start_over(self) -> None:
+        """--no-resume: old checkpoints and metrics of this run folder go."""
+        if self.tr.main:
+            if self.dir.exists():
+                ui.info(f"--no-resume: removing the old checkpoints in {self.dir}")
+                shutil.rmtree(self.dir)
+            self.tr.metrics_path.unlink(missing_ok=True)
+        self.tr.barrier()
+
+    def resume(self) -> bool:
+        """Continue from the newest readable checkpoint, if any; False when starting fresh."""
+        tr = self.tr
+        if tr.main:
+            clean_stale(self.dir)
+        tr.barrier()
+        had_checkpoints = bool(checkpoint_dirs(self.dir))
+        found = latest_checkpoint(self.dir, set_aside=tr.main)
+        if found is None:
+            if tr.main:
+                self._restart_metrics(had_checkpoints)
+            return False
+        path, (adapter_state, opt_state, state) = found
+        self.check_resumable(path, state)
+        self._restore(adapter_state, opt_state, state)
+        if tr.main:
+            ui.info(f"resuming from step {tr.step} ({path})")
+        return True
+
+    def _restore(self, adapter_state: dict, opt_state: dict, state: dict) -> None:
+        """Put the trainer where the checkpoint left it; the metrics log back to that step."""
+        from agd_cli.data import ShuffledSampler
+        from agd_cli.train_output import read_jsonl, write_jsonl
+
+        tr = self.tr
+        tr.den.adapters.load_state_dict(adapter_state)
+        tr.opt.load_state_dict(opt_state)
+        set_rng_state(state["rng"])
+        pos = state["data_position"]
+        tr.sampler = ShuffledSampler(tr.sampler.indices, tr.s.seed, pos["epoch"], pos["offset"])
+        if tr.update.scaler and state.get("scaler"):
+            tr.update.scaler.load_state_dict(state["scaler"])
+        tr.step = tr.resumed_from = int(state["step"])
+        tr.last_val, tr.val_no_adapter = state.get("val_loss"), state.get("val_loss_no_adapter")
+        tr.records = [r for r in read_jsonl(tr.metrics_path) if r.get("step", 0) <= tr.step]
+        if tr.main:  # drop what the killed run logged after its last checkpoint
+            write_jsonl(tr.metrics_path, tr.records)
+
+    def _restart_metrics(self, lost_checkpoints: bool) -> None:
+        """A fresh start logs from step 0: an old log goes (aside, if checkpoints were lost)."""
+        metrics = self.tr.metrics_path
+        if not lost_checkpoints or not metrics.is_file():
+            metrics.unlink(missing_ok=True)  # a run killed before its first checkpoint
+            return
+        kept = move_aside(metrics, self.dir / DAMAGED)
+        ui.warn(f"no readable checkpoint in {self.dir}: training starts again at step 0; "
+                f"the old metrics log was moved to {kept}")
+
+    def last_step(self) -> int | None:
+        """Step of the newest checkpoint on disk (what a rerun resumes from)."""
+        found = checkpoint_dirs(self.dir)
+        return int(found[-1].name.split("-")[-1]) if found else None

@@ -49,7 +49,7 @@ def bitsandbytes_facts(cuda: bool) -> dict:
     """Whether one AdamW8bit step runs, on CUDA where there is one, else on the CPU."""
     import torch
 
-    from agd_cli.train import adamw8bit_problem
+    from agd_cli.step import adamw8bit_problem
 
     device = torch.device("cuda" if cuda else "cpu")
     problem = adamw8bit_problem(device)

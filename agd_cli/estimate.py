@@ -79,15 +79,17 @@ def efficient_attention():
         F.scaled_dot_product_attention = original
 
 
-def estimate_train_step(den, adapters, inputs: dict, step, optimizer: str) -> dict:
+def estimate_train_step(den, adapters, inputs: dict, make_step, optimizer: str) -> dict:
     """Peak bytes over two training steps, and FLOPs per sample, of a meta-device denoiser.
 
-    `step(den, params, opt, inputs)` is one training step; torch AdamW stands in for AdamW8bit
+    `make_step(params, opt)` returns one training step, `step(inputs)` (memory.train_step_of:
+    the step `agd train` takes); torch AdamW stands in for AdamW8bit
     (no meta kernels) and its state is then rescaled to 8-bit size."""
     from torch.utils.flop_counter import FlopCounterMode
 
     params = [p for p in adapters.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)  # foreach temporaries are fused on CUDA
+    step = make_step(params, opt)
     tracker = LiveBytes()
     for t in [*den.model.parameters(), *den.model.buffers(), *adapters.parameters(),
               *tree_leaves(inputs)]:
@@ -97,10 +99,10 @@ def estimate_train_step(den, adapters, inputs: dict, step, optimizer: str) -> di
     with efficient_attention():
         with tracker:
             for _ in range(2):  # the first step creates the optimizer state, the second has it
-                step(den, params, opt, inputs)
+                step(inputs)
                 gc.collect()
         with FlopCounterMode(display=False) as flops:
-            step(den, params, opt, inputs)
+            step(inputs)
     state_bytes = sum(p.numel() for p in params) * ADAMW_STATE_BYTES
     saved = 0
     if optimizer == "adamw8bit":

@@ -155,16 +155,27 @@ def random_inputs(den, batch: int, resolution: int) -> dict:
             "omega": torch.rand(batch, device=dev) * 5 + 1, "cond": cond}
 
 
-def _step(den, params, opt, inputs) -> None:
-    """One training step as `agd train` takes it: forward in the base's dtype, L2, backward, update."""
-    import torch
+def batch_losses(den, update, inputs: dict):
+    """The loss `agd train` takes on a batch (its micro-batch share of the step's mean, here the
+    whole batch): forward under the step's autocast rule, squared error summed in fp32 over
+    the batch's elements. A generator, as the trainer's, so the forward runs inside the step."""
+    with update.autocast():
+        pred = den.forward(inputs["x"], inputs["t"], inputs["cond"], omega=inputs["omega"],
+                           negative=inputs.get("negative"))
+    yield (pred.float() - inputs["target"]).pow(2).sum() / inputs["target"].numel()
 
-    pred = den.forward(inputs["x"], inputs["t"], inputs["cond"], omega=inputs["omega"])
-    loss = (pred.float() - inputs["target"]).pow(2).mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+
+def train_step_of(den, params: list, opt, precision: str):
+    """`agd train`'s step (step.AdapterStep: loss scaling, GRAD_CLIP, update) as a function of
+    one batch of inputs; it returns the batch's loss."""
+    from agd_cli.step import AdapterStep
+
+    update = AdapterStep(params, opt, precision, den.device, den.dtype)
+
+    def step(inputs: dict) -> float:
+        return update(batch_losses(den, update, inputs))
+
+    return step
 
 
 def measure_in_process(preset_name, precision: str, optimizer: str, checkpointing: bool,
@@ -189,8 +200,8 @@ def measure_in_process(preset_name, precision: str, optimizer: str, checkpointin
         adapters = den.new_adapters().train()
         inputs = random_inputs(den, batch_size, res)
     params = [p for p in adapters.parameters() if p.requires_grad]
-    figures = (_estimate(den, adapters, inputs, optimizer) if dev.type == "meta"
-               else _run_steps(den, params, inputs, optimizer, dev))
+    figures = (_estimate(den, adapters, inputs, optimizer, precision) if dev.type == "meta"
+               else _run_steps(den, params, inputs, optimizer, precision, dev))
     return {"preset": preset.name, "family": preset.family, "device": str(dev),
             "precision": precision, "optimizer_requested": optimizer,
             "gradient_checkpointing": checkpointing, "batch_size": batch_size,
@@ -201,30 +212,32 @@ def measure_in_process(preset_name, precision: str, optimizer: str, checkpointin
             "torch": torch.__version__, **figures}
 
 
-def _estimate(den, adapters, inputs: dict, optimizer: str) -> dict:
+def _estimate(den, adapters, inputs: dict, optimizer: str, precision: str) -> dict:
     """The meta-device figures (no GPU needed): peak bytes and FLOPs per sample."""
     from agd_cli.estimate import estimate_train_step
 
-    est = estimate_train_step(den, adapters, inputs,
-                              _step, optimizer)
+    def make_step(params, opt):
+        return train_step_of(den, params, opt, precision)
+
+    est = estimate_train_step(den, adapters, inputs, make_step, optimizer)
     return {**est, "optimizer": optimizer, "seconds_step": None}
 
 
-def _run_steps(den, params, inputs: dict, optimizer: str, dev) -> dict:
+def _run_steps(den, params, inputs: dict, optimizer: str, precision: str, dev) -> dict:
     """Two real training steps on CPU or CUDA; peak memory over both, time of the second."""
     import torch
 
-    from agd_cli.train import make_optimizer
+    from agd_cli.step import make_optimizer
 
     opt, used = make_optimizer(params, optimizer, 1e-4, 0.0, dev)
-    # No autocast: the base already computes in the training dtype (agd train does the same).
+    step = train_step_of(den, params, opt, precision)
     # The window covers two steps: the first allocates the optimizer state (after its
     # backward), the second runs with it in place: the steady state of a training run.
     method = _reset_peak(dev)
     baseline = _current(dev)
-    _step(den, params, opt, inputs)
+    step(inputs)
     t0 = time.perf_counter()
-    _step(den, params, opt, inputs)
+    step(inputs)
     seconds = time.perf_counter() - t0
     peak = _peak(dev)
     state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values()

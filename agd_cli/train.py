@@ -5,6 +5,11 @@ autocast) learn, with an L2 loss against the stored CFG-guided output. Progress 
 honestly on held-out trajectories against the no-adapter baseline (the base's conditional
 prediction), and every `checkpoint_every` steps the complete training state is written so a
 killed run continues exactly where it stopped.
+
+Here: the settings, the learning-rate schedule, the loop (`Trainer`) and the stage's entry
+point. Elsewhere: the optimizer step (step.py, shared with `agd bench --memory`), saving and
+resuming (checkpoint.py's RunCheckpoints), the metrics log, previews and the adapter file
+(train_output.py), and finding the collections and loading the base (train_setup.py).
 """
 
 from __future__ import annotations
@@ -13,8 +18,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,24 +25,30 @@ from pathlib import Path
 import torch
 
 from agd_cli import checks, ui
-from agd_cli.checkpoint import (
-    DAMAGED,
-    checkpoint_dirs,
-    clean_stale,
-    latest_checkpoint,
-    move_aside,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from agd_cli.data import ShuffledSampler, TrajectoryData, collection_root
+from agd_cli.checkpoint import RunCheckpoints
+from agd_cli.data import ShuffledSampler, TrajectoryData
 from agd_cli.errors import DataError, InputError, Interrupted
-from agd_cli.io import atomic_path, json_line, naming
 from agd_cli.locks import run_lock
 from agd_cli.presets import AdapterConfig, Preset
+from agd_cli.step import AdapterStep, make_optimizer
+from agd_cli.train_output import (
+    Previews,
+    announce,
+    append_jsonl,
+    fmt_loss,
+    gap_closed,
+    run_summary,
+    write_adapter,
+)
+from agd_cli.train_setup import (
+    locate,
+    prepare_denoiser,
+    process_accelerator,
+    process_device,
+    recorded_preset,
+)
 
 MAX_VAL_SAMPLES = 512  # validation cost stays bounded on big collections
-GRAD_CLIP = 1.0        # global-norm clip: early Xavier-initialised adapters can spike
 # must match to resume; --steps may grow (the schedule then stretches), precision may change
 RESUME_KEYS = ("preset", "adapter", "seed", "batch_size", "grad_accum", "lr", "optimizer",
                "val_fraction", "weight_decay", "data")
@@ -121,43 +130,6 @@ def lr_at(step: int, s: TrainSettings) -> float:
     return s.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(params: list, name: str, lr: float, weight_decay: float,
-                   device: torch.device, say: bool = True) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW8bit (bitsandbytes) when it works on `device`, else torch AdamW (said once)."""
-    if name == "adamw8bit":
-        problem = adamw8bit_problem(device)
-        if problem is None:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay), "adamw8bit"
-        if say:
-            ui.warn(f"AdamW8bit (bitsandbytes) does not run on {device.type} here ({problem}); "
-                    "using torch AdamW (4x the optimizer-state memory)")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "adamw"
-
-
-def autocast_dtype(precision: str, device: torch.device, base_dtype: torch.dtype) -> torch.dtype | None:
-    """The autocast dtype a training forward needs: none where the base already computes in
-    the training precision (autocast would only add fp32 norms: +0.6 GiB at SDXL batch 4)."""
-    compute = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    if device.type != "cuda" or compute is None or base_dtype == compute:
-        return None
-    return compute
-
-
-def adamw8bit_problem(device: torch.device) -> str | None:
-    """None when one bitsandbytes AdamW8bit step really runs on `device`, else why not."""
-    try:
-        import bitsandbytes as bnb
-
-        probe = torch.zeros(4096, device=device, requires_grad=True)  # 8-bit path needs ≥ 4096
-        probe.grad = torch.ones_like(probe)
-        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
-        return None
-    except Exception as e:  # noqa: BLE001 - import errors, missing kernels, driver errors
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-
-
 class Trainer:
     """One training run of attached adapters on a denoiser; single or multi-process."""
 
@@ -178,9 +150,9 @@ class Trainer:
         self.opt, self.optimizer_name = make_optimizer(
             self.params, settings.optimizer, settings.lr, settings.weight_decay, self.device,
             say=self.main)
-        self.amp_dtype = autocast_dtype(settings.precision, self.device, den.dtype)
-        half = self.device.type == "cuda" and settings.precision == "fp16"
-        self.scaler = torch.amp.GradScaler("cuda") if half else None
+        # the step `agd bench --memory` measures too: autocast, loss scaling, clip, update
+        self.update = AdapterStep(self.params, self.opt, settings.precision, self.device,
+                                  den.dtype, sync_grads=self._sync_grads)
         train_idx, val_idx = data.split(settings.val_fraction, settings.seed)
         self.n_val_traj = data.trajectories_in(val_idx)
         self.n_train_traj = data.num_trajectories - self.n_val_traj
@@ -194,26 +166,13 @@ class Trainer:
         self.val_no_adapter: float | None = None
         self.last_val: float | None = None
         self.records: list[dict] = []
-        self.ckpt_dir = self.run / "checkpoints"
         self.metrics_path = self.run / "train" / "metrics.jsonl"
-        self._preview_cfg = None
-
-    def _negatives_metadata(self) -> dict:
-        """What the adapter file records about the negatives it was trained with."""
-        if not self.s.adapter.negatives:
-            return {}
-        configs = [m["config"] for m in self.data.manifests
-                   if m.get("config", {}).get("negative_prompts")]
-        return {"negatives": {
-            "negative_prompts": [n for c in configs for n in c["negative_prompts"]],
-            "negative_source": ", ".join(str(c.get("negative_source")) for c in configs),
-            "empty_negative_probability": configs[0].get("empty_negative_probability")}}
+        self.checkpoints = RunCheckpoints(self, check_resumable=self._check_resumable)
+        self.previews = Previews(self.run / "train")
 
     # --- numerics ----------------------------------------------------------------------------
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.update.autocast()
 
     def _mine(self, idx: torch.Tensor) -> torch.Tensor:
         """This process's contiguous part of a global batch."""
@@ -253,24 +212,17 @@ class Trainer:
         s = self.s
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, s)
-        denom = s.batch_size * s.grad_accum * math.prod(self.data.sample_shape)
-        total = 0.0
-        for _ in range(s.grad_accum):
-            loss = self._sq_error(self._mine(self.sampler.next(s.batch_size))) / denom
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.item()
-        self._sync_grads()
-        if self.scaler:
-            self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
-        if self.scaler:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        total = self.update(self._micro_losses())
         self.step += 1
         return self._reduce([total])[0]
+
+    def _micro_losses(self):
+        """The grad_accum losses of one step, each its share of the step's mean, one at a time."""
+        s = self.s
+        denom = s.batch_size * s.grad_accum * math.prod(self.data.sample_shape)
+        for _ in range(s.grad_accum):
+            loss = self._sq_error(self._mine(self.sampler.next(s.batch_size))) / denom
+            yield loss
 
     @torch.no_grad()
     def evaluate(self, adapters: bool = True) -> float | None:
@@ -299,76 +251,10 @@ class Trainer:
                 "warmup_steps": s.warmup_steps, "weight_decay": s.weight_decay,
                 "data": f"{len(keys)} trajectories, {len(self.data)} samples, {digest}"}
 
-    def save(self) -> None:
-        """Checkpoint the complete training state (main process writes, the others wait)."""
-        if self.main:
-            state = {"lr_schedule": {"kind": "warmup-cosine", "base_lr": self.s.lr,
-                                     "warmup_steps": self.s.warmup_steps,
-                                     "total_steps": self.s.steps, "next_lr": lr_at(self.step, self.s)},
-                     "rng": rng_state(), "data_position": self.sampler.state(),
-                     "identity": self.identity(), "settings": self.s.describe(),
-                     "optimizer_used": self.optimizer_name,
-                     "scaler": self.scaler.state_dict() if self.scaler else None,
-                     "val_loss": self.last_val, "val_loss_no_adapter": self.val_no_adapter}
-            save_checkpoint(self.ckpt_dir, self.step, self.den.adapters.state_dict(),
-                            self.opt.state_dict(), state, self.s.keep_checkpoints)
-        self._barrier()
-
-    def _barrier(self) -> None:
+    def barrier(self) -> None:
+        """Wait for every process (no-op for one)."""
         if self.world > 1:
             self.acc.wait_for_everyone()
-
-    def start_over(self) -> None:
-        """--no-resume: old checkpoints and metrics of this run folder go."""
-        if self.main:
-            if self.ckpt_dir.exists():
-                ui.info(f"--no-resume: removing the old checkpoints in {self.ckpt_dir}")
-                shutil.rmtree(self.ckpt_dir)
-            self.metrics_path.unlink(missing_ok=True)
-        self._barrier()
-
-    def resume(self) -> bool:
-        """Continue from the newest readable checkpoint, if any; False when starting fresh."""
-        if self.main:
-            clean_stale(self.ckpt_dir)
-        self._barrier()
-        had_checkpoints = bool(checkpoint_dirs(self.ckpt_dir))
-        found = latest_checkpoint(self.ckpt_dir, set_aside=self.main)
-        if found is None:
-            if self.main:
-                self._restart_metrics(had_checkpoints)
-            return False
-        path, (adapter_state, opt_state, state) = found
-        self._check_resumable(path, state)
-        self.den.adapters.load_state_dict(adapter_state)
-        self.opt.load_state_dict(opt_state)
-        set_rng_state(state["rng"])
-        pos = state["data_position"]
-        self.sampler = ShuffledSampler(self.sampler.indices, self.s.seed, pos["epoch"], pos["offset"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = self.resumed_from = int(state["step"])
-        self.last_val, self.val_no_adapter = state.get("val_loss"), state.get("val_loss_no_adapter")
-        self.records = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
-        if self.main:  # drop what the killed run logged after its last checkpoint
-            write_jsonl(self.metrics_path, self.records)
-        if self.main:
-            ui.info(f"resuming from step {self.step} ({path})")
-        return True
-
-    def _restart_metrics(self, lost_checkpoints: bool) -> None:
-        """A fresh start logs from step 0: an old log goes (aside, if checkpoints were lost)."""
-        if not lost_checkpoints or not self.metrics_path.is_file():
-            self.metrics_path.unlink(missing_ok=True)  # a run killed before its first checkpoint
-            return
-        kept = move_aside(self.metrics_path, self.ckpt_dir / DAMAGED)
-        ui.warn(f"no readable checkpoint in {self.ckpt_dir}: training starts again at step 0; "
-                f"the old metrics log was moved to {kept}")
-
-    def last_checkpoint_step(self) -> int | None:
-        """Step of the newest checkpoint on disk (what a rerun resumes from)."""
-        found = checkpoint_dirs(self.ckpt_dir)
-        return int(found[-1].name.split("-")[-1]) if found else None
 
     def _check_resumable(self, path: Path, state: dict) -> None:
         old, new = state.get("identity", {}), self.identity()
@@ -393,12 +279,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         self.records.append(record)
         if self.main:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with open(self.metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json_line(record) + "\n")
-            except OSError as e:  # a full disk names no file by itself
-                raise naming(e, self.metrics_path) from e
+            append_jsonl(self.metrics_path, record)
 
     def _validate(self) -> None:
         self.last_val = self.evaluate()
@@ -421,7 +302,7 @@ class Trainer:
         prog.disable = prog.disable or not self.main  # one bar, from the main process
         with prog:
             task = prog.add_task("training", total=self.s.steps, completed=self.step,
-                                 loss="–", val=_fmt(self.last_val), rate="–")
+                                 loss="–", val=fmt_loss(self.last_val), rate="–")
             while self.step < self.s.steps:
                 lr = lr_at(self.step, self.s)
                 loss = self.train_step()
@@ -430,190 +311,31 @@ class Trainer:
                 self._log({"step": self.step, "loss": loss, "lr": lr})
                 if self.step % self.s.checkpoint_every == 0 or self.step == self.s.steps:
                     self._validate()
-                    self.save()
+                    self.checkpoints.save()
                 if self.s.preview_every and self.step % self.s.preview_every == 0:
                     self.preview()
                 prog.update(task, completed=self.step, loss=f"{smoothed:.4g}",
-                            val=_fmt(self.last_val), rate=f"{rate:.2f}")
+                            val=fmt_loss(self.last_val), rate=f"{rate:.2f}")
         if self.step == first and self.last_val is None:  # nothing left to train
             self.last_val = self.evaluate()
         return self.finish(time.time() - t0, smoothed)
 
-    @torch.no_grad()
     def preview(self) -> Path | None:
         """CFG vs adapters from the same noise (fixed seeds), as one PNG; main process only."""
-        from agd_cli.images import make_grid, save_png, to_pil
-        from agd_cli.sampling import initial_noise, sample
-
-        if not self.main or self.data.uncond is None:
-            self._barrier()
-            return None
-        den, sp = self.den, self.den.preset.sampling
-        n = min(4, next(iter(self.data.cond.values())).shape[0])
-        cond = {k: v[:n] for k, v in self.data.cond.items()}
-        uncond = {k: v[:1].expand(n, *v.shape[1:]) for k, v in self.data.uncond.items()}
-        noise = initial_noise(self.data.sample_shape, range(n))
-        omega = float(sp["default_omega"])
-        kw = {"steps": sp["steps"], "scheduler": sp["scheduler"]}
-        if self._preview_cfg is None:  # the teacher's images do not change during training
-            self._preview_cfg = den.decode(sample(den, cond, uncond, omega, noise, mode="cfg", **kw).x)
-        agd = den.decode(sample(den, cond, uncond, omega, noise, mode="agd", **kw).x)
-        grid = make_grid([[to_pil(i) for i in self._preview_cfg], [to_pil(i) for i in agd]],
-                         row_labels=[f"CFG ω={omega:g}", f"agd, step {self.step}"])
-        path = save_png(grid, self.run / "train" / f"preview-step-{self.step:06d}.png",
-                        {"step": self.step, "omega": omega, "seeds": list(range(n))})
-        self._barrier()
+        path = self.previews.write(self.den, self.data, self.step) if self.main else None
+        self.barrier()
         return path
 
     def finish(self, seconds: float, train_loss: float | None) -> dict:
         """Write the adapter file and the loss curve; the summary `--json` prints."""
-        from agd_cli.plots import loss_curve
-        from agd_cli.workspace import ADAPTER
-
-        adapter_path = self.run / ADAPTER
-        gap = gap_closed(self.last_val, self.val_no_adapter)
-        n_params = sum(p.numel() for p in self.den.adapters.parameters())
-        summary = {
-            "run": str(self.run), "adapter": str(adapter_path), "steps": self.step,
-            "val_loss": self.last_val, "val_loss_no_adapter": self.val_no_adapter,
-            "gap_closed": gap, "train_loss": train_loss, "params": n_params,
-            "seconds": round(seconds, 2), "resumed_from": self.resumed_from,
-            "optimizer": self.optimizer_name, "precision": self.s.precision,
-            "batch_size": self.s.batch_size, "grad_accum": self.s.grad_accum, "lr": self.s.lr,
-            "gradient_checkpointing": self.s.gradient_checkpointing, "seed": self.s.seed,
-            "trajectories": {"train": self.n_train_traj, "val": self.n_val_traj},
-            "samples": {"train": self.n_train, "val": self.n_val},
-            "device": str(self.device), "processes": self.world,
-            "metrics": str(self.metrics_path), "loss_plot": str(self.run / "train" / "loss.png")}
+        summary = run_summary(self, seconds, train_loss)
         if self.main:
-            meta = self.den.adapter_metadata(
-                train_steps=self.step, val_loss=self.last_val, val_loss_no_adapter=self.val_no_adapter,
-                gap_closed=gap, lr=self.s.lr, batch_size=self.s.batch_size * self.s.grad_accum,
-                optimizer=self.optimizer_name, seed=self.s.seed,
-                trajectories=self.data.num_trajectories,
-                collections=[str(s.root) for s in self.data.stores], **self._negatives_metadata())
-            self.den.adapters.save(adapter_path, meta)
-            if self.records:
-                loss_curve(self.records, summary["loss_plot"],
-                           title=f"agd train · {self.den.preset.name} · {self.step} steps")
-        self._barrier()
+            write_adapter(self, summary)
+        self.barrier()
         return summary
 
 
-def gap_closed(val_loss: float | None, no_adapter: float | None) -> float | None:
-    """Share of the no-adapter error the adapters remove: 1 − val / val_no_adapter."""
-    if val_loss is None or not no_adapter:
-        return None
-    return 1.0 - val_loss / no_adapter
-
-
-def _fmt(v: float | None) -> str:
-    return "–" if v is None else f"{v:.4g}"
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut by kill -9
-            out.append(json.loads(line))
-    return out
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Rewrite a JSONL file atomically."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("".join(json_line(r) + "\n" for r in records), encoding="utf-8")
-
-
 # --- the stage's entry point -----------------------------------------------------------------------
-def locate(run: str | None, data: tuple | list, workdir: str) -> tuple[Path, list[Path]]:
-    """(run folder that receives the results, trajectory folders to train on)."""
-    from agd_cli.workspace import latest_collection
-
-    if run:
-        run_path = Path(run)
-        if not run_path.is_dir():
-            raise DataError(f"run folder '{run}' not found",
-                            hint="pass a folder written by `agd collect`, or leave out --run")
-        own = [collection_root(run_path)] if not data or (run_path / "trajectories").is_dir() else []
-        return run_path, own + [collection_root(d) for d in data]
-    if data:
-        roots = [collection_root(d) for d in data]
-        return roots[0].parent, roots
-    run_path = latest_collection(workdir)
-    return run_path, [collection_root(run_path)]
-
-
-def recorded_preset(roots: list[Path], override: str | None) -> Preset:
-    """The preset the collection was recorded with; --preset may override it for the same base."""
-    from agd_cli.presets import load_preset, preset_from_record
-    from agd_cli.trajectories import TrajectoryStore
-
-    configs = [TrajectoryStore(r).manifest().get("config", {}) for r in roots]
-    bases = {(c.get("family"), c.get("base_model")) for c in configs}
-    if len(bases) > 1:
-        raise DataError(f"the collections were recorded with different base models: {sorted(map(str, bases))}",
-                        hint="train on collections of one base model at a time")
-    cfg = configs[0]
-    recorded = preset_from_record(cfg)
-    if override is None:
-        if recorded is None:
-            raise DataError(f"collection {roots[0]} does not say which preset recorded it",
-                            hint="pass --preset NAME")
-        return recorded
-    chosen = load_preset(override)
-    if recorded is not None and (chosen.family != recorded.family
-                                 or chosen.resolve_base_model() != recorded.resolve_base_model()
-                                 or chosen.architecture != recorded.architecture):
-        raise InputError(f"--preset {override} uses base '{chosen.base_model}' ({chosen.family}), "
-                         f"but the collection was recorded with preset '{recorded.name}' "
-                         f"(base '{recorded.base_model}', {recorded.family})",
-                         hint="train with the preset the trajectories came from (leave out --preset)")
-    return chosen
-
-
-def prepare_denoiser(preset: Preset, device: torch.device, settings: TrainSettings):
-    """Frozen base in half precision and eval mode, fast attention, fresh fp32 adapters."""
-    from agd_cli.families import load_denoiser
-
-    den = load_denoiser(preset, device=device, dtype=settings.precision, text=False)
-    if device.type == "cuda":
-        # the adapters hook the attention modules, so any processor set here keeps them
-        with contextlib.suppress(Exception):
-            den.model.enable_xformers_memory_efficient_attention()
-            ui.info("attention: xformers")
-    if settings.gradient_checkpointing:
-        if not getattr(den.model, "_supports_gradient_checkpointing", False):
-            raise InputError(f"--gradient-checkpointing: {type(den.model).__name__} does not support it",
-                             hint="pass --no-gradient-checkpointing")
-        den.model.enable_gradient_checkpointing()
-    torch.manual_seed(settings.seed)  # identical initial adapters in every process
-    den.new_adapters(settings.adapter).train()
-    return den
-
-
-def _accelerator(device: str):
-    """HF accelerate state: device placement and the process group (no-op for one process)."""
-    from accelerate import Accelerator
-
-    from agd_cli.families import resolve_device
-
-    dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        torch.cuda.set_device(dev)  # one process: accelerate's device is "the current GPU"
-    return Accelerator(cpu=dev.type == "cpu")
-
-
-def _process_device(acc) -> torch.device:
-    """This process's device with its index (cuda:N as asked, or the one accelerate assigned)."""
-    dev = acc.device
-    if dev.type == "cuda" and dev.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
 def run_train(run: str | None = None, data: tuple | list = (), preset: str | None = None,
               steps: int | None = None, batch_size: int | None = None, grad_accum: int | None = None,
               lr: float | None = None, optimizer: str | None = None, precision: str | None = None,
@@ -635,7 +357,7 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
     settings = TrainSettings.resolve(preset_obj, flags)
     family = FAMILY_CLASSES[preset_obj.family]
     family.check_adapter_kind(family, settings.adapter.kind)  # uses class attributes only
-    acc = _accelerator(device)
+    acc = process_accelerator(device)
     lock = run_lock(run_path, "train") if acc.is_main_process else contextlib.nullcontext()
     with lock:  # one writer per run folder (the main process writes for all)
         return _train(run_path, roots, preset, preset_obj, settings, acc, resume)
@@ -648,40 +370,24 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
     # collections with negative prompts train adapters that also read the negative
     settings.adapter.negatives = trajectories.has_negatives
     # 3. The model: frozen base + fresh adapters on this process's device
-    den = prepare_denoiser(preset_obj, _process_device(acc), settings)
+    den = prepare_denoiser(preset_obj, process_device(acc), settings)
     if trajectories.sample_shape[0] != den.in_channels:
         raise DataError(f"collection holds {trajectories.sample_shape[0]}-channel samples; "
                         f"the base takes {den.in_channels}",
                         hint="train with the preset the trajectories were recorded with")
     trainer = Trainer(den, trajectories, settings, run_path, acc)
-    if not (resume and trainer.resume()):
+    if not (resume and trainer.checkpoints.resume()):
         if not resume:
-            trainer.start_over()
+            trainer.checkpoints.start_over()
     if trainer.main:
-        _announce(trainer, roots, preset_flag)
+        announce(trainer, roots, preset_flag)
     try:
         return trainer.fit()
     except KeyboardInterrupt:
-        last = trainer.last_checkpoint_step()
-        where = (f"the last checkpoint is step {last} in {trainer.ckpt_dir}" if last is not None
+        last = trainer.checkpoints.last_step()
+        where = (f"the last checkpoint is step {last} in {trainer.checkpoints.dir}" if last is not None
                  else "no checkpoint was written yet")
         raise Interrupted(f"interrupted at step {trainer.step} of {settings.steps}; {where}",
                           hint="rerun the same command to resume from "
                                + (f"step {last}" if last is not None else "step 0")) from None
 
-
-def _announce(tr: Trainer, roots: list[Path], preset_flag: str | None) -> None:
-    s = tr.s
-    origin = "--preset" if preset_flag else "recorded with the collection"
-    ui.info(f"training {s.adapter.kind} adapters for preset '{tr.den.preset.name}' ({origin}) "
-            f"({sum(p.numel() for p in tr.params):,} params) on {tr.data.num_trajectories} "
-            f"trajectories from {', '.join(map(str, roots))}: {tr.n_train_traj} train / "
-            f"{tr.n_val_traj} val trajectories ({tr.n_train} / {tr.n_val} samples)")
-    ui.info(f"steps {s.steps}, batch {s.batch_size} × accum {s.grad_accum}, lr {s.lr:g}, "
-            f"{tr.optimizer_name}, {s.precision}, gradient checkpointing "
-            f"{'on' if s.gradient_checkpointing else 'off'}, {tr.world} process(es) on "
-            f"{tr.device}; results in {tr.run}")
-    if tr.device.type == "cpu" and s.precision != "fp32":
-        ui.info(f"note: on CPU the base computes in fp32 ({s.precision} applies on CUDA)")
-    if tr.resumed_from is None and tr.step == 0:
-        ui.info(f"starting from fresh adapters (seed {s.seed})")

@@ -158,6 +158,36 @@ def test_base_bit_identical_and_grads_flow_with_checkpointing(run_of):
                                fresh.forward(b.x, b.timesteps, b.cond))
 
 
+def test_memory_measures_the_step_train_takes(run_of):
+    """`agd bench --memory` measures `agd train`'s step: on the same batch from the same start,
+    both give the same loss and the same adapter update (loss scaling, clip, optimizer alike)."""
+    from agd_cli.data import ShuffledSampler, TrajectoryData
+    from agd_cli.memory import train_step_of
+    from agd_cli.step import make_optimizer
+    from agd_cli.train import Trainer, TrainSettings, lr_at, prepare_denoiser, recorded_preset
+
+    run = run_of("tiny-dit")
+    roots = [run / "trajectories"]
+    preset = recorded_preset(roots, None)
+    settings = TrainSettings.resolve(preset, {"steps": 4, "batch_size": 4, "grad_accum": 1,
+                                              "optimizer": "adamw", "lr": 1e-2})
+    cpu = torch.device("cpu")
+    trained, measured = (prepare_denoiser(preset, cpu, settings) for _ in range(2))
+    trainer = Trainer(trained, TrajectoryData(roots), settings, run)
+    # the batch the trainer's first step draws, as memory's inputs
+    b = trainer.data.batch(ShuffledSampler(trainer.sampler.indices, settings.seed).next(4))
+    inputs = {"x": b.x, "t": b.timesteps, "cond": b.cond, "omega": b.omega, "target": b.target,
+              "negative": b.uncond}
+    params = [p for p in measured.adapters.parameters() if p.requires_grad]
+    opt, _ = make_optimizer(params, "adamw", lr_at(0, settings), settings.weight_decay, cpu)
+    step = train_step_of(measured, params, opt, settings.precision)
+    assert step(inputs) == trainer.train_step()
+    after_train, after_memory = trained.adapters.state_dict(), measured.adapters.state_dict()
+    assert all(torch.equal(after_train[k], after_memory[k]) for k in after_train)
+    assert any(not torch.equal(v, measured.adapters.state_dict()[k]) for k, v in
+               prepare_denoiser(preset, cpu, settings).adapters.state_dict().items())
+
+
 # --- checkpoints and resume -------------------------------------------------------------------------
 def test_resume_after_kill_matches_uninterrupted(run_of):
     killed, clean = run_of("tiny-dit", "killed"), run_of("tiny-dit", "clean")
@@ -193,7 +223,7 @@ def test_resume_after_kill_matches_uninterrupted(run_of):
 def test_checkpoint_roundtrip_adamw8bit(tmp_path):
     """8-bit optimizer state survives safetensors exactly, and the next step is the same."""
     from agd_cli.checkpoint import latest_checkpoint, save_checkpoint
-    from agd_cli.train import make_optimizer
+    from agd_cli.step import make_optimizer
 
     def model():
         torch.manual_seed(0)

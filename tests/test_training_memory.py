@@ -7,7 +7,7 @@ import torch
 
 from agd_cli.estimate import LiveBytes
 from agd_cli.memory import measure_in_process
-from agd_cli.train import autocast_dtype
+from agd_cli.step import autocast_dtype
 
 
 def test_live_bytes_counts_each_storage_once_until_it_is_freed():
