@@ -33,7 +33,6 @@ from agd_cli.presets import AdapterConfig, Preset
 from agd_cli.step import AdapterStep, make_optimizer
 from agd_cli.train_output import (
     Previews,
-    announce,
     append_jsonl,
     fmt_loss,
     gap_closed,
@@ -257,6 +256,7 @@ class Trainer:
             self.acc.wait_for_everyone()
 
     def _check_resumable(self, path: Path, state: dict) -> None:
+        """Refuse a checkpoint of other settings, another optimizer, or beyond --steps."""
         old, new = state.get("identity", {}), self.identity()
         for key in RESUME_KEYS:
             if old.get(key) != new[key]:
@@ -380,7 +380,7 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
         if not resume:
             trainer.checkpoints.start_over()
     if trainer.main:
-        announce(trainer, roots, preset_flag)
+        _announce(trainer, roots, preset_flag)
     try:
         return trainer.fit()
     except KeyboardInterrupt:
@@ -391,3 +391,19 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
                           hint="rerun the same command to resume from "
                                + (f"step {last}" if last is not None else "step 0")) from None
 
+
+def _announce(tr: Trainer, roots: list[Path], preset_flag: str | None) -> None:
+    s = tr.s
+    origin = "--preset" if preset_flag else "recorded with the collection"
+    ui.info(f"training {s.adapter.kind} adapters for preset '{tr.den.preset.name}' ({origin}) "
+            f"({sum(p.numel() for p in tr.params):,} params) on {tr.data.num_trajectories} "
+            f"trajectories from {', '.join(map(str, roots))}: {tr.n_train_traj} train / "
+            f"{tr.n_val_traj} val trajectories ({tr.n_train} / {tr.n_val} samples)")
+    ui.info(f"steps {s.steps}, batch {s.batch_size} × accum {s.grad_accum}, lr {s.lr:g}, "
+            f"{tr.optimizer_name}, {s.precision}, gradient checkpointing "
+            f"{'on' if s.gradient_checkpointing else 'off'}, {tr.world} process(es) on "
+            f"{tr.device}; results in {tr.run}")
+    if tr.device.type == "cpu" and s.precision != "fp32":
+        ui.info(f"note: on CPU the base computes in fp32 ({s.precision} applies on CUDA)")
+    if tr.resumed_from is None and tr.step == 0:
+        ui.info(f"starting from fresh adapters (seed {s.seed})")

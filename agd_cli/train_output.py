@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from agd_cli import ui
 from agd_cli.io import atomic_path, json_line, naming
 
 
@@ -144,20 +143,3 @@ def negatives_metadata(data, adapter) -> dict:
         "negative_source": ", ".join(str(c.get("negative_source")) for c in configs),
         "empty_negative_probability": configs[0].get("empty_negative_probability")}}
 
-
-def announce(tr, roots: list[Path], preset_flag: str | None) -> None:
-    """What is about to train, on what, where (stderr)."""
-    s = tr.s
-    origin = "--preset" if preset_flag else "recorded with the collection"
-    ui.info(f"training {s.adapter.kind} adapters for preset '{tr.den.preset.name}' ({origin}) "
-            f"({sum(p.numel() for p in tr.params):,} params) on {tr.data.num_trajectories} "
-            f"trajectories from {', '.join(map(str, roots))}: {tr.n_train_traj} train / "
-            f"{tr.n_val_traj} val trajectories ({tr.n_train} / {tr.n_val} samples)")
-    ui.info(f"steps {s.steps}, batch {s.batch_size} × accum {s.grad_accum}, lr {s.lr:g}, "
-            f"{tr.optimizer_name}, {s.precision}, gradient checkpointing "
-            f"{'on' if s.gradient_checkpointing else 'off'}, {tr.world} process(es) on "
-            f"{tr.device}; results in {tr.run}")
-    if tr.device.type == "cpu" and s.precision != "fp32":
-        ui.info(f"note: on CPU the base computes in fp32 ({s.precision} applies on CUDA)")
-    if tr.resumed_from is None and tr.step == 0:
-        ui.info(f"starting from fresh adapters (seed {s.seed})")
