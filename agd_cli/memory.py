@@ -1,6 +1,8 @@
 """Peak memory of one adapter-training step on a preset's base at real size (random weights).
 
-Each configuration runs in a fresh subprocess so that nothing earlier inflates its peak.
+The step measured is `agd train`'s own (step.AdapterStep: its autocast rule, loss scaling,
+GRAD_CLIP and update) on random inputs of the real shapes. Each configuration runs in a fresh
+subprocess so that nothing earlier inflates its peak.
 CUDA: `torch.cuda.max_memory_allocated` over the step. CPU: the peak resident set size over
 the step (Linux: VmHWM after resetting it through /proc/self/clear_refs; elsewhere psutil's
 peak working set (Windows) or current RSS, which may then also count building the model).

@@ -80,7 +80,7 @@ class AdapterStep:
         total = 0.0
         for loss in losses:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.item()
+            total += float("nan") if loss.is_meta else loss.item()  # meta (an estimate): no value
         if self.sync_grads:
             self.sync_grads()
         if self.scaler:
