@@ -68,9 +68,9 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        from agd_cli.memory import _measure
+        from agd_cli.memory import measure_in_process
 
-        print(json.dumps(_measure(from_dict(json.loads(a.child)), a.precision, a.optimizer, True,
+        print(json.dumps(measure_in_process(from_dict(json.loads(a.child)), a.precision, a.optimizer, True,
                                   a.batch_size, a.device, None)))
         return
     preset = load_preset(a.preset)
