@@ -50,11 +50,13 @@ class Site:
 @dataclass
 class AgdContext:
     """Per-call adapter inputs: context tokens (B, n, D), a pooled vector (B, D), and the gain
-    (B, 1, 1) every adapter output is multiplied by."""
+    (B, 1, 1) every adapter output is multiplied by. In a cached sampling run (ContextCache)
+    `prepared` maps each cross-attention adapter to its run-constant inputs (`prepare`)."""
 
     tokens: torch.Tensor
     vector: torch.Tensor
     gain: torch.Tensor
+    prepared: dict | None = None
 
 
 class OmegaEmbedding(nn.Module):
@@ -133,16 +135,21 @@ class SharedConditioning(nn.Module):
             return mark(self.token_proj(negative["tokens"].to(like.dtype))), torch.zeros_like(like)
         return mark(vec)[:, None], torch.zeros_like(like)
 
+    TIME_TOKEN = 1  # context tokens: [ω, t, condition..., negative...]; only t changes per step
+
     def forward(self, omega: torch.Tensor, timestep: torch.Tensor, cond: dict,
                 negative: dict | None = None) -> AgdContext:
+        return self.with_time(self.constant(omega, cond, negative), timestep)
+
+    def constant(self, omega: torch.Tensor, cond: dict, negative: dict | None = None) -> AgdContext:
+        """The context without t: tokens [ω, condition..., negative...], vector ω + condition,
+        gain. Fixed over a sampling run, so a ContextCache computes it once per run."""
         batch = omega.shape[0]
         w = self.omega(omega)  # (B, D)
         zeros = torch.zeros_like(w)
         w = w if "omega" in self.inputs else zeros
-        t = self.time(self.time_proj(timestep.float().view(-1).expand(batch)).to(w.dtype))
-        t = t if "timestep" in self.inputs else zeros
         c_vec = self._cond_vector(cond, batch, w) if "condition" in self.inputs else zeros
-        parts = [w[:, None], t[:, None]]
+        parts = [w[:, None]]
         if "condition" in self.inputs and self.token_proj is not None and cond.get("tokens") is not None:
             parts.append(self.token_proj(cond["tokens"].to(w.dtype)))  # (B, L, D)
         else:
@@ -154,8 +161,33 @@ class SharedConditioning(nn.Module):
         # CFG's correction is (ω − 1)·(ε_c − ε_u): scaling the adapters by (ω − 1) makes agd at
         # ω = 1 exactly the conditional base, as CFG is, and lets them learn the difference term
         gain = (omega.float() - 1.0) if self.omega_gain else torch.ones_like(omega.float())
-        return AgdContext(tokens=torch.cat(parts, dim=1), vector=w + t + c_vec,
+        return AgdContext(tokens=torch.cat(parts, dim=1), vector=w + c_vec,
                           gain=gain.to(w.dtype).view(batch, 1, 1))
+
+    def with_time(self, const: AgdContext, timestep: torch.Tensor) -> AgdContext:
+        """The full per-call context: `const` with t's embedding inserted (token TIME_TOKEN)."""
+        tokens = const.tokens
+        t = self.time(self.time_proj(timestep.float().view(-1).expand(tokens.shape[0]))
+                      .to(tokens.dtype))  # (B, D)
+        t = t if "timestep" in self.inputs else torch.zeros_like(t)
+        i = self.TIME_TOKEN
+        return AgdContext(tokens=torch.cat([tokens[:, :i], t[:, None], tokens[:, i:]], dim=1),
+                          vector=const.vector + t, gain=const.gain, prepared=const.prepared)
+
+
+@dataclass
+class PreparedAttention:
+    """A cross-attention adapter's work on the context tokens that stay fixed over a sampling
+    run (all but t's), done once per run. `folded`: the query and output maps are folded into
+    the keys and values (scores = hidden·M, output = softmax·VW), which costs fewer FLOPs when
+    the block is narrow (heads·L·C < hidden·(C + L)); otherwise plain keys and values."""
+
+    folded: bool
+    keys: torch.Tensor    # K (B, Lc, h) | M = Wq_hᵀ·K_hᵀ/√d (B, C, H, Lc)
+    values: torch.Tensor  # gain·V (B, Lc, h) | gain·(V_h·Wo_hᵀ + b/H) (B, H, Lc, C)
+    bias: torch.Tensor    # gain·b (B, 1, C) | gain·b/H (B, 1, 1, C)
+    t_keys: torch.Tensor | None = None    # folded: t's embedding -> its column of M (C·H, D)
+    t_values: torch.Tensor | None = None  # folded: t's embedding -> its rows of VW (H·C, D)
 
 
 class CrossAttentionAdapter(nn.Module):
@@ -176,6 +208,51 @@ class CrossAttentionAdapter(nn.Module):
         q, k, v = split(self.q(hidden)), split(self.k(ctx.tokens)), split(self.v(ctx.tokens))
         a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, h/heads)
         return self.out(a.transpose(1, 2).reshape(b, n, -1))
+
+    # --- a sampling run: the constant tokens' work once, then only t's token per step ---------
+    def prepare(self, tokens: torch.Tensor, gain: torch.Tensor) -> PreparedAttention:
+        """The run-constant part for constant context `tokens` (B, Lc, D) and `gain` (B, 1, 1)."""
+        heads, (dim, h) = self.heads, self.out.weight.shape
+        d, length = h // heads, tokens.shape[1] + 1  # + t's token
+        k, v = self.k(tokens), self.v(tokens)  # (B, Lc, h)
+        if heads * length * dim >= h * (dim + length):
+            return PreparedAttention(False, k, gain * v, gain * self.out.bias)
+        wq = self.q.weight.view(heads, d, dim)  # (H, d, C)
+        wo = self.out.weight.view(dim, heads, d)  # (C, H, d)
+        kh, vh = k.view(*k.shape[:2], heads, d), v.view(*v.shape[:2], heads, d)
+        scale = d ** -0.5
+        g = gain[..., None]  # (B, 1, 1, 1)
+        per_head_bias = self.out.bias / heads  # softmax rows sum to 1 per head: H·(b/H) = b
+        return PreparedAttention(
+            True, torch.einsum("hdc,blhd->bchl", wq, kh) * scale,
+            g * (torch.einsum("blhd,chd->bhlc", vh, wo) + per_head_bias), g * per_head_bias,
+            torch.einsum("hdc,hde->che", wq, self.k.weight.view(heads, d, -1)).reshape(dim * heads, -1) * scale,
+            torch.einsum("chd,hde->hce", wo, self.v.weight.view(heads, d, -1)).reshape(heads * dim, -1))
+
+    def apply(self, hidden: torch.Tensor, ctx: AgdContext, prep: PreparedAttention,
+              residual: torch.Tensor) -> torch.Tensor:
+        """residual + gain·adapter(hidden), from `prep` and this call's t token: equal to the
+        forward within float rounding."""
+        x = hidden.to(prep.values.dtype)
+        b, n, dim = x.shape[0], x.shape[1], self.out.out_features
+        t = ctx.tokens[:, SharedConditioning.TIME_TOKEN]  # (B, D)
+        if not prep.folded:
+            split = lambda y: y.view(b, -1, self.heads, y.shape[-1] // self.heads).transpose(1, 2)  # noqa: E731
+            k = torch.cat([self.k(t)[:, None], prep.keys], dim=1)
+            v = torch.cat([ctx.gain * self.v(t)[:, None], prep.values], dim=1)
+            a = F.scaled_dot_product_attention(split(self.q(x)), split(k), split(v))
+            delta = F.linear(a.transpose(1, 2).reshape(b, n, -1), self.out.weight) + prep.bias
+            return residual + delta.to(residual.dtype)
+        m_t = F.linear(t, prep.t_keys).view(b, dim, self.heads, 1)
+        vw_t = torch.addcmul(prep.bias, F.linear(t, prep.t_values).view(b, self.heads, 1, dim),
+                             ctx.gain[..., None])
+        m = torch.cat([m_t, prep.keys], dim=3).view(b, dim, -1)  # (B, C, H·L)
+        vw = torch.cat([vw_t, prep.values], dim=2).view(b, -1, dim)  # (B, H·L, C)
+        scores = torch.bmm(x, m).view(b, n, self.heads, -1)  # (B, N, H, L)
+        attn = scores.softmax(-1, dtype=torch.float32).to(x.dtype).view(b, n, -1)
+        if residual.dtype == x.dtype and residual.shape == (b, n, dim):
+            return torch.baddbmm(residual, attn, vw)
+        return residual + torch.bmm(attn, vw).to(residual.dtype)
 
 
 class OffsetAdapter(nn.Module):
@@ -224,15 +301,51 @@ class AttentionHook:
         if agd is None or self.adapter is None:
             return None  # output unchanged
         hidden = args[0] if args else kwargs["hidden_states"]
-        delta = agd.gain * self.adapter(hidden.to(agd.tokens.dtype), agd)
-        if isinstance(output, tuple):  # joint attention returns (image tokens, text tokens)
-            return (output[0] + delta.to(output[0].dtype), *output[1:])
-        return output + delta.to(output.dtype)
+        main = output[0] if isinstance(output, tuple) else output  # joint attention: (image, text)
+        prep = agd.prepared.get(self.adapter) if agd.prepared else None
+        if prep is not None and hidden.ndim == 3:
+            main = self.adapter.apply(hidden, agd, prep, main)
+        else:
+            delta = agd.gain * self.adapter(hidden.to(agd.tokens.dtype), agd)
+            main = main + delta.to(main.dtype)
+        return (main, *output[1:]) if isinstance(output, tuple) else main
 
     def install(self, module: nn.Module) -> list:
         """Register both hooks on `module`; returns their handles."""
         return [module.register_forward_pre_hook(self.before, with_kwargs=True),
                 module.register_forward_hook(self.after, with_kwargs=True, always_call=True)]
+
+
+class ContextCache:
+    """The adapters' inputs that stay fixed over one sampling run (ω, condition, negative,
+    weights), kept for that run: `AdapterSet.context` computes them on the first call and
+    reuses them while each input is the same object, unmodified; then only t's embedding and
+    each block's work on t's token run per step. Make one per run (sampling.sample does); it
+    holds no global state and is used only without autograd (training never sees it)."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.inputs: dict = {}  # held, so that no other object can take an input's id
+        self.versions: tuple = ()
+        self.constant: AgdContext | None = None
+        self.computed = 0  # how often the constant part was (re)computed
+
+    def get(self, key: tuple, inputs: dict) -> AgdContext | None:
+        if (self.constant is None or key != self.key or inputs.keys() != self.inputs.keys()
+                or any(v is not self.inputs[k] for k, v in inputs.items())
+                or self.versions != _versions(inputs)):
+            return None
+        return self.constant
+
+    def put(self, key: tuple, inputs: dict, constant: AgdContext) -> None:
+        self.key, self.inputs, self.versions = key, dict(inputs), _versions(inputs)
+        self.constant = constant
+        self.computed += 1
+
+
+def _versions(inputs: dict) -> tuple:
+    """In-place changes bump a tensor's version: a cached input changed in place is a miss."""
+    return tuple(v._version if isinstance(v, torch.Tensor) else None for v in inputs.values())
 
 
 @dataclass
@@ -303,16 +416,46 @@ class AdapterSet(nn.Module):
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def context(self, omega, timestep, cond: dict, batch: int, device,
-                negative: dict | None = None) -> AgdContext:
+                negative: dict | None = None, cache: ContextCache | None = None) -> AgdContext:
         """The per-call context from ω, t, the condition the base was called with and (adapters
-        trained with negatives) the condition of CFG's unconditional branch."""
+        trained with negatives) the condition of CFG's unconditional branch. With a `cache`
+        (one per sampling run) and no autograd, the part that does not depend on t is reused."""
+        p = next(self.parameters())
+        t = torch.as_tensor(timestep, device=device).view(-1).expand(batch).to(p.device)
+        if cache is not None and not torch.is_grad_enabled():
+            return self.shared.with_time(self._constant(cache, omega, cond, batch, device, negative), t)
+        self.check_sites()
+        w, negative = self._inputs(omega, batch, device, negative)
+        return self.shared(w, t, cond, negative)
+
+    def _inputs(self, omega, batch: int, device, negative: dict | None):
         p = next(self.parameters())
         w = torch.as_tensor(omega, dtype=torch.float32, device=device).view(-1).expand(batch)
-        t = torch.as_tensor(timestep, device=device).view(-1).expand(batch)
         if negative is not None:  # one row serves the whole batch
             negative = {k: v.to(p.device).expand(batch, *v.shape[1:]) if v.shape[0] == 1
                         else v.to(p.device) for k, v in negative.items() if v is not None}
-        return self.shared(w.to(p.device), t.to(p.device), cond, negative)
+        return w.to(p.device), negative
+
+    def _constant(self, cache: ContextCache, omega, cond: dict, batch: int, device,
+                  negative: dict | None) -> AgdContext:
+        """The context without t, from `cache` while ω, condition, negative and weights are the
+        same objects, unmodified; else computed, with each block's share (prepare)."""
+        p = next(self.parameters())
+        inputs = {"omega": omega, **{"cond." + k: v for k, v in cond.items()},
+                  **{"negative." + k: v for k, v in (negative or {}).items()}}
+        key = (batch, str(device), p.device, p.dtype, self.training,
+               tuple((id(q), q._version) for q in self.parameters()),
+               tuple((k, v if not isinstance(v, torch.Tensor) else None) for k, v in inputs.items()))
+        const = cache.get(key, inputs)
+        if const is None:
+            self.check_sites()
+            w, negative = self._inputs(omega, batch, device, negative)
+            const = self.shared.constant(w, cond, negative)
+            const.prepared = {block: block.prepare(const.tokens, const.gain)
+                              for block in self.blocks.values()
+                              if isinstance(block, CrossAttentionAdapter)}
+            cache.put(key, inputs, const)
+        return const
 
     # --- attaching to a base model -------------------------------------------------------
     def attach(self, model: nn.Module, extract: Callable[[dict], tuple[int, dict]],
@@ -349,25 +492,37 @@ class AdapterSet(nn.Module):
                     omega_kwarg: str, routed: bool):
         """The model's pre-hook: `<omega_kwarg>["agd_omega"]` -> the per-call context."""
         sig = inspect.signature(model.forward)
+        names = list(sig.parameters)
+        # positional arguments map to these names without Signature.bind (tens of µs per call)
+        plain = [n for n in names if sig.parameters[n].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+
+        limit = plain.index(omega_kwarg) if omega_kwarg in plain else len(plain)
 
         def pre_hook(mod, args, kwargs):
-            bound = sig.bind(*args, **kwargs)
-            cak = dict(bound.arguments.get(omega_kwarg) or {})
+            if len(args) > limit:
+                bound = sig.bind(*args, **kwargs)  # ω's dict passed positionally: the slow way
+                arguments, args, kwargs = bound.arguments, (), None
+            else:
+                arguments = {**dict(zip(plain, args)), **kwargs}
+            cak = dict(arguments.get(omega_kwarg) or {})
             omega = cak.pop("agd_omega", None)
-            ctx = None
             negative = cak.pop("agd_negative", None)
+            cache = cak.pop("agd_cache", None)
+            ctx = None
             if omega is not None and self.enabled:
-                self.check_sites()
-                batch, cond = extract(bound.arguments)
-                device = next(iter(bound.arguments.values())).device
-                ctx = self.context(omega, bound.arguments["timestep"], cond, batch, device,
-                                   negative)
+                batch, cond = extract(arguments)
+                device = arguments[names[0]].device
+                ctx = self.context(omega, arguments["timestep"], cond, batch, device, negative,
+                                   cache)
             if routed and ctx is not None:
                 cak["agd"] = ctx
             # unrouted models: kept until the next call (checkpointing recomputes with it)
             self._call_context = None if routed else ctx
-            bound.arguments[omega_kwarg] = cak or None
-            return bound.args, bound.kwargs
+            if kwargs is None:
+                bound.arguments[omega_kwarg] = cak or None
+                return bound.args, bound.kwargs
+            return args, {**kwargs, omega_kwarg: cak or None}
 
         return pre_hook
 
