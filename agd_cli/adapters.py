@@ -504,7 +504,7 @@ class AdapterSet(nn.Module):
                 bound = sig.bind(*args, **kwargs)  # ω's dict passed positionally: the slow way
                 arguments, args, kwargs = bound.arguments, (), None
             else:
-                arguments = {**dict(zip(plain, args)), **kwargs}
+                arguments = {**dict(zip(plain, args, strict=False)), **kwargs}
             cak = dict(arguments.get(omega_kwarg) or {})
             omega = cak.pop("agd_omega", None)
             negative = cak.pop("agd_negative", None)
