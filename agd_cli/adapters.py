@@ -51,12 +51,14 @@ class Site:
 class AgdContext:
     """Per-call adapter inputs: context tokens (B, n, D), a pooled vector (B, D), and the gain
     (B, 1, 1) every adapter output is multiplied by. In a cached sampling run (ContextCache)
-    `prepared` maps each cross-attention adapter to its run-constant inputs (`prepare`)."""
+    `prepared` maps each cross-attention adapter to its run-constant inputs (`prepare`), and
+    `step` picks this call's timestep in their tables."""
 
     tokens: torch.Tensor
     vector: torch.Tensor
     gain: torch.Tensor
     prepared: dict | None = None
+    step: int | None = None  # this call's row in the run's per-timestep tables (cached runs)
 
 
 class OmegaEmbedding(nn.Module):
@@ -164,15 +166,23 @@ class SharedConditioning(nn.Module):
         return AgdContext(tokens=torch.cat(parts, dim=1), vector=w + c_vec,
                           gain=gain.to(w.dtype).view(batch, 1, 1))
 
-    def with_time(self, const: AgdContext, timestep: torch.Tensor) -> AgdContext:
-        """The full per-call context: `const` with t's embedding inserted (token TIME_TOKEN)."""
+    def time_embedding(self, timestep: torch.Tensor) -> torch.Tensor:
+        """t's context token (N,) -> (N, D); zeros when the adapters do not read t."""
+        dtype = next(self.time.parameters()).dtype
+        t = self.time(self.time_proj(timestep.float().view(-1)).to(dtype))
+        return t if "timestep" in self.inputs else torch.zeros_like(t)
+
+    def with_time(self, const: AgdContext, timestep: torch.Tensor | None = None,
+                  t: torch.Tensor | None = None, step: int | None = None) -> AgdContext:
+        """The full per-call context: `const` with t's embedding (or `t`, (B, D)) inserted as
+        token TIME_TOKEN."""
         tokens = const.tokens
-        t = self.time(self.time_proj(timestep.float().view(-1).expand(tokens.shape[0]))
-                      .to(tokens.dtype))  # (B, D)
-        t = t if "timestep" in self.inputs else torch.zeros_like(t)
+        if t is None:
+            t = self.time_embedding(timestep.view(-1).expand(tokens.shape[0])).to(tokens.dtype)
         i = self.TIME_TOKEN
         return AgdContext(tokens=torch.cat([tokens[:, :i], t[:, None], tokens[:, i:]], dim=1),
-                          vector=const.vector + t, gain=const.gain, prepared=const.prepared)
+                          vector=const.vector + t, gain=const.gain, prepared=const.prepared,
+                          step=step)
 
 
 @dataclass
@@ -186,8 +196,21 @@ class PreparedAttention:
     keys: torch.Tensor    # K (B, Lc, h) | M = Wq_hᵀ·K_hᵀ/√d (B, C, H, Lc)
     values: torch.Tensor  # gain·V (B, Lc, h) | gain·(V_h·Wo_hᵀ + b/H) (B, H, Lc, C)
     bias: torch.Tensor    # gain·b (B, 1, C) | gain·b/H (B, 1, 1, C)
-    t_keys: torch.Tensor | None = None    # folded: t's embedding -> its column of M (C·H, D)
-    t_values: torch.Tensor | None = None  # folded: t's embedding -> its rows of VW (H·C, D)
+    t_keys: torch.Tensor     # t's embedding -> its key: Wk (h, D) | its column of M (C·H, D)
+    t_values: torch.Tensor   # t's embedding -> its value: Wv (h, D) | its rows of VW (H·C, D)
+    key_table: torch.Tensor | None = None    # t_keys applied to every timestep of the run (S, ·)
+    value_table: torch.Tensor | None = None  # t_values likewise
+
+    def tabulate(self, times: torch.Tensor) -> None:
+        """Apply the t maps to the embeddings (S, D) of all the run's timesteps at once."""
+        self.key_table, self.value_table = times @ self.t_keys.T, times @ self.t_values.T
+
+    def time_parts(self, ctx: AgdContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """t's key and (ungained) value for this call, (B or 1, ·), from the tables if it can."""
+        if ctx.step is not None and self.key_table is not None:
+            return self.key_table[ctx.step][None], self.value_table[ctx.step][None]
+        t = ctx.tokens[:, SharedConditioning.TIME_TOKEN]  # (B, D)
+        return F.linear(t, self.t_keys), F.linear(t, self.t_values)
 
 
 class CrossAttentionAdapter(nn.Module):
@@ -211,12 +234,15 @@ class CrossAttentionAdapter(nn.Module):
 
     # --- a sampling run: the constant tokens' work once, then only t's token per step ---------
     def prepare(self, tokens: torch.Tensor, gain: torch.Tensor) -> PreparedAttention:
-        """The run-constant part for constant context `tokens` (B, Lc, D) and `gain` (B, 1, 1)."""
+        """The run-constant part for constant context `tokens` (B, Lc, D) and `gain` (B, 1, 1);
+        key/value slot 0 is left for t's token, written by every step (`apply`)."""
         heads, (dim, h) = self.heads, self.out.weight.shape
         d, length = h // heads, tokens.shape[1] + 1  # + t's token
+        slot = lambda y, axis: torch.cat([torch.zeros_like(y.narrow(axis, 0, 1)), y], axis)  # noqa: E731
         k, v = self.k(tokens), self.v(tokens)  # (B, Lc, h)
         if heads * length * dim >= h * (dim + length):
-            return PreparedAttention(False, k, gain * v, gain * self.out.bias)
+            return PreparedAttention(False, slot(k, 1), slot(gain * v, 1), gain * self.out.bias,
+                                     self.k.weight, self.v.weight)
         wq = self.q.weight.view(heads, d, dim)  # (H, d, C)
         wo = self.out.weight.view(dim, heads, d)  # (C, H, d)
         kh, vh = k.view(*k.shape[:2], heads, d), v.view(*v.shape[:2], heads, d)
@@ -224,35 +250,36 @@ class CrossAttentionAdapter(nn.Module):
         g = gain[..., None]  # (B, 1, 1, 1)
         per_head_bias = self.out.bias / heads  # softmax rows sum to 1 per head: H·(b/H) = b
         return PreparedAttention(
-            True, torch.einsum("hdc,blhd->bchl", wq, kh) * scale,
-            g * (torch.einsum("blhd,chd->bhlc", vh, wo) + per_head_bias), g * per_head_bias,
+            True, slot(torch.einsum("hdc,blhd->bchl", wq, kh) * scale, 3),
+            slot(g * (torch.einsum("blhd,chd->bhlc", vh, wo) + per_head_bias), 2),
+            g * per_head_bias,
             torch.einsum("hdc,hde->che", wq, self.k.weight.view(heads, d, -1)).reshape(dim * heads, -1) * scale,
             torch.einsum("chd,hde->hce", wo, self.v.weight.view(heads, d, -1)).reshape(heads * dim, -1))
 
     def apply(self, hidden: torch.Tensor, ctx: AgdContext, prep: PreparedAttention,
               residual: torch.Tensor) -> torch.Tensor:
         """residual + gain·adapter(hidden), from `prep` and this call's t token: equal to the
-        forward within float rounding."""
+        forward within float rounding. Writes t's key and value into `prep`'s slot 0 (the run's
+        own buffers, used without autograd) instead of concatenating per step."""
         x = hidden.to(prep.values.dtype)
         b, n, dim = x.shape[0], x.shape[1], self.out.out_features
-        t = ctx.tokens[:, SharedConditioning.TIME_TOKEN]  # (B, D)
+        key_t, value_t = prep.time_parts(ctx)
+        keys, values = prep.keys, prep.values
         if not prep.folded:
+            keys[:, 0] = key_t
+            values[:, 0] = ctx.gain[:, 0] * value_t
             split = lambda y: y.view(b, -1, self.heads, y.shape[-1] // self.heads).transpose(1, 2)  # noqa: E731
-            k = torch.cat([self.k(t)[:, None], prep.keys], dim=1)
-            v = torch.cat([ctx.gain * self.v(t)[:, None], prep.values], dim=1)
-            a = F.scaled_dot_product_attention(split(self.q(x)), split(k), split(v))
+            a = F.scaled_dot_product_attention(split(self.q(x)), split(keys), split(values))
             delta = F.linear(a.transpose(1, 2).reshape(b, n, -1), self.out.weight) + prep.bias
             return residual + delta.to(residual.dtype)
-        m_t = F.linear(t, prep.t_keys).view(b, dim, self.heads, 1)
-        vw_t = torch.addcmul(prep.bias, F.linear(t, prep.t_values).view(b, self.heads, 1, dim),
-                             ctx.gain[..., None])
-        m = torch.cat([m_t, prep.keys], dim=3).view(b, dim, -1)  # (B, C, H·L)
-        vw = torch.cat([vw_t, prep.values], dim=2).view(b, -1, dim)  # (B, H·L, C)
-        scores = torch.bmm(x, m).view(b, n, self.heads, -1)  # (B, N, H, L)
+        keys[..., 0] = key_t.view(-1, dim, self.heads)
+        values[:, :, :1] = torch.addcmul(prep.bias, value_t.view(-1, self.heads, 1, dim),
+                                         ctx.gain[..., None])
+        scores = torch.bmm(x, keys.view(b, dim, -1)).view(b, n, self.heads, -1)  # (B, N, H, L)
         attn = scores.softmax(-1, dtype=torch.float32).to(x.dtype).view(b, n, -1)
         if residual.dtype == x.dtype and residual.shape == (b, n, dim):
-            return torch.baddbmm(residual, attn, vw)
-        return residual + torch.bmm(attn, vw).to(residual.dtype)
+            return torch.baddbmm(residual, attn, values.view(b, -1, dim))
+        return residual + torch.bmm(attn, values.view(b, -1, dim)).to(residual.dtype)
 
 
 class OffsetAdapter(nn.Module):
@@ -319,15 +346,21 @@ class AttentionHook:
 class ContextCache:
     """The adapters' inputs that stay fixed over one sampling run (ω, condition, negative,
     weights), kept for that run: `AdapterSet.context` computes them on the first call and
-    reuses them while each input is the same object, unmodified; then only t's embedding and
-    each block's work on t's token run per step. Make one per run (sampling.sample does); it
-    holds no global state and is used only without autograd (training never sees it)."""
+    reuses them while each input is the same object, unmodified; then only t's share runs per
+    step. Given the run's `timesteps`, t's embedding and each block's work on t's token are
+    computed for every step at once, and a step only looks them up. Make one per run
+    (sampling.sample does); it holds no global state and is used only without autograd
+    (training never sees it)."""
 
-    def __init__(self):
+    def __init__(self, timesteps: torch.Tensor | None = None):
+        self.timesteps = None if timesteps is None else timesteps.detach().float().view(-1)
+        self._rows = ({} if timesteps is None else
+                      {float(v): i for i, v in enumerate(self.timesteps.tolist())})
         self.key: tuple | None = None
         self.inputs: dict = {}  # held, so that no other object can take an input's id
         self.versions: tuple = ()
         self.constant: AgdContext | None = None
+        self.times: torch.Tensor | None = None  # (S, D): t's token at each of the run's timesteps
         self.computed = 0  # how often the constant part was (re)computed
 
     def get(self, key: tuple, inputs: dict) -> AgdContext | None:
@@ -337,10 +370,17 @@ class ContextCache:
             return None
         return self.constant
 
-    def put(self, key: tuple, inputs: dict, constant: AgdContext) -> None:
+    def put(self, key: tuple, inputs: dict, constant: AgdContext,
+            times: torch.Tensor | None) -> None:
         self.key, self.inputs, self.versions = key, dict(inputs), _versions(inputs)
-        self.constant = constant
+        self.constant, self.times = constant, times
         self.computed += 1
+
+    def step_of(self, timestep: torch.Tensor) -> int | None:
+        """The row of the run's timestep that every sample of this call is at, if any."""
+        if self.times is None or not (timestep.numel() == 1 or timestep.stride(0) == 0):
+            return None  # no tables, or per-sample timesteps
+        return self._rows.get(float(timestep.view(-1)[0]))
 
 
 def _versions(inputs: dict) -> tuple:
@@ -388,6 +428,9 @@ class AdapterSet(nn.Module):
         self._attached: Attachment | None = None
         self._call_context: AgdContext | None = None  # this call's context, for unrouted models
         self.reset_parameters()
+        # where each parameter lives: a cache key reads them without walking the module tree
+        self._param_slots = [(m._parameters, name) for m in self.modules()
+                             for name, q in m._parameters.items() if q is not None]
 
     def reset_parameters(self) -> None:
         """Xavier init (paper: beat zero init); `init = "zero"` zeroes each block's output."""
@@ -423,7 +466,12 @@ class AdapterSet(nn.Module):
         p = next(self.parameters())
         t = torch.as_tensor(timestep, device=device).view(-1).expand(batch).to(p.device)
         if cache is not None and not torch.is_grad_enabled():
-            return self.shared.with_time(self._constant(cache, omega, cond, batch, device, negative), t)
+            const = self._constant(cache, omega, cond, batch, device, negative)
+            step = cache.step_of(t)
+            if step is None:
+                return self.shared.with_time(const, t)
+            return self.shared.with_time(const, t=cache.times[step][None].expand(batch, -1),
+                                         step=step)
         self.check_sites()
         w, negative = self._inputs(omega, batch, device, negative)
         return self.shared(w, t, cond, negative)
@@ -443,8 +491,9 @@ class AdapterSet(nn.Module):
         p = next(self.parameters())
         inputs = {"omega": omega, **{"cond." + k: v for k, v in cond.items()},
                   **{"negative." + k: v for k, v in (negative or {}).items()}}
+        params = [slots[name] for slots, name in self._param_slots]
         key = (batch, str(device), p.device, p.dtype, self.training,
-               tuple((id(q), q._version) for q in self.parameters()),
+               tuple(map(id, params)), tuple(q._version for q in params),
                tuple((k, v if not isinstance(v, torch.Tensor) else None) for k, v in inputs.items()))
         const = cache.get(key, inputs)
         if const is None:
@@ -454,7 +503,12 @@ class AdapterSet(nn.Module):
             const.prepared = {block: block.prepare(const.tokens, const.gain)
                               for block in self.blocks.values()
                               if isinstance(block, CrossAttentionAdapter)}
-            cache.put(key, inputs, const)
+            times = None
+            if cache.timesteps is not None:  # t's token and each block's t work, all steps at once
+                times = self.shared.time_embedding(cache.timesteps.to(p.device)).to(const.tokens.dtype)
+                for prep in const.prepared.values():
+                    prep.tabulate(times)
+            cache.put(key, inputs, const, times)
         return const
 
     # --- attaching to a base model -------------------------------------------------------

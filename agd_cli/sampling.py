@@ -76,14 +76,15 @@ class RunInputs:
     cache: ContextCache | None
 
     @classmethod
-    def make(cls, denoiser, mode: str, cond: dict, uncond: dict | None) -> RunInputs:
+    def make(cls, denoiser, mode: str, cond: dict, uncond: dict | None,
+             timesteps: torch.Tensor | None = None) -> RunInputs:
         from agd_cli.adapters import ContextCache
         from agd_cli.families.base import cond_cat, cond_to
 
         cond = cond_to(cond, denoiser.device, denoiser.dtype)
         uncond = None if uncond is None else cond_to(uncond, denoiser.device, denoiser.dtype)
         pair = cond_cat([cond, uncond]) if mode in ("cfg", "cfg-cutoff") else None
-        return cls(cond, uncond, pair, ContextCache() if mode == "agd" else None)
+        return cls(cond, uncond, pair, ContextCache(timesteps) if mode == "agd" else None)
 
 
 @torch.no_grad()
@@ -104,7 +105,7 @@ def sample(denoiser, cond: dict, uncond: dict | None, omega, noise: torch.Tensor
     # flow-matching schedulers start at σ = 1 and take the model input as is
     x = noise.to(denoiser.device, torch.float32) * getattr(sched, "init_noise_sigma", 1.0)
     scale = getattr(sched, "scale_model_input", lambda x, t: x)
-    run = RunInputs.make(denoiser, mode, cond, uncond)
+    run = RunInputs.make(denoiser, mode, cond, uncond, sched.timesteps)
     start = denoiser.nfe
     timesteps = sched.timesteps
     for i, t in enumerate(timesteps):

@@ -42,10 +42,10 @@ def test_cached_context_equals_uncached_over_steps_prompts_and_omegas(den):
     x = torch.randn(3, *den.latent_shape(), generator=torch.Generator().manual_seed(0))
     c1, c2 = den.encode(_prompts(den, True)), den.encode(_prompts(den, False))
     uncond = den.encode_negative(None)
-    cache = ContextCache()
+    cache = ContextCache(timesteps=torch.tensor([900, 500, 20]))  # t's work tabulated per run
     runs = [(c1, 4.0), (c1, 4.0), (c1, 2.5), (c2, 2.5), (c2, torch.tensor([1.5, 3.0, 6.0]))]
     for cond, omega in runs:
-        for t in (900, 500, 20):
+        for t in (900, 500, 20, 333):  # 333: not one of the run's timesteps
             cached = den.predict(x, t, cond, omega=omega, negative=uncond, cache=cache)
             plain = den.predict(x, t, cond, omega=omega, negative=uncond)
             base = den.predict(x, t, cond)
