@@ -409,12 +409,23 @@ def timing_summary(runs: dict[str, list[Generated]], batch: int, meaning: str) -
     return out
 
 
+def flop_counter():
+    """torch's FlopCounterMode, also counting the CPU attention kernel (which it skips)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return FlopCounterMode(display=False, custom_mapping={op: cpu_attention})
+
+
 def adapter_flops(den, case: Case, batches: Sequence[int]) -> dict:
     """FLOPs of one model call with and without the adapters (torch's FlopCounterMode: matmuls,
     convolutions, attention; machine-independent), at each batch size, as a sampling step runs
     them (the run's fixed inputs already prepared)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from agd_cli.sampling import RunInputs
 
@@ -428,7 +439,7 @@ def adapter_flops(den, case: Case, batches: Sequence[int]) -> dict:
         with torch.no_grad():
             den.forward(x, t[0], run.cond, omega=case.omega, cache=run.cache)  # prepares the run
             for name, kwargs in (("base", {}), ("agd", {"omega": case.omega, "cache": run.cache})):
-                with FlopCounterMode(display=False) as counter:
+                with flop_counter() as counter:
                     den.forward(x, t[1], run.cond, **kwargs)
                 counts[name] = counter.get_total_flops()
         out[str(b)] = {"base_flops": counts["base"], "agd_flops": counts["agd"],

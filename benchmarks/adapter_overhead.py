@@ -110,9 +110,9 @@ def time_call(fn, device) -> tuple[float, float]:
 
 def count_flops(fn) -> int:
     """FLOPs of one call (torch's FlopCounterMode: matmuls, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from agd_cli.bench import flop_counter
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:  # FlopCounterMode, with the CPU attention kernel counted
         fn()
     return counter.get_total_flops()
 
