@@ -17,9 +17,10 @@ FlopCounterMode: matmuls, convolutions, attention; machine-independent). active 
 the agd/CFG time per sampling step, the best ratio a sampling loop can reach. `--flops-only`
 builds the model on the meta device (no memory, no compute): real-size FLOPs of any preset.
 
-    python benchmarks/adapter_overhead.py --threads 1 --batch 1 --batch 16 \
-        --preset mnist --preset tiny-sd --preset sdxl@256
+    python benchmarks/adapter_overhead.py --threads 1 --repeats 5   # mnist + tiny presets, batch 1, 16
     python benchmarks/adapter_overhead.py --flops-only --preset sdxl --preset sd15 --preset dit
+
+UNet (sd, sdxl) and DiT families: the mnist teacher is loaded, the others built from config.
 """
 
 from __future__ import annotations
