@@ -421,7 +421,7 @@ def flop_counter():
     return FlopCounterMode(display=False, custom_mapping={op: cpu_attention})
 
 
-def adapter_flops(den, case: Case, batches: Sequence[int]) -> dict:
+def adapter_flops(den, case: Case, uncond: dict, batches: Sequence[int]) -> dict:
     """FLOPs of one model call with and without the adapters (torch's FlopCounterMode: matmuls,
     convolutions, attention; machine-independent), at each batch size, as a sampling step runs
     them (the run's fixed inputs already prepared)."""
@@ -437,8 +437,9 @@ def adapter_flops(den, case: Case, batches: Sequence[int]) -> dict:
         run = RunInputs.make(den, "agd", cond, None, t)
         counts = {}
         with torch.no_grad():
-            den.forward(x, t[0], run.cond, omega=case.omega, cache=run.cache)  # prepares the run
-            for name, kwargs in (("base", {}), ("agd", {"omega": case.omega, "cache": run.cache})):
+            agd = {"omega": case.omega, "negative": uncond, "cache": run.cache}
+            den.forward(x, t[0], run.cond, **agd)  # the run's first step prepares its inputs
+            for name, kwargs in (("base", {}), ("agd", agd)):
                 with flop_counter() as counter:
                     den.forward(x, t[1], run.cond, **kwargs)
                 counts[name] = counter.get_total_flops()
@@ -628,7 +629,7 @@ def run_compare(den, plan: BenchPlan) -> dict:
     speed = {"latency": latency}
     if plan.throughput_batch:
         speed["throughput"] = throughput(den, cases, uncond, plan)
-    speed["adapter_overhead"] = adapter_flops(den, cases[0], [plan.batch_size,
+    speed["adapter_overhead"] = adapter_flops(den, cases[0], uncond, [plan.batch_size,
                                                               plan.throughput_batch or plan.batch_size])
     return {
         "adapter": str(plan.adapter), "preset": plan.preset.name, "family": plan.preset.family,
