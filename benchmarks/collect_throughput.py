@@ -36,7 +36,7 @@ def naive_collect(preset, prompts: list[str], num_per_prompt: int, steps: int, s
     den = load_denoiser(preset, device="cpu", dtype="fp32")
     lo, hi = preset.omega_range
     if decode:
-        den._vae()  # loaded before the clock starts, like the model
+        den.vae_model()  # loaded before the clock starts, like the model
     start, nbytes = time.perf_counter(), 0
     with torch.no_grad():
         for p, prompt in enumerate(prompts):

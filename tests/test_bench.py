@@ -254,3 +254,25 @@ def test_bench_reads_a_presets_prompt_file_like_collect(tmp_path):
     assert sorted(got) == ["a bowl of soup", "a lighthouse at dusk", "a red fox"]
     assert sorted(got) == sorted(load_prompt_set(preset)[0])
     assert str(path) not in got
+
+
+def test_latency_and_throughput_side_by_side_with_adapter_flops(workdir):
+    """batch 1 and batch N timings of every method, with NFE counts, and the adapters' FLOPs."""
+    from agd_cli.bench import run_bench
+
+    r = run_bench(preset="tiny-sd", throughput_batch=3, workdir=str(workdir), **FAST)
+    lat, thr = r["latency"], r["throughput"]
+    assert (lat["batch_size"], thr["batch_size"]) == (1, 3)
+    for part in (lat, thr):
+        assert {m: e["nfe"] for m, e in part["methods"].items()} == {"agd": 4, "cfg": 8, "unguided": 4}
+        assert part["ratio_agd_to_cfg"] == pytest.approx(
+            part["methods"]["agd"]["seconds_per_image"] / part["methods"]["cfg"]["seconds_per_image"])
+        assert part["meaning"].startswith(f"batch {part['batch_size']} (")
+    assert thr["methods"]["agd"]["timed_calls"] == 1
+    flops = r["adapter_overhead"]
+    assert set(flops["by_batch"]) == {"1", "3"}
+    one, three = flops["by_batch"]["1"], flops["by_batch"]["3"]
+    assert 0 < one["adapter_flops_pct"] < 50 and three["base_flops"] == 3 * one["base_flops"]
+    assert 0 < flops["adapter_params"] < flops["base_params"]
+    off = run_bench(preset="tiny-sd", throughput_batch=0, workdir=str(workdir), **FAST)
+    assert "throughput" not in off and off["latency"]["batch_size"] == 1

@@ -35,6 +35,9 @@ from agd_cli.commands import DEVICE_HELP, common_options, deprecated_alias
 @click.option("-b", "--batch-size", type=int, default=1, show_default=True,
               help="Images per sampling call; s/img = call time / batch (1 = latency, "
                    "larger = throughput).")
+@click.option("--throughput-batch", type=int, default=16, show_default=True,
+              help="Also time every method at this many images per call (throughput), next to "
+                   "--batch-size (latency); 0 skips it.")
 @click.option("--repeats", type=int, default=1, show_default=True,
               help="Time every image this many times (steadier medians on a busy machine).")
 @click.option("--scheduler", default=None, help="Scheduler [preset].")

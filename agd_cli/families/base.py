@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from agd_cli.adapter_file import AdapterFile
-from agd_cli.adapters import AdapterSet, Site
+from agd_cli.adapters import AdapterSet, ContextCache, Site
 from agd_cli.errors import AgdError, DataError, InputError, ModelError
 from agd_cli.families.spec import vae_factor
 from agd_cli.families.weights import checkpoint_identity, is_single_file, open_base
@@ -174,13 +174,16 @@ class Denoiser:
         return self.model.config.in_channels
 
     def forward(self, x: torch.Tensor, t, cond: dict, omega=None,
-                negative: dict | None = None) -> torch.Tensor:
+                negative: dict | None = None, cache: ContextCache | None = None) -> torch.Tensor:
         """One batched model call; with `omega` the attached adapters are active. `negative` is
         CFG's unconditional condition (a negative prompt, or the null one) for adapters trained
-        with negatives; others ignore it."""
+        with negatives; others ignore it. `cache` (one per sampling run) lets the adapters reuse
+        their work on the inputs that stay fixed over the run."""
         kwargs = self._model_kwargs(cond_to(cond, self.device, self.dtype))
         if omega is not None:
             kwargs[self.omega_kwarg] = {"agd_omega": omega}
+            if cache is not None:
+                kwargs[self.omega_kwarg]["agd_cache"] = cache
             if negative is not None and self.adapters is not None and self.adapters.wants_negative:
                 kwargs[self.omega_kwarg]["agd_negative"] = self.adapter_cond(negative, x)
         t = torch.as_tensor(t, device=self.device)
@@ -189,19 +192,23 @@ class Denoiser:
         out = self.model(x.to(self.device, self.dtype), timestep=t, return_dict=False, **kwargs)[0]
         return out[:, : self.in_channels]  # learned-sigma models: keep the ε/v channels
 
-    def predict(self, x, t, cond: dict, omega=None, negative: dict | None = None) -> torch.Tensor:
+    def predict(self, x, t, cond: dict, omega=None, negative: dict | None = None,
+                cache: ContextCache | None = None) -> torch.Tensor:
         """Single-pass prediction (1 NFE); adapters active when `omega` is given."""
         self.nfe += 1
-        return self.forward(x, t, cond, omega, negative)
+        return self.forward(x, t, cond, omega, negative, cache)
 
-    def predict_cfg(self, x, t, cond: dict, uncond: dict, omega) -> torch.Tensor:
-        """Real CFG (2 NFE): cond and uncond in one batched call, adapters off."""
+    def predict_cfg(self, x, t, cond: dict, uncond: dict, omega,
+                    pair: dict | None = None) -> torch.Tensor:
+        """Real CFG (2 NFE): cond and uncond in one batched call, adapters off. `pair` is
+        cond_cat([cond, uncond]) when the caller made it once for a whole run."""
         self.nfe += 2
         b = x.shape[0]
         ctx = self.adapters.disabled() if self.adapters is not None else contextlib.nullcontext()
         with ctx:
             out = self.forward(torch.cat([x, x]), torch.as_tensor(t).expand(2 * b)
-                               if torch.as_tensor(t).ndim else t, cond_cat([cond, uncond]))
+                               if torch.as_tensor(t).ndim else t,
+                               cond_cat([cond, uncond]) if pair is None else pair)
         return cfg_combine(out[b:], out[:b], omega)
 
     # --- adapters ------------------------------------------------------------------------
