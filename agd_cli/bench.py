@@ -96,6 +96,7 @@ class BenchPlan:
     quality_samples: int = 500
     quality_batch: int = 100
     quality_omegas: list[float] = field(default_factory=list)
+    quality_seed: int = 0  # --quality: sample i uses seed quality_seed + i
     negative_prompt: str | None = None  # CFG's unconditional branch in the comparison
     negatives: bool = False             # the negative-prompt table (agd_cli.negative_bench)
     negative_omegas: list[float] = field(default_factory=list)
@@ -130,7 +131,7 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
                seeds: Sequence, baselines: str | None, cutoff: float, repeats: int,
                scheduler: str | None, grid: str | None, quality: bool, quality_samples: int,
                quality_batch: int, batch_size: int = 1, negative_prompt: str | None = None,
-               negatives: bool = False) -> BenchPlan:
+               negatives: bool = False, quality_seed: int = 0) -> BenchPlan:
     """Check every flag and find the adapter and its preset; no model weights load here."""
     from agd_cli.families import preset_for_adapter
     from agd_cli.prompts import read_prompts
@@ -143,6 +144,7 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
     _positive_int(batch_size, "--batch-size")
     _positive_int(quality_samples, "--quality-samples", 2)
     _positive_int(quality_batch, "--quality-batch")
+    _positive_int(quality_seed, "--quality-seed", 0)
     if not 0 < cutoff <= 1:
         raise InputError(f"--cutoff {cutoff} is not in (0, 1]", hint="the fraction of steps that use CFG, e.g. 0.5")
     if scheduler is not None and scheduler not in SCHEDULERS:
@@ -168,7 +170,7 @@ def plan_bench(*, workdir: str, run: str | None, adapter: str | None, preset: st
                      steps=steps or p.sampling["steps"], scheduler=scheduler or p.sampling["scheduler"],
                      cutoff=cutoff, repeats=repeats, batch_size=batch_size, grid=Path(grid) if grid else out_dir / "compare-cfg.png",
                      quality=quality, quality_samples=quality_samples, quality_batch=quality_batch,
-                     quality_omegas=parse_omegas(omegas, QUALITY_OMEGAS),
+                     quality_omegas=parse_omegas(omegas, QUALITY_OMEGAS), quality_seed=quality_seed,
                      negative_prompt=negative_prompt, negatives=negatives,
                      negative_omegas=parse_omegas(omegas, [p.sampling["default_omega"]]))
 
@@ -540,7 +542,7 @@ def run_bench(*, compare_cfg: bool = True, memory: bool = False, run: str | None
               train_batch_size: int | None = None, batch_size: int = 1,
               threads: int | None = None, workdir: str = "agd-runs",
               show_table: bool = True, negative_prompt: str | None = None,
-              negatives: bool = False) -> dict:
+              negatives: bool = False, quality_seed: int = 0) -> dict:
     """`agd bench`: --compare-cfg (speed, memory, agreement; --quality) and/or --memory."""
     from agd_cli.io import write_json
 
@@ -553,7 +555,7 @@ def run_bench(*, compare_cfg: bool = True, memory: bool = False, run: str | None
                           scheduler=scheduler, grid=grid, quality=quality,
                           quality_samples=quality_samples, quality_batch=quality_batch,
                           batch_size=batch_size, negative_prompt=negative_prompt,
-                          negatives=negatives)
+                          negatives=negatives, quality_seed=quality_seed)
     report: dict = {}
     with torch_threads(threads):
         if memory:
@@ -616,7 +618,8 @@ def sample_for_quality(den, method: str, omega: float, prompts: list, plan: Benc
         cond = den.encode([prompts[i] for i in idx])
         uncond = ({k: v[: len(idx)] for k, v in uncond_all.items()} if negatives is None
                   else den.encode([negatives[i] for i in idx]))
-        noise = initial_noise(shape, list(idx))  # seed i for sample i: same noise in every method
+        # seed quality_seed + i for sample i: the same noise in every method
+        noise = initial_noise(shape, [plan.quality_seed + i for i in idx])
         _sync(den.device)
         t0 = time.perf_counter()
         res = sample(den, cond, uncond, omega, noise, mode=method, steps=plan.steps,
@@ -651,6 +654,7 @@ def run_quality(den, plan: BenchPlan, show_table: bool = True) -> dict:
     lo, hi = plan.preset.omega_range
     summary = {**quality, "settings": {  # the one key of `quality` that is not a method
         "samples_per_omega": plan.quality_samples, "batch": plan.quality_batch,
+        "seeds": [plan.quality_seed, plan.quality_seed + plan.quality_samples - 1],
         "steps": plan.steps, "trained_omega_range": [lo, hi],
         "real_digits": _real_digit_reference(evaluator, plan.quality_samples),
         "grid": str(write_quality_grid(picks, [digits[i] for i in shown], plan.out_dir / "quality.png"))}}
@@ -693,7 +697,9 @@ def print_quality_table(q: dict) -> None:
 
     info = q["settings"]
     lo, hi = info["trained_omega_range"]
-    t = Table(title=f"quality: {info['samples_per_omega']} samples per row, {info['steps']} steps; "
+    seeds = info.get("seeds", [0, info["samples_per_omega"] - 1])
+    t = Table(title=f"quality: {info['samples_per_omega']} samples per row (seeds "
+                    f"{seeds[0]}–{seeds[1]}), {info['steps']} steps; "
                     f"digit-classifier accuracy and FID vs held-out MNIST (agd trained on ω {lo:g}–{hi:g})")
     for col in ("method", "ω", "accuracy", "FID", "NFE/img", "s/img (batched)"):
         t.add_column(col, justify="left" if col == "method" else "right")

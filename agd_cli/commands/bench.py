@@ -51,6 +51,9 @@ from agd_cli.commands import common_options
               help="--quality/--negatives: samples per method and ω.")
 @click.option("--quality-batch", type=int, default=100, show_default=True,
               help="--quality: images per sampling call.")
+@click.option("--quality-seed", type=int, default=0, show_default=True,
+              help="--quality: sample i uses seed QUALITY_SEED + i (judge on seeds you did not "
+                   "tune on).")
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
               help="--memory: training precision [preset].")
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default=None,
