@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = cfg or q["cfg"]
         rows[name] = {"quality": q["agd"], "gap_closed": summary["gap_closed"],
                       "train_seconds": summary["seconds"], "data": source, "overrides": overrides}
+        print(json.dumps({name: rows[name], "cfg": cfg}), flush=True)  # each row as it is done
     table = {"CFG (2 NFE)": {"quality": cfg}, **rows}
     print(f"\nablation: mnist teacher, {args.samples} samples per cell (seeds {args.seed}–"
           f"{args.seed + args.samples - 1}); accuracy / digit FID")
