@@ -90,6 +90,7 @@ class SharedConditioning(nn.Module):
         self.inputs = set(cfg.inputs)
         self.kind = cfg.kind
         self.omega_gain = cfg.omega_gain
+        self.omega_range = tuple(cfg.omega_range) if cfg.omega_range is not None else None
         self.omega = OmegaEmbedding(d)
         self.time_proj = Timesteps(128, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time = TimestepEmbedding(128, d)
@@ -147,7 +148,10 @@ class SharedConditioning(nn.Module):
         """The context without t: tokens [ω, condition..., negative...], vector ω + condition,
         gain. Fixed over a sampling run, so a ContextCache computes it once per run."""
         batch = omega.shape[0]
-        w = self.omega(omega)  # (B, D)
+        # beyond the trained range the embedding's features would be unseen (agd collapsed at
+        # ω 10 of a 1–6 range): it sees the nearest trained ω, the gain below carries the rest
+        seen = omega.float().clamp(*self.omega_range) if self.omega_range else omega
+        w = self.omega(seen)  # (B, D)
         zeros = torch.zeros_like(w)
         w = w if "omega" in self.inputs else zeros
         c_vec = self._cond_vector(cond, batch, w) if "condition" in self.inputs else zeros

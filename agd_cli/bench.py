@@ -65,6 +65,7 @@ class BenchPlan:
     quality_samples: int = 500
     quality_batch: int = 100
     quality_omegas: list[float] = field(default_factory=list)
+    quality_seed: int = 0  # --quality: sample i uses seed quality_seed + i
     negative_prompt: str | None = None  # CFG's unconditional branch in the comparison
     negatives: bool = False             # the negative-prompt table (agd_cli.negative_bench)
     negative_omegas: list[float] = field(default_factory=list)
@@ -106,6 +107,7 @@ class BenchFlags:
     negative_prompt: str | None = None
     negatives: bool = False
     throughput_batch: int = 16           # --throughput-batch (0: latency only)
+    quality_seed: int = 0                # --quality-seed: sample i uses seed S + i
 
 
 def plan_bench(f: BenchFlags) -> BenchPlan:
@@ -117,7 +119,8 @@ def plan_bench(f: BenchFlags) -> BenchPlan:
                                ("--repeats", f.repeats, 1), ("--batch-size", f.batch_size, 1),
                                ("--quality-samples", f.quality_samples, 2),
                                ("--quality-batch", f.quality_batch, 1),
-                               ("--throughput-batch", f.throughput_batch, 0)):
+                               ("--throughput-batch", f.throughput_batch, 0),
+                               ("--quality-seed", f.quality_seed, 0)):
         checks.optional_integer(flag, value, least)
     if not 0 < f.cutoff <= 1:
         raise InputError(f"--cutoff {f.cutoff} is not in (0, 1]", hint="the fraction of steps that use CFG, e.g. 0.5")
@@ -146,7 +149,7 @@ def plan_bench(f: BenchFlags) -> BenchPlan:
                      repeats=f.repeats, batch_size=f.batch_size,
                      throughput_batch=f.throughput_batch, grid=Path(f.grid) if f.grid else out_dir / "compare-cfg.png",
                      quality=f.quality, quality_samples=f.quality_samples,
-                     quality_batch=f.quality_batch,
+                     quality_batch=f.quality_batch, quality_seed=f.quality_seed,
                      quality_omegas=checks.omega_list(f.omegas, QUALITY_OMEGAS),
                      negative_prompt=f.negative_prompt, negatives=f.negatives,
                      negative_omegas=checks.omega_list(f.omegas, default_omega), file=file)
@@ -703,7 +706,8 @@ def sample_for_quality(den, method: str, omega: float, prompts: list, plan: Benc
         cond = den.encode([prompts[i] for i in idx])
         uncond = ({k: v[: len(idx)] for k, v in uncond_all.items()} if negatives is None
                   else den.encode([negatives[i] for i in idx]))
-        noise = initial_noise(shape, list(idx))  # seed i for sample i: same noise in every method
+        # seed quality_seed + i for sample i: the same noise in every method
+        noise = initial_noise(shape, [plan.quality_seed + i for i in idx])
         _sync(den.device)
         t0 = time.perf_counter()
         res = sample(den, cond, uncond, omega, noise, mode=method, steps=plan.steps,
@@ -738,6 +742,7 @@ def run_quality(den, plan: BenchPlan, show_table: bool = True) -> dict:
     lo, hi = plan.preset.omega_range
     summary = {**quality, "settings": {  # the one key of `quality` that is not a method
         "samples_per_omega": plan.quality_samples, "batch": plan.quality_batch,
+        "seeds": [plan.quality_seed, plan.quality_seed + plan.quality_samples - 1],
         "steps": plan.steps, "trained_omega_range": [lo, hi],
         "real_digits": _real_digit_reference(evaluator, plan.quality_samples),
         "grid": str(write_quality_grid(picks, [digits[i] for i in shown], plan.out_dir / "quality.png"))}}
@@ -780,7 +785,9 @@ def print_quality_table(q: dict) -> None:
 
     info = q["settings"]
     lo, hi = info["trained_omega_range"]
-    t = Table(title=f"quality: {info['samples_per_omega']} samples per row, {info['steps']} steps; "
+    seeds = info.get("seeds", [0, info["samples_per_omega"] - 1])
+    t = Table(title=f"quality: {info['samples_per_omega']} samples per row (seeds "
+                    f"{seeds[0]}–{seeds[1]}), {info['steps']} steps; "
                     f"digit-classifier accuracy and FID vs held-out MNIST (agd trained on ω {lo:g}–{hi:g})")
     for col in ("method", "ω", "accuracy", "FID", "NFE/img", "s/img (batched)"):
         t.add_column(col, justify="left" if col == "method" else "right")

@@ -121,7 +121,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "optimizer": _one_of(OPTIMIZERS), "precision": _one_of(DTYPES),
         "gradient_checkpointing": _bool, "warmup_steps": _nonneg_int,
         "val_fraction": _fraction, "checkpoint_every": _pos_int, "keep_checkpoints": _pos_int,
-        "preview_every": _nonneg_int, "weight_decay": _nonneg,
+        "preview_every": _nonneg_int, "weight_decay": _nonneg, "omega_loss_power": _nonneg,
     },
     "memory": {"profile": _str, "vae_tiling": _bool},
 }
@@ -141,6 +141,10 @@ class AdapterConfig:
     init: str = "xavier"
     omega_gain: bool = True  # adapter outputs scaled by (ω − 1): exact base at ω = 1, like CFG
     negatives: bool = False  # also fed CFG's unconditional branch (a negative prompt / class)
+    # the ω range the adapters were trained on (set by `agd train` from the collection): the ω
+    # embedding sees ω clamped to it, so beyond the range only the (ω − 1) gain extrapolates,
+    # as CFG does; None (files from before) feeds ω unclamped
+    omega_range: list[float] | None = None
 
     def to_dict(self) -> dict:
         d = {"kind": self.kind, "hidden_dim": self.hidden_dim,
@@ -148,6 +152,8 @@ class AdapterConfig:
              "inputs": list(self.inputs), "init": self.init, "omega_gain": self.omega_gain}
         if self.negatives:  # absent otherwise: files and checkpoints from before stay identical
             d["negatives"] = True
+        if self.omega_range is not None:  # likewise
+            d["omega_range"] = [float(w) for w in self.omega_range]
         return d
 
 
@@ -202,7 +208,8 @@ DEFAULTS: dict[str, dict] = {
     "train": {"lr": 1e-4, "batch_size": 8, "grad_accum": 1, "steps": 2000,
               "optimizer": "adamw8bit", "precision": "bf16", "gradient_checkpointing": True,
               "warmup_steps": 100, "val_fraction": 0.1, "checkpoint_every": 500,
-              "keep_checkpoints": 2, "preview_every": 0, "weight_decay": 0.0},
+              "keep_checkpoints": 2, "preview_every": 0, "weight_decay": 0.0,
+              "omega_loss_power": 0.0},
     "memory": {"profile": "24GB", "vae_tiling": False},
 }
 

@@ -50,7 +50,11 @@ from agd_cli.train_setup import (
 MAX_VAL_SAMPLES = 512  # validation cost stays bounded on big collections
 # must match to resume; --steps may grow (the schedule then stretches), precision may change
 RESUME_KEYS = ("preset", "adapter", "seed", "batch_size", "grad_accum", "lr", "optimizer",
-               "val_fraction", "weight_decay", "data")
+               "val_fraction", "weight_decay", "omega_loss_power", "data")
+# below this ω − 1 the loss weight stops growing: targets are stored in fp16, so the error of an
+# adapter whose output is scaled by (ω − 1) ≈ 0 is storage noise, not signal
+OMEGA_WEIGHT_FLOOR = 0.5
+IDENTITY_DEFAULTS = {"omega_loss_power": 0.0}  # keys added later: what older checkpoints used
 
 
 @dataclass
@@ -70,6 +74,7 @@ class TrainSettings:
     preview_every: int
     warmup_steps: int
     weight_decay: float
+    omega_loss_power: float
     seed: int
     adapter: AdapterConfig
 
@@ -92,7 +97,9 @@ class TrainSettings:
                 keep_checkpoints=t["keep_checkpoints"], preview_every=t["preview_every"],
                 # a short run (e.g. a smoke test) still reaches the peak learning rate
                 warmup_steps=min(t["warmup_steps"], max(t["steps"], 0) // 2),
-                weight_decay=float(t["weight_decay"]), seed=int(flags.get("seed") or 0),
+                weight_decay=float(t["weight_decay"]),
+                omega_loss_power=float(t.get("omega_loss_power", 0.0)),
+                seed=int(flags.get("seed") or 0),
                 adapter=adapter)
         s.check()
         return s
@@ -119,6 +126,22 @@ class TrainSettings:
         d = asdict(self)
         d["adapter"] = self.adapter.to_dict()
         return d
+
+
+def omega_loss_weight(omega: torch.Tensor, power: float,
+                      omega_range: list[float] | None) -> torch.Tensor:
+    """Per-sample loss weight max(ω − 1, floor)^−power, scaled to mean 1 over U[omega_range].
+
+    The adapters' output is multiplied by (ω − 1), so plain L2 weighs an error of their output
+    by (ω − 1)²: training then serves high ω and leaves low ω under-fit. power 2 weighs every ω
+    alike relative to its guidance term; the constant does not depend on the batch, so the loss
+    is the same however a batch is split across processes."""
+    def raw(w: torch.Tensor) -> torch.Tensor:
+        return (w.double() - 1).clamp_min(OMEGA_WEIGHT_FLOOR).pow(-power)
+
+    lo, hi = omega_range or (float(omega.min()), float(omega.max()))
+    mean = raw(torch.linspace(lo, hi, 1001)).mean()
+    return (raw(omega) / mean).float()
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
@@ -177,15 +200,21 @@ class Trainer:
         """This process's contiguous part of a global batch."""
         return torch.tensor_split(idx, self.world)[self.rank]
 
-    def _sq_error(self, idx: torch.Tensor, adapters: bool = True) -> torch.Tensor:
-        """Summed squared error of the prediction against the guided target (fp32)."""
+    def _sq_error(self, idx: torch.Tensor, adapters: bool = True,
+                  weighted: bool = False) -> torch.Tensor:
+        """Summed squared error of the prediction against the guided target (fp32); `weighted`:
+        each sample's error times its ω weight (training only; validation stays plain L2)."""
         b = self.data.batch(idx)
         dev = self.device
         omega = b.omega.to(dev) if adapters else None
         with self._autocast():
             pred = self.den.forward(b.x.to(dev), b.timesteps.to(dev), b.cond, omega=omega,
                                     negative=b.uncond)
-        return (pred.float() - b.target.to(dev)).pow(2).sum()
+        err = (pred.float() - b.target.to(dev)).pow(2).flatten(1).sum(1)  # (B,)
+        if weighted and self.s.omega_loss_power:
+            err = err * omega_loss_weight(b.omega, self.s.omega_loss_power,
+                                          self.s.adapter.omega_range).to(dev)
+        return err.sum()
 
     def _reduce(self, values: list[float]) -> list[float]:
         """Sum over processes."""
@@ -220,7 +249,7 @@ class Trainer:
         s = self.s
         denom = s.batch_size * s.grad_accum * math.prod(self.data.sample_shape)
         for _ in range(s.grad_accum):
-            loss = self._sq_error(self._mine(self.sampler.next(s.batch_size))) / denom
+            loss = self._sq_error(self._mine(self.sampler.next(s.batch_size)), weighted=True) / denom
             yield loss
 
     @torch.no_grad()
@@ -248,6 +277,7 @@ class Trainer:
                 "batch_size": s.batch_size, "grad_accum": s.grad_accum, "lr": s.lr,
                 "optimizer": s.optimizer, "val_fraction": s.val_fraction,
                 "warmup_steps": s.warmup_steps, "weight_decay": s.weight_decay,
+                "omega_loss_power": s.omega_loss_power,
                 "data": f"{len(keys)} trajectories, {len(self.data)} samples, {digest}"}
 
     def barrier(self) -> None:
@@ -259,7 +289,7 @@ class Trainer:
         """Refuse a checkpoint of other settings, another optimizer, or beyond --steps."""
         old, new = state.get("identity", {}), self.identity()
         for key in RESUME_KEYS:
-            if old.get(key) != new[key]:
+            if old.get(key, IDENTITY_DEFAULTS.get(key)) != new[key]:
                 raise InputError(
                     f"checkpoint {path} was made with {key} = {old.get(key)!r}; "
                     f"this run has {key} = {new[key]!r}",
@@ -369,6 +399,7 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
     trajectories = TrajectoryData(roots, processes=acc.num_processes)
     # collections with negative prompts train adapters that also read the negative
     settings.adapter.negatives = trajectories.has_negatives
+    settings.adapter.omega_range = trained_omega_range(trajectories)
     # 3. The model: frozen base + fresh adapters on this process's device
     den = prepare_denoiser(preset_obj, process_device(acc), settings)
     if trajectories.sample_shape[0] != den.in_channels:
@@ -390,6 +421,15 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
         raise Interrupted(f"interrupted at step {trainer.step} of {settings.steps}; {where}",
                           hint="rerun the same command to resume from "
                                + (f"step {last}" if last is not None else "step 0")) from None
+
+
+def trained_omega_range(data: TrajectoryData) -> list[float]:
+    """The ω range the collections sampled (their recorded ranges, else the stored ω)."""
+    configs = [m.get("config", {}) for m in data.manifests]
+    if all("omega_min" in c and "omega_max" in c for c in configs):
+        return [min(float(c["omega_min"]) for c in configs),
+                max(float(c["omega_max"]) for c in configs)]
+    return [float(data.omega.min()), float(data.omega.max())]
 
 
 def _announce(tr: Trainer, roots: list[Path], preset_flag: str | None) -> None:

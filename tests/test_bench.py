@@ -276,3 +276,25 @@ def test_latency_and_throughput_side_by_side_with_adapter_flops(workdir):
     assert 0 < flops["adapter_params"] < flops["base_params"]
     off = run_bench(preset="tiny-sd", throughput_batch=0, workdir=str(workdir), **FAST)
     assert "throughput" not in off and off["latency"]["batch_size"] == 1
+
+
+def test_quality_seed_shifts_the_noise_not_the_prompts(tmp_path, capsys):
+    """--quality-seed S: sample i is prompt i on seed S + i, so a table can be judged on seeds
+    it was not tuned on; a negative seed is refused before anything loads."""
+    from types import SimpleNamespace
+
+    from agd_cli.bench import sample_for_quality
+    from agd_cli.families import load_denoiser
+    from agd_cli.presets import load_preset
+
+    den = load_denoiser(load_preset("mnist"), "cpu")
+    prompts = ["the digit two"] * 3
+    plan = SimpleNamespace(quality_batch=3, steps=3, scheduler="ddim", quality_seed=0)
+    from_zero = sample_for_quality(den, "unguided", 1.0, prompts, plan)[0]
+    plan.quality_seed = 1
+    from_one = sample_for_quality(den, "unguided", 1.0, prompts, plan)[0]
+    assert torch.allclose(from_one[:2], from_zero[1:], atol=1e-5)  # seed 1 + i is seed 0 + (i + 1)
+    assert not torch.allclose(from_one[0], from_zero[0], atol=1e-3)
+    code, _, err = run_cli(["bench", "--quality", "--preset", "mnist", "--quality-seed", "-1",
+                            "--workdir", str(tmp_path)], capsys)
+    assert code == 2 and "--quality-seed" in err

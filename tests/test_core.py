@@ -168,3 +168,53 @@ def test_agd_at_omega_one_is_the_conditional_base_like_cfg(den):
         cond = den.predict(x, 600, c)
     assert torch.equal(den.predict(x, 600, c, omega=1.0), cond)
     assert not torch.equal(den.predict(x, 600, c, omega=1.5), cond)
+
+
+@torch.no_grad()
+def test_omega_beyond_the_trained_range_only_scales_the_gain(den):
+    """The ω embedding sees ω clamped to the trained range; the (ω − 1) gain alone carries ω
+    beyond it, as CFG is linear in ω (agd collapsed at ω 10 of a 1–6 range without this)."""
+    x, c, _ = _inputs(den)
+    adapters = _fresh(den, omega_range=[1.0, 6.0])
+    cond = den.adapter_cond(c, x)
+    at = {w: adapters.context(w, 300, cond, 2, "cpu") for w in (0.5, 1.0, 3.0, 6.0, 10.0)}
+    for beyond, edge in ((10.0, 6.0), (0.5, 1.0)):
+        assert torch.equal(at[beyond].tokens, at[edge].tokens)
+        assert torch.equal(at[beyond].vector, at[edge].vector)
+    assert torch.allclose(at[10.0].gain, at[6.0].gain * 9 / 5)
+    assert not torch.equal(at[3.0].tokens, at[6.0].tokens)  # inside the range ω still counts
+    unclamped = AdapterConfig(**{**adapters.config.to_dict(), "omega_range": None})
+    assert "omega_range" not in unclamped.to_dict()  # files from before stay as they were
+
+
+@torch.no_grad()
+def test_adapter_files_with_and_without_a_trained_range_load(den, tmp_path):
+    """Files record the trained range and reload it; files from before (no range) load and
+    feed ω unclamped, exactly as they were trained."""
+    x, c, _ = _inputs(den)
+    for omega_range in ([1.0, 4.0], None):
+        _fresh(den, omega_range=omega_range)
+        path = tmp_path / f"{omega_range}.safetensors"
+        den.adapters.save(path, den.adapter_metadata())
+        other = load_with_adapters(path, "cpu")
+        assert other.adapters.config.omega_range == omega_range
+        assert ("omega_range" in other.adapters.metadata["adapter_config"]) == bool(omega_range)
+        expected = den.predict(x, 400, c, omega=9.0)
+        assert torch.equal(other.predict(x, 400, c, omega=9.0), expected)
+        clamped = other.adapters.context(9.0, 400, other.adapter_cond(c, x), 2, "cpu").tokens
+        edge = other.adapters.context(4.0, 400, other.adapter_cond(c, x), 2, "cpu").tokens
+        assert torch.equal(clamped, edge) == bool(omega_range)
+
+
+def test_omega_loss_weight_is_mean_one_and_favours_low_omega():
+    from agd_cli.train import OMEGA_WEIGHT_FLOOR, omega_loss_weight
+
+    grid = torch.linspace(1.0, 6.0, 1001)
+    assert torch.equal(omega_loss_weight(grid, 0.0, [1.0, 6.0]), torch.ones_like(grid))
+    w = omega_loss_weight(grid, 2.0, [1.0, 6.0])
+    assert abs(float(w.mean()) - 1.0) < 1e-5
+    assert bool((w[1:] <= w[:-1]).all())  # never more weight for a higher ω
+    floor = grid - 1 <= OMEGA_WEIGHT_FLOOR
+    assert torch.equal(w[floor], w[floor][:1].expand(int(floor.sum())))  # flat below the floor
+    ratio = omega_loss_weight(torch.tensor([2.0, 6.0]), 2.0, [1.0, 6.0])
+    assert torch.allclose(ratio[0] / ratio[1], torch.tensor(25.0))  # ((6 − 1) / (2 − 1))²

@@ -110,6 +110,8 @@ def test_gap_closed_tiny_dit_via_cli(run_of, capsys):
 
     den = load_with_adapters(s["adapter"], device="cpu", text=False)
     assert den.adapters.metadata["train_steps"] == 800
+    # the ω range the collection sampled, which the ω embedding is clamped to
+    assert den.adapters.config.omega_range == list(den.preset.omega_range)
     assert abs(den.adapters.metadata["val_loss"] - s["val_loss"]) < 1e-9
     records = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 801))

@@ -61,6 +61,9 @@ from agd_cli.commands import DEVICE_HELP, common_options, deprecated_alias
               help="--quality/--negatives: samples per method and ω.")
 @click.option("--quality-batch", type=int, default=100, show_default=True,
               help="--quality: images per sampling call.")
+@click.option("--quality-seed", type=int, default=0, show_default=True,
+              help="--quality: sample i uses seed QUALITY_SEED + i (judge on seeds you did not "
+                   "tune on).")
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default=None,
               help="--memory: optimizer [preset].")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", "checkpointing",
