@@ -55,6 +55,9 @@ RESUME_KEYS = ("preset", "adapter", "seed", "batch_size", "grad_accum", "lr", "o
 # adapter whose output is scaled by (ω − 1) ≈ 0 is storage noise, not signal
 OMEGA_WEIGHT_FLOOR = 0.5
 IDENTITY_DEFAULTS = {"omega_loss_power": 0.0}  # keys added later: what older checkpoints used
+# adapter settings added later that do not change training: a checkpoint from before them resumes
+# (omega_range only clamps the ω embedding beyond the range, and training stays inside it)
+ADAPTER_KEYS_ADDED_LATER = ("omega_range",)
 
 
 @dataclass
@@ -288,6 +291,9 @@ class Trainer:
     def _check_resumable(self, path: Path, state: dict) -> None:
         """Refuse a checkpoint of other settings, another optimizer, or beyond --steps."""
         old, new = state.get("identity", {}), self.identity()
+        if isinstance(old.get("adapter"), dict):
+            added = {k: new["adapter"].get(k) for k in ADAPTER_KEYS_ADDED_LATER}
+            old = {**old, "adapter": {**added, **old["adapter"]}}
         for key in RESUME_KEYS:
             if old.get(key, IDENTITY_DEFAULTS.get(key)) != new[key]:
                 raise InputError(

@@ -373,3 +373,30 @@ def test_help_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "--grad-accum" in proc.stdout and "--resume / --no-resume" in proc.stdout
+
+
+def test_checkpoint_from_before_the_omega_range_resumes(run_of, capsys):
+    """A run checkpointed before adapters recorded their trained ω range (and the ω loss power)
+    resumes after the upgrade; another adapter setting is still refused."""
+    run = run_of("tiny-dit", "upgraded")
+    args = ["train", "--steps", "10", "--checkpoint-every", "5", "--keep-checkpoints", "5",
+            "--run", str(run), "--json"]
+    assert agd(*args)[0] == 0
+    (run / "adapter.safetensors").unlink()
+    states = sorted((run / "checkpoints").glob("step-*/state.json"))
+    assert states
+    for path in states:  # what a checkpoint written before these settings holds
+        state = json.loads(path.read_text())
+        assert state["identity"]["adapter"]["omega_range"] is not None
+        del state["identity"]["adapter"]["omega_range"], state["identity"]["omega_loss_power"]
+        path.write_text(json.dumps(state))
+    code, out, _ = agd(*args[:2], "20", *args[3:])
+    assert code == 0, out
+    assert (run / "adapter.safetensors").is_file()
+    for path in sorted((run / "checkpoints").glob("step-*/state.json")):
+        state = json.loads(path.read_text())
+        state["identity"]["adapter"]["hidden_dim"] += 1
+        path.write_text(json.dumps(state))
+    capsys.readouterr()
+    code, out, err = agd(*args[:2], "30", *args[3:], capsys=capsys)
+    assert code == 2 and "hidden_dim" in out + err
