@@ -213,11 +213,11 @@ class Trainer:
         with self._autocast():
             pred = self.den.forward(b.x.to(dev), b.timesteps.to(dev), b.cond, omega=omega,
                                     negative=b.uncond)
-        err = (pred.float() - b.target.to(dev)).pow(2).flatten(1).sum(1)  # (B,)
-        if weighted and self.s.omega_loss_power:
-            err = err * omega_loss_weight(b.omega, self.s.omega_loss_power,
-                                          self.s.adapter.omega_range).to(dev)
-        return err.sum()
+        sq = (pred.float() - b.target.to(dev)).pow(2)
+        if not (weighted and self.s.omega_loss_power):
+            return sq.sum()  # plain L2, summed as memory's step and earlier versions sum it
+        weight = omega_loss_weight(b.omega, self.s.omega_loss_power, self.s.adapter.omega_range)
+        return (sq.flatten(1).sum(1) * weight.to(dev)).sum()
 
     def _reduce(self, values: list[float]) -> list[float]:
         """Sum over processes."""
