@@ -9,7 +9,6 @@ adds the mini paper table (accuracy, FID) on presets that ship an evaluator (mni
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -408,6 +407,7 @@ def run_bench(flags: BenchFlags | None = None, /, **kwargs) -> dict:
 
     `run_bench(preset="tiny-sd", steps=4)` takes BenchFlags' fields as keywords."""
     from agd_cli.io import write_json
+    from agd_cli.runtime import torch_threads
 
     f = flags if flags is not None else BenchFlags(**kwargs)
     show_table = f.show_table
@@ -443,18 +443,3 @@ def run_bench(flags: BenchFlags | None = None, /, **kwargs) -> dict:
     report["report"] = str(plan.out_dir / "compare-cfg.json")
     write_json(plan.out_dir / "compare-cfg.json", report)
     return report
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    """torch CPU threads for a block; on a busy shared CPU fewer threads than cores avoids the
-    spin-wait collapse of oversubscribed thread pools."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
