@@ -101,7 +101,6 @@ def run_memory(f: BenchFlags) -> dict:
     return result
 
 
-
 # --- measuring peak memory (this probe and `agd bench`) ------------------------------------
 class PeakMemory:
     """Peak memory of a block of work: the one measure of `agd bench` and this probe.

@@ -21,6 +21,8 @@ QUALITY_PRESETS = ("mnist",)  # presets that ship an evaluator (agd_cli.mnist)
 
 
 def check_quality_preset(preset, flag: str = "--quality") -> None:
+    """Refuse `flag` (--quality, --negatives) on a preset without an evaluator, before any
+    weights load."""
     if preset.name not in QUALITY_PRESETS:
         raise InputError(f"{flag} needs a preset with an evaluator; the adapter's preset is "
                          f"'{preset.name}'",
@@ -31,7 +33,6 @@ def check_quality_preset(preset, flag: str = "--quality") -> None:
     if not mnist.CLASSIFIER_PATH.is_file():
         raise DataError(f"the mnist evaluator is missing: {mnist.CLASSIFIER_PATH}",
                         hint="reinstall agd; the digit classifier ships inside the package")
-
 
 
 def sample_for_quality(den, method: str, omega: float, prompts: list, plan: BenchPlan,
