@@ -189,26 +189,19 @@ def sample_jobs(den, jobs: list[Job], prompts: list[str], cond: dict, uncond: di
                 omega: float, mode: str, steps: int, scheduler: str, batch_size: int,
                 height: int, width: int):
     """Yield (job, image (C, H, W) in [0, 1], nfe per image, seconds) batch by batch."""
-    import torch
-
     from agd_cli import sampling
 
     shape = den.latent_shape(height, width)
-    batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+    batches = [[jobs[i] for i in r] for r in sampling.batch_ranges(len(jobs), batch_size)]
     with ui.progress() as bar:
         task = bar.add_task(f"{mode} ω={omega:g}", total=len(batches) * steps)
         for batch in batches:
             c, u = _batch_conditions(cond, uncond, [prompts.index(j.prompt) for j in batch])
             noise = sampling.initial_noise(shape, [j.seed for j in batch])
-            start = time.perf_counter()
-            res = sampling.sample(den, c, u, omega, noise, mode=mode, steps=steps,
-                                  scheduler=scheduler, callback=lambda _: bar.advance(task))
-            images = den.decode(res.x)
-            if den.device.type == "cuda":
-                torch.cuda.synchronize(den.device)
-            seconds = time.perf_counter() - start
-            for job, image in zip(batch, images, strict=True):
-                yield job, image, res.nfe, seconds / len(batch)
+            got = sampling.sample_images(den, c, u, omega, noise, mode=mode, steps=steps,
+                                         scheduler=scheduler, callback=lambda _: bar.advance(task))
+            for job, image in zip(batch, got.images, strict=True):
+                yield job, image, got.nfe, got.seconds / len(batch)
 
 
 # --- 5. files ---------------------------------------------------------------------------------

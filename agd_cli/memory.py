@@ -6,6 +6,8 @@ subprocess so that nothing earlier inflates its peak.
 CUDA: `torch.cuda.max_memory_allocated` over the step. CPU: the peak resident set size over
 the step (Linux: VmHWM after resetting it through /proc/self/clear_refs; elsewhere psutil's
 peak working set (Windows) or current RSS, which may then also count building the model).
+`PeakMemory` is that measure, also used by `agd bench` per method; `run_memory` is
+`agd bench --memory`.
 
     python -m agd_cli.memory --preset sdxl --resolution 512 --device cpu   # one JSON line
     python benchmarks/train_memory.py --preset sdxl                         # the grid, a table
@@ -19,11 +21,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agd_cli import checks
 from agd_cli.errors import ModelError
+
+if TYPE_CHECKING:
+    from agd_cli.bench import BenchFlags
 
 
 def measure_train_step(preset_name: str, precision: str = "bf16", optimizer: str = "adamw8bit",
@@ -57,15 +64,104 @@ def measure_train_step(preset_name: str, precision: str = "bf16", optimizer: str
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# --- inside the measuring process ------------------------------------------------------------
-def _reset_peak(device) -> str:
-    """Start a new peak window; returns the method used to measure it."""
-    import torch
+# --- `agd bench --memory` --------------------------------------------------------------------
+def memory_args(preset, precision: str | None, optimizer: str | None,
+                checkpointing: bool | None, batch_size: int | None, device: str | None) -> dict:
+    """measure_train_step's arguments: the flags, else the preset's training defaults."""
+    checks.optional_integer("--train-batch-size", batch_size)
+    t = preset.train
+    return {"preset_name": preset.name, "precision": precision or t["precision"],
+            "optimizer": optimizer or t["optimizer"],
+            "checkpointing": t["gradient_checkpointing"] if checkpointing is None else checkpointing,
+            "batch_size": batch_size or t["batch_size"], "device": device or "auto"}
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return "cuda max_memory_allocated"
+
+def run_memory(f: BenchFlags) -> dict:
+    """`agd bench --memory`: peak memory of one adapter training step (measure_train_step)."""
+    from agd_cli import ui, workspace
+    from agd_cli.adapter_file import AdapterFile
+    from agd_cli.presets import load_preset
+
+    p = (load_preset(f.preset) if f.preset
+         else AdapterFile.open(workspace.find_adapter(f.workdir, f.adapter, f.run)).preset)
+    args = memory_args(p, f.precision, f.optimizer, f.checkpointing, f.train_batch_size, f.device)
+    ui.info(f"measuring one training step of {p.name} in a fresh process…")
+    result = {**args, **measure_train_step(**args)}
+    if f.show_table:
+        from rich.table import Table
+
+        from agd_cli.bench_report import console, gib
+
+        t = Table(title=f"one adapter training step of {p.name}")
+        t.add_column("quantity")
+        t.add_column("value", justify="right")
+        for k, v in result.items():
+            t.add_row(k, gib(v) if k.endswith("bytes") and isinstance(v, int) else str(v))
+        console().print(t)
+    return result
+
+
+# --- measuring peak memory (this probe and `agd bench`) ------------------------------------
+class PeakMemory:
+    """Peak memory of a block of work: the one measure of `agd bench` and this probe.
+
+    CUDA: torch.cuda.max_memory_allocated, reset on entry (tensors only, exact).
+    CPU: the process's resident set size. poll=True samples it every 2 ms from a thread, for
+    the peak of one block among others in a process (bench's methods). Otherwise the kernel's
+    high-water mark VmHWM, reset on entry through /proc/self/clear_refs (Linux; elsewhere
+    psutil's peak working set on Windows, else the RSS at exit). `start` is the memory at
+    entry, `increase` the peak minus it, `method` says how the peak was measured.
+    """
+
+    def __init__(self, device, poll: bool = False):
+        self.device, self.poll = device, poll
+        self.peak = self.start = 0
+        self.method = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "cuda max_memory_allocated"
+            self.start = torch.cuda.memory_allocated(self.device)
+        elif self.poll:
+            self.method = "peak RSS (sampled every 2 ms)"
+            self.start = self.peak = _rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        else:
+            self.method = _reset_high_water_mark()
+            self.start = _rss()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss())
+        else:
+            self.peak = _proc_status("VmHWM") or _psutil_memory()[1]
+
+    @property
+    def increase(self) -> int:
+        return max(0, self.peak - self.start)
+
+
+def _reset_high_water_mark() -> str:
+    """Reset the process's peak RSS where the OS allows it; returns how the peak is measured."""
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         return "peak RSS (VmHWM, reset before the first step)"
@@ -73,28 +169,19 @@ def _reset_peak(device) -> str:
         return "peak RSS (psutil: peak working set on Windows, else the RSS after the step)"
 
 
-def _current(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
+def _rss() -> int:
+    """The process's resident set size now (0 where it cannot be read)."""
     return _proc_status("VmRSS") or _psutil_memory()[0]
-
-
-def _peak(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    return _proc_status("VmHWM") or _psutil_memory()[1]
 
 
 def _psutil_memory() -> tuple[int, int]:
     """(current, peak) resident memory where /proc is missing; peak is Windows' peak working set."""
-    import psutil
+    import psutil  # portable: /proc does not exist on Windows
 
-    info = psutil.Process().memory_info()
+    try:
+        info = psutil.Process().memory_info()
+    except psutil.Error:
+        return 0, 0
     return info.rss, getattr(info, "peak_wset", info.rss)
 
 
@@ -106,6 +193,7 @@ def _proc_status(field: str) -> int | None:
     return None
 
 
+# --- inside the measuring process ------------------------------------------------------------
 @contextlib.contextmanager
 def _default_dtype(dtype):
     import torch
@@ -235,13 +323,12 @@ def _run_steps(den, params, inputs: dict, optimizer: str, precision: str, dev) -
     step = train_step_of(den, params, opt, precision)
     # The window covers two steps: the first allocates the optimizer state (after its
     # backward), the second runs with it in place: the steady state of a training run.
-    method = _reset_peak(dev)
-    baseline = _current(dev)
-    step(inputs)
-    t0 = time.perf_counter()
-    step(inputs)
-    seconds = time.perf_counter() - t0
-    peak = _peak(dev)
+    with PeakMemory(dev) as mem:
+        step(inputs)
+        t0 = time.perf_counter()
+        step(inputs)
+        seconds = time.perf_counter() - t0
+    method, baseline, peak = mem.method, mem.start, mem.peak
     state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values()
                       for v in s.values() if isinstance(v, torch.Tensor))
     return {"optimizer": used, "optimizer_state_bytes": state_bytes, "baseline_bytes": baseline,

@@ -52,7 +52,7 @@ def score(evaluator, images, digits: list[int], negative_digits: list[int], refe
 def run_negatives(den, plan, show_table: bool = True) -> dict:
     """The negative-prompt table: every method on the same seeds, at each of plan.negative_omegas."""
     from agd_cli import mnist
-    from agd_cli.bench import sample_for_quality
+    from agd_cli.quality import sample_for_quality
 
     if not den.adapters.wants_negative:
         ui.warn("this adapter was trained without negatives: 'agd + negative' ignores the negative")
@@ -90,7 +90,7 @@ def print_negatives_table(q: dict) -> None:
     """Rows per ω: CFG, CFG + negative, agd + negative, agd; columns accuracy, P(d′), PSNR, NFE."""
     from rich.table import Table
 
-    from agd_cli.bench import _console
+    from agd_cli.bench_report import console
 
     info = q["settings"]
     t = Table(title=f"negative prompts: prompt digit d, negative a close digit d′ "
@@ -106,4 +106,4 @@ def print_negatives_table(q: dict) -> None:
         t.add_row(label, w, f"{e['accuracy']:.3f}", f"{e['negative_probability']:.4f}",
                   f"{e['negative_log_probability']:.2f}", "—" if p is None else f"{p:.2f} dB",
                   str(e["nfe"]))
-    _console().print(t)
+    console().print(t)

@@ -1,9 +1,11 @@
-"""Process-wide settings for agd's own entry points (the CLI, tool scripts): quiet library logs.
+"""Process-wide settings for agd's own entry points (the CLI, tool scripts): quiet library logs,
+torch's CPU threads for a block of work.
 
 Importing agd as a library changes no global logging: only entry points call quiet_libraries()."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -18,3 +20,17 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
 
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch CPU threads for a block; on a busy shared CPU fewer threads than cores avoids the
+    spin-wait collapse of oversubscribed thread pools."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

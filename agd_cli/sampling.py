@@ -1,7 +1,9 @@
-"""The sampling loop shared by collect, generate and bench, with NFE counting and callbacks."""
+"""The sampling loop shared by collect, generate and bench, with NFE counting and callbacks;
+`sample_images`, the batched noise → pixels step of generate, bench and training previews."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -118,3 +120,42 @@ def sample(denoiser, cond: dict, uncond: dict | None, omega, noise: torch.Tensor
             callback({"i": i, "t": t, "model_input": model_input, "output": out, "x_next": x_next})
         x = x_next
     return SampleResult(x=x, nfe=denoiser.nfe - start)
+
+
+def batch_ranges(total: int, size: int) -> list[range]:
+    """Indices of consecutive batches of at most `size` items."""
+    return [range(i, min(i + size, total)) for i in range(0, total, size)]
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work, so that a clock read around it is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class SampledImages:
+    """One call of `sample_images`: the decoded batch and the call's model evaluations and times."""
+
+    images: torch.Tensor    # (N, C, H, W) in [0, 1], on the CPU
+    nfe: int                # per sample
+    seconds: float          # noise → pixels (sampling loop + decode), device synchronised
+    denoise_seconds: float  # the sampling loop alone
+    cpu_seconds: float      # process CPU time: steadier than wall time on a shared CPU
+
+
+def sample_images(denoiser, cond: dict, uncond: dict | None, omega, noise: torch.Tensor, *,
+                  mode: str, steps: int, scheduler: str, cutoff: float = 0.5,
+                  callback: Callable[[dict], None] | None = None) -> SampledImages:
+    """Sample one batch from `noise` and decode it, timed with the device synchronised: the one
+    batched step of `agd generate`, `agd bench` (comparison, --quality) and training previews."""
+    synchronize(denoiser.device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = sample(denoiser, cond, uncond, omega, noise, mode=mode, steps=steps,
+                 scheduler=scheduler, cutoff=cutoff, callback=callback)
+    synchronize(denoiser.device)
+    t1 = time.perf_counter()
+    images = denoiser.decode(res.x)  # CPU tensors: synchronised by the copy
+    synchronize(denoiser.device)
+    return SampledImages(images, res.nfe, time.perf_counter() - t0, t1 - t0,
+                         time.process_time() - c0)

@@ -69,7 +69,7 @@ class Previews:
     def write(self, den, data, step: int) -> Path | None:
         """One PNG for `step` (None when the collection has no unconditional branch)."""
         from agd_cli.images import make_grid, save_png, to_pil
-        from agd_cli.sampling import initial_noise, sample
+        from agd_cli.sampling import initial_noise, sample_images
 
         if data.uncond is None:
             return None
@@ -81,8 +81,8 @@ class Previews:
         omega = float(sp["default_omega"])
         kw = {"steps": sp["steps"], "scheduler": sp["scheduler"]}
         if self._cfg is None:
-            self._cfg = den.decode(sample(den, cond, uncond, omega, noise, mode="cfg", **kw).x)
-        agd = den.decode(sample(den, cond, uncond, omega, noise, mode="agd", **kw).x)
+            self._cfg = sample_images(den, cond, uncond, omega, noise, mode="cfg", **kw).images
+        agd = sample_images(den, cond, uncond, omega, noise, mode="agd", **kw).images
         grid = make_grid([[to_pil(i) for i in self._cfg], [to_pil(i) for i in agd]],
                          row_labels=[f"CFG ω={omega:g}", f"agd, step {step}"])
         return save_png(grid, self.folder / f"preview-step-{step:06d}.png",

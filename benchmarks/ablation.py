@@ -128,8 +128,8 @@ def score(adapter: Path, methods: list[str], omegas: list[float], samples: int, 
     """{method: {ω: {accuracy, fid}}} as `agd bench --quality` computes them (same sampling
     function, same evaluator); CFG rows come from `cache` when there (they ignore the adapter)."""
     from agd_cli import mnist
-    from agd_cli.bench import sample_for_quality
     from agd_cli.families import load_with_adapters
+    from agd_cli.quality import sample_for_quality
 
     den = load_with_adapters(adapter, device="cpu")
     sp = den.preset.sampling

@@ -111,7 +111,7 @@ def time_call(fn, device) -> tuple[float, float]:
 
 def count_flops(fn) -> int:
     """FLOPs of one call (torch's FlopCounterMode: matmuls, convolutions, attention)."""
-    from agd_cli.bench import flop_counter
+    from agd_cli.flops import flop_counter
 
     with flop_counter() as counter:  # FlopCounterMode, with the CPU attention kernel counted
         fn()

@@ -35,7 +35,7 @@ def measure(preset_name: str, resolution: int, batch: int, variant: str, device:
     from diffusers import AutoencoderKL
 
     from agd_cli.families import resolve_device
-    from agd_cli.memory import _current, _peak, _reset_peak
+    from agd_cli.memory import PeakMemory
     from agd_cli.presets import load_preset
 
     dev = resolve_device(device)
@@ -51,13 +51,11 @@ def measure(preset_name: str, resolution: int, batch: int, variant: str, device:
             vae.tile_latent_min_size = tile // 2 ** (len(arch["block_out_channels"]) - 1)
     f = 2 ** (len(arch["block_out_channels"]) - 1)
     z = torch.randn(batch, arch["latent_channels"], resolution // f, resolution // f, device=dev)
-    method = _reset_peak(dev)
-    before = _current(dev)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
+    with PeakMemory(dev) as mem, torch.inference_mode():
+        t0 = time.perf_counter()
         img = vae.decode(z / vae.config.scaling_factor, return_dict=False)[0].float().cpu()
-    seconds = time.perf_counter() - t0
-    peak = _peak(dev)
+        seconds = time.perf_counter() - t0
+    method, before, peak = mem.method, mem.start, mem.peak
     return {"preset": preset_name, "resolution": resolution, "batch": batch, "variant": variant,
             "tile": tile if variant.endswith("tiled") else None, "device": str(dev), "method": method, "seconds": round(seconds, 2),
             "decode_adds_gib": round((peak - before) / GiB, 3), "peak_gib": round(peak / GiB, 3),

@@ -203,7 +203,7 @@ def test_quality_on_a_preset_without_evaluator_exits_2(workdir, capsys):
 
 
 def test_memory_arguments_fit_the_probe_and_flags_beat_the_preset():
-    from agd_cli.bench import memory_args
+    from agd_cli.memory import memory_args
     from agd_cli.presets import load_preset
 
     p = load_preset("sdxl")
@@ -221,7 +221,8 @@ def test_memory_arguments_fit_the_probe_and_flags_beat_the_preset():
 
 # --- --quality on the embedded default (teacher, classifier and preset ship with agd) ---------
 def test_quality_table_on_mnist(tmp_path):
-    from agd_cli.bench import MIN_CELL, run_bench
+    from agd_cli.bench import run_bench
+    from agd_cli.bench_report import MIN_CELL
 
     make_adapter(tmp_path, "mnist")
     r = run_bench(preset="mnist", quality=True, quality_samples=20, quality_batch=20, omegas=["2", "8"],
@@ -283,9 +284,9 @@ def test_quality_seed_shifts_the_noise_not_the_prompts(tmp_path, capsys):
     it was not tuned on; a negative seed is refused before anything loads."""
     from types import SimpleNamespace
 
-    from agd_cli.bench import sample_for_quality
     from agd_cli.families import load_denoiser
     from agd_cli.presets import load_preset
+    from agd_cli.quality import sample_for_quality
 
     den = load_denoiser(load_preset("mnist"), "cpu")
     prompts = ["the digit two"] * 3
