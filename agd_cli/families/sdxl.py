@@ -8,7 +8,6 @@ import torch
 
 from agd_cli.families.base import _clip_config, _seeded, _tokenize
 from agd_cli.families.sd import SDDenoiser
-from agd_cli.families.weights import open_base
 
 
 class SDXLDenoiser(SDDenoiser):
@@ -26,19 +25,10 @@ class SDXLDenoiser(SDDenoiser):
         return unet, {**parts, "tokenizer_2": tok, "text_encoder_2": te2}, scheduler, vae
 
     @classmethod
-    def _load_pretrained(cls, preset, source, text, dtype):
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    def _text_encoder_classes(cls) -> list[tuple[str, type]]:
+        from transformers import CLIPTextModelWithProjection
 
-        base = open_base(preset, source)
-        unet = base.model(UNet2DConditionModel, "unet", dtype)
-        parts = {}
-        if text:
-            for sub, cls_ in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
-                parts["tokenizer" + sub] = base.tokenizer(CLIPTokenizer, "tokenizer" + sub)
-                parts["text_encoder" + sub] = base.text_encoder(cls_, "text_encoder" + sub, dtype)
-        return (unet, parts, base.config(DDIMScheduler, "scheduler"),
-                base.config(AutoencoderKL, "vae"))
+        return [*super()._text_encoder_classes(), ("_2", CLIPTextModelWithProjection)]
 
     def _time_ids(self, n: int, size) -> torch.Tensor:
         h, w = size or (self.preset.resolution, self.preset.resolution)
