@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from agd_cli import __version__, checks, ui
-from agd_cli.collect_plan import CollectFlags, CollectSettings, resolve_settings  # noqa: F401
+from agd_cli.collect_plan import CollectFlags, CollectSettings, resolve_settings
 from agd_cli.disk import (
     DISK_MARGIN,
     DISK_RESERVE,

@@ -29,7 +29,7 @@ FAMILY_CLASSES: dict[str, type[Denoiser]] = {
     "pixart": PixArtDenoiser, "sana": SanaDenoiser}  # presets.FAMILIES names them
 
 __all__ = ["FAMILY_CLASSES", "Denoiser", "cond_cat", "cond_select", "cond_to", "count_truncated",
-           "load_denoiser", "load_with_adapters", "preset_for_adapter", "resolve_device", "resolve_dtype"]
+           "load_denoiser", "load_with_adapters", "resolve_device", "resolve_dtype"]
 
 
 def load_denoiser(preset: Preset, device=None, dtype: str = "fp32", weights: str = "pretrained",
@@ -57,13 +57,6 @@ def count_parameters(preset: Preset) -> dict:
     extra = sum(p.numel() for p in adapters.parameters())
     return {"base_params": base, "adapter_params": extra, "ratio": extra / base,
             "adapter_sites": len(adapters.sites)}
-
-
-def preset_for_adapter(path) -> Preset:
-    """The preset an adapter file was trained with (from its metadata; no tensor is read)."""
-    from agd_cli.adapter_file import AdapterFile
-
-    return AdapterFile.open(path).preset
 
 
 def load_with_adapters(path, device=None, dtype: str = "fp32", text: bool = True,
