@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)  # also when --collection brings the data
     omegas = [float(w) for w in args.omegas.split(",")]
     preset = load_preset("mnist")
     # 1. The data: the preset's guided collection, then its forward-diffusion twin
