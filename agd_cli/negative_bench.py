@@ -1,13 +1,22 @@
 """`agd bench --negatives`: does agd follow a negative prompt the way CFG does? (mnist evaluator)
 
-Each sample prompts digit d with a visually close digit d′ as the negative (7/1, 3/8, 4/9, 5/6,
-both ways). On the same seeds and noise: unguided, CFG without the negative, CFG with it, agd
-with it and agd without it. Reported per method and ω: the digit classifier's accuracy on d,
-its mean probability of d′ (a negative that works pushes it down), and PSNR against
-CFG-with-negative (agd with the negative should agree with it better than agd without).
+Two case sets, each on the same seeds and noise with the same methods: unguided, CFG without the
+negative, CFG with it, agd with it and agd without it, at each ω of plan.negative_omegas.
+
+- close pairs: the prompt is digit d, the negative a visually close digit d′ (7/1, 3/8, 4/9, 5/6,
+  both ways). Reported: the classifier's accuracy on d, its mean probability of d′ and PSNR
+  against CFG-with-negative. A close negative does not lower P(d′) under CFG: it replaces the
+  push away from nothing by a weaker push away from a similar digit.
+- negative only: the prompt is "" and the negative "a handwritten d′", d′ = 0–9 cycling. CFG
+  without the negative is unguided sampling here; a negative that works makes the digit
+  classifier label fewer images d′. Reported: that rate, the mean probability of d′ and PSNR
+  against CFG-with-negative (agd with the negative should agree with it better than agd without).
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
 
 from agd_cli import ui
 
@@ -20,90 +29,142 @@ LABELS = {"unguided": "unguided", "cfg": "CFG", "cfg-negative": "CFG + negative"
 REFERENCE = "cfg-negative"
 
 
-def negative_cases(n: int) -> tuple[list[str], list[str], list[int], list[int]]:
-    """(prompts, negatives, digits, negative digits) of n samples cycling over the close pairs."""
+class CaseSet(NamedTuple):
+    """One sample per index: its prompt, negative, prompted digit (None: no digit) and d′."""
+    prompts: list[str]
+    negatives: list[str]
+    digits: list[int] | None
+    negative_digits: list[int]
+
+
+def caption(d: int) -> str:
     from agd_cli.mnist import CAPTION_TEMPLATES, DIGIT_WORDS
 
+    return CAPTION_TEMPLATES[0].format(n=d, w=DIGIT_WORDS[d])  # "a handwritten d"
+
+
+def negative_cases(n: int) -> CaseSet:
+    """n samples cycling over the close pairs, both ways: prompt d, negative d′."""
     pairs = [p for a, b in CLOSE_PAIRS for p in ((a, b), (b, a))]
     chosen = [pairs[i % len(pairs)] for i in range(n)]
-    caption = lambda d: CAPTION_TEMPLATES[0].format(n=d, w=DIGIT_WORDS[d])  # noqa: E731
-    return ([caption(d) for d, _ in chosen], [caption(dn) for _, dn in chosen],
-            [d for d, _ in chosen], [dn for _, dn in chosen])
+    return CaseSet([caption(d) for d, _ in chosen], [caption(dn) for _, dn in chosen],
+                   [d for d, _ in chosen], [dn for _, dn in chosen])
 
 
-def score(evaluator, images, digits: list[int], negative_digits: list[int], reference=None) -> dict:
-    """Accuracy on the prompted digit, mean probability of the negative digit, PSNR vs reference."""
+def negative_only_cases(n: int) -> CaseSet:
+    """n samples with the empty prompt and the negative "a handwritten d′", d′ = i % 10."""
+    digits = [i % 10 for i in range(n)]
+    return CaseSet([""] * n, [caption(d) for d in digits], None, digits)
+
+
+def score(evaluator, images, digits: list[int] | None, negative_digits: list[int],
+          reference=None) -> dict:
+    """Accuracy on the prompted digit (no digits: the rate of d′ instead), mean probability of
+    the negative digit, PSNR vs reference."""
     import torch
 
     from agd_cli.metrics import psnr
 
     log_probs = evaluator.logits(images).log_softmax(dim=1)  # (N, 10)
-    log_p_neg = log_probs[torch.arange(len(negative_digits)), torch.tensor(negative_digits)]
+    neg = torch.tensor(negative_digits)
+    log_p_neg = log_probs[torch.arange(len(negative_digits)), neg]
+    out = ({"accuracy": evaluator.accuracy(images, digits)} if digits is not None
+           else {"negative_rate": float((log_probs.argmax(dim=1).cpu() == neg).float().mean())})
     # the mean probability is dominated by a few confused images; the mean log-probability
     # also shows how far the confident ones are pushed away from d′
-    out = {"accuracy": evaluator.accuracy(images, digits),
-           "negative_probability": float(log_p_neg.exp().mean()),
-           "negative_log_probability": float(log_p_neg.mean())}
+    out.update(negative_probability=float(log_p_neg.exp().mean()),
+               negative_log_probability=float(log_p_neg.mean()))
     if reference is not None:  # images are in the model range [-1, 1]
         out["psnr_vs_cfg_negative"] = float(psnr((images + 1) / 2, (reference + 1) / 2).mean())
     return out
 
 
-def run_negatives(den, plan, show_table: bool = True) -> dict:
-    """The negative-prompt table: every method on the same seeds, at each of plan.negative_omegas."""
-    from agd_cli import mnist
+def run_methods(den, plan, evaluator, cases: CaseSet, omega: float, advance) -> dict:
+    """Every method of METHODS at one ω on the same noise, scored against CFG + negative."""
     from agd_cli.quality import sample_for_quality
+
+    images, nfe = {}, {}
+    for label, (mode, negative) in METHODS.items():
+        images[label], _, nfe[label] = sample_for_quality(
+            den, mode, omega, cases.prompts, plan, cases.negatives if negative else None)
+        advance()
+    ref = images[REFERENCE]
+    return {label: {"nfe": nfe[label], **score(evaluator, ims, cases.digits, cases.negative_digits,
+                                               None if label == REFERENCE else ref)}
+            for label, ims in images.items()}
+
+
+def run_case_set(den, plan, evaluator, cases: CaseSet, settings: dict, advance) -> dict:
+    """{"unguided", "by_omega", "settings"} for one case set."""
+    from agd_cli.quality import sample_for_quality
+
+    unguided, _, nfe = sample_for_quality(den, "unguided", 1.0, cases.prompts, plan)
+    advance()
+    by_omega = {f"{omega:g}": run_methods(den, plan, evaluator, cases, omega, advance)
+                for omega in plan.negative_omegas}
+    n = len(cases.prompts)
+    return {"unguided": {**score(evaluator, unguided, cases.digits, cases.negative_digits),
+                         "nfe": nfe},
+            "by_omega": by_omega,
+            "settings": {"samples_per_row": n, "steps": plan.steps, **settings,
+                         "seeds": [plan.quality_seed, plan.quality_seed + n - 1],
+                         "adapter_trained_with_negatives": den.adapters.wants_negative}}
+
+
+def run_negatives(den, plan, show_table: bool = True) -> dict:
+    """Both negative-prompt tables: every method on the same seeds, at each of plan.negative_omegas.
+    The close-pair set is the top level; the negative-only set is under "negative_only"."""
+    from agd_cli import mnist
 
     if not den.adapters.wants_negative:
         ui.warn("this adapter was trained without negatives: 'agd + negative' ignores the negative")
     evaluator = mnist.load_evaluator(den.device)
-    prompts, negatives, digits, neg_digits = negative_cases(plan.quality_samples)
-    by_omega: dict = {}
+    n = plan.quality_samples
+    sets = ((negative_cases(n), {"pairs": [list(p) for p in CLOSE_PAIRS], "both_ways": True,
+                                 "prompt": "a handwritten d", "negative": "a handwritten d′"}),
+            (negative_only_cases(n), {"prompt": "", "negative": "a handwritten d′",
+                                      "negative_digits": "0-9, sample i: i % 10"}))
+    runs_per_set = 1 + len(METHODS) * len(plan.negative_omegas)
     with ui.progress() as bar:
-        task = bar.add_task("negatives", total=1 + len(METHODS) * len(plan.negative_omegas))
-        unguided, spi, nfe = sample_for_quality(den, "unguided", 1.0, prompts, plan)
-        bar.advance(task)
-        for omega in plan.negative_omegas:
-            images = {}
-            for label, (mode, negative) in METHODS.items():
-                images[label], _, nfe_m = sample_for_quality(den, mode, omega, prompts, plan,
-                                                             negatives if negative else None)
-                by_omega.setdefault(f"{omega:g}", {})[label] = {"nfe": nfe_m}
-                bar.advance(task)
-            ref = images[REFERENCE]
-            for label, ims in images.items():
-                by_omega[f"{omega:g}"][label].update(
-                    score(evaluator, ims, digits, neg_digits, None if label == REFERENCE else ref))
-    summary = {"unguided": {**score(evaluator, unguided, digits, neg_digits), "nfe": nfe},
-               "by_omega": by_omega,
-               "settings": {"samples_per_row": len(prompts), "steps": plan.steps,
-                            "pairs": [list(p) for p in CLOSE_PAIRS], "both_ways": True,
-                            "prompt": "a handwritten d", "negative": "a handwritten d′",
-                            "seeds": f"0-{len(prompts) - 1}",
-                            "adapter_trained_with_negatives": den.adapters.wants_negative}}
+        task = bar.add_task("negatives", total=len(sets) * runs_per_set)
+        close, only = [run_case_set(den, plan, evaluator, cases, settings,
+                                    partial(bar.advance, task))
+                       for cases, settings in sets]
+    summary = {**close, "negative_only": only}
     if show_table:
         print_negatives_table(summary)
     return summary
 
 
 def print_negatives_table(q: dict) -> None:
-    """Rows per ω: CFG, CFG + negative, agd + negative, agd; columns accuracy, P(d′), PSNR, NFE."""
+    """The close-pair table, then the negative-only one: rows per ω, one per method."""
+    info, only = q["settings"], q["negative_only"]["settings"]
+    print_case_table(q, "accuracy", "accuracy",
+                     f"negative prompts: prompt digit d, negative a close digit d′ "
+                     f"({', '.join(f'{a}/{b}' for a, b in info['pairs'])}, both ways); "
+                     f"{info['samples_per_row']} samples per row, {info['steps']} steps")
+    print_case_table(q["negative_only"], "d′ rate", "negative_rate",
+                     f'negative only: prompt "", negative a handwritten d′, d′ = 0–9 cycling; '
+                     f"{only['samples_per_row']} samples per row, {only['steps']} steps",
+                     caption="d′ rate: fraction the digit classifier labels d′; lower = the "
+                             "negative works (CFG without it is unguided here)")
+
+
+def print_case_table(q: dict, column: str, key: str, title: str,
+                     caption: str | None = None) -> None:
+    """One case set's rows; `key` (shown as `column`) is its first score column."""
     from rich.table import Table
 
     from agd_cli.bench_report import console
 
-    info = q["settings"]
-    t = Table(title=f"negative prompts: prompt digit d, negative a close digit d′ "
-                    f"({', '.join(f'{a}/{b}' for a, b in info['pairs'])}, both ways); "
-                    f"{info['samples_per_row']} samples per row, {info['steps']} steps")
-    for col in ("method", "ω", "accuracy", "P(d′)", "mean log P(d′)", "PSNR vs CFG + neg",
-                "NFE/img"):
+    t = Table(title=title, caption=caption)
+    for col in ("method", "ω", column, "P(d′)", "mean log P(d′)", "PSNR vs CFG + neg", "NFE/img"):
         t.add_column(col, justify="left" if col == "method" else "right")
     rows = [(LABELS["unguided"], "1", q["unguided"])]
     rows += [(LABELS[label], w, e) for w, es in q["by_omega"].items() for label, e in es.items()]
     for label, w, e in rows:
         p = e.get("psnr_vs_cfg_negative")
-        t.add_row(label, w, f"{e['accuracy']:.3f}", f"{e['negative_probability']:.4f}",
+        t.add_row(label, w, f"{e[key]:.3f}", f"{e['negative_probability']:.4f}",
                   f"{e['negative_log_probability']:.2f}", "—" if p is None else f"{p:.2f} dB",
                   str(e["nfe"]))
     console().print(t)

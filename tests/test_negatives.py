@@ -22,6 +22,7 @@ from tests.test_generate import agd
 STEPS = 4
 NEGATIVES = ["blurry", "a watermark"]
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of fruit"]
+METHOD_ORDER = ("cfg", "cfg-negative", "agd-negative", "agd")
 
 
 @pytest.fixture(autouse=True)
@@ -250,8 +251,9 @@ def test_bench_compares_agd_and_cfg_with_the_same_negative(run):
     assert r["methods"]["agd"]["nfe"] == STEPS and r["methods"]["cfg"]["nfe"] == 2 * STEPS
 
 
-def test_bench_negatives_table_on_mnist(tmp_path):
+def test_bench_negatives_table_on_mnist(tmp_path, capsys):
     from agd_cli.bench import run_bench
+    from agd_cli.negative_bench import print_negatives_table
 
     den = load_denoiser(load_preset("mnist"), "cpu")
     path = tmp_path / "mnist" / "adapter.safetensors"
@@ -259,15 +261,42 @@ def test_bench_negatives_table_on_mnist(tmp_path):
                            "negatives": True})
     den.new_adapters(cfg).save(path, den.adapter_metadata(train_steps=0))
     r = run_bench(preset="mnist", negatives=True, quality_samples=8, quality_batch=8,
-                  omegas=["3"], workdir=str(tmp_path), threads=1, steps=2, n=1, show_table=False)
+                  quality_seed=10, omegas=["3"], workdir=str(tmp_path), threads=1, steps=2, n=1,
+                  show_table=False)
     q = r["negatives"]
     assert q["settings"]["samples_per_row"] == 8 and q["unguided"]["nfe"] == 2
+    assert q["settings"]["seeds"] == [10, 17]  # sample i uses seed quality_seed + i
     rows = q["by_omega"]["3"]
     assert set(rows) == {"cfg", "cfg-negative", "agd-negative", "agd"}
-    assert [rows[m]["nfe"] for m in ("cfg", "cfg-negative", "agd-negative", "agd")] == [4, 4, 2, 2]
+    assert [rows[m]["nfe"] for m in METHOD_ORDER] == [4, 4, 2, 2]
     for m, e in rows.items():
         assert 0 <= e["accuracy"] <= 1 and 0 <= e["negative_probability"] <= 1
         assert ("psnr_vs_cfg_negative" in e) == (m != "cfg-negative")
     assert math.isfinite(rows["agd"]["psnr_vs_cfg_negative"])
     # the negative changes CFG's images: CFG without it is not identical to CFG with it
     assert rows["cfg"]["psnr_vs_cfg_negative"] < 100
+
+    check_negative_only(q["negative_only"])
+    print_negatives_table(q)
+    err = capsys.readouterr().err
+    assert "close digit d′" in err and 'negative only: prompt ""' in err and "lower = the" in err
+
+
+def check_negative_only(only: dict) -> None:
+    """Prompt "", negative "a handwritten d′" (d′ = i % 10): rates and probabilities of d′."""
+    assert only["settings"]["samples_per_row"] == 8 and only["settings"]["seeds"] == [10, 17]
+    assert only["settings"]["prompt"] == "" and set(only["by_omega"]) == {"3"}
+    rows = only["by_omega"]["3"]
+    assert set(rows) == {"cfg", "cfg-negative", "agd-negative", "agd"}
+    assert [only["unguided"]["nfe"]] + [rows[m]["nfe"] for m in METHOD_ORDER] == [2, 4, 4, 2, 2]
+    for m, e in [("unguided", only["unguided"]), *rows.items()]:
+        assert "accuracy" not in e and 0 <= e["negative_rate"] <= 1
+        assert 0 < e["negative_probability"] <= 1 and e["negative_log_probability"] < 0
+        assert ("psnr_vs_cfg_negative" in e) == (m not in ("unguided", "cfg-negative"))
+    # same noise and prompt "" on both of CFG's branches: CFG without the negative is unguided
+    cfg, unguided = rows["cfg"], only["unguided"]
+    assert cfg["negative_rate"] == unguided["negative_rate"]
+    assert abs(cfg["negative_probability"] - unguided["negative_probability"]) < 1e-6
+    assert math.isclose(cfg["negative_log_probability"], unguided["negative_log_probability"],
+                        rel_tol=1e-5)
+    assert rows["cfg"]["psnr_vs_cfg_negative"] < 100  # the negative changes CFG's images
