@@ -131,6 +131,14 @@ def _worker_device(device: str | None, num: int, state) -> str | None:
     return device
 
 
+def preset_num_per_prompt(p: Preset, negatives: bool) -> int:
+    """The preset's trajectories per prompt; with a negatives list its
+    `num_per_prompt_with_negatives` where it has one (a negative is one more input to learn)."""
+    if negatives and "num_per_prompt_with_negatives" in p.collect:
+        return p.collect["num_per_prompt_with_negatives"]
+    return p.collect["num_per_prompt"]
+
+
 def resolve_settings(f: CollectFlags) -> CollectSettings:
     """Check every flag against the preset (flag > preset > default); nothing loads or is written."""
     from agd_cli.families.weights import with_base_model
@@ -149,8 +157,8 @@ def resolve_settings(f: CollectFlags) -> CollectSettings:
     if keep > steps:
         raise InputError(f"--keep-steps {keep} is more than the {steps} sampling steps",
                          hint=f"use --keep-steps {steps} (all) or fewer, or raise --steps")
-    npp = checks.integer("--num-per-prompt",
-                         p.collect["num_per_prompt"] if num_per_prompt is None else num_per_prompt)
+    npp = checks.integer("--num-per-prompt", preset_num_per_prompt(p, bool(negatives))
+                         if num_per_prompt is None else num_per_prompt)
     batch = checks.integer("--batch-size", p.collect["batch_size"] if batch_size is None else batch_size)
     lo, hi = checks.omega_range(p.sampling["omega_min"] if f.omega_min is None else f.omega_min,
                                 p.sampling["omega_max"] if f.omega_max is None else f.omega_max)

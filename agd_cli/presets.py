@@ -112,8 +112,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "omega_gain": _bool,
     },
     "collect": {
-        "num_per_prompt": _pos_int, "batch_size": _pos_int, "keep_steps": _pos_int,
-        "dtype": _one_of(DTYPES), "negative_prompts": _str,
+        "num_per_prompt": _pos_int, "num_per_prompt_with_negatives": _pos_int,
+        "batch_size": _pos_int, "keep_steps": _pos_int, "dtype": _one_of(DTYPES),
+        "negative_prompts": _str,
         "empty_negative_probability": _probability,
     },
     "train": {

@@ -300,3 +300,32 @@ def check_negative_only(only: dict) -> None:
     assert math.isclose(cfg["negative_log_probability"], unguided["negative_log_probability"],
                         rel_tol=1e-5)
     assert rows["cfg"]["psnr_vs_cfg_negative"] < 100  # the negative changes CFG's images
+
+
+def test_preset_budget_for_negatives_applies_only_with_a_list(tmp_path):
+    """`num_per_prompt_with_negatives` (mnist: 32) replaces `num_per_prompt` (16) when a negatives
+    list is given; --num-per-prompt still wins; presets without the key keep num_per_prompt."""
+    from agd_cli.collect_plan import CollectFlags, resolve_settings
+
+    neg = write_lines(tmp_path / "neg.txt", ["a handwritten 1", "blurry"])
+    plan = lambda **kw: resolve_settings(CollectFlags(out=str(tmp_path / "run"), **kw))  # noqa: E731
+    mnist = load_preset("mnist")
+    assert mnist.collect["num_per_prompt"] == 16 and mnist.collect["num_per_prompt_with_negatives"] == 32
+    assert plan(preset="mnist").num_per_prompt == 16
+    assert plan(preset="mnist", negative_prompts=neg).num_per_prompt == 32
+    assert plan(preset="mnist", negative_prompts=neg, num_per_prompt=5).num_per_prompt == 5
+    assert plan(preset="tiny-sd", negative_prompts=neg).num_per_prompt == \
+        load_preset("tiny-sd").collect["num_per_prompt"]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_preset_budget_for_negatives_is_checked(tmp_path):
+    from agd_cli.errors import InputError
+    from agd_cli.presets import load_preset as load
+
+    bad = tmp_path / "bad.toml"
+    text = (Path(__file__).resolve().parents[1] / "presets" / "mnist.toml").read_text(encoding="utf-8")
+    bad.write_text(text.replace("num_per_prompt_with_negatives = 32",
+                                "num_per_prompt_with_negatives = 0"), encoding="utf-8")
+    with pytest.raises(InputError, match="num_per_prompt_with_negatives"):
+        load(str(bad))

@@ -20,7 +20,9 @@ from agd_cli.commands import DEVICE_HELP, common_options
               help="Class-conditional (DiT) presets: 'all', a range '0-9' or a list '1,5,7'.")
 @click.option("--out", default=None, metavar="DIR",
               help="Run folder (trajectories go to DIR/trajectories); default: WORKDIR/<preset>.")
-@click.option("--num-per-prompt", type=int, default=None, help="Trajectories per prompt.")
+@click.option("--num-per-prompt", type=int, default=None,
+              help="Trajectories per prompt [preset; with --negative-prompts its "
+                   "num_per_prompt_with_negatives where set].")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the preset's).")
 @click.option("--keep-steps", type=int, default=None,
               help="Steps stored per trajectory, spread over the run (default: all, up to the "
