@@ -112,12 +112,10 @@ class SharedConditioning(nn.Module):
                              hint="pass the negative (or the empty prompt's / null class's) "
                                   "condition, as agd generate and agd_cli.api do")
         mark = lambda x: self.negative_proj(x) + self.negative_type  # noqa: E731
-        vec = self._cond_vector(negative, batch, like)
-        if self.kind == "offset":
-            return None, mark(vec)
-        if self.token_proj is not None and negative.get("tokens") is not None:
+        if self.kind != "offset" and self.token_proj is not None and negative.get("tokens") is not None:
             return mark(self.token_proj(negative["tokens"].to(like.dtype))), torch.zeros_like(like)
-        return mark(vec)[:, None], torch.zeros_like(like)
+        vec = mark(self._cond_vector(negative, batch, like))  # only where it is used
+        return (None, vec) if self.kind == "offset" else (vec[:, None], torch.zeros_like(like))
 
     TIME_TOKEN = 1  # context tokens: [ω, t, condition..., negative...]; only t changes per step
 

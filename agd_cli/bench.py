@@ -432,14 +432,18 @@ def run_bench(flags: BenchFlags | None = None, /, **kwargs) -> dict:
             from agd_cli.bench_report import print_table
 
             print_table(report)
+        if plan.quality or plan.negatives:  # one digit classifier for both tables
+            from agd_cli.mnist import load_evaluator
+
+            evaluator = load_evaluator(den.device)
         if plan.quality:
             from agd_cli.quality import run_quality
 
-            report["quality"] = run_quality(den, plan, show_table=show_table)
+            report["quality"] = run_quality(den, plan, show_table, evaluator)
         if plan.negatives:
             from agd_cli.negative_bench import run_negatives
 
-            report["negatives"] = run_negatives(den, plan, show_table=show_table)
+            report["negatives"] = run_negatives(den, plan, show_table, evaluator)
     report["report"] = str(plan.out_dir / "compare-cfg.json")
     write_json(plan.out_dir / "compare-cfg.json", report)
     return report

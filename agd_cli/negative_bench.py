@@ -66,10 +66,10 @@ def score(evaluator, images, digits: list[int] | None, negative_digits: list[int
     from agd_cli.metrics import psnr
 
     log_probs = evaluator.logits(images).log_softmax(dim=1)  # (N, 10)
-    neg = torch.tensor(negative_digits)
-    log_p_neg = log_probs[torch.arange(len(negative_digits)), neg]
-    out = ({"accuracy": evaluator.accuracy(images, digits)} if digits is not None
-           else {"negative_rate": float((log_probs.argmax(dim=1).cpu() == neg).float().mean())})
+    log_p_neg = log_probs[torch.arange(len(negative_digits)), torch.tensor(negative_digits)]
+    # no prompted digit: the same classifier rate, of d′ (lower = the negative works)
+    key, labels = ("accuracy", digits) if digits is not None else ("negative_rate", negative_digits)
+    out = {key: evaluator.accuracy(images, labels)}
     # the mean probability is dominated by a few confused images; the mean log-probability
     # also shows how far the confident ones are pushed away from d′
     out.update(negative_probability=float(log_p_neg.exp().mean()),
@@ -111,14 +111,14 @@ def run_case_set(den, plan, evaluator, cases: CaseSet, settings: dict, advance) 
                          "adapter_trained_with_negatives": den.adapters.wants_negative}}
 
 
-def run_negatives(den, plan, show_table: bool = True) -> dict:
+def run_negatives(den, plan, show_table: bool = True, evaluator=None) -> dict:
     """Both negative-prompt tables: every method on the same seeds, at each of plan.negative_omegas.
     The close-pair set is the top level; the negative-only set is under "negative_only"."""
     from agd_cli import mnist
 
     if not den.adapters.wants_negative:
         ui.warn("this adapter was trained without negatives: 'agd + negative' ignores the negative")
-    evaluator = mnist.load_evaluator(den.device)
+    evaluator = mnist.load_evaluator(den.device) if evaluator is None else evaluator
     n = plan.quality_samples
     sets = ((negative_cases(n), {"pairs": [list(p) for p in CLOSE_PAIRS], "both_ways": True,
                                  "prompt": "a handwritten d", "negative": "a handwritten d′"}),

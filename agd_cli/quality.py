@@ -58,11 +58,11 @@ def sample_for_quality(den, method: str, omega: float, prompts: list, plan: Benc
     return torch.cat(out), seconds / len(prompts), got.nfe
 
 
-def run_quality(den, plan: BenchPlan, show_table: bool = True) -> dict:
+def run_quality(den, plan: BenchPlan, show_table: bool = True, evaluator=None) -> dict:
     """Accuracy and digit FID of unguided, CFG and agd samples at each ω (mnist evaluator)."""
     from agd_cli import mnist
 
-    evaluator = mnist.load_evaluator(den.device)
+    evaluator = mnist.load_evaluator(den.device) if evaluator is None else evaluator
     prompts = [mnist.PROMPTS[i % len(mnist.PROMPTS)] for i in range(plan.quality_samples)]
     digits = [mnist.digit_of(p) for p in prompts]
     jobs = [("unguided", 1.0)] + [(m, w) for w in plan.quality_omegas for m in ("cfg", "agd")]
