@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from agd_cli import ui
 
 if TYPE_CHECKING:
-    from agd_cli.bench import BenchPlan, Case
+    from agd_cli.bench import Case
+    from agd_cli.bench_plan import BenchPlan
 
 GRID_COLUMNS = {"cfg": "CFG", "agd": "agd", "unguided": "unguided", "cfg-cutoff": "CFG cutoff"}
 MIN_CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from agd_cli import ui
 from agd_cli.errors import DataError
 from agd_cli.io import read_json, save_tensors, write_json
+from agd_cli.train_settings import lr_at
 
 FORMAT = "agd-checkpoint/1"
 DAMAGED = "damaged"  # unreadable checkpoints are moved here on resume
@@ -238,8 +239,6 @@ class RunCheckpoints:
 
     def save(self) -> None:
         """Checkpoint the complete training state (main process writes, the others wait)."""
-        from agd_cli.train import lr_at  # train.py holds the schedule and imports this module
-
         tr, s = self.tr, self.tr.s
         if tr.main:
             scaler = tr.update.scaler

@@ -30,7 +30,7 @@ from agd_cli import checks
 from agd_cli.errors import ModelError
 
 if TYPE_CHECKING:
-    from agd_cli.bench import BenchFlags
+    from agd_cli.bench_plan import BenchFlags
 
 
 def measure_train_step(preset_name: str, precision: str = "bf16", optimizer: str = "adamw8bit",

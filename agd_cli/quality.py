@@ -14,7 +14,7 @@ from agd_cli import ui
 from agd_cli.errors import DataError, InputError
 
 if TYPE_CHECKING:
-    from agd_cli.bench import BenchPlan
+    from agd_cli.bench_plan import BenchPlan
 
 QUALITY_OMEGAS = (2.0, 4.0, 6.0, 8.0)
 QUALITY_PRESETS = ("mnist",)  # presets that ship an evaluator (agd_cli.mnist)

@@ -6,10 +6,11 @@ honestly on held-out trajectories against the no-adapter baseline (the base's co
 prediction), and every `checkpoint_every` steps the complete training state is written so a
 killed run continues exactly where it stopped.
 
-Here: the settings, the learning-rate schedule, the loop (`Trainer`) and the stage's entry
-point. Elsewhere: the optimizer step (step.py, shared with `agd bench --memory`), saving and
-resuming (checkpoint.py's RunCheckpoints), the metrics log, previews and the adapter file
-(train_output.py), and finding the collections and loading the base (train_setup.py).
+Here: the loop (`Trainer`) and the stage's entry point. Elsewhere: the settings, the
+learning-rate schedule and the ω loss weight (train_settings.py), the optimizer step (step.py,
+shared with `agd bench --memory`), saving and resuming (checkpoint.py's RunCheckpoints), the
+metrics log, previews and the adapter file (train_output.py), and finding the collections and
+loading the base (train_setup.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from agd_cli.checkpoint import RunCheckpoints
 from agd_cli.data import ShuffledSampler, TrajectoryData
 from agd_cli.errors import DataError, InputError, Interrupted
 from agd_cli.locks import run_lock
-from agd_cli.presets import AdapterConfig, Preset
+from agd_cli.presets import Preset
 from agd_cli.step import AdapterStep, make_optimizer
 from agd_cli.train_output import (
     Previews,
@@ -39,6 +39,7 @@ from agd_cli.train_output import (
     run_summary,
     write_adapter,
 )
+from agd_cli.train_settings import TrainSettings, lr_at, omega_loss_weight
 from agd_cli.train_setup import (
     locate,
     prepare_denoiser,
@@ -51,108 +52,10 @@ MAX_VAL_SAMPLES = 512  # validation cost stays bounded on big collections
 # must match to resume; --steps may grow (the schedule then stretches), precision may change
 RESUME_KEYS = ("preset", "adapter", "seed", "batch_size", "grad_accum", "lr", "optimizer",
                "val_fraction", "weight_decay", "omega_loss_power", "data")
-# below this ω − 1 the loss weight stops growing: targets are stored in fp16, so the error of an
-# adapter whose output is scaled by (ω − 1) ≈ 0 is storage noise, not signal
-OMEGA_WEIGHT_FLOOR = 0.5
 IDENTITY_DEFAULTS = {"omega_loss_power": 0.0}  # keys added later: what older checkpoints used
 # adapter settings added later that do not change training: a checkpoint from before them resumes
 # (omega_range only clamps the ω embedding beyond the range, and training stays inside it)
 ADAPTER_KEYS_ADDED_LATER = ("omega_range",)
-
-
-@dataclass
-class TrainSettings:
-    """Training hyper-parameters: the preset's [train] section, flags winning."""
-
-    steps: int
-    batch_size: int
-    grad_accum: int
-    lr: float
-    optimizer: str
-    precision: str
-    gradient_checkpointing: bool
-    val_fraction: float
-    checkpoint_every: int
-    keep_checkpoints: int
-    preview_every: int
-    warmup_steps: int
-    weight_decay: float
-    omega_loss_power: float
-    seed: int
-    adapter: AdapterConfig
-
-    @classmethod
-    def resolve(cls, preset: Preset, flags: dict) -> TrainSettings:
-        """Preset defaults overridden by the flags that were given; every value checked."""
-        t = dict(preset.train)
-        for key in ("steps", "batch_size", "grad_accum", "lr", "optimizer", "precision",
-                    "gradient_checkpointing", "val_fraction", "checkpoint_every",
-                    "keep_checkpoints", "preview_every"):
-            if flags.get(key) is not None:
-                t[key] = flags[key]
-        adapter = AdapterConfig(**preset.adapter.to_dict())
-        if flags.get("adapter_kind"):
-            adapter.kind = flags["adapter_kind"]
-        s = cls(steps=t["steps"], batch_size=t["batch_size"], grad_accum=t["grad_accum"],
-                lr=float(t["lr"]), optimizer=t["optimizer"], precision=t["precision"],
-                gradient_checkpointing=bool(t["gradient_checkpointing"]),
-                val_fraction=float(t["val_fraction"]), checkpoint_every=t["checkpoint_every"],
-                keep_checkpoints=t["keep_checkpoints"], preview_every=t["preview_every"],
-                # a short run (e.g. a smoke test) still reaches the peak learning rate
-                warmup_steps=min(t["warmup_steps"], max(t["steps"], 0) // 2),
-                weight_decay=float(t["weight_decay"]),
-                omega_loss_power=float(t.get("omega_loss_power", 0.0)),
-                seed=int(flags.get("seed") or 0),
-                adapter=adapter)
-        s.check()
-        return s
-
-    def check(self) -> None:
-        """Refuse values that cannot train, naming the flag and the value."""
-        for flag, value, minimum, example in (
-                ("--steps", self.steps, 1, "--steps 2000"),
-                ("--batch-size", self.batch_size, 1, "--batch-size 8"),
-                ("--grad-accum", self.grad_accum, 1, "--grad-accum 4"),
-                ("--checkpoint-every", self.checkpoint_every, 1, "--checkpoint-every 500"),
-                ("--keep-checkpoints", self.keep_checkpoints, 1, "--keep-checkpoints 2"),
-                ("--preview-every", self.preview_every, 0, "--preview-every 0 (off)"),
-                ("--seed", self.seed, 0, "--seed 0")):
-            checks.integer(flag, value, minimum, example)
-        checks.number("--lr", self.lr, example="--lr 1e-4")
-        checks.number("--val-fraction", self.val_fraction, 0, 1, low_open=False, high_open=True,
-                      example="--val-fraction 0.1")
-        checks.optimizer(self.optimizer)
-        checks.dtype(self.precision, "precision")
-
-    def describe(self) -> dict:
-        """The settings as JSON-able values (for checkpoints)."""
-        d = asdict(self)
-        d["adapter"] = self.adapter.to_dict()
-        return d
-
-
-def omega_loss_weight(omega: torch.Tensor, power: float,
-                      omega_range: list[float] | None) -> torch.Tensor:
-    """Per-sample loss weight max(ω − 1, floor)^−power, scaled to mean 1 over U[omega_range].
-
-    The adapters' output is multiplied by (ω − 1), so plain L2 weighs an error of their output
-    by (ω − 1)²: training then serves high ω and leaves low ω under-fit. power 2 weighs every ω
-    alike relative to its guidance term; the constant does not depend on the batch, so the loss
-    is the same however a batch is split across processes."""
-    def raw(w: torch.Tensor) -> torch.Tensor:
-        return (w.double() - 1).clamp_min(OMEGA_WEIGHT_FLOOR).pow(-power)
-
-    lo, hi = omega_range or (float(omega.min()), float(omega.max()))
-    mean = raw(torch.linspace(lo, hi, 1001)).mean()
-    return (raw(omega) / mean).float()
-
-
-def lr_at(step: int, s: TrainSettings) -> float:
-    """Linear warmup, then cosine decay to zero over the remaining steps."""
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
-    return s.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 class Trainer:

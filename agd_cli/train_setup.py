@@ -18,7 +18,7 @@ from agd_cli.errors import DataError, InputError
 from agd_cli.presets import Preset
 
 if TYPE_CHECKING:
-    from agd_cli.train import TrainSettings
+    from agd_cli.train_settings import TrainSettings
 
 
 def locate(run: str | None, data: tuple | list, workdir: str) -> tuple[Path, list[Path]]:

@@ -244,7 +244,7 @@ def test_bench_reads_a_presets_prompt_file_like_collect(tmp_path):
     the path string (the bug: bench used the path itself as a prompt)."""
     import dataclasses
 
-    from agd_cli.bench import bench_prompts
+    from agd_cli.bench_plan import bench_prompts
     from agd_cli.presets import load_preset
     from agd_cli.prompts import load_prompt_set
 

@@ -207,7 +207,7 @@ def test_adapter_files_with_and_without_a_trained_range_load(den, tmp_path):
 
 
 def test_omega_loss_weight_is_mean_one_and_favours_low_omega():
-    from agd_cli.train import OMEGA_WEIGHT_FLOOR, omega_loss_weight
+    from agd_cli.train_settings import OMEGA_WEIGHT_FLOOR, omega_loss_weight
 
     grid = torch.linspace(1.0, 6.0, 1001)
     assert torch.equal(omega_loss_weight(grid, 0.0, [1.0, 6.0]), torch.ones_like(grid))

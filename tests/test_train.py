@@ -123,7 +123,8 @@ def test_gap_closed_tiny_dit_via_cli(run_of, capsys):
 def test_base_bit_identical_and_grads_flow_with_checkpointing(run_of):
     """Training touches only the adapters; gradient checkpointing still lets grads reach them."""
     from agd_cli.data import TrajectoryData
-    from agd_cli.train import Trainer, TrainSettings, prepare_denoiser, recorded_preset
+    from agd_cli.train import Trainer, prepare_denoiser, recorded_preset
+    from agd_cli.train_settings import TrainSettings
 
     run = run_of("tiny-sd")
     roots = [run / "trajectories"]
@@ -166,7 +167,8 @@ def test_memory_measures_the_step_train_takes(run_of):
     from agd_cli.data import ShuffledSampler, TrajectoryData
     from agd_cli.memory import train_step_of
     from agd_cli.step import make_optimizer
-    from agd_cli.train import Trainer, TrainSettings, lr_at, prepare_denoiser, recorded_preset
+    from agd_cli.train import Trainer, prepare_denoiser, recorded_preset
+    from agd_cli.train_settings import TrainSettings, lr_at
 
     run = run_of("tiny-dit")
     roots = [run / "trajectories"]
