@@ -29,6 +29,7 @@ from agd_cli.locks import run_lock, worker_lock_name
 from agd_cli.presets import Preset
 from agd_cli.trajectories import (
     keep_indices,
+    trajectory_negative_only,
     trajectory_negatives,
     trajectory_omegas,
     trajectory_seed,
@@ -57,8 +58,10 @@ def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> 
             f"{s.keep_steps} of {s.steps} {s.scheduler} steps kept · "
             f"ω ~ U[{s.omega_min:g}, {s.omega_max:g}] · seed {s.seed}")
     if s.negatives:
+        alone = (f"; {s.negative_only_probability:g} of those with a negative have no prompt"
+                 if s.negative_only_probability else "")
         ui.info(f"negatives: {len(s.negatives)} from {s.negative_source}, the empty prompt with "
-                f"probability {s.empty_negative_probability:g}")
+                f"probability {s.empty_negative_probability:g}{alone}")
     shape = "×".join(map(str, est["latent_shape"] or ["?"]))
     ui.info(f"disk: ~{human_bytes(need)} needed ({human_bytes(est['bytes'])} per trajectory: "
             f"2 × {s.keep_steps} × {shape} fp16), {human_bytes(free)} free at {store.root}")
@@ -129,13 +132,12 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
     from agd_cli.sampling import initial_noise, sample
 
     b = len(ids)
-    prompt_index = torch.tensor([i // s.num_per_prompt for i in ids])
-    distinct = sorted(set(prompt_index.tolist()))
-    cond_row = torch.tensor([distinct.index(p) for p in prompt_index.tolist()])
-    shard_cond = cond_select(table, torch.tensor([row_of[p] for p in distinct]))  # (U, ...)
-    cond = cond_select(shard_cond, cond_row)                                      # (B, ...)
     # CFG's unconditional branch: the trajectory's negative, else the null condition (row 0)
     negative_index = trajectory_negatives(s.seed, ids, len(s.negatives), s.empty_negative_probability)
+    alone = trajectory_negative_only(s.seed, ids, negative_index, s.negative_only_probability)
+    prompt_index = torch.tensor([i // s.num_per_prompt for i in ids]).masked_fill(alone, -1)
+    shard_cond, cond_row = _shard_conditions(table, row_of, uncond, prompt_index)
+    cond = cond_select(shard_cond, cond_row)                                      # (B, ...)
     used = sorted({0, *(negative_index + 1).tolist()})
     uncond_row = torch.tensor([used.index(r) for r in (negative_index + 1).tolist()])
     shard_uncond = cond_select(uncond, torch.tensor(used))                         # (V, ...)
@@ -168,6 +170,22 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
             "uncond_row": uncond_row, "negative_index": negative_index,
             **{f"cond.{k}": v for k, v in shard_cond.items()},
             **{f"uncond.{k}": v for k, v in shard_uncond.items()}}
+
+
+def _shard_conditions(table: dict, row_of: dict[int, int], uncond: dict, prompt_index):
+    """(each distinct prompt's condition (U, ...), each trajectory's row in it): prompt index -1,
+    the empty prompt of a negative-only trajectory, is the null condition, stored last."""
+    import torch
+
+    from agd_cli.families import cond_cat, cond_select
+
+    distinct = sorted(p for p in set(prompt_index.tolist()) if p >= 0)
+    parts = [cond_select(table, torch.tensor([row_of[p] for p in distinct]))] if distinct else []
+    if (prompt_index < 0).any():
+        parts.append(cond_select(uncond, torch.tensor([0])))
+        distinct.append(-1)
+    cond_row = torch.tensor([distinct.index(p) for p in prompt_index.tolist()])
+    return cond_cat(parts), cond_row
 
 
 def shard_tag(s: CollectSettings, first_id: int) -> str:
@@ -327,6 +345,7 @@ def _summary(s: CollectSettings, store, m: dict, new: int, seconds: float, atten
             "seed": s.seed, "dtype": s.dtype, "attention": attention,
             "negative_prompts": len(s.negatives),
             "empty_negative_probability": s.empty_negative_probability,
+            "negative_only_probability": s.negative_only_probability,
             "collect_seconds": round(seconds, 3), "wall_seconds": round(wall, 3),
             "trajectories_per_s": round(new / seconds, 4) if seconds else None,
             "steps_per_s": round(new * s.steps / seconds, 2) if seconds else None}

@@ -40,6 +40,7 @@ class CollectFlags:
     base_model: str | None = None
     negative_prompts: str | None = None
     empty_negative_probability: float | None = None
+    negative_only_probability: float | None = None
 
 
 @dataclass
@@ -68,6 +69,8 @@ class CollectSettings:
     negatives: list = field(default_factory=list)  # CFG's unconditional branch, besides ""
     negative_source: str | None = None
     empty_negative_probability: float = 1.0  # share of trajectories that keep the empty prompt
+    # share of the trajectories with a negative whose prompt is the empty prompt (null condition)
+    negative_only_probability: float = 0.0
 
     @property
     def scheduler(self) -> str:
@@ -88,7 +91,8 @@ class CollectSettings:
                 # None without negatives: collections from before negatives existed still resume
                 "negatives_sha256": prompts_sha256(self.negatives) if self.negatives else None,
                 "empty_negative_probability":
-                    self.empty_negative_probability if self.negatives else None}
+                    self.empty_negative_probability if self.negatives else None,
+                "negative_only_probability": self.negative_only_probability or None}
 
 
 # --- 1. inputs ---------------------------------------------------------------------------------
@@ -178,7 +182,18 @@ def resolve_settings(f: CollectFlags) -> CollectSettings:
                         dtype, index, num, run, overwrite, state)
     s.ids = worker_ids(len(prompt_list), npp, index, num)
     s.negatives, s.negative_source, s.empty_negative_probability = negatives, negative_source, empty_p
+    s.negative_only_probability = resolve_negative_only(p, f.negative_only_probability,
+                                                        bool(negatives))
     return s
+
+
+def resolve_negative_only(p: Preset, flag: float | None, negatives: bool) -> float:
+    """--negative-only-probability, else the preset's; 0 without negatives (nothing to pair)."""
+    value = p.collect["negative_only_probability"] if flag is None else flag
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise InputError(f"--negative-only-probability must be from 0 to 1, got {value!r}",
+                         hint="e.g. 0.1: one in ten trajectories with a negative has no prompt")
+    return float(value) if negatives else 0.0
 
 
 # --- 2. plan -----------------------------------------------------------------------------------

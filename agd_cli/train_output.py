@@ -141,5 +141,6 @@ def negatives_metadata(data, adapter) -> dict:
     return {"negatives": {
         "negative_prompts": [n for c in configs for n in c["negative_prompts"]],
         "negative_source": ", ".join(str(c.get("negative_source")) for c in configs),
-        "empty_negative_probability": configs[0].get("empty_negative_probability")}}
+        "empty_negative_probability": configs[0].get("empty_negative_probability"),
+        "negative_only_probability": configs[0].get("negative_only_probability") or 0.0}}
 

@@ -9,9 +9,11 @@ Tensors of a shard with N trajectories of K kept steps (fp16 unless noted):
     x (N, K, C, H, W)          model input x_t at each kept step
     target (N, K, C, H, W)     CFG-guided model output ε̃ (or ṽ) at that step
     timesteps (N, K) int64     omega (N,) float32
-    prompt_index (N,) int64    trajectory_id (N,) int64
+    prompt_index (N,) int64    trajectory_id (N,) int64; prompt_index -1: the empty prompt
     cond_row (N,) int64        row of this trajectory's condition in the cond.* tensors
-    cond.<key> (U, ...)        condition of each distinct prompt in the shard (stored once)
+    cond.<key> (U, ...)        condition of each distinct prompt in the shard (stored once);
+                               the null condition last where a trajectory pairs its negative
+                               with the empty prompt (--negative-only-probability)
     uncond.<key> (V, ...)      CFG's unconditional branch: row 0 the null condition (empty
                                prompt / null class), then each distinct negative of the shard
     uncond_row (N,) int64      row of this trajectory's unconditional branch (absent in shards
@@ -36,7 +38,7 @@ from agd_cli.io import atomic_path, read_json, save_tensors, write_json
 DAMAGED = "damaged"  # where resume moves shards that fail their checksum
 IDENTITY_KEYS = ("preset", "base_model", "prompts_sha256", "seed", "steps", "keep_steps",
                  "omega_min", "omega_max", "num_per_prompt", "scheduler", "negatives_sha256",
-                 "empty_negative_probability")
+                 "empty_negative_probability", "negative_only_probability")
 
 
 def sha256_file(path: Path) -> str:
@@ -237,6 +239,18 @@ def trajectory_negatives(seed: int, ids: list[int], count: int, empty_probabilit
         empty = count == 0 or torch.rand(1, generator=g).item() < empty_probability
         out.append(-1 if empty else int(torch.randint(count, (1,), generator=g)))
     return torch.tensor(out, dtype=torch.long)
+
+
+def trajectory_negative_only(seed: int, ids: list[int], negative_index, probability: float):
+    """Which trajectories pair their negative with the empty prompt instead of their prompt:
+    (N,) bool, True only where there is a negative, from per-id seeded generators."""
+    import torch
+
+    draws = [torch.rand(1, generator=torch.Generator().manual_seed(
+        trajectory_seed(seed, i, "negative-only"))).item() for i in ids]
+    return torch.tensor([n >= 0 and u < probability
+                         for n, u in zip(negative_index.tolist(), draws, strict=True)],
+                        dtype=torch.bool)
 
 
 def worker_ids(num_prompts: int, num_per_prompt: int, index: int, num: int) -> list[int]:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from agd_cli.collect import run_collect
 from agd_cli.data import TrajectoryData
+from agd_cli.errors import DataError
 from agd_cli.families import load_denoiser, load_with_adapters
 from agd_cli.presets import AdapterConfig, load_preset
 from agd_cli.train import run_train
@@ -105,6 +106,48 @@ def test_dit_collection_with_negative_classes(tmp_path):
         out = den.predict_cfg(t["x"][n, 1:2].float(), t["timesteps"][n, 1], cond,
                               {"class_labels": labels[n].view(1)}, t["omega"][n].view(1))
         torch.testing.assert_close(out, t["target"][n, 1:2].float(), atol=3e-3, rtol=3e-3)
+
+
+def test_negative_only_trajectories_pair_the_negative_with_the_empty_prompt(tmp_path):
+    """--negative-only-probability 1: every trajectory with a negative has the null condition as
+    its prompt (prompt_index -1), the target is CFG of that pair; those without keep their
+    prompt. The same collection resumes; a different probability is a different collection."""
+    common = dict(prompts=write_lines(tmp_path / "p.txt", PROMPTS[:2]), num_per_prompt=4,
+                  steps=2, batch_size=8, seed=5, out=str(tmp_path / "run"),
+                  negative_prompts=write_lines(tmp_path / "neg.txt", NEGATIVES),
+                  empty_negative_probability=0.5)
+    s = run_collect("tiny-sd", negative_only_probability=1.0, **common)
+    assert s["negative_only_probability"] == 1.0
+    manifest = TrajectoryStore(tmp_path / "run" / "trajectories").manifest()["config"]
+    assert manifest["negative_only_probability"] == 1.0
+    den = load_denoiser(load_preset("tiny-sd"), device="cpu")
+    null = den.encode_null(1)["prompt_embeds"]
+    prompts = {i: den.encode([p])["prompt_embeds"] for i, p in enumerate(PROMPTS[:2])}
+    (t,) = shard_tensors(tmp_path / "run")
+    negative = t["negative_index"] >= 0
+    assert negative.any() and (~negative).any()  # both kinds at this seed
+    assert ((t["prompt_index"] < 0) == negative).all()
+    for n in range(len(t["trajectory_id"])):
+        row = int(t["cond_row"][n])
+        cond = {"prompt_embeds": t["cond.prompt_embeds"][row:row + 1]}
+        p = int(t["prompt_index"][n])
+        expected = null if p < 0 else prompts[p]
+        torch.testing.assert_close(cond["prompt_embeds"].float(), expected, atol=2e-3, rtol=2e-3)
+        uncond = {"prompt_embeds": t["uncond.prompt_embeds"][int(t["uncond_row"][n])][None]}
+        x, ts, omega = t["x"][n, 1:2].float(), t["timesteps"][n, 1], t["omega"][n].view(1)
+        torch.testing.assert_close(den.predict_cfg(x, ts, cond, uncond, omega),
+                                   t["target"][n, 1:2].float(), atol=3e-3, rtol=3e-3)
+    again = run_collect("tiny-sd", negative_only_probability=1.0, **common)
+    assert again["new_trajectories"] == 0
+    with pytest.raises(DataError, match="negative_only_probability: 1.0 there, 0.5 now"):
+        run_collect("tiny-sd", negative_only_probability=0.5, **common)
+
+
+def test_bad_negative_only_probability_is_refused(tmp_path, capsys):
+    code, _, err = agd(capsys, "--workdir", str(tmp_path), "collect", "--preset", "tiny-sd",
+                       "--negative-only-probability", "-0.2")
+    assert code == 2 and "--negative-only-probability must be from 0 to 1, got -0.2" in err
+    assert "hint:" in err and "Traceback" not in err
 
 
 def test_adapter_file_records_negatives_and_reads_them(run):

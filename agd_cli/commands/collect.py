@@ -44,6 +44,9 @@ from agd_cli.commands import DEVICE_HELP, common_options
 @click.option("--empty-negative-probability", type=float, default=None, metavar="P",
               help="Share of trajectories that keep the empty prompt (1: no negatives) "
                    "[preset, 0.5].")
+@click.option("--negative-only-probability", type=float, default=None, metavar="P",
+              help="Share of the trajectories with a negative whose prompt is the empty prompt, "
+                   "so the adapters also learn a negative on its own [preset, 0].")
 @click.option("--overwrite", is_flag=True, help="Replace a different collection in the folder.")
 @common_options
 def command(as_json: bool, workdir: str, **flags) -> None:
