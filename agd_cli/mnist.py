@@ -285,13 +285,18 @@ class Evaluator:
         """(N, F) penultimate-layer features."""
         return self._batched(self.model.features, images, batch_size)
 
-    def accuracy(self, images: torch.Tensor, digits: Sequence[int] | torch.Tensor) -> float:
-        """Fraction of ``images`` classified as the corresponding entry of ``digits``."""
+    def correct(self, images: torch.Tensor, digits: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """(N,) bool: is each image classified as the corresponding entry of ``digits``."""
         target = torch.as_tensor(list(digits) if not torch.is_tensor(digits) else digits, dtype=torch.long).cpu()
         pred = self.predict(images)
         if pred.shape[0] != target.shape[0]:
             raise ValueError(f"{pred.shape[0]} images but {target.shape[0]} digits")
-        return float((pred == target).float().mean()) if target.numel() else float("nan")
+        return pred == target
+
+    def accuracy(self, images: torch.Tensor, digits: Sequence[int] | torch.Tensor) -> float:
+        """Fraction of ``images`` classified as the corresponding entry of ``digits``."""
+        hits = self.correct(images, digits)
+        return float(hits.float().mean()) if hits.numel() else float("nan")
 
     def stats(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma) of the penultimate features of ``images`` (float64)."""
@@ -301,7 +306,11 @@ class Evaluator:
         """Fréchet distance of ``images``' features against the held-out real digits."""
         if torch.as_tensor(images).shape[0] < 2:
             raise ValueError("fid needs at least 2 images")
-        mu, sigma = self.stats(images)
+        return self.fid_of_features(self.features(images))
+
+    def fid_of_features(self, feats: torch.Tensor) -> float:
+        """`fid` from features already computed (N ≥ 2 rows of `features`)."""
+        mu, sigma = _feature_stats(feats)
         return frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)
 
 

@@ -69,16 +69,22 @@ def run_quality(den, plan: BenchPlan, show_table: bool = True, evaluator=None) -
     shown = [digits.index(d) for d in range(10) if d in digits]  # one sample per digit, for the grid
     quality: dict = {}
     picks: dict = {}
+    scores: dict = {}  # (method, ω) -> (per-sample hits, features): the paired comparison's input
     with ui.progress() as bar:
         task = bar.add_task("quality", total=len(jobs))
         for method, omega in jobs:
             images, spi, nfe = sample_for_quality(den, method, omega, prompts, plan)
             picks[(method, omega)] = images[shown]
+            hits, feats = evaluator.correct(images, digits), evaluator.features(images)
+            scores[(method, omega)] = (hits, feats)
             quality.setdefault(method, {})[f"{omega:g}"] = {
-                "accuracy": evaluator.accuracy(images, digits), "fid": evaluator.fid(images),
+                "accuracy": float(hits.float().mean()), "fid": evaluator.fid_of_features(feats),
                 "nfe": nfe, "seconds_per_image": spi,
                 "beyond_trained_range": method == "agd" and omega > plan.preset.omega_range[1]}
             bar.advance(task)
+    for omega in plan.quality_omegas:
+        quality["agd"][f"{omega:g}"]["vs_cfg"] = paired_difference(
+            evaluator, scores[("agd", omega)], scores[("cfg", omega)])
     lo, hi = plan.preset.omega_range
     summary = {**quality, "settings": {  # the one key of `quality` that is not a method
         "samples_per_omega": plan.quality_samples, "batch": plan.quality_batch,
@@ -89,6 +95,31 @@ def run_quality(den, plan: BenchPlan, show_table: bool = True, evaluator=None) -
     if show_table:
         print_quality_table(summary)
     return summary
+
+
+BOOTSTRAP_ROUNDS = 200  # resamples for the FID difference's interval (seeded: reproducible)
+
+
+def paired_difference(evaluator, a: tuple, b: tuple) -> dict:
+    """agd − CFG on the same seeds, with 95 % intervals: accuracy in points (normal interval of
+    the per-sample paired differences) and FID (paired bootstrap: both sets resampled with the
+    same indices). An interval that holds 0 means this many samples cannot tell them apart."""
+    import torch
+
+    (hits_a, feats_a), (hits_b, feats_b) = a, b
+    n = len(hits_a)
+    d = hits_a.float() - hits_b.float()
+    half = 1.96 * float(d.std()) / n ** 0.5 if n > 1 else float("nan")
+    acc = 100 * float(d.mean())
+    g = torch.Generator().manual_seed(0)
+    boot = []
+    for _ in range(BOOTSTRAP_ROUNDS):
+        idx = torch.randint(n, (n,), generator=g)
+        boot.append(evaluator.fid_of_features(feats_a[idx]) - evaluator.fid_of_features(feats_b[idx]))
+    lo, hi = torch.tensor(boot, dtype=torch.float64).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"accuracy_points": acc, "accuracy_points_ci95": [acc - 100 * half, acc + 100 * half],
+            "fid": evaluator.fid_of_features(feats_a) - evaluator.fid_of_features(feats_b),
+            "fid_ci95": [lo, hi]}
 
 
 def write_quality_grid(picks: dict, digits: list[int], path: Path) -> Path:
@@ -128,16 +159,28 @@ def print_quality_table(q: dict) -> None:
     t = Table(title=f"quality: {info['samples_per_omega']} samples per row (seeds "
                     f"{seeds[0]}–{seeds[1]}), {info['steps']} steps; "
                     f"digit-classifier accuracy and FID vs held-out MNIST (agd trained on ω {lo:g}–{hi:g})")
-    for col in ("method", "ω", "accuracy", "FID", "NFE/img", "s/img (batched)"):
+    for col in ("method", "ω", "accuracy", "FID", "NFE/img", "s/img (batched)",
+                "agd − CFG: accuracy, points (95 % CI)", "agd − CFG: FID (95 % CI)"):
         t.add_column(col, justify="left" if col == "method" else "right")
     if info.get("real_digits"):
         r = info["real_digits"]
-        t.add_row("real digits (train split)", "—", f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", "—", "—")
+        t.add_row("real digits (train split)", "—", f"{r['accuracy']:.3f}", f"{r['fid']:.2f}",
+                  "—", "—", "", "")
     rows = [("unguided", "1")] + [(m, w) for w in q["cfg"] for m in ("cfg", "agd")]
     for method, w in rows:
         e = q[method][w]
         beyond = " (beyond trained)" if e["beyond_trained_range"] else ""
         t.add_row("CFG" if method == "cfg" else method, w + beyond, f"{e['accuracy']:.3f}",
-                  f"{e['fid']:.2f}", str(e["nfe"]), f"{e['seconds_per_image']:.4f}")
+                  f"{e['fid']:.2f}", str(e["nfe"]), f"{e['seconds_per_image']:.4f}",
+                  *_versus_cells(e.get("vs_cfg")))
     console().print(t)
+
+
+def _versus_cells(v: dict | None) -> tuple[str, str]:
+    """The paired agd − CFG cells of an agd row (blank elsewhere)."""
+    if v is None:
+        return "", ""
+    (a0, a1), (f0, f1) = v["accuracy_points_ci95"], v["fid_ci95"]
+    return (f"{v['accuracy_points']:+.1f} [{a0:+.1f}, {a1:+.1f}]",
+            f"{v['fid']:+.2f} [{f0:+.2f}, {f1:+.2f}]")
 

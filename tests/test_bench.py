@@ -235,6 +235,14 @@ def test_quality_table_on_mnist(tmp_path):
             assert 0 <= e["accuracy"] <= 1 and math.isfinite(e["fid"]) and e["fid"] >= 0
     assert q["settings"]["samples_per_omega"] == 20 and set(q) == {"unguided", "cfg", "agd", "settings"}
     assert q["agd"]["8"]["beyond_trained_range"] is True
+    for w in ("2", "8"):  # the paired agd − CFG difference, same seeds, with its interval
+        v = q["agd"][w]["vs_cfg"]
+        acc = 100 * (q["agd"][w]["accuracy"] - q["cfg"][w]["accuracy"])
+        assert v["accuracy_points"] == pytest.approx(acc, abs=1e-4)
+        assert v["fid"] == pytest.approx(q["agd"][w]["fid"] - q["cfg"][w]["fid"], abs=1e-6)
+        lo, hi = v["accuracy_points_ci95"]
+        assert lo <= v["accuracy_points"] <= hi and v["fid_ci95"][0] <= v["fid_ci95"][1]
+        assert "vs_cfg" not in q["cfg"][w]
     with Image.open(q["settings"]["grid"]) as grid:  # rows unguided, CFG/agd at ω 2 and 8; 10 digits
         assert grid.width > 10 * MIN_CELL and 5 * MIN_CELL < grid.height < 6 * MIN_CELL
 
@@ -299,3 +307,25 @@ def test_quality_seed_shifts_the_noise_not_the_prompts(tmp_path, capsys):
     code, _, err = run_cli(["bench", "--quality", "--preset", "mnist", "--quality-seed", "-1",
                             "--workdir", str(tmp_path)], capsys)
     assert code == 2 and "--quality-seed" in err
+
+
+def test_paired_difference_of_quality_scores():
+    """Same samples: difference 0 and an interval of width 0; CFG right where agd is wrong on
+    half the seeds: −50 points with an interval around it; the FID interval holds the estimate."""
+    from agd_cli.mnist import load_evaluator
+    from agd_cli.quality import paired_difference
+
+    ev = load_evaluator()
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(60, 64, generator=g)
+    hits = torch.ones(60, dtype=torch.bool)
+    same = paired_difference(ev, (hits, feats), (hits, feats))
+    assert same["accuracy_points"] == 0 and same["accuracy_points_ci95"] == [0, 0]
+    assert same["fid"] == 0 and same["fid_ci95"] == [0, 0]
+    worse = hits.clone()
+    worse[::2] = False
+    other = feats + 0.5 * torch.randn(60, 64, generator=g)
+    v = paired_difference(ev, (worse, other), (hits, feats))
+    lo, hi = v["accuracy_points_ci95"]
+    assert v["accuracy_points"] == -50 and lo < -50 < hi < 0
+    assert v["fid_ci95"][0] < v["fid"] < v["fid_ci95"][1]
