@@ -57,19 +57,32 @@ def negative_only_cases(n: int) -> CaseSet:
     return CaseSet([""] * n, [caption(d) for d in digits], None, digits)
 
 
-def score(evaluator, images, digits: list[int] | None, negative_digits: list[int],
-          reference=None) -> dict:
-    """Accuracy on the prompted digit (no digits: the rate of d′ instead), mean probability of
-    the negative digit, PSNR vs reference."""
+class PerSample(NamedTuple):
+    """A method's per-seed scores: the classifier's hit (prompted digit; no digits: d′) and
+    log P(d′); the paired comparison with CFG + negative reads them."""
+    hits: object
+    log_p_neg: object
+
+
+def per_sample(evaluator, images, cases: CaseSet) -> PerSample:
     import torch
 
+    log_probs = evaluator.logits(images).log_softmax(dim=1)  # (N, 10)
+    log_p_neg = log_probs[torch.arange(len(cases.negative_digits)),
+                          torch.tensor(cases.negative_digits)]
+    # no prompted digit: the same classifier rate, of d′ (lower = the negative works)
+    labels = cases.digits if cases.digits is not None else cases.negative_digits
+    return PerSample(log_probs.argmax(1) == torch.tensor(labels), log_p_neg)
+
+
+def score(s: PerSample, cases: CaseSet, images=None, reference=None) -> dict:
+    """Accuracy on the prompted digit (no digits: the rate of d′ instead), mean probability of
+    the negative digit, PSNR vs reference."""
     from agd_cli.metrics import psnr
 
-    log_probs = evaluator.logits(images).log_softmax(dim=1)  # (N, 10)
-    log_p_neg = log_probs[torch.arange(len(negative_digits)), torch.tensor(negative_digits)]
-    # no prompted digit: the same classifier rate, of d′ (lower = the negative works)
-    key, labels = ("accuracy", digits) if digits is not None else ("negative_rate", negative_digits)
-    out = {key: evaluator.accuracy(images, labels)}
+    key = "accuracy" if cases.digits is not None else "negative_rate"
+    log_p_neg = s.log_p_neg
+    out = {key: float(s.hits.float().mean())}
     # the mean probability is dominated by a few confused images; the mean log-probability
     # also shows how far the confident ones are pushed away from d′
     out.update(negative_probability=float(log_p_neg.exp().mean()),
@@ -89,9 +102,27 @@ def run_methods(den, plan, evaluator, cases: CaseSet, omega: float, advance) -> 
             den, mode, omega, cases.prompts, plan, cases.negatives if negative else None)
         advance()
     ref = images[REFERENCE]
-    return {label: {"nfe": nfe[label], **score(evaluator, ims, cases.digits, cases.negative_digits,
+    scores = {label: per_sample(evaluator, ims, cases) for label, ims in images.items()}
+    rows = {label: {"nfe": nfe[label], **score(scores[label], cases, ims,
                                                None if label == REFERENCE else ref)}
             for label, ims in images.items()}
+    rows["agd-negative"]["vs_cfg_negative"] = paired(scores["agd-negative"], scores[REFERENCE],
+                                                     cases)
+    return rows
+
+
+def paired(a: PerSample, b: PerSample, cases: CaseSet) -> dict:
+    """agd + negative against CFG + negative on the same seeds, with 95 % intervals: the
+    accuracy (or d′ rate) difference in points, and the ratio of mean P(d′) (paired bootstrap)."""
+    from agd_cli.quality import bootstrap_ci, paired_points
+
+    key = "accuracy" if cases.digits is not None else "negative_rate"
+    points, ci = paired_points(a.hits, b.hits)
+    pa, pb = a.log_p_neg.exp(), b.log_p_neg.exp()
+    ratio = lambda i: float(pa[i].mean() / pb[i].mean())  # noqa: E731
+    return {f"{key}_points": points, f"{key}_points_ci95": ci,
+            "negative_probability_ratio": float(pa.mean() / pb.mean()),
+            "negative_probability_ratio_ci95": bootstrap_ci(len(pa), ratio)}
 
 
 def run_case_set(den, plan, evaluator, cases: CaseSet, settings: dict, advance) -> dict:
@@ -103,8 +134,7 @@ def run_case_set(den, plan, evaluator, cases: CaseSet, settings: dict, advance) 
     by_omega = {f"{omega:g}": run_methods(den, plan, evaluator, cases, omega, advance)
                 for omega in plan.negative_omegas}
     n = len(cases.prompts)
-    return {"unguided": {**score(evaluator, unguided, cases.digits, cases.negative_digits),
-                         "nfe": nfe},
+    return {"unguided": {**score(per_sample(evaluator, unguided, cases), cases), "nfe": nfe},
             "by_omega": by_omega,
             "settings": {"samples_per_row": n, "steps": plan.steps, **settings,
                          "seeds": [plan.quality_seed, plan.quality_seed + n - 1],
@@ -158,13 +188,19 @@ def print_case_table(q: dict, column: str, key: str, title: str,
     from agd_cli.bench_report import console
 
     t = Table(title=title, caption=caption)
-    for col in ("method", "ω", column, "P(d′)", "mean log P(d′)", "PSNR vs CFG + neg", "NFE/img"):
+    for col in ("method", "ω", column, "P(d′)", "mean log P(d′)", "PSNR vs CFG + neg", "NFE/img",
+                f"vs CFG + neg: {column}, points (95 % CI)", "P(d′) ratio (95 % CI)"):
         t.add_column(col, justify="left" if col == "method" else "right")
     rows = [(LABELS["unguided"], "1", q["unguided"])]
     rows += [(LABELS[label], w, e) for w, es in q["by_omega"].items() for label, e in es.items()]
     for label, w, e in rows:
-        p = e.get("psnr_vs_cfg_negative")
+        p, v = e.get("psnr_vs_cfg_negative"), e.get("vs_cfg_negative")
+        paired = ("", "") if v is None else (
+            f"{v[key + '_points']:+.1f} [{v[key + '_points_ci95'][0]:+.1f}, "
+            f"{v[key + '_points_ci95'][1]:+.1f}]",
+            f"{v['negative_probability_ratio']:.2f} [{v['negative_probability_ratio_ci95'][0]:.2f}, "
+            f"{v['negative_probability_ratio_ci95'][1]:.2f}]")
         t.add_row(label, w, f"{e[key]:.3f}", f"{e['negative_probability']:.4f}",
                   f"{e['negative_log_probability']:.2f}", "—" if p is None else f"{p:.2f} dB",
-                  str(e["nfe"]))
+                  str(e["nfe"]), *paired)
     console().print(t)

@@ -318,6 +318,7 @@ def test_bench_negatives_table_on_mnist(tmp_path, capsys):
     assert math.isfinite(rows["agd"]["psnr_vs_cfg_negative"])
     # the negative changes CFG's images: CFG without it is not identical to CFG with it
     assert rows["cfg"]["psnr_vs_cfg_negative"] < 100
+    check_paired(rows, "accuracy")
 
     check_negative_only(q["negative_only"])
     print_negatives_table(q)
@@ -343,6 +344,21 @@ def check_negative_only(only: dict) -> None:
     assert math.isclose(cfg["negative_log_probability"], unguided["negative_log_probability"],
                         rel_tol=1e-5)
     assert rows["cfg"]["psnr_vs_cfg_negative"] < 100  # the negative changes CFG's images
+    check_paired(rows, "negative_rate")
+
+
+def check_paired(rows: dict, key: str) -> None:
+    """agd + negative against CFG + negative on the same seeds: the difference and the ratio
+    agree with the rows, each inside its interval; only that row carries them."""
+    v, a, b = rows["agd-negative"]["vs_cfg_negative"], rows["agd-negative"], rows["cfg-negative"]
+    assert v[f"{key}_points"] == pytest.approx(100 * (a[key] - b[key]), abs=1e-4)
+    lo, hi = v[f"{key}_points_ci95"]
+    assert lo <= v[f"{key}_points"] <= hi
+    ratio = a["negative_probability"] / b["negative_probability"]
+    assert v["negative_probability_ratio"] == pytest.approx(ratio, rel=1e-4)
+    lo, hi = v["negative_probability_ratio_ci95"]
+    assert 0 < lo <= hi
+    assert [m for m, e in rows.items() if "vs_cfg_negative" in e] == ["agd-negative"]
 
 
 def test_preset_budget_for_negatives_applies_only_with_a_list(tmp_path):
