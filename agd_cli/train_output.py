@@ -74,8 +74,9 @@ class Previews:
         if data.uncond is None:
             return None
         sp = den.preset.sampling
-        n = min(4, next(iter(data.cond.values())).shape[0])
-        cond = {k: v[:n] for k, v in data.cond.items()}
+        rows = preview_rows(data.cond, data.uncond)
+        n = len(rows)
+        cond = {k: v[rows] for k, v in data.cond.items()}
         uncond = {k: v[:1].expand(n, *v.shape[1:]) for k, v in data.uncond.items()}
         noise = initial_noise(data.sample_shape, range(n))
         omega = float(sp["default_omega"])
@@ -87,6 +88,15 @@ class Previews:
                          row_labels=[f"CFG ω={omega:g}", f"agd, step {step}"])
         return save_png(grid, self.folder / f"preview-step-{step:06d}.png",
                         {"step": step, "omega": omega, "seeds": list(range(n))})
+
+
+def preview_rows(cond: dict, null: dict, n: int = 4) -> list[int]:
+    """The first n prompts' rows of the condition table, skipping rows that are the null
+    condition (the empty prompt of negative-only trajectories), unless nothing else is there."""
+    total = next(iter(cond.values())).shape[0]
+    prompts = [i for i in range(total)
+               if not all(torch.equal(v[i], null[k][0]) for k, v in cond.items())]
+    return (prompts or list(range(total)))[:n]
 
 
 # --- the end of a run -------------------------------------------------------------------------------

@@ -388,3 +388,16 @@ def test_preset_budget_for_negatives_is_checked(tmp_path):
                                 "num_per_prompt_with_negatives = 0"), encoding="utf-8")
     with pytest.raises(InputError, match="num_per_prompt_with_negatives"):
         load(str(bad))
+
+
+def test_previews_skip_the_null_condition_of_negative_only_trajectories():
+    """A condition table with null rows among the prompts (negative-only trajectories): the
+    preview takes prompt rows; a table of null rows only still previews something."""
+    from agd_cli.train_output import preview_rows
+
+    null = {"prompt_embeds": torch.zeros(1, 3, 4)}
+    prompts = torch.randn(4, 3, 4)
+    table = {"prompt_embeds": torch.cat([prompts[:2], null["prompt_embeds"], prompts[2:]])}
+    assert preview_rows(table, null) == [0, 1, 3, 4]
+    assert preview_rows(table, null, n=2) == [0, 1]
+    assert preview_rows({"prompt_embeds": torch.zeros(2, 3, 4)}, null) == [0, 1]
