@@ -60,6 +60,13 @@ def number(flag: str, value: Any, low: float = 0.0, high: float = math.inf,
     return float(value)
 
 
+def probability(flag: str, value: Any, hint: str) -> float:
+    """A share from 0 to 1 (bools are not numbers here)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise InputError(f"{flag} must be from 0 to 1, got {value!r}", hint=hint)
+    return float(value)
+
+
 def omega_range(lo: Any, hi: Any, where: str = "") -> tuple[float, float]:
     """ω_min ≤ ω_max, both finite and > 0 (`where`: the preset file, when they came from it)."""
     names = ("sampling.omega_min", "sampling.omega_max") if where else ("--omega-min", "--omega-max")

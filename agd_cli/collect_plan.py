@@ -189,11 +189,11 @@ def resolve_settings(f: CollectFlags) -> CollectSettings:
 
 def resolve_negative_only(p: Preset, flag: float | None, negatives: bool) -> float:
     """--negative-only-probability, else the preset's; 0 without negatives (nothing to pair)."""
-    value = p.collect["negative_only_probability"] if flag is None else flag
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-        raise InputError(f"--negative-only-probability must be from 0 to 1, got {value!r}",
-                         hint="e.g. 0.1: one in ten trajectories with a negative has no prompt")
-    return float(value) if negatives else 0.0
+    value = checks.probability(
+        "--negative-only-probability",
+        p.collect["negative_only_probability"] if flag is None else flag,
+        hint="e.g. 0.1: one in ten trajectories with a negative has no prompt")
+    return value if negatives else 0.0
 
 
 # --- 2. plan -----------------------------------------------------------------------------------

@@ -287,8 +287,13 @@ class Evaluator:
 
     def correct(self, images: torch.Tensor, digits: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """(N,) bool: is each image classified as the corresponding entry of ``digits``."""
+        return self.hits(self.logits(images), digits)
+
+    @staticmethod
+    def hits(logits: torch.Tensor, digits: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """`correct` from logits already computed."""
         target = torch.as_tensor(list(digits) if not torch.is_tensor(digits) else digits, dtype=torch.long).cpu()
-        pred = self.predict(images)
+        pred = logits.argmax(1)
         if pred.shape[0] != target.shape[0]:
             raise ValueError(f"{pred.shape[0]} images but {target.shape[0]} digits")
         return pred == target

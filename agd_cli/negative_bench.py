@@ -36,6 +36,11 @@ class CaseSet(NamedTuple):
     digits: list[int] | None
     negative_digits: list[int]
 
+    @property
+    def score_key(self) -> str:
+        """The first score: accuracy on the prompted digit, or without one the rate of d′."""
+        return "accuracy" if self.digits is not None else "negative_rate"
+
 
 def caption(d: int) -> str:
     from agd_cli.mnist import CAPTION_TEMPLATES, DIGIT_WORDS
@@ -67,12 +72,12 @@ class PerSample(NamedTuple):
 def per_sample(evaluator, images, cases: CaseSet) -> PerSample:
     import torch
 
-    log_probs = evaluator.logits(images).log_softmax(dim=1)  # (N, 10)
-    log_p_neg = log_probs[torch.arange(len(cases.negative_digits)),
-                          torch.tensor(cases.negative_digits)]
+    logits = evaluator.logits(images)  # the classifier runs once for both scores
+    log_p_neg = logits.log_softmax(dim=1)[torch.arange(len(cases.negative_digits)),
+                                          torch.tensor(cases.negative_digits)]
     # no prompted digit: the same classifier rate, of d′ (lower = the negative works)
     labels = cases.digits if cases.digits is not None else cases.negative_digits
-    return PerSample(log_probs.argmax(1) == torch.tensor(labels), log_p_neg)
+    return PerSample(evaluator.hits(logits, labels), log_p_neg)
 
 
 def score(s: PerSample, cases: CaseSet, images=None, reference=None) -> dict:
@@ -80,9 +85,8 @@ def score(s: PerSample, cases: CaseSet, images=None, reference=None) -> dict:
     the negative digit, PSNR vs reference."""
     from agd_cli.metrics import psnr
 
-    key = "accuracy" if cases.digits is not None else "negative_rate"
     log_p_neg = s.log_p_neg
-    out = {key: float(s.hits.float().mean())}
+    out = {cases.score_key: float(s.hits.float().mean())}
     # the mean probability is dominated by a few confused images; the mean log-probability
     # also shows how far the confident ones are pushed away from d′
     out.update(negative_probability=float(log_p_neg.exp().mean()),
@@ -116,7 +120,7 @@ def paired(a: PerSample, b: PerSample, cases: CaseSet) -> dict:
     accuracy (or d′ rate) difference in points, and the ratio of mean P(d′) (paired bootstrap)."""
     from agd_cli.quality import bootstrap_ci, paired_points
 
-    key = "accuracy" if cases.digits is not None else "negative_rate"
+    key = cases.score_key
     points, ci = paired_points(a.hits, b.hits)
     pa, pb = a.log_p_neg.exp(), b.log_p_neg.exp()
     ratio = lambda i: float(pa[i].mean() / pb[i].mean())  # noqa: E731

@@ -188,10 +188,10 @@ def load_negative_set(preset: Preset, spec: str | None,
                       empty_probability: float | None) -> tuple[list, str | None, float]:
     """(negatives, where they came from, P(empty prompt)): --negative-prompts FILE, else the
     preset's list. A probability of 1 means no negatives, as before negatives existed."""
-    p = preset.collect["empty_negative_probability"] if empty_probability is None else empty_probability
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
-        raise InputError(f"--empty-negative-probability must be from 0 to 1, got {p!r}",
-                         hint="e.g. 0.5: half the trajectories use the empty prompt, half a negative")
+    p = checks.probability(
+        "--empty-negative-probability",
+        preset.collect["empty_negative_probability"] if empty_probability is None else empty_probability,
+        hint="e.g. 0.5: half the trajectories use the empty prompt, half a negative")
     spec = spec if spec is not None else preset.collect.get("negative_prompts")
     if spec is None or p == 1:
         return [], None, 1.0

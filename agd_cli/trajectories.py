@@ -219,13 +219,18 @@ def trajectory_seed(seed: int, trajectory_id: int, stream: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def trajectory_omegas(seed: int, ids: list[int], lo: float, hi: float):
-    """ω ~ U[lo, hi] per trajectory, (N,) float32, from per-id seeded generators."""
+def trajectory_uniforms(seed: int, ids: list[int], stream: str):
+    """One U[0, 1) draw per trajectory from its own seeded generator of `stream`, (N,) float32."""
     import torch
 
-    u = [torch.rand(1, generator=torch.Generator().manual_seed(trajectory_seed(seed, i, "omega")))
+    u = [torch.rand(1, generator=torch.Generator().manual_seed(trajectory_seed(seed, i, stream)))
          for i in ids]
-    return lo + (hi - lo) * torch.cat(u) if ids else torch.zeros(0)
+    return torch.cat(u) if ids else torch.zeros(0)
+
+
+def trajectory_omegas(seed: int, ids: list[int], lo: float, hi: float):
+    """ω ~ U[lo, hi] per trajectory, (N,) float32, from per-id seeded generators."""
+    return lo + (hi - lo) * trajectory_uniforms(seed, ids, "omega")
 
 
 def trajectory_negatives(seed: int, ids: list[int], count: int, empty_probability: float):
@@ -244,13 +249,8 @@ def trajectory_negatives(seed: int, ids: list[int], count: int, empty_probabilit
 def trajectory_negative_only(seed: int, ids: list[int], negative_index, probability: float):
     """Which trajectories pair their negative with the empty prompt instead of their prompt:
     (N,) bool, True only where there is a negative, from per-id seeded generators."""
-    import torch
-
-    draws = [torch.rand(1, generator=torch.Generator().manual_seed(
-        trajectory_seed(seed, i, "negative-only"))).item() for i in ids]
-    return torch.tensor([n >= 0 and u < probability
-                         for n, u in zip(negative_index.tolist(), draws, strict=True)],
-                        dtype=torch.bool)
+    draws = trajectory_uniforms(seed, ids, "negative-only")
+    return (negative_index >= 0) & (draws.double() < probability)  # as the float draws compared
 
 
 def worker_ids(num_prompts: int, num_per_prompt: int, index: int, num: int) -> list[int]:
