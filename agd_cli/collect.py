@@ -56,7 +56,7 @@ def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> 
     ui.info(f"plan: {s.preset.name} · {len(s.prompts)} prompts × {s.num_per_prompt} = {total} "
             f"trajectories{worker} · {len(remaining)} to do, {len(s.ids) - len(remaining)} done · "
             f"{s.keep_steps} of {s.steps} {s.scheduler} steps kept · "
-            f"ω ~ U[{s.omega_min:g}, {s.omega_max:g}] · seed {s.seed}")
+            f"ω {omega_law(s)} · seed {s.seed}")
     if s.negatives:
         alone = (f"; {s.negative_only_probability:g} of those with a negative have no prompt"
                  if s.negative_only_probability else "")
@@ -142,7 +142,7 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
     uncond_row = torch.tensor([used.index(r) for r in (negative_index + 1).tolist()])
     shard_uncond = cond_select(uncond, torch.tensor(used))                         # (V, ...)
     uncond_b = cond_select(shard_uncond, uncond_row)                              # (B, ...)
-    omega = trajectory_omegas(s.seed, ids, s.omega_min, s.omega_max)              # (B,)
+    omega = trajectory_omegas(s.seed, ids, s.omega_min, s.omega_max, s.omega_skew)              # (B,)
     noise = initial_noise(den.latent_shape(), [trajectory_seed(s.seed, i, "noise") for i in ids])
 
     slot = {step: k for k, step in enumerate(keep)}
@@ -204,6 +204,13 @@ def _open_store(s: CollectSettings, store, config: dict) -> None:
     # A lone worker may clean everything; parallel workers only their own files, since another
     # worker's shard may sit between its rename and its sidecar right now.
     store.clean_partial("" if s.num_shards == 1 else f"w{s.shard_index}-")
+
+
+def omega_law(s: CollectSettings) -> str:
+    """How collect draws ω, in words."""
+    if s.omega_skew == 1:
+        return f"~ U[{s.omega_min:g}, {s.omega_max:g}]"
+    return f"= {s.omega_min:g} + {s.omega_max - s.omega_min:g}·u^{s.omega_skew:g}, u ~ U[0, 1)"
 
 
 def manifest_config(s: CollectSettings, den, keep: list[int], source: str) -> dict:
@@ -346,6 +353,7 @@ def _summary(s: CollectSettings, store, m: dict, new: int, seconds: float, atten
             "negative_prompts": len(s.negatives),
             "empty_negative_probability": s.empty_negative_probability,
             "negative_only_probability": s.negative_only_probability,
+            "omega_skew": s.omega_skew,
             "collect_seconds": round(seconds, 3), "wall_seconds": round(wall, 3),
             "trajectories_per_s": round(new / seconds, 4) if seconds else None,
             "steps_per_s": round(new * s.steps / seconds, 2) if seconds else None}

@@ -41,6 +41,7 @@ class CollectFlags:
     negative_prompts: str | None = None
     empty_negative_probability: float | None = None
     negative_only_probability: float | None = None
+    omega_skew: float | None = None
 
 
 @dataclass
@@ -71,6 +72,7 @@ class CollectSettings:
     empty_negative_probability: float = 1.0  # share of trajectories that keep the empty prompt
     # share of the trajectories with a negative whose prompt is the empty prompt (null condition)
     negative_only_probability: float = 0.0
+    omega_skew: float = 1.0  # ω = lo + (hi − lo)·u^skew (1: uniform)
 
     @property
     def scheduler(self) -> str:
@@ -92,7 +94,9 @@ class CollectSettings:
                 "negatives_sha256": prompts_sha256(self.negatives) if self.negatives else None,
                 "empty_negative_probability":
                     self.empty_negative_probability if self.negatives else None,
-                "negative_only_probability": self.negative_only_probability or None}
+                "negative_only_probability": self.negative_only_probability or None,
+                # None when uniform: collections from before the skew still resume
+                "omega_skew": None if self.omega_skew == 1 else self.omega_skew}
 
 
 # --- 1. inputs ---------------------------------------------------------------------------------
@@ -166,6 +170,8 @@ def resolve_settings(f: CollectFlags) -> CollectSettings:
     batch = checks.integer("--batch-size", p.collect["batch_size"] if batch_size is None else batch_size)
     lo, hi = checks.omega_range(p.sampling["omega_min"] if f.omega_min is None else f.omega_min,
                                 p.sampling["omega_max"] if f.omega_max is None else f.omega_max)
+    skew = checks.number("--omega-skew", p.collect["omega_skew"] if f.omega_skew is None
+                         else f.omega_skew, example="--omega-skew 2 (1: ω uniform)")
     checks.integer("--seed", seed, minimum=0)
     dtype = dtype or p.collect.get("dtype", "fp16")
     checks.dtype(dtype)
@@ -180,6 +186,7 @@ def resolve_settings(f: CollectFlags) -> CollectSettings:
         checks.writable_folder(run, "the run folder")
     s = CollectSettings(p, prompt_list, source, npp, steps, keep, lo, hi, batch, seed, device,
                         dtype, index, num, run, overwrite, state)
+    s.omega_skew = skew
     s.ids = worker_ids(len(prompt_list), npp, index, num)
     s.negatives, s.negative_source, s.empty_negative_probability = negatives, negative_source, empty_p
     s.negative_only_probability = resolve_negative_only(p, f.negative_only_probability,

@@ -116,6 +116,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "batch_size": _pos_int, "keep_steps": _pos_int, "dtype": _one_of(DTYPES),
         "negative_prompts": _str,
         "empty_negative_probability": _probability, "negative_only_probability": _probability,
+        "omega_skew": _positive,
     },
     "train": {
         "lr": _positive, "batch_size": _pos_int, "grad_accum": _pos_int, "steps": _pos_int,
@@ -205,7 +206,8 @@ class Preset:
 DEFAULTS: dict[str, dict] = {
     "sampling": {"scheduler": "ddim", "steps": 50},
     "collect": {"num_per_prompt": 1, "batch_size": 4, "dtype": "fp16",
-                "empty_negative_probability": 0.5, "negative_only_probability": 0.0},
+                "empty_negative_probability": 0.5, "negative_only_probability": 0.0,
+                "omega_skew": 1.0},
     "train": {"lr": 1e-4, "batch_size": 8, "grad_accum": 1, "steps": 2000,
               "optimizer": "adamw8bit", "precision": "bf16", "gradient_checkpointing": True,
               "warmup_steps": 100, "val_fraction": 0.1, "checkpoint_every": 500,

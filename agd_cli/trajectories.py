@@ -38,7 +38,17 @@ from agd_cli.io import atomic_path, read_json, save_tensors, write_json
 DAMAGED = "damaged"  # where resume moves shards that fail their checksum
 IDENTITY_KEYS = ("preset", "base_model", "prompts_sha256", "seed", "steps", "keep_steps",
                  "omega_min", "omega_max", "num_per_prompt", "scheduler", "negatives_sha256",
-                 "empty_negative_probability", "negative_only_probability")
+                 "empty_negative_probability", "negative_only_probability", "omega_skew")
+
+
+# what an identity key left out (None) means, for messages: off, or uniform ω
+UNSET = {"negatives_sha256": "no negatives", "empty_negative_probability": "no negatives",
+         "negative_only_probability": 0.0, "omega_skew": 1.0}
+
+
+def _shown(key: str, value) -> str:
+    unset = UNSET.get(key)
+    return str(unset) if value is None and unset is not None else repr(value)
 
 
 def sha256_file(path: Path) -> str:
@@ -93,7 +103,7 @@ class TrajectoryStore:
                         f"prompts) there, {config['prompt_source']!r} "
                         f"({len(config.get('prompts', []))} prompts) now")
             else:
-                what = f"{key}: {old.get(key)!r} there, {config.get(key)!r} now"
+                what = f"{key}: {_shown(key, old.get(key))} there, {_shown(key, config.get(key))} now"
             raise DataError(f"{self.root} already holds a different collection ({what})",
                             hint="rerun with the same settings to resume, use --out for a new "
                                  "folder, or --overwrite to replace it")
@@ -228,9 +238,11 @@ def trajectory_uniforms(seed: int, ids: list[int], stream: str):
     return torch.cat(u) if ids else torch.zeros(0)
 
 
-def trajectory_omegas(seed: int, ids: list[int], lo: float, hi: float):
-    """ω ~ U[lo, hi] per trajectory, (N,) float32, from per-id seeded generators."""
-    return lo + (hi - lo) * trajectory_uniforms(seed, ids, "omega")
+def trajectory_omegas(seed: int, ids: list[int], lo: float, hi: float, skew: float = 1.0):
+    """ω = lo + (hi − lo)·u^skew, u ~ U[0, 1), per trajectory, (N,) float32, from per-id seeded
+    generators: skew 1 is uniform, skew 2 puts half the trajectories below lo + (hi − lo)/4."""
+    u = trajectory_uniforms(seed, ids, "omega")
+    return lo + (hi - lo) * (u if skew == 1 else u.pow(skew))
 
 
 def trajectory_negatives(seed: int, ids: list[int], count: int, empty_probability: float):

@@ -17,6 +17,7 @@ import torch
 from agd_cli.cli import main
 from agd_cli.collect import run_collect
 from agd_cli.disk import estimate_bytes_per_trajectory
+from agd_cli.errors import DataError
 from agd_cli.families import load_denoiser
 from agd_cli.presets import load_preset
 from agd_cli.prompts import parse_classes, read_prompts
@@ -260,6 +261,9 @@ BAD = [  # (flags after `--preset tiny-sd --prompts GOOD` unless they say otherw
     (["--seed", "99"], "already holds a different collection (seed: 7 there, 99 now)"),
     (["--prompts", "{other}"], "holds a different collection (prompts: "),
     (["--num-per-prompt", "3"], "(num_per_prompt: 1 there, 3 now)"),
+    (["--omega-skew", "2"], "(omega_skew: 1.0 there, 2.0 now)"),
+    (["--omega-skew", "0"], "--omega-skew must be a finite number > 0, got 0"),
+    (["--omega-skew", "inf"], "--omega-skew must be a finite number > 0, got inf"),
     (["--preset", "tiny-dit", "--classes", "0-3,5000"], "class id 5000"),
     (["--preset", "tiny-dit", "--classes", "5-2"], "bad class range '5-2'"),
     (["--preset", "nope"], "unknown preset 'nope'"),
@@ -314,6 +318,30 @@ def test_overwrite_replaces_a_different_collection(tmp_path):
     assert torch.equal(torch.stack([trajs[i]["omega"] for i in range(4)]),
                        trajectory_omegas(8, [0, 1, 2, 3], 1.0, 8.0))
     assert len(old_shards) == 6 and len(list(Path(second["trajectories_dir"]).glob("shard-*"))) == 4
+
+
+def test_omega_skew_draws_low_omega_more_often_and_is_part_of_the_identity(tmp_path):
+    """--omega-skew K stores ω = lo + (hi − lo)·u^K with the same per-trajectory u as uniform
+    sampling (skew 1 gives the draws of collections made before the option); the skew is recorded
+    and a different skew is a different collection."""
+    ids = list(range(400))
+    uniform = trajectory_omegas(3, ids, 1.0, 12.0)
+    assert torch.equal(trajectory_omegas(3, ids, 1.0, 12.0, 1.0), uniform)
+    skewed = trajectory_omegas(3, ids, 1.0, 12.0, 2.0)
+    torch.testing.assert_close(skewed, 1.0 + 11.0 * ((uniform - 1.0) / 11.0) ** 2)
+    assert (skewed <= uniform + 1e-5).all() and skewed.min() >= 1.0 and skewed.max() < 12.0
+    assert 0.4 < float((skewed < 1.0 + 11.0 / 4).float().mean()) < 0.6  # half in the lowest quarter
+    kw = {**collect_kwargs("tiny-sd", tmp_path), "steps": 2, "num_per_prompt": 2,
+          "out": str(tmp_path / "run"), "omega_min": 1.0, "omega_max": 12.0}
+    summary = run_collect(**kw, omega_skew=2.0)
+    manifest, trajs = load_all(summary["trajectories_dir"])
+    assert manifest["config"]["omega_skew"] == 2.0 and summary["omega_skew"] == 2.0
+    n = len(trajs)
+    assert torch.equal(torch.stack([trajs[i]["omega"] for i in range(n)]),
+                       trajectory_omegas(kw["seed"], list(range(n)), 1.0, 12.0, 2.0))
+    assert run_collect(**kw, omega_skew=2.0)["new_trajectories"] == 0
+    with pytest.raises(DataError, match="omega_skew: 2.0 there, 1.0 now"):
+        run_collect(**kw)
 
 
 def test_disk_too_small_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):

@@ -29,6 +29,9 @@ from agd_cli.commands import DEVICE_HELP, common_options
                    "preset's keep_steps).")
 @click.option("--omega-min", type=float, default=None, help="Lowest guidance scale ω.")
 @click.option("--omega-max", type=float, default=None, help="Highest guidance scale ω.")
+@click.option("--omega-skew", type=float, default=None, metavar="K",
+              help="ω = omega_min + (omega_max − omega_min)·u^K, u uniform: 1 is uniform, 2 "
+                   "puts half the trajectories in the lowest quarter of the range [preset, 1].")
 @click.option("--batch-size", type=int, default=None, help="Trajectories per batch.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of every trajectory's noise and ω.")
