@@ -225,17 +225,18 @@ def test_quality_table_on_mnist(tmp_path):
     from agd_cli.bench_report import MIN_CELL
 
     make_adapter(tmp_path, "mnist")
-    r = run_bench(preset="mnist", quality=True, quality_samples=20, quality_batch=20, omegas=["2", "8"],
+    r = run_bench(preset="mnist", quality=True, quality_samples=20, quality_batch=20, omegas=["2", "14"],
                   workdir=str(tmp_path), **FAST)
     q = r["quality"]
-    assert set(q["unguided"]) == {"1"} and set(q["cfg"]) == set(q["agd"]) == {"2", "8"}
-    assert (q["unguided"]["1"]["nfe"], q["cfg"]["2"]["nfe"], q["agd"]["8"]["nfe"]) == (4, 8, 4)
+    assert set(q["unguided"]) == {"1"} and set(q["cfg"]) == set(q["agd"]) == {"2", "14"}
+    assert (q["unguided"]["1"]["nfe"], q["cfg"]["2"]["nfe"], q["agd"]["14"]["nfe"]) == (4, 8, 4)
     for method in ("unguided", "cfg", "agd"):
         for e in q[method].values():
             assert 0 <= e["accuracy"] <= 1 and math.isfinite(e["fid"]) and e["fid"] >= 0
     assert q["settings"]["samples_per_omega"] == 20 and set(q) == {"unguided", "cfg", "agd", "settings"}
-    assert q["agd"]["8"]["beyond_trained_range"] is True
-    for w in ("2", "8"):  # the paired agd − CFG difference, same seeds, with its interval
+    assert q["agd"]["14"]["beyond_trained_range"] is True  # the preset trains 1-12
+    assert q["agd"]["2"]["beyond_trained_range"] is False
+    for w in ("2", "14"):  # the paired agd − CFG difference, same seeds, with its interval
         v = q["agd"][w]["vs_cfg"]
         acc = 100 * (q["agd"][w]["accuracy"] - q["cfg"][w]["accuracy"])
         assert v["accuracy_points"] == pytest.approx(acc, abs=1e-4)
@@ -243,7 +244,7 @@ def test_quality_table_on_mnist(tmp_path):
         lo, hi = v["accuracy_points_ci95"]
         assert lo <= v["accuracy_points"] <= hi and v["fid_ci95"][0] <= v["fid_ci95"][1]
         assert "vs_cfg" not in q["cfg"][w]
-    with Image.open(q["settings"]["grid"]) as grid:  # rows unguided, CFG/agd at ω 2 and 8; 10 digits
+    with Image.open(q["settings"]["grid"]) as grid:  # rows unguided, CFG/agd at ω 2 and 14; 10 digits
         assert grid.width > 10 * MIN_CELL and 5 * MIN_CELL < grid.height < 6 * MIN_CELL
 
 
