@@ -142,7 +142,7 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
     uncond_row = torch.tensor([used.index(r) for r in (negative_index + 1).tolist()])
     shard_uncond = cond_select(uncond, torch.tensor(used))                         # (V, ...)
     uncond_b = cond_select(shard_uncond, uncond_row)                              # (B, ...)
-    omega = trajectory_omegas(s.seed, ids, s.omega_min, s.omega_max, s.omega_skew)              # (B,)
+    omega = trajectory_omegas(s.seed, ids, s.omega_min, s.omega_max, s.omega_skew)  # (B,)
     noise = initial_noise(den.latent_shape(), [trajectory_seed(s.seed, i, "noise") for i in ids])
 
     slot = {step: k for k, step in enumerate(keep)}
