@@ -17,7 +17,7 @@ import torch
 
 from agd_cli import ui
 from agd_cli.errors import DataError
-from agd_cli.trajectories import TrajectoryStore, recorded_negatives
+from agd_cli.trajectories import TrajectoryStore
 
 REQUIRED = ("x", "target", "timesteps", "omega", "trajectory_id", "cond_row")
 RAM_FRACTION = 0.25  # hold x/target in RAM when they take at most this share of physical memory
@@ -101,7 +101,7 @@ class TrajectoryData:
         self.uncond_table = {k: torch.cat(v) for k, v in uncond_parts.items()}  # key -> (V, ...)
         # the null condition: row 0 of the first shard (every shard starts with it)
         self.uncond = {k: v[:1] for k, v in self.uncond_table.items()} or None
-        self.has_negatives = any(map(recorded_negatives, self.manifests))
+        self.has_negatives = any(m.get("config", {}).get("negative_prompts") for m in self.manifests)
         self._timesteps = _common_dtype(parts["timesteps"])            # per shard (N, K)
         self.samples = self._index()                                    # (S, 2) traj, step
         self.sample_shape = tuple(self._shards[0].handle.get_slice("x").get_shape()[2:])

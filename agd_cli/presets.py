@@ -120,7 +120,6 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "train": {
         "lr": _positive, "batch_size": _pos_int, "grad_accum": _pos_int, "steps": _pos_int,
-        "steps_with_negatives": _pos_int,
         "optimizer": _one_of(OPTIMIZERS), "precision": _one_of(DTYPES),
         "gradient_checkpointing": _bool, "warmup_steps": _nonneg_int,
         "val_fraction": _fraction, "checkpoint_every": _pos_int, "keep_checkpoints": _pos_int,

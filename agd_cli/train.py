@@ -41,7 +41,6 @@ from agd_cli.train_output import (
 )
 from agd_cli.train_settings import TrainSettings, lr_at, omega_loss_weight
 from agd_cli.train_setup import (
-    collections_have_negatives,
     locate,
     prepare_denoiser,
     process_accelerator,
@@ -294,7 +293,7 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
     checks.writable_folder(run_path, "the run folder")
     preset_obj = recorded_preset(roots, preset)
     # 2. What: settings checked, and the adapter kind against the family, before weights load
-    settings = TrainSettings.resolve(preset_obj, flags, negatives=collections_have_negatives(roots))
+    settings = TrainSettings.resolve(preset_obj, flags)
     family = FAMILY_CLASSES[preset_obj.family]
     family.check_adapter_kind(family, settings.adapter.kind)  # uses class attributes only
     acc = process_accelerator(device)

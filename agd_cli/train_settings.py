@@ -39,13 +39,9 @@ class TrainSettings:
     adapter: AdapterConfig
 
     @classmethod
-    def resolve(cls, preset: Preset, flags: dict, negatives: bool = False) -> TrainSettings:
-        """Preset defaults overridden by the flags that were given; every value checked.
-        `negatives`: the collection has negative prompts, so the preset's
-        `steps_with_negatives` (where it has one) replaces its `steps`."""
+    def resolve(cls, preset: Preset, flags: dict) -> TrainSettings:
+        """Preset defaults overridden by the flags that were given; every value checked."""
         t = dict(preset.train)
-        if negatives and "steps_with_negatives" in t:
-            t["steps"] = t["steps_with_negatives"]
         for key in ("steps", "batch_size", "grad_accum", "lr", "optimizer", "precision",
                     "gradient_checkpointing", "val_fraction", "checkpoint_every",
                     "keep_checkpoints", "preview_every"):

@@ -67,14 +67,6 @@ def recorded_preset(roots: list[Path], override: str | None) -> Preset:
     return chosen
 
 
-def collections_have_negatives(roots: list[Path]) -> bool:
-    """Whether any of the collections was recorded with negative prompts (read from their
-    manifests, before any trajectory loads)."""
-    from agd_cli.trajectories import TrajectoryStore, recorded_negatives
-
-    return any(recorded_negatives(TrajectoryStore(r).manifest()) for r in roots)
-
-
 def prepare_denoiser(preset: Preset, device: torch.device, settings: TrainSettings):
     """Frozen base in half precision and eval mode, fast attention, fresh fp32 adapters."""
     from agd_cli.families import load_denoiser

@@ -214,12 +214,6 @@ class TrajectoryStore:
 
 
 # --- which trajectories, and their seeded ω, noise and negative (no model needed) -------------
-def recorded_negatives(manifest: dict) -> bool:
-    """Whether a collection's manifest records a negative prompt list (CFG's unconditional
-    branch drawn from it); collections from before negatives have none."""
-    return bool(manifest.get("config", {}).get("negative_prompts"))
-
-
 def keep_indices(steps: int, keep: int) -> list[int]:
     """A spread subset of `keep` step indices out of `steps`, always including the first."""
     import torch

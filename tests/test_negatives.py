@@ -378,31 +378,6 @@ def test_preset_budget_for_negatives_applies_only_with_a_list(tmp_path):
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-def test_preset_training_budget_for_negatives_applies_only_to_such_collections(run, tmp_path):
-    """`[train] steps_with_negatives` replaces `steps` when the collection has negative prompts
-    (mnist: 450 -> 900); --steps still wins; without negatives or without the key, `steps`."""
-    from agd_cli.train_settings import TrainSettings
-    from agd_cli.train_setup import collections_have_negatives
-
-    mnist = load_preset("mnist")
-    assert (mnist.train["steps"], mnist.train["steps_with_negatives"]) == (450, 900)
-    assert TrainSettings.resolve(mnist, {}).steps == 450
-    assert TrainSettings.resolve(mnist, {}, negatives=True).steps == 900
-    assert TrainSettings.resolve(mnist, {"steps": 7}, negatives=True).steps == 7
-    tiny = load_preset("tiny-sd")
-    assert TrainSettings.resolve(tiny, {}, negatives=True).steps == tiny.train["steps"]
-    assert collections_have_negatives([run / "trajectories"])
-    # end to end: a preset with its own budget for negatives trains that many steps
-    text = (Path(__file__).resolve().parents[1] / "presets" / "tiny-sd.toml").read_text(encoding="utf-8")
-    toml = tmp_path / "tiny-neg.toml"
-    toml.write_text(text.replace('name = "tiny-sd"', 'name = "tiny-neg"')
-                    .replace("steps = 200", "steps = 2\nsteps_with_negatives = 3"), encoding="utf-8")
-    (tmp_path / "r").mkdir()
-    s = run_train(data=[str(run)], run=str(tmp_path / "r"), preset=str(toml), batch_size=8,
-                  device="cpu", workdir=str(tmp_path))
-    assert s["steps"] == 3
-
-
 def test_preset_budget_for_negatives_is_checked(tmp_path):
     from agd_cli.errors import InputError
     from agd_cli.presets import load_preset as load
@@ -412,10 +387,6 @@ def test_preset_budget_for_negatives_is_checked(tmp_path):
     bad.write_text(text.replace("num_per_prompt_with_negatives = 32",
                                 "num_per_prompt_with_negatives = 0"), encoding="utf-8")
     with pytest.raises(InputError, match="num_per_prompt_with_negatives"):
-        load(str(bad))
-    bad.write_text(text.replace("steps_with_negatives = 900", "steps_with_negatives = -1"),
-                   encoding="utf-8")
-    with pytest.raises(InputError, match="steps_with_negatives"):
         load(str(bad))
 
 

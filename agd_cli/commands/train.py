@@ -15,8 +15,7 @@ from agd_cli.commands import DEVICE_HELP, common_options, deprecated_alias
               help="A collection (run folder or its trajectories/); repeat to train on several.")
 @click.option("--preset", help="Preset name or TOML: the base and settings to use (default: the "
                                 "collection's).")
-@click.option("--steps", type=int, help="Optimizer steps [preset; on a collection with negative "
-                                               "prompts its steps_with_negatives where set].")
+@click.option("--steps", type=int, help="Optimizer steps (preset default).")
 @click.option("--batch-size", type=int, help="Samples per micro-batch, split across processes.")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, help="Peak learning rate (linear warmup, then cosine).")
