@@ -35,14 +35,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 
-def build(name: str, meta: bool = False):
-    """A denoiser with random weights (mnist: the shipped teacher), plus fresh adapters."""
+def build(name: str, meta: bool = False, device: str = "cpu", dtype: str = "fp32"):
+    """A denoiser with random weights (mnist: the shipped teacher), plus fresh adapters, on
+    `device` in `dtype` (the adapters in the base's dtype, as `agd generate` loads them)."""
     import contextlib
 
     import torch
 
     from agd_cli.families import FAMILY_CLASSES, load_denoiser
-    from agd_cli.families.base import _seeded
+    from agd_cli.families.base import TORCH_DTYPES, _seeded
     from agd_cli.presets import load_preset
 
     preset_name, _, res = name.partition("@")
@@ -50,12 +51,13 @@ def build(name: str, meta: bool = False):
     if res:
         preset.resolution = int(res)
     arch = preset.architecture
-    device = torch.device("meta" if meta else "cpu")
+    device = torch.device("meta" if meta else device)
     if not (arch.get("unet") or arch.get("transformer")):  # a shipped model: load it
-        den = load_denoiser(preset, device=device)
+        den = load_denoiser(preset, device=device, dtype=dtype)
     else:
         cls = FAMILY_CLASSES[preset.family]
-        with torch.device("meta") if meta else contextlib.nullcontext():
+        # built where it runs (a real-size base initialises in seconds on a GPU, minutes on a CPU)
+        with torch.device("meta") if meta else torch.device(device):
             if preset.family == "dit":
                 from diffusers import DiTTransformer2DModel
 
@@ -64,11 +66,12 @@ def build(name: str, meta: bool = False):
                 from diffusers import UNet2DConditionModel
 
                 model = _seeded(lambda: UNet2DConditionModel(**arch["unet"]))
-        den = cls(preset, model, {}, arch["scheduler"], device, torch.float32,
+        model = model.to(device, TORCH_DTYPES[dtype])
+        den = cls(preset, model, {}, arch["scheduler"], device, TORCH_DTYPES[dtype],
                   preset.base_source(random_weights=True), arch.get("vae"))
     with torch.device("meta") if meta else contextlib.nullcontext():
         aset = den.new_adapters()
-    aset.requires_grad_(False).eval()
+    aset.to(den.dtype).requires_grad_(False).eval()
     return den, aset
 
 
@@ -78,7 +81,8 @@ def inputs(den, batch: int) -> tuple:
 
     g = torch.Generator().manual_seed(0)
     meta = den.device.type == "meta"
-    rand = lambda *shape: torch.empty(*shape, device="meta") if meta else torch.randn(*shape, generator=g)  # noqa: E731
+    rand = lambda *shape: (torch.empty(*shape, device="meta") if meta else  # noqa: E731
+                           torch.randn(*shape, generator=g).to(den.device, den.dtype))
     x = rand(batch, *den.latent_shape())
     c = den.model.config
     if den.family == "dit":
@@ -143,13 +147,14 @@ def time_round(den, aset, x, t, cond, x2, cond2, cache) -> dict:
     return sample
 
 
-def measure(name: str, repeats: int, batch: int, flops_only: bool = False) -> dict:
+def measure(name: str, repeats: int, batch: int, flops_only: bool = False,
+            device: str = "cpu", dtype: str = "fp32") -> dict:
     """Median seconds per forward of each variant, FLOPs, and the derived overheads."""
     import torch
 
     from agd_cli.families.base import cond_cat
 
-    den, aset = build(name, meta=flops_only)
+    den, aset = build(name, meta=flops_only, device=device, dtype=dtype)
     x, t, cond = inputs(den, batch)
     x2, cond2 = torch.cat([x, x]), cond_cat([cond, cond])
     times: dict[str, list[tuple[float, float]]] = {}
@@ -164,7 +169,7 @@ def measure(name: str, repeats: int, batch: int, flops_only: bool = False) -> di
         aset.detach()
         den.adapters = None
         flops["base"] = count_flops(lambda: den.forward(x, t, cond))
-    out = {"model": name, "family": den.family, "latent": list(den.latent_shape()), "batch": batch,
+    out = {"model": name, "family": den.family, "device": str(den.device), "dtype": dtype, "latent": list(den.latent_shape()), "batch": batch,
            "repeats": 0 if flops_only else repeats,
            "adapter_params": sum(p.numel() for p in aset.parameters()),
            "base_params": sum(p.numel() for p in den.model.parameters()), "flops": flops,
@@ -190,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--flops-only", action="store_true",
                     help="count FLOPs on the meta device (real sizes, no timing)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                    help="the base's dtype [fp32 on the CPU, bf16 on CUDA: as agd runs them]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     import torch
@@ -200,19 +208,23 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     rows = []
     # real-size bases are slow to time on a CPU: their FLOPs come from --flops-only
     for name in args.preset or ["mnist", "tiny-sd", "tiny-sdxl", "tiny-dit"]:
         for batch in args.batch or [1, 16]:
-            rows.append(measure(name, args.repeats, batch, args.flops_only))
+            rows.append(measure(name, args.repeats, batch, args.flops_only, args.device, dtype))
             if not args.json:
                 _print_row(rows[-1])
     if args.json:
-        print(json.dumps({"threads": torch.get_num_threads(), "results": rows}, indent=2))
+        print(json.dumps({"threads": torch.get_num_threads(), "device": args.device,
+                          "gpu": torch.cuda.get_device_name(args.device)
+                          if args.device.startswith("cuda") else None, "results": rows}, indent=2))
 
 
 def _print_row(r: dict) -> None:
-    print(f"{r['model']} latent {tuple(r['latent'])} batch {r['batch']}, {r['repeats']} repeats, "
+    print(f"{r['model']} ({r['device']}, {r['dtype']}) latent {tuple(r['latent'])} batch {r['batch']}, "
+          f"{r['repeats']} repeats, "
           f"adapters {r['adapter_params'] / 1e6:.3f}M / base {r['base_params'] / 1e6:.1f}M, "
           f"FLOPs base {r['flops']['base'] / 1e9:.3f} G, adapters +{r['adapter_flops_pct']:.2f}% "
           f"(uncached +{r['uncached_flops_pct']:.2f}%)")

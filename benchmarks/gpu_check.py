@@ -63,10 +63,13 @@ def stage(name: str, device, run):
     summary = run()
     if cuda:
         torch.cuda.synchronize(device)
-    return {"wall_seconds": round(time.perf_counter() - t0, 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GiB, 2) if cuda else None,
-            "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 2) if cuda else None,
-            "summary": summary}
+    out = {"wall_seconds": round(time.perf_counter() - t0, 2),
+           "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GiB, 2) if cuda else None,
+           "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 2) if cuda else None,
+           "summary": summary}
+    # each stage's figures as soon as it ends: a run stopped later still tells what it measured
+    print(f"[gpu_check] {name} done: {json.dumps(out, default=str)}", file=sys.stderr, flush=True)
+    return out
 
 
 def run_stages(preset_name: str, device: str, workdir: Path, train_steps: int,
