@@ -173,27 +173,52 @@ class PreparedAttention:
     """A cross-attention adapter's work on the context tokens that stay fixed over a sampling
     run (all but t's), done once per run. `folded`: the query and output maps are folded into
     the keys and values (scores = hidden·M, output = softmax·VW), which costs fewer FLOPs when
-    the block is narrow (heads·L·C < hidden·(C + L)); otherwise plain keys and values."""
+    the block is narrow (heads·L·C < hidden·(C + L)); otherwise plain keys and values, held in
+    one buffer [K | gain·V] so that a step writes t's key and value with one copy."""
 
     folded: bool
-    keys: torch.Tensor    # K (B, Lc, h) | M = Wq_hᵀ·K_hᵀ/√d (B, C, H, Lc)
-    values: torch.Tensor  # gain·V (B, Lc, h) | gain·(V_h·Wo_hᵀ + b/H) (B, H, Lc, C)
+    keys: torch.Tensor    # [K | gain·V] (B, Lc, 2h) | M = Wq_hᵀ·K_hᵀ/√d (B, C, H, Lc)
+    values: torch.Tensor  # the same buffer | gain·(V_h·Wo_hᵀ + b/H) (B, H, Lc, C)
     bias: torch.Tensor    # gain·b (B, 1, C) | gain·b/H (B, 1, 1, C)
+    gain: torch.Tensor    # (B, 1, 1)
     t_keys: torch.Tensor     # t's embedding -> its key: Wk (h, D) | its column of M (C·H, D)
     t_values: torch.Tensor   # t's embedding -> its value: Wv (h, D) | its rows of VW (H·C, D)
-    key_table: torch.Tensor | None = None    # t_keys applied to every timestep of the run (S, ·)
-    value_table: torch.Tensor | None = None  # t_values likewise
+    key_table: torch.Tensor | None = None    # t's slot-0 entries at every step of the run,
+    value_table: torch.Tensor | None = None  # gained and shaped as `write_time` stores them
+
+    def __post_init__(self) -> None:  # slot 0's views, written in place by every step
+        self.key_slot = self.keys[..., 0] if self.folded else self.keys[:, 0]
+        self.value_slot = self.values[:, :, :1] if self.folded else None
+
+
+    def time_entries(self, t: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t's slot-0 entries for t's embeddings (…, D) and gains g (broadcastable to t's
+        leading shape): plain [key | g·value] and an unused second; folded the key column
+        (…, C, H) and the value rows g·value + b/H·gain (…, H, 1, C)."""
+        key, value = t @ self.t_keys.T, t @ self.t_values.T
+        if not self.folded:
+            lead = torch.broadcast_shapes(key.shape[:-1], g.shape)
+            entry = torch.cat([key.expand(*lead, -1), g[..., None] * value], dim=-1)
+            return entry, entry
+        heads, dim = self.values.shape[1], self.values.shape[-1]
+        value = value.view(*value.shape[:-1], heads, 1, dim) * g[..., None, None, None]
+        return key.view(*key.shape[:-1], dim, heads), value + self.bias
 
     def tabulate(self, times: torch.Tensor) -> None:
-        """Apply the t maps to the embeddings (S, D) of all the run's timesteps at once."""
-        self.key_table, self.value_table = times @ self.t_keys.T, times @ self.t_values.T
+        """t's entries for the embeddings (S, D) of all the run's timesteps at once, (S, B, …)."""
+        self.key_table, self.value_table = self.time_entries(times[:, None], self.gain.view(1, -1))
 
-    def time_parts(self, ctx: AgdContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """t's key and (ungained) value for this call, (B or 1, ·), from the tables if it can."""
+    def write_time(self, ctx: AgdContext) -> None:
+        """Write this call's t entries into slot 0 of the run's key/value buffers (used
+        without autograd): from the tables when the call is at one of the run's steps."""
         if ctx.step is not None and self.key_table is not None:
-            return self.key_table[ctx.step][None], self.value_table[ctx.step][None]
-        t = ctx.tokens[:, SharedConditioning.TIME_TOKEN]  # (B, D)
-        return F.linear(t, self.t_keys), F.linear(t, self.t_values)
+            key, value = self.key_table.select(0, ctx.step), self.value_table.select(0, ctx.step)
+        else:  # per-sample timesteps, or one the run did not tabulate: t's token, per sample
+            t = ctx.tokens[:, SharedConditioning.TIME_TOKEN]  # (B, D)
+            key, value = self.time_entries(t, self.gain.view(-1))
+        self.key_slot.copy_(key)  # plain: [key | gain·value] in one copy
+        if self.folded:
+            self.value_slot.copy_(value)
 
 
 class CrossAttentionAdapter(nn.Module):
@@ -224,7 +249,8 @@ class CrossAttentionAdapter(nn.Module):
         slot = lambda y, axis: torch.cat([torch.zeros_like(y.narrow(axis, 0, 1)), y], axis)  # noqa: E731
         k, v = self.k(tokens), self.v(tokens)  # (B, Lc, h)
         if heads * length * dim >= h * (dim + length):
-            return PreparedAttention(False, slot(k, 1), slot(gain * v, 1), gain * self.out.bias,
+            kv = slot(torch.cat([k, gain * v], dim=-1), 1)
+            return PreparedAttention(False, kv, kv, gain * self.out.bias, gain,
                                      self.k.weight, self.v.weight)
         wq = self.q.weight.view(heads, d, dim)  # (H, d, C)
         wo = self.out.weight.view(dim, heads, d)  # (C, H, d)
@@ -235,34 +261,33 @@ class CrossAttentionAdapter(nn.Module):
         return PreparedAttention(
             True, slot(torch.einsum("hdc,blhd->bchl", wq, kh) * scale, 3),
             slot(g * (torch.einsum("blhd,chd->bhlc", vh, wo) + per_head_bias), 2),
-            g * per_head_bias,
+            g * per_head_bias, gain,
             torch.einsum("hdc,hde->che", wq, self.k.weight.view(heads, d, -1)).reshape(dim * heads, -1) * scale,
             torch.einsum("chd,hde->hce", wo, self.v.weight.view(heads, d, -1)).reshape(heads * dim, -1))
 
     def apply(self, hidden: torch.Tensor, ctx: AgdContext, prep: PreparedAttention,
               residual: torch.Tensor) -> torch.Tensor:
-        """residual + gain·adapter(hidden), from `prep` and this call's t token: equal to the
-        forward within float rounding. Writes t's key and value into `prep`'s slot 0 (the run's
-        own buffers, used without autograd) instead of concatenating per step."""
+        """residual + gain·adapter(hidden), from `prep` and this call's t: equal to the forward
+        within float rounding, in as few kernels as it can (each costs a launch on a GPU)."""
         x = hidden.to(prep.values.dtype)
         b, n, dim = x.shape[0], x.shape[1], self.out.out_features
-        key_t, value_t = prep.time_parts(ctx)
-        keys, values = prep.keys, prep.values
+        prep.write_time(ctx)
+        fused = residual.dtype == x.dtype and residual.shape == (b, n, dim) and residual.is_contiguous()
         if not prep.folded:
-            keys[:, 0] = key_t
-            values[:, 0] = ctx.gain[:, 0] * value_t
-            split = lambda y: y.view(b, -1, self.heads, y.shape[-1] // self.heads).transpose(1, 2)  # noqa: E731
-            a = F.scaled_dot_product_attention(split(self.q(x)), split(keys), split(values))
-            delta = F.linear(a.transpose(1, 2).reshape(b, n, -1), self.out.weight) + prep.bias
+            h = prep.keys.shape[-1] // 2
+            split = lambda y: y.view(b, -1, self.heads, h // self.heads).transpose(1, 2)  # noqa: E731
+            a = F.scaled_dot_product_attention(split(F.linear(x, self.q.weight)),
+                                               split(prep.keys[..., :h]), split(prep.keys[..., h:]))
+            a = a.transpose(1, 2).reshape(b * n, h)
+            if fused:  # residual + a·Woᵀ in one kernel, then the gained bias
+                return torch.addmm(residual.view(b * n, dim), a, self.out.weight.T).view(b, n, dim).add_(prep.bias)
+            delta = F.linear(a, self.out.weight).view(b, n, dim) + prep.bias
             return residual + delta.to(residual.dtype)
-        keys[..., 0] = key_t.view(-1, dim, self.heads)
-        values[:, :, :1] = torch.addcmul(prep.bias, value_t.view(-1, self.heads, 1, dim),
-                                         ctx.gain[..., None])
-        scores = torch.bmm(x, keys.view(b, dim, -1)).view(b, n, self.heads, -1)  # (B, N, H, L)
+        scores = torch.bmm(x, prep.keys.view(b, dim, -1)).view(b, n, self.heads, -1)  # (B, N, H, L)
         attn = scores.softmax(-1, dtype=torch.float32).to(x.dtype).view(b, n, -1)
-        if residual.dtype == x.dtype and residual.shape == (b, n, dim):
-            return torch.baddbmm(residual, attn, values.view(b, -1, dim))
-        return residual + torch.bmm(attn, values.view(b, -1, dim)).to(residual.dtype)
+        if fused:
+            return torch.baddbmm(residual, attn, prep.values.view(b, -1, dim))
+        return residual + torch.bmm(attn, prep.values.view(b, -1, dim)).to(residual.dtype)
 
 
 class OffsetAdapter(nn.Module):
@@ -275,6 +300,33 @@ class OffsetAdapter(nn.Module):
 
     def forward(self, hidden: torch.Tensor, ctx: AgdContext) -> torch.Tensor:
         return self.net(ctx.vector)[:, None, :]  # (B, 1, C), broadcast over tokens
+
+    # --- a sampling run: the offset depends on (ω, t, condition) alone, so each step's offset
+    # is computed for the whole run at once and a step adds one row ----------------------------
+    def prepare(self, vector: torch.Tensor, gain: torch.Tensor) -> PreparedOffset:
+        return PreparedOffset(self.net, vector, gain)
+
+    def apply(self, hidden: torch.Tensor, ctx: AgdContext, prep: PreparedOffset,
+              residual: torch.Tensor) -> torch.Tensor:
+        if ctx.step is not None and prep.table is not None:
+            offset = prep.table.select(0, ctx.step)  # (B, 1, C), gained
+        else:
+            offset = ctx.gain * self(hidden, ctx)
+        return residual + offset.to(residual.dtype)
+
+
+@dataclass
+class PreparedOffset:
+    """An offset adapter's run: the constant (ω, condition) vector (B, D) and gain (B, 1, 1);
+    `tabulate` makes gain·offset for every timestep of the run, (S, B, 1, C)."""
+
+    net: nn.Module
+    vector: torch.Tensor
+    gain: torch.Tensor
+    table: torch.Tensor | None = None
+
+    def tabulate(self, times: torch.Tensor) -> None:
+        self.table = self.gain[None] * self.net(self.vector[None] + times[:, None])[:, :, None]
 
 
 ADAPTER_CLASSES = {"cross_attention": CrossAttentionAdapter, "offset": OffsetAdapter}

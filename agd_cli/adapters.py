@@ -110,7 +110,10 @@ class ContextCache:
 
     def get(self, key: tuple, inputs: dict) -> AgdContext | None:
         if (self.constant is None or key != self.key or inputs.keys() != self.inputs.keys()
-                or any(v is not self.inputs[k] for k, v in inputs.items())
+                # tensors by identity (and version, below); plain values (ω as a float) are in
+                # the key by value: an equal float need not be the same object
+                or any(v is not self.inputs[k] for k, v in inputs.items()
+                       if isinstance(v, torch.Tensor))
                 or self.versions != _versions(inputs)):
             return None
         return self.constant
@@ -246,8 +249,9 @@ class AdapterSet(nn.Module):
             w, negative = self._inputs(omega, batch, device, negative)
             const = self.shared.constant(w, cond, negative)
             const.prepared = {block: block.prepare(const.tokens, const.gain)
-                              for block in self.blocks.values()
-                              if isinstance(block, CrossAttentionAdapter)}
+                              if isinstance(block, CrossAttentionAdapter) else
+                              block.prepare(const.vector, const.gain)
+                              for block in self.blocks.values()}
             times = None
             if cache.timesteps is not None:  # t's token and each block's t work, all steps at once
                 times = self.shared.time_embedding(cache.timesteps.to(p.device)).to(const.tokens.dtype)

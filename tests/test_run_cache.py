@@ -114,3 +114,46 @@ def test_sampling_run_matches_a_step_by_step_loop(den, mode, nfe):
                 out = den.predict(x, t, cond)
             x = sched.step(out.float(), t, x, return_dict=False)[0]
     assert (res.x - x).abs().max() < 1e-4
+
+
+VIEW_OPS = {"view", "_unsafe_view", "select", "slice", "transpose", "t", "permute", "expand",
+            "unsqueeze", "squeeze", "as_strided", "alias", "detach", "diagonal", "narrow"}
+
+
+def _kernel_ops(fn) -> int:
+    """Aten calls that launch work (a kernel on a GPU), views and metadata ops left out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in VIEW_OPS:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@torch.no_grad()
+def test_a_cached_step_costs_each_adapter_few_kernels(den):
+    """In a sampling run each step's adapter work per site is a handful of kernels (t's slot
+    write, then the attention or the offset row), since every kernel costs a launch on a GPU:
+    cross-attention ≤ 5, offset 1, beyond a few per call for t's row."""
+    x = torch.randn(2, *den.latent_shape(), generator=torch.Generator().manual_seed(2))
+    cond = den.encode(_prompts(den, True)[:2])
+    uncond = den.encode_negative(None)
+    cache = ContextCache(timesteps=torch.tensor([900, 500]))
+    den.predict(x, 900, cond, omega=3.0, negative=uncond, cache=cache)  # the run's first step
+    step = _kernel_ops(lambda: den.predict(x, 500, cond, omega=3.0, negative=uncond, cache=cache))
+    adapters = den.adapters
+    adapters.enabled = False
+    try:
+        base = _kernel_ops(lambda: den.predict(x, 500, cond))
+    finally:
+        adapters.enabled = True
+    per_site = 1 if den.family == "dit" else 5
+    assert cache.computed == 1
+    assert step - base <= per_site * len(adapters.sites) + 6, (step, base)
