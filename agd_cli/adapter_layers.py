@@ -183,13 +183,14 @@ class PreparedAttention:
     gain: torch.Tensor    # (B, 1, 1)
     t_keys: torch.Tensor     # t's embedding -> its key: Wk (h, D) | its column of M (C·H, D)
     t_values: torch.Tensor   # t's embedding -> its value: Wv (h, D) | its rows of VW (H·C, D)
-    key_table: torch.Tensor | None = None    # t's slot-0 entries at every step of the run,
-    value_table: torch.Tensor | None = None  # gained and shaped as `write_time` stores them
+    # t's slot-0 entries at every step of the run, gained and shaped as `write_time` stores
+    # them: (S, B, 2h) | (S, 1, C, H) and (S, B, H, 1, C); tens of MB at SDXL's sizes, batch 16
+    key_table: torch.Tensor | None = None
+    value_table: torch.Tensor | None = None
 
     def __post_init__(self) -> None:  # slot 0's views, written in place by every step
         self.key_slot = self.keys[..., 0] if self.folded else self.keys[:, 0]
         self.value_slot = self.values[:, :, :1] if self.folded else None
-
 
     def time_entries(self, t: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t's slot-0 entries for t's embeddings (…, D) and gains g (broadcastable to t's
@@ -280,7 +281,8 @@ class CrossAttentionAdapter(nn.Module):
                                                split(prep.keys[..., :h]), split(prep.keys[..., h:]))
             a = a.transpose(1, 2).reshape(b * n, h)
             if fused:  # residual + a·Woᵀ in one kernel, then the gained bias
-                return torch.addmm(residual.view(b * n, dim), a, self.out.weight.T).view(b, n, dim).add_(prep.bias)
+                out = torch.addmm(residual.view(b * n, dim), a, self.out.weight.T)
+                return out.view(b, n, dim).add_(prep.bias)
             delta = F.linear(a, self.out.weight).view(b, n, dim) + prep.bias
             return residual + delta.to(residual.dtype)
         scores = torch.bmm(x, prep.keys.view(b, dim, -1)).view(b, n, self.heads, -1)  # (B, N, H, L)
