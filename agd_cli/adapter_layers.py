@@ -187,10 +187,21 @@ class PreparedAttention:
     # them: (S, B, 2h) | (S, 1, C, H) and (S, B, H, 1, C); tens of MB at SDXL's sizes, batch 16
     key_table: torch.Tensor | None = None
     value_table: torch.Tensor | None = None
+    heads: int = 1
 
-    def __post_init__(self) -> None:  # slot 0's views, written in place by every step
-        self.key_slot = self.keys[..., 0] if self.folded else self.keys[:, 0]
-        self.value_slot = self.values[:, :, :1] if self.folded else None
+    def __post_init__(self) -> None:
+        """The views every step reads and writes, made once per run: each view op a step
+        skips is one dispatch less, and a GPU at batch 1 waits on dispatch, not arithmetic."""
+        b = self.keys.shape[0]
+        if self.folded:
+            self.key_slot, self.value_slot = self.keys[..., 0], self.values[:, :, :1]
+            self.key_matrix = self.keys.view(b, self.keys.shape[1], -1)  # (B, C, H·L)
+            self.value_matrix = self.values.view(b, -1, self.values.shape[-1])  # (B, H·L, C)
+            return
+        h = self.keys.shape[-1] // 2
+        heads = lambda y: y.view(b, -1, self.heads, h // self.heads).transpose(1, 2)  # noqa: E731
+        self.key_slot, self.value_slot = self.keys[:, 0], None
+        self.key_heads, self.value_heads = heads(self.keys[..., :h]), heads(self.keys[..., h:])
 
     def time_entries(self, t: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t's slot-0 entries for t's embeddings (…, D) and gains g (broadcastable to t's
@@ -213,11 +224,13 @@ class PreparedAttention:
         """Write this call's t entries into slot 0 of the run's key/value buffers (used
         without autograd): from the tables when the call is at one of the run's steps."""
         if ctx.step is not None and self.key_table is not None:
-            key, value = self.key_table.select(0, ctx.step), self.value_table.select(0, ctx.step)
-        else:  # per-sample timesteps, or one the run did not tabulate: t's token, per sample
-            t = ctx.tokens[:, SharedConditioning.TIME_TOKEN]  # (B, D)
-            key, value = self.time_entries(t, self.gain.view(-1))
-        self.key_slot.copy_(key)  # plain: [key | gain·value] in one copy
+            self.key_slot.copy_(self.key_table[ctx.step])  # plain: [key | gain·value], one copy
+            if self.folded:
+                self.value_slot.copy_(self.value_table[ctx.step])
+            return
+        # per-sample timesteps, or one the run did not tabulate: t's token, per sample
+        key, value = self.time_entries(ctx.tokens[:, SharedConditioning.TIME_TOKEN], self.gain.view(-1))
+        self.key_slot.copy_(key)
         if self.folded:
             self.value_slot.copy_(value)
 
@@ -252,7 +265,7 @@ class CrossAttentionAdapter(nn.Module):
         if heads * length * dim >= h * (dim + length):
             kv = slot(torch.cat([k, gain * v], dim=-1), 1)
             return PreparedAttention(False, kv, kv, gain * self.out.bias, gain,
-                                     self.k.weight, self.v.weight)
+                                     self.k.weight, self.v.weight, heads=heads)
         wq = self.q.weight.view(heads, d, dim)  # (H, d, C)
         wo = self.out.weight.view(dim, heads, d)  # (C, H, d)
         kh, vh = k.view(*k.shape[:2], heads, d), v.view(*v.shape[:2], heads, d)
@@ -264,32 +277,33 @@ class CrossAttentionAdapter(nn.Module):
             slot(g * (torch.einsum("blhd,chd->bhlc", vh, wo) + per_head_bias), 2),
             g * per_head_bias, gain,
             torch.einsum("hdc,hde->che", wq, self.k.weight.view(heads, d, -1)).reshape(dim * heads, -1) * scale,
-            torch.einsum("chd,hde->hce", wo, self.v.weight.view(heads, d, -1)).reshape(heads * dim, -1))
+            torch.einsum("chd,hde->hce", wo, self.v.weight.view(heads, d, -1)).reshape(heads * dim, -1),
+            heads=heads)
 
     def apply(self, hidden: torch.Tensor, ctx: AgdContext, prep: PreparedAttention,
               residual: torch.Tensor) -> torch.Tensor:
         """residual + gain·adapter(hidden), from `prep` and this call's t: equal to the forward
-        within float rounding, in as few kernels as it can (each costs a launch on a GPU)."""
+        within float rounding, in as few kernels and views as it can (each costs a dispatch,
+        and on a GPU a launch)."""
         x = hidden.to(prep.values.dtype)
         b, n, dim = x.shape[0], x.shape[1], self.out.out_features
         prep.write_time(ctx)
         fused = residual.dtype == x.dtype and residual.shape == (b, n, dim) and residual.is_contiguous()
-        if not prep.folded:
-            h = prep.keys.shape[-1] // 2
-            split = lambda y: y.view(b, -1, self.heads, h // self.heads).transpose(1, 2)  # noqa: E731
-            a = F.scaled_dot_product_attention(split(F.linear(x, self.q.weight)),
-                                               split(prep.keys[..., :h]), split(prep.keys[..., h:]))
-            a = a.transpose(1, 2).reshape(b * n, h)
-            if fused:  # residual + a·Woᵀ in one kernel, then the gained bias
-                out = torch.addmm(residual.view(b * n, dim), a, self.out.weight.T)
-                return out.view(b, n, dim).add_(prep.bias)
-            delta = F.linear(a, self.out.weight).view(b, n, dim) + prep.bias
-            return residual + delta.to(residual.dtype)
-        scores = torch.bmm(x, prep.keys.view(b, dim, -1)).view(b, n, self.heads, -1)  # (B, N, H, L)
-        attn = scores.softmax(-1, dtype=torch.float32).to(x.dtype).view(b, n, -1)
-        if fused:
-            return torch.baddbmm(residual, attn, prep.values.view(b, -1, dim))
-        return residual + torch.bmm(attn, prep.values.view(b, -1, dim)).to(residual.dtype)
+        if prep.folded:
+            scores = torch.bmm(x, prep.key_matrix).view(b, n, self.heads, -1)  # (B, N, H, L)
+            attn = scores.softmax(-1, dtype=torch.float32).to(x.dtype).view(b, n, -1)
+            if fused:
+                return torch.baddbmm(residual, attn, prep.value_matrix)
+            return residual + torch.bmm(attn, prep.value_matrix).to(residual.dtype)
+        h = self.q.out_features
+        q = F.linear(x, self.q.weight).view(b, n, self.heads, h // self.heads).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, prep.key_heads, prep.value_heads)
+        a = a.transpose(1, 2).reshape(b * n, h)
+        if fused:  # residual + a·Woᵀ in one kernel, then the gained bias
+            out = torch.addmm(residual.view(b * n, dim), a, self.out.weight.T)
+            return out.view(b, n, dim).add_(prep.bias)
+        delta = F.linear(a, self.out.weight).view(b, n, dim) + prep.bias
+        return residual + delta.to(residual.dtype)
 
 
 class OffsetAdapter(nn.Module):
