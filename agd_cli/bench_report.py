@@ -120,8 +120,28 @@ def print_speed_table(report: dict) -> None:
     console().print(t)
     for part in parts:
         ui.info(part["meaning"] + ".", style="dim")
+    for note in idle_device_notes(parts, key):
+        ui.info(note, style="yellow")
     flops = report["adapter_overhead"]
     ui.info("adapter FLOPs per step: " + ", ".join(
         f"+{v['adapter_flops_pct']:.2f} % at batch {b}" for b, v in flops["by_batch"].items())
         + f" of the base ({flops['params_pct']:.1f} % of its parameters)", style="dim")
 
+
+def idle_device_notes(parts: list[dict], key: str = "seconds_per_image") -> list[str]:
+    """Why agd saves little at a batch where CFG's second row is nearly free: the device is
+    not busy there (per-call and per-kernel costs set the time, not arithmetic; an H200 runs
+    SDXL at 1024² so up to batch 4), and what one pass per step then costs is its extra kernels."""
+    notes = []
+    for part in parts:
+        ms = part["methods"]
+        if "unguided" not in ms or "cfg" not in ms or "agd" not in ms:
+            continue
+        pair = ms["cfg"][key] / ms["unguided"][key]
+        if pair < 1.5:
+            notes.append(f"batch {part['batch_size']}: CFG's batched pair costs only {pair:.2f} × "
+                         f"one pass here, so the device is not busy at this batch and one pass "
+                         f"per step saves little (agd/CFG {ms['agd'][key] / ms['cfg'][key]:.2f}); "
+                         f"it pays off where the device is busy: larger batches or images (on a "
+                         f"GPU, also a smaller card).")
+    return notes

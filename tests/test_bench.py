@@ -330,3 +330,20 @@ def test_paired_difference_of_quality_scores():
     lo, hi = v["accuracy_points_ci95"]
     assert v["accuracy_points"] == -50 and lo < -50 < hi < 0
     assert v["fid_ci95"][0] < v["fid"] < v["fid_ci95"][1]
+
+
+def test_idle_device_note_only_where_cfgs_pair_is_nearly_free():
+    from agd_cli.bench_report import idle_device_notes
+
+    def part(batch, cfg, agd, unguided=1.0):
+        return {"batch_size": batch, "methods": {"cfg": {"seconds_per_image": cfg},
+                                                 "agd": {"seconds_per_image": agd},
+                                                 "unguided": {"seconds_per_image": unguided}}}
+
+    # the H200's sdxl figures: batch 1 latency-bound (pair 1.00 ×), batch 16 busy (1.74 ×)
+    notes = idle_device_notes([part(1, 1.49, 1.77, 1.49), part(16, 0.815, 0.475, 0.468)])
+    assert len(notes) == 1 and notes[0].startswith("batch 1:") and "1.00 ×" in notes[0]
+    assert "agd/CFG 1.19" in notes[0]
+    assert idle_device_notes([part(1, 1.9, 1.05)]) == []  # a busy device: nothing to explain
+    assert idle_device_notes([{"batch_size": 1, "methods": {"cfg": {"seconds_per_image": 1.0},
+                                                            "agd": {"seconds_per_image": 1.0}}}]) == []
