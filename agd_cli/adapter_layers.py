@@ -255,9 +255,10 @@ class CrossAttentionAdapter(nn.Module):
         return self.out(a.transpose(1, 2).reshape(b, n, -1))
 
     # --- a sampling run: the constant tokens' work once, then only t's token per step ---------
-    def prepare(self, tokens: torch.Tensor, gain: torch.Tensor) -> PreparedAttention:
-        """The run-constant part for constant context `tokens` (B, Lc, D) and `gain` (B, 1, 1);
+    def prepare(self, const: AgdContext) -> PreparedAttention:
+        """The run-constant part for the constant context (tokens (B, Lc, D), gain (B, 1, 1));
         key/value slot 0 is left for t's token, written by every step (`apply`)."""
+        tokens, gain = const.tokens, const.gain
         heads, (dim, h) = self.heads, self.out.weight.shape
         d, length = h // heads, tokens.shape[1] + 1  # + t's token
         slot = lambda y, axis: torch.cat([torch.zeros_like(y.narrow(axis, 0, 1)), y], axis)  # noqa: E731
@@ -319,8 +320,8 @@ class OffsetAdapter(nn.Module):
 
     # --- a sampling run: the offset depends on (ω, t, condition) alone, so each step's offset
     # is computed for the whole run at once and a step adds one row ----------------------------
-    def prepare(self, vector: torch.Tensor, gain: torch.Tensor) -> PreparedOffset:
-        return PreparedOffset(self.net, vector, gain)
+    def prepare(self, const: AgdContext) -> PreparedOffset:
+        return PreparedOffset(self.net, const.vector, const.gain)
 
     def apply(self, hidden: torch.Tensor, ctx: AgdContext, prep: PreparedOffset,
               residual: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,6 @@ from agd_cli.adapter_file import AdapterFile, adapter_metadata, read_adapter_fil
 from agd_cli.adapter_layers import (
     ADAPTER_CLASSES,
     AgdContext,
-    CrossAttentionAdapter,
     SharedConditioning,
     Site,
 )
@@ -248,10 +247,7 @@ class AdapterSet(nn.Module):
             self.check_sites()
             w, negative = self._inputs(omega, batch, device, negative)
             const = self.shared.constant(w, cond, negative)
-            const.prepared = {block: block.prepare(const.tokens, const.gain)
-                              if isinstance(block, CrossAttentionAdapter) else
-                              block.prepare(const.vector, const.gain)
-                              for block in self.blocks.values()}
+            const.prepared = {block: block.prepare(const) for block in self.blocks.values()}
             times = None
             if cache.timesteps is not None:  # t's token and each block's t work, all steps at once
                 times = self.shared.time_embedding(cache.timesteps.to(p.device)).to(const.tokens.dtype)

@@ -169,7 +169,8 @@ def measure(name: str, repeats: int, batch: int, flops_only: bool = False,
         aset.detach()
         den.adapters = None
         flops["base"] = count_flops(lambda: den.forward(x, t, cond))
-    out = {"model": name, "family": den.family, "device": str(den.device), "dtype": dtype, "latent": list(den.latent_shape()), "batch": batch,
+    out = {"model": name, "family": den.family, "device": str(den.device), "dtype": dtype,
+           "latent": list(den.latent_shape()), "batch": batch,
            "repeats": 0 if flops_only else repeats,
            "adapter_params": sum(p.numel() for p in aset.parameters()),
            "base_params": sum(p.numel() for p in den.model.parameters()), "flops": flops,

@@ -16,8 +16,8 @@ memory and speed are those of the real model; the images are noise.
     python benchmarks/gpu_check.py --device cuda:1 --out check.json --bench-steps 50
     python benchmarks/gpu_check.py --preset tiny-sdxl --device cpu   # a dry run of the code
 
-CI never runs it (no GPU there); on an H200 the stages took 36 + 69 + 25 + 121 s. On the CPU the memory
-figures are left out (null): only a dry run of the stages.
+CI never runs it (no GPU there); on an H200 the stages took 36 + 69 + 25 + 121 s. On the CPU
+the memory figures are left out (null): only a dry run of the stages.
 """
 
 from __future__ import annotations
