@@ -43,10 +43,14 @@ class AdapterFile:
                 raw = f.metadata() or {}
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
             raise _unreadable(path, e) from None
+        if str(raw.get("format", "")).startswith("agd-adapter/") and raw["format"] != FORMAT:
+            raise DataError(f"{path} is an agd adapter file of format '{raw['format']}'; this agd "
+                            f"reads '{FORMAT}'",
+                            hint="use the agd version that wrote it (`pip install -U agd`), or retrain")
         if raw.get("format") != FORMAT:
             raise DataError(f"{path} is not an agd adapter file (no agd metadata)",
                             hint="pass a file written by `agd train`")
-        return cls(path, adapter_metadata(raw), raw)
+        return cls(path, _checked(path, adapter_metadata(raw)), raw)
 
     def tensors(self) -> dict:
         """The adapter weights, verified against the checksum in the metadata."""
@@ -106,6 +110,34 @@ class AdapterFile:
     def negatives(self) -> bool:
         """Whether the adapter was trained with negative prompts (reads CFG's uncond branch)."""
         return bool((self.meta.get("adapter_config") or {}).get("negatives"))
+
+
+def _checked(path: Path, meta: dict) -> dict:
+    """Metadata whose values later code relies on, checked: a damaged or hand-edited file is
+    refused here, naming the field, instead of failing somewhere inside a model."""
+    from agd_cli.checks import omega_range
+    from agd_cli.presets import SCHEMA, AdapterConfig
+
+    def bad(key: str, value) -> DataError:
+        return DataError(f"adapter file {path} has a bad metadata value {key}={value!r}",
+                         hint="the file was edited or damaged; use the one `agd train` wrote, or retrain")
+
+    config = meta.get("adapter_config")
+    try:
+        AdapterConfig(**config)
+    except TypeError:
+        raise bad("adapter_config", config) from None
+    for key, value in config.items():
+        if key in SCHEMA["adapter"] and not SCHEMA["adapter"][key](value):
+            raise bad(f"adapter_config.{key}", value)
+    lo, hi = meta.get("omega_min", 1.0), meta.get("omega_max", 1.0)
+    try:
+        omega_range(lo, hi)
+    except InputError:
+        raise bad("omega_min/omega_max", [lo, hi]) from None
+    if not isinstance(meta.get("signature"), str):
+        raise bad("signature", meta.get("signature"))
+    return meta
 
 
 def _unreadable(path: Path, e: Exception) -> DataError:

@@ -106,9 +106,9 @@ def plan_bench(f: BenchFlags) -> BenchPlan:
                                ("--repeats", f.repeats, 1), ("--batch-size", f.batch_size, 1),
                                ("--quality-samples", f.quality_samples, 2),
                                ("--quality-batch", f.quality_batch, 1),
-                               ("--throughput-batch", f.throughput_batch, 0),
-                               ("--quality-seed", f.quality_seed, 0)):
+                               ("--throughput-batch", f.throughput_batch, 0)):
         checks.optional_integer(flag, value, least)
+    checks.seed(f.quality_seed, "--quality-seed")
     if not 0 < f.cutoff <= 1:
         raise InputError(f"--cutoff {f.cutoff} is not in (0, 1]", hint="the fraction of steps that use CFG, e.g. 0.5")
     if f.scheduler is not None:

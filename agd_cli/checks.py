@@ -89,9 +89,16 @@ def omega(value: Any, flag: str = "-w/--omega") -> float:
     return float(value)
 
 
+MAX_SEED = 2**32 - 1  # as numpy's; derived seeds (seed + image index) stay well inside 64 bits
+MAX_SEEDS = 100_000   # seeds one --seeds list may expand to (each is a sampling run)
+
+
 def seed(value: Any, flag: str = "--seed") -> int:
-    """A seed: an integer ≥ 0."""
-    return integer(flag, value, minimum=0, example=f"{flag} 0")
+    """A seed: an integer from 0 to MAX_SEED, the same range in every command."""
+    if not is_int(value) or not 0 <= value <= MAX_SEED:
+        raise InputError(f"{flag} must be an integer from 0 to {MAX_SEED}, got {value!r}",
+                         hint=f"for example {flag} 0")
+    return value
 
 
 def size(text: str | None, flag: str = "--size") -> tuple[int, int] | None:
@@ -110,20 +117,25 @@ def size(text: str | None, flag: str = "--size") -> tuple[int, int] | None:
     return h, w
 
 
-def _comma_split(values: Sequence) -> list[str]:
-    return [p.strip() for v in values for p in str(v).split(",") if p.strip()]
+def _comma_split(values: Sequence, flag: str, example: str) -> list[str]:
+    """The comma-separated parts of repeated flag values; an empty part is an error."""
+    for value in values:
+        if any(not p.strip() for p in str(value).split(",")):
+            raise InputError(f"{flag} '{value}' has an empty value", hint=f"e.g. {example}")
+    return [p.strip() for v in values for p in str(v).split(",")]
 
 
 def omega_list(values: Sequence, default: Sequence[float]) -> list[float]:
     """Guidance scales from repeated -w flags, each maybe a comma list (bench); finite and > 0."""
     out = []
-    for part in _comma_split(values):
+    for part in _comma_split(values, "-w", "-w 2 -w 4 or -w 2,4"):
         try:
             w = float(part)
         except ValueError:
             raise InputError(f"bad guidance scale '{part}' in -w", hint="give numbers, e.g. -w 2 -w 4 or -w 2,4") from None
-        if not w > 0 or w == float("inf"):
-            raise InputError(f"guidance scale {part} must be a positive number", hint="e.g. -w 4")
+        if not (math.isfinite(w) and w > 0):
+            raise InputError(f"guidance scale {part} must be a positive number",
+                             hint="a finite ω > 0; ω = 1 is the conditional model alone, 2–12 is typical")
         out.append(w)
     return list(dict.fromkeys(out)) or [float(w) for w in default]
 
@@ -131,14 +143,18 @@ def omega_list(values: Sequence, default: Sequence[float]) -> list[float]:
 def seed_list(values: Sequence, default: Sequence[int] = (0,)) -> list[int]:
     """Seeds from --seeds: '0,1,2', ranges '0-3', or repeated flags."""
     out: list[int] = []
-    for part in _comma_split(values):
+    for part in _comma_split(values, "--seeds", "--seeds 0,1,2 or --seeds 0-7"):
         lo, sep, hi = part.partition("-")
         try:
             seeds = range(int(lo), int(hi) + 1) if sep and lo else [int(part)]
         except ValueError:
             raise InputError(f"bad seed '{part}' in --seeds", hint="e.g. --seeds 0,1,2 or --seeds 0-7") from None
-        if any(s < 0 for s in seeds) or (sep and lo and int(lo) > int(hi)):
-            raise InputError(f"bad seed '{part}' in --seeds", hint="seeds are integers ≥ 0, ranges low-high")
+        if (sep and lo and int(lo) > int(hi)) or not all(0 <= s <= MAX_SEED for s in (seeds[0], seeds[-1])):
+            raise InputError(f"bad seed '{part}' in --seeds",
+                             hint=f"seeds are integers from 0 to {MAX_SEED}, ranges low-high")
+        if len(out) + len(seeds) > MAX_SEEDS:
+            raise InputError(f"--seeds '{part}' makes more than {MAX_SEEDS:,} seeds",
+                             hint="each seed is a sampling run: give fewer, e.g. --seeds 0-7")
         out.extend(seeds)
     return list(dict.fromkeys(out)) or list(default)
 
@@ -221,7 +237,7 @@ def writable_folder(path: str | Path, flag: str) -> Path:
     probe = nearest_existing(path)
     if not probe.is_dir():
         raise InputError(f"cannot create {flag} '{path}': '{probe}' is a file, not a folder",
-                         hint=f"choose a {flag} that is not below a file")
+                         hint=f"choose another path for {flag}, one that is not below a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise InputError(f"cannot write to {flag} '{path}': no write permission on '{probe}'",
                          hint=f"choose a {flag} you can write to, or fix its permissions")
@@ -230,6 +246,9 @@ def writable_folder(path: str | Path, flag: str) -> Path:
 
 def workdir(path: str | Path) -> Path:
     """The workspace folder: a folder (or nothing yet), never a file."""
+    if not str(path).strip():
+        raise InputError(f"--workdir {str(path)!r} is empty",
+                         hint="give a folder, e.g. --workdir agd-runs (the default)")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"--workdir '{path}' is a file, not a folder",

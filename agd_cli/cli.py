@@ -89,10 +89,23 @@ def _as_agd_error(e: BaseException) -> AgdError:
         return usage
     if isinstance(e, OSError) and (found := storage_error(e)) is not None:
         return found
+    if _out_of_memory(e):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return AgdError(f"out of memory: {first[:300]}",
+                        hint="ask for less at once: a smaller --batch-size, --size or -n, or fewer "
+                             "--seeds (agd bench --memory estimates training)")
     internal = AgdError(f"internal error: {type(e).__name__}: {e}",
                         hint="rerun with --debug for the traceback and report it")
     internal.exit_code = 1
     return internal
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation the machine could not satisfy (CPU or GPU), not a bug in agd."""
+    text = str(e)
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or isinstance(e, RuntimeError) and ("can't allocate memory" in text
+                                                or "CUDA out of memory" in text))
 
 
 def main(argv: list[str] | None = None) -> None:

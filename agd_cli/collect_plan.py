@@ -15,6 +15,8 @@ from agd_cli.prompts import load_negative_set, load_prompt_set, prompts_sha256
 from agd_cli.trajectories import worker_ids
 from agd_cli.workspace import run_dir
 
+MAX_TRAJECTORIES = 10_000_000  # per collection; ids are listed in memory
+
 
 @dataclass
 class CollectFlags:
@@ -117,9 +119,10 @@ def _worker(shard_index: int | None, num_shards: int | None):
     if shard_index is None or num_shards is None:
         raise InputError("--shard-index and --num-shards go together",
                          hint="e.g. --shard-index 0 --num-shards 4 on the first of four GPUs")
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
+    checks.integer("--num-shards", num_shards, 1, "--num-shards 4")
+    if not 0 <= shard_index < num_shards:
         raise InputError(f"--shard-index {shard_index} is out of range for --num-shards {num_shards}",
-                         hint=f"use a shard index from 0 to {max(num_shards, 1) - 1}")
+                         hint=f"use a shard index from 0 to {num_shards - 1}")
     return shard_index, num_shards, None
 
 
@@ -167,12 +170,16 @@ def resolve_settings(f: CollectFlags) -> CollectSettings:
                          hint=f"use --keep-steps {steps} (all) or fewer, or raise --steps")
     npp = checks.integer("--num-per-prompt", preset_num_per_prompt(p, bool(negatives))
                          if num_per_prompt is None else num_per_prompt)
+    if len(prompt_list) * npp > MAX_TRAJECTORIES:
+        raise InputError(f"--num-per-prompt {npp} makes {len(prompt_list) * npp:,} trajectories, "
+                         f"more than one collection holds ({MAX_TRAJECTORIES:,})",
+                         hint="collect fewer (the paper: 500 prompts × 1–16), e.g. --num-per-prompt 16")
     batch = checks.integer("--batch-size", p.collect["batch_size"] if batch_size is None else batch_size)
     lo, hi = checks.omega_range(p.sampling["omega_min"] if f.omega_min is None else f.omega_min,
                                 p.sampling["omega_max"] if f.omega_max is None else f.omega_max)
     skew = checks.number("--omega-skew", p.collect["omega_skew"] if f.omega_skew is None
                          else f.omega_skew, example="--omega-skew 2 (1: ω uniform)")
-    checks.integer("--seed", seed, minimum=0)
+    checks.seed(seed)
     dtype = dtype or p.collect.get("dtype", "fp16")
     checks.dtype(dtype)
     index, num, state = _worker(f.shard_index, f.num_shards)

@@ -56,9 +56,16 @@ if hasattr(errno, "EDQUOT"):  # not on Windows
     _STORAGE_HINTS[errno.EDQUOT] = "your disk quota is used up: free some space, then rerun"
 
 
+class WriteFailed(OSError):
+    """An OSError raised while writing an output file (agd_cli.io): whatever its errno, the
+    place the user chose refused the file (a /proc path, a device, a network share gone)."""
+
+
 def storage_error(e: OSError) -> StorageError | None:
     """An OSError caused by the user's environment as a StorageError (None for other errors)."""
     hint = _STORAGE_HINTS.get(e.errno)  # type: ignore[arg-type]
+    if hint is None and isinstance(e, WriteFailed):
+        hint = "that place does not take files: choose another --out, --grid or --workdir"
     if hint is None:
         return None
     where = f" '{e.filename}'" if e.filename else ""

@@ -10,12 +10,14 @@ import os
 import re
 from pathlib import Path
 
+from agd_cli.errors import WriteFailed
 
-def naming(e: OSError, path: str | Path, tmp: str | Path | None = None) -> OSError:
-    """The same OSError, naming `path` when it named nothing (a full disk) or only `tmp`."""
-    if e.filename and str(e.filename) != str(tmp):
-        return e
-    return OSError(e.errno, e.strerror or str(e), str(path))
+
+def naming(e: OSError, path: str | Path, tmp: str | Path | None = None) -> WriteFailed:
+    """The OSError of writing `path`, naming `path` when it named nothing (a full disk) or only
+    `tmp`, as a WriteFailed (the CLI reports any write failure as bad input, exit 2)."""
+    named = e.filename and str(e.filename) != str(tmp)
+    return WriteFailed(e.errno, e.strerror or str(e), str(e.filename if named else path))
 
 
 @contextlib.contextmanager

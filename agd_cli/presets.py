@@ -7,6 +7,7 @@ raises InputError naming the key and the value. Command-line flags override pres
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,11 @@ def _str(v: Any) -> bool:
     return isinstance(v, str) and v != ""
 
 
+def _name(v: Any) -> bool:
+    """a name of letters, digits, '.', '_' or '-' (it names the run folder, so no path)"""
+    return isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}", v) is not None
+
+
 def _bool(v: Any) -> bool:
     return isinstance(v, bool)
 
@@ -99,7 +105,7 @@ _inputs.__doc__ = "a non-empty list from " + ", ".join(ADAPTER_INPUTS)
 # section -> key -> (validator, description used in error messages)
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {
-        "name": _str, "family": _one_of(FAMILIES), "base_model": _str, "description": _str,
+        "name": _name, "family": _one_of(FAMILIES), "base_model": _str, "description": _str,
         "resolution": _pos_int, "pixel_space": _bool, "prompts": _str,
     },
     "sampling": {
@@ -307,6 +313,9 @@ def load_preset(name_or_path: str) -> Preset:
             raise InputError(f"unknown preset '{name_or_path}'",
                              hint=f"choose one of {', '.join(builtin_names())}, "
                                   "or give the path of a .toml file")
+    if path.is_dir():
+        raise InputError(f"preset '{name_or_path}' is a folder, not a .toml file",
+                         hint="give the path of a preset .toml file, or a shipped preset's name")
     if not path.is_file():
         raise InputError(f"preset file not found: {path}", hint="check the path")
     try:

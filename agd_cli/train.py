@@ -288,6 +288,7 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
 
     flags = {k: v for k, v in locals().items() if k not in ("run", "data", "preset", "device",
                                                              "workdir", "resume")}
+    checks.seed(seed)  # the flags that need no preset, before looking for data
     # 1. Where: the run folder and its collection(s); the preset they were recorded with
     run_path, roots = locate(run, data, workdir)
     checks.writable_folder(run_path, "the run folder")

@@ -72,9 +72,9 @@ class TrainSettings:
                 ("--grad-accum", self.grad_accum, 1, "--grad-accum 4"),
                 ("--checkpoint-every", self.checkpoint_every, 1, "--checkpoint-every 500"),
                 ("--keep-checkpoints", self.keep_checkpoints, 1, "--keep-checkpoints 2"),
-                ("--preview-every", self.preview_every, 0, "--preview-every 0 (off)"),
-                ("--seed", self.seed, 0, "--seed 0")):
+                ("--preview-every", self.preview_every, 0, "--preview-every 0 (off)")):
             checks.integer(flag, value, minimum, example)
+        checks.seed(self.seed)
         checks.number("--lr", self.lr, example="--lr 1e-4")
         checks.number("--val-fraction", self.val_fraction, 0, 1, low_open=False, high_open=True,
                       example="--val-fraction 0.1")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from agd_cli import ui
-from agd_cli.data import collection_root
+from agd_cli.data import collection_root, unique_roots
 from agd_cli.errors import DataError, InputError
 from agd_cli.presets import Preset
 
@@ -31,9 +31,9 @@ def locate(run: str | None, data: tuple | list, workdir: str) -> tuple[Path, lis
             raise DataError(f"run folder '{run}' not found",
                             hint="pass a folder written by `agd collect`, or leave out --run")
         own = [collection_root(run_path)] if not data or (run_path / "trajectories").is_dir() else []
-        return run_path, own + [collection_root(d) for d in data]
+        return run_path, unique_roots(own + list(data))
     if data:
-        roots = [collection_root(d) for d in data]
+        roots = unique_roots(data)
         return roots[0].parent, roots
     run_path = latest_collection(workdir)
     return run_path, [collection_root(run_path)]

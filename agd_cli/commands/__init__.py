@@ -47,7 +47,8 @@ def common_options(func):
         from agd_cli.checks import workdir as checked_workdir
 
         obj = ctx.find_root().obj or {}
-        workdir = str(checked_workdir(workdir_override or obj.get("workdir", "agd-runs")))
+        chosen = obj.get("workdir", "agd-runs") if workdir_override is None else workdir_override
+        workdir = str(checked_workdir(chosen))
         _apply_deprecated(kwargs)
         return func(*args, as_json=as_json, workdir=workdir, **kwargs)
 

@@ -265,6 +265,12 @@ class Denoiser:
         path, meta = file.path, file.meta
         cfg = AdapterConfig(**meta["adapter_config"])
         mine = AdapterSet(cfg, self.adapter_sites(cfg.kind), self.cond_spec())
+        if meta.get("family") == self.family and meta.get("base_model") == self.source \
+                and meta["signature"] != mine.signature():
+            raise DataError(f"adapter {path} does not fit the blocks of '{self.source}': it was "
+                            f"trained on an architecture with other attention sites or condition "
+                            f"sizes (signature {meta['signature']}, this base {mine.signature()})",
+                            hint="the preset's architecture changed since; retrain the adapter")
         if meta.get("signature") != mine.signature() or meta.get("family") != self.family:
             raise DataError(
                 f"adapter {path} was trained for '{meta.get('base_model')}' "
