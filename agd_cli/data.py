@@ -9,6 +9,8 @@ of one trajectory are strongly correlated, so a step split would leak.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 
 from agd_cli import ui
 from agd_cli.errors import DataError
-from agd_cli.trajectories import TrajectoryStore
+from agd_cli.trajectories import IDENTITY_KEYS, TrajectoryStore
 
 REQUIRED = ("x", "target", "timesteps", "omega", "trajectory_id", "cond_row")
 RAM_FRACTION = 0.25  # hold x/target in RAM when they take at most this share of physical memory
@@ -76,9 +78,11 @@ class TrajectoryData:
 
     def __init__(self, roots: Sequence[str | Path], verify: bool = True,
                  in_memory: bool | None = None, processes: int = 1):
-        self.stores = [TrajectoryStore(collection_root(r)) for r in roots]
+        self.stores = [TrajectoryStore(r) for r in unique_roots(roots)]
         self.manifests = [s.manifest() for s in self.stores]
         self._shards: list[_Shard] = []
+        self._first: tuple[Path, dict] | None = None  # the first shard and its sample shapes
+        self._seen: dict[tuple[str, int], Path] = {}  # (collection identity, id) -> its shard
         parts: dict[str, list] = {k: [] for k in ("omega", "timesteps", "cond_row", "uncond_row",
                                                    "key", "shard", "row")}
         cond_parts: dict[str, list] = {}
@@ -89,8 +93,12 @@ class TrajectoryData:
             if not infos:
                 raise DataError(f"collection {store.root} has no complete shards",
                                 hint="run (or resume) `agd collect` until it writes some")
+            if verify:
+                check_shards(store)
+            identity = _identity(self.manifests[c], store.root)
             for info in infos:
-                self._add_shard(store, info, c, verify, parts, cond_parts, uncond_parts, rows_so_far)
+                self._add_shard(store, info, (c, identity), parts, cond_parts, uncond_parts,
+                                rows_so_far)
         self.omega = torch.cat(parts["omega"]).float()                  # (T,)
         self.cond_row = torch.cat(parts["cond_row"]).long()             # (T,)
         self.shard_of = torch.cat(parts["shard"]).long()                # (T,)
@@ -107,30 +115,35 @@ class TrajectoryData:
         self.sample_shape = tuple(self._shards[0].handle.get_slice("x").get_shape()[2:])
         self._maybe_load(in_memory, processes)
 
-    def _add_shard(self, store, info, c, verify, parts, cond_parts, uncond_parts,
-                   offsets: list[int]) -> None:
+    def _add_shard(self, store, info, collection: tuple[int, str], parts, cond_parts,
+                   uncond_parts, offsets: list[int]) -> None:
         """Read a shard's small tensors; `offsets` (condition rows, unconditional rows so far)
-        grow by what it adds."""
-        handle = store.open_shard(info, verify=verify)
+        grow by what it adds. `collection`: (index, identity); a trajectory already read (the
+        same collection twice, a copy of it) is used once."""
+        path = store.root / info["file"]
+        handle = store.open_shard(info)
         names = set(handle.keys())
         missing = [k for k in REQUIRED if k not in names]
         if missing:
-            raise DataError(f"shard {store.root / info['file']} lacks tensor(s) {missing}",
+            raise DataError(f"shard {path} lacks tensor(s) {missing}",
                             hint="it was not written by `agd collect`; recollect it")
+        self._check_alike(handle, names, path)
         ids = handle.get_tensor("trajectory_id").long()
-        n = ids.shape[0]
+        keep = self._new_trajectories(ids, collection[1], path)
+        if not keep.any():
+            return
         s = len(self._shards)
-        self._shards.append(_Shard(handle, store.root / info["file"]))
-        parts["omega"].append(handle.get_tensor("omega"))
-        parts["timesteps"].append(handle.get_tensor("timesteps"))  # int64, or float (Euler, DPM)
-        parts["cond_row"].append(handle.get_tensor("cond_row").long() + offsets[0])
+        self._shards.append(_Shard(handle, path))
+        parts["omega"].append(handle.get_tensor("omega")[keep])
+        parts["timesteps"].append(handle.get_tensor("timesteps"))  # int64, or float; per row
+        parts["cond_row"].append(handle.get_tensor("cond_row").long()[keep] + offsets[0])
         # shards from before negatives hold one unconditional row and no uncond_row
         uncond_row = (handle.get_tensor("uncond_row").long() if "uncond_row" in names
-                      else torch.zeros(n, dtype=torch.long))
-        parts["uncond_row"].append(uncond_row + offsets[1])
-        parts["key"].append([(c, int(i)) for i in ids])
-        parts["shard"].append(torch.full((n,), s))
-        parts["row"].append(torch.arange(n))
+                      else torch.zeros(len(ids), dtype=torch.long))
+        parts["uncond_row"].append(uncond_row[keep] + offsets[1])
+        parts["key"].append([(collection[0], int(i)) for i in ids[keep]])
+        parts["shard"].append(torch.full((int(keep.sum()),), s))
+        parts["row"].append(torch.arange(len(ids))[keep])
         added = [0, 0]
         for name in sorted(names):
             for k, (prefix, table) in enumerate((("cond.", cond_parts), ("uncond.", uncond_parts))):
@@ -141,9 +154,43 @@ class TrajectoryData:
         offsets[0] += added[0]
         offsets[1] += added[1]
 
+    def _check_alike(self, handle, names: set[str], path: Path) -> None:
+        """Every shard holds samples (and conditions) of the first shard's shapes."""
+        shapes = {k: tuple(handle.get_slice(k).get_shape()[1:]) for k in names
+                  if k.startswith(("cond.", "uncond."))}
+        shapes["x"] = tuple(handle.get_slice("x").get_shape()[2:])
+        if self._first is None:
+            self._first = (path, shapes)
+            return
+        first, want = self._first
+        if shapes == want:
+            return
+        what = ("samples" if shapes["x"] != want["x"] else
+                "conditions" if shapes.keys() == want.keys() else "other condition tensors")
+        differ = [k for k in sorted(set(want) | set(shapes)) if want.get(k) != shapes.get(k)]
+        key = "x" if what == "samples" else differ[0]
+        raise DataError(f"shard {path} holds {what} of shape {_shape(shapes.get(key))}"
+                        f"{'' if key == 'x' else f' ({key})'}, but {first} holds "
+                        f"{_shape(want.get(key))}: one training run needs one sample shape",
+                        hint="train on collections made with the same preset and resolution "
+                             "(or collect again with it)")
+
+    def _new_trajectories(self, ids: torch.Tensor, identity: str, path: Path) -> torch.Tensor:
+        """(N,) bool: which of a shard's trajectories were not read before; warns of repeats."""
+        keep = torch.ones(len(ids), dtype=torch.bool)
+        first = None
+        for r, i in enumerate(ids.tolist()):
+            seen = self._seen.setdefault((identity, i), path)
+            if seen != path:
+                keep[r], first = False, first or seen
+        if first is not None:
+            ui.warn(f"shard {path} repeats {int((~keep).sum())} trajectories of {first} (a copy "
+                    "of the same collection?): training on each once")
+        return keep
+
     def _index(self) -> torch.Tensor:
         """(trajectory, step) for every kept step of every trajectory."""
-        steps = torch.cat([torch.full((t.shape[0],), t.shape[1]) for t in self._timesteps])
+        steps = torch.tensor([t.shape[1] for t in self._timesteps])[self.shard_of]
         traj = torch.repeat_interleave(torch.arange(len(steps)), steps)
         first = torch.cumsum(steps, 0) - steps
         step = torch.arange(len(traj)) - first[traj]
@@ -209,6 +256,45 @@ class TrajectoryData:
         cond = {k: v[self.cond_row[traj]] for k, v in self.cond.items()}
         uncond = {k: v[self.uncond_row[traj]] for k, v in self.uncond_table.items()} or None
         return Batch(x, target, t, self.omega[traj], cond, uncond)
+
+
+def unique_roots(roots: Sequence[str | Path]) -> list[Path]:
+    """The collection folders of `roots`, each once: the same folder named twice (another
+    spelling, a link to it) would count every trajectory twice and leak into validation."""
+    out: dict[str, Path] = {}
+    for r in roots:
+        root = collection_root(r)
+        key = os.path.normcase(str(root.resolve()))
+        if key in out:
+            ui.warn(f"'{r}' is the collection {out[key]} again: reading it once")
+        else:
+            out[key] = root
+    return list(out.values())
+
+
+def check_shards(store: TrajectoryStore) -> None:
+    """Refuse shards that do not match their sidecar: the check `agd collect` repairs on resume
+    (checksum, size, a missing file, a sidecar copied from another shard)."""
+    damaged = store.damaged()
+    if damaged:
+        sidecar, reason, _ = damaged[0]
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise DataError(f"shard {sidecar.with_suffix('.safetensors')} is damaged: {reason}{more}",
+                        hint="rerun the `agd collect` command that made the collection: it sets "
+                             "damaged shards aside and redoes them")
+
+
+def _identity(manifest: dict, root: Path) -> str:
+    """What makes a trajectory id name one trajectory: the collection's identity (the same in a
+    copy of it), else, for a manifest that does not record it, the folder."""
+    config = manifest.get("config", {})
+    if config.get("prompts_sha256") is None or config.get("seed") is None:
+        return os.path.normcase(str(root.resolve()))
+    return json.dumps({k: config.get(k) for k in IDENTITY_KEYS}, sort_keys=True)
+
+
+def _shape(shape) -> str:
+    return "(none)" if shape is None else "x".join(map(str, shape)) or "()"
 
 
 def _common_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

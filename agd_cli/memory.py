@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agd_cli import checks
-from agd_cli.errors import ModelError
+from agd_cli.errors import AgdError, ModelError
 
 if TYPE_CHECKING:
     from agd_cli.bench_plan import BenchFlags
@@ -58,10 +59,22 @@ def measure_train_step(preset_name: str, precision: str = "bf16", optimizer: str
         [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise ModelError(f"memory measurement of {preset_name} failed (exit {proc.returncode}): "
-                         + " | ".join(tail), hint="run the printed command by hand to see why")
+        raise _failed(preset_name, cmd, proc)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _failed(preset_name: str, cmd: list[str], proc: subprocess.CompletedProcess) -> AgdError:
+    """The measuring process's failure as one line: its error (the last line it wrote, not the
+    traceback) and, in the hint, the command to rerun by hand. Exit 2 where the child refused
+    an input (its own exit 2), else 1: a crash is not the user's doing."""
+    lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+    reason = lines[-1].removeprefix("error: ") if lines else "no output"
+    shown = subprocess.list2cmdline(cmd) if os.name == "nt" else shlex.join(cmd)
+    err = ModelError(f"memory measurement of {preset_name} failed (exit {proc.returncode}): "
+                     f"{reason[:300]}", hint=f"run it by hand to see why: {shown}")
+    if proc.returncode != AgdError.exit_code:
+        err.exit_code = 1
+    return err
 
 
 # --- `agd bench --memory` --------------------------------------------------------------------
@@ -215,6 +228,10 @@ def build_random_base(preset, device, dtype):
     from agd_cli.families import FAMILY_CLASSES
 
     cls = FAMILY_CLASSES[preset.family]
+    if not (preset.architecture.get("unet") or preset.architecture.get("transformer")):
+        # a small shipped base (mnist) has no architecture to build from: load it, as
+        # families.count_parameters does (on the meta device its weights become shapes)
+        return cls.load(preset, device=device, dtype=dtype, text=False)
     with _default_dtype(dtype):
         model, _text_encoders, sched, vae = cls._build_random(preset, text=False)
     del _text_encoders  # conditions come from the collection: no text encoders in training
@@ -353,8 +370,13 @@ def main(argv: list[str] | None = None) -> None:
                    "without a GPU: peak tensor memory and FLOPs, see agd_cli/estimate.py)")
     p.add_argument("--resolution", type=int, default=None)
     a = p.parse_args(argv)
-    print(json.dumps(measure_in_process(a.preset, a.precision, a.optimizer, a.checkpointing, a.batch_size,
-                              a.device, a.resolution)))
+    try:
+        figures = measure_in_process(a.preset, a.precision, a.optimizer, a.checkpointing,
+                                     a.batch_size, a.device, a.resolution)
+    except AgdError as e:  # a refused input: one line (the parent reports it), exit 2
+        print(f"error: {e.message}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -46,9 +46,66 @@ UNSET = {"negatives_sha256": "no negatives", "empty_negative_probability": "no n
          "negative_only_probability": 0.0, "omega_skew": 1.0}
 
 
+# the JSON type of each manifest field a reader relies on; a field may be absent (older
+# manifests), and null where it means "unset" (UNSET, and the optional ones below)
+_NUMBER = (int, float)
+MANIFEST_FIELDS = {"config": dict, "shards": list, "trajectories": int, "bytes_on_disk": int}
+CONFIG_FIELDS = {
+    "preset": str, "base_model": str, "family": str, "prompts_sha256": str, "seed": int,
+    "steps": int, "keep_steps": int, "omega_min": _NUMBER, "omega_max": _NUMBER,
+    "num_per_prompt": int, "scheduler": str, "negatives_sha256": str,
+    "empty_negative_probability": _NUMBER, "negative_only_probability": _NUMBER,
+    "omega_skew": _NUMBER, "prompts": list, "negative_prompts": list, "prompt_source": str,
+    "negative_source": str, "resolution": int, "latent_shape": list, "kept_step_indices": list,
+    "total_trajectories": int, "preset_toml": dict, "base_model_source": str, "dtype": str,
+    "storage_dtype": str, "prediction_type": str}
+NULLABLE = {*UNSET, "negative_source", "prompt_source", "preset_toml", "base_model_source"}
+
+
+def _bad_field(fields: dict, types: dict) -> tuple[str, object] | None:
+    """The first (field, value) whose value is not of its JSON type, or None."""
+    for key, kind in types.items():
+        value = fields.get(key)
+        if key not in fields or (value is None and key in NULLABLE):
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):  # true is no number
+            return key, value
+    return None
+
+
+def check_manifest(path: Path, m) -> dict:
+    """The manifest `m` read from `path`, if its fields have their types; else DataError."""
+    hint = ("the manifest is damaged: restore it from a backup, or recollect into a new folder "
+            "(--out) or with --overwrite")
+    if not isinstance(m, dict):
+        raise DataError(f"{path} holds {_type_name(type(m))}, not a JSON object: it is no "
+                        "trajectory manifest", hint=hint)
+    bad = _bad_field(m, MANIFEST_FIELDS) or _bad_field(m.get("config", {}), CONFIG_FIELDS)
+    if bad:
+        key, value = bad
+        where = key if key in MANIFEST_FIELDS else f"config.{key}"
+        raise DataError(f"{path}: field '{where}' is {json.dumps(value)[:80]}, "
+                        f"expected {_type_name(CONFIG_FIELDS.get(key, MANIFEST_FIELDS.get(key)))}",
+                        hint=hint)
+    return m
+
+
+def _type_name(kind) -> str:
+    names = {int: "an integer", str: "a string", list: "a list", dict: "an object",
+             _NUMBER: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
 def _shown(key: str, value) -> str:
     unset = UNSET.get(key)
     return str(unset) if value is None and unset is not None else repr(value)
+
+
+def _reason(e: Exception) -> str:
+    """An error's first line, short (a decode error quotes the offending bytes)."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def sha256_file(path: Path) -> str:
@@ -61,8 +118,10 @@ def sha256_file(path: Path) -> str:
 
 def _shard_fault(shard: Path, info: dict | None) -> str | None:
     """Why a shard does not match its sidecar, or None when it does."""
-    if info is None:
+    if not isinstance(info, dict):
         return "unreadable sidecar"
+    if info.get("file") != shard.name:  # e.g. a copied sidecar: its trajectories are elsewhere
+        return f"its sidecar describes {info.get('file')!r}, not this shard"
     if not shard.is_file():
         return "shard file missing"
     if shard.stat().st_size != info.get("bytes"):
@@ -87,10 +146,11 @@ class TrajectoryStore:
             raise DataError(f"no trajectory collection in {self.root} (manifest.json missing)",
                             hint="run `agd collect` first")
         try:
-            return read_json(self.manifest_path)
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"cannot read {self.manifest_path}: {e}",
+            m = read_json(self.manifest_path)
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
+            raise DataError(f"cannot read {self.manifest_path}: {_reason(e)}",
                             hint="the file is damaged; recollect with --overwrite") from None
+        return check_manifest(self.manifest_path, m)
 
     def check_same(self, config: dict) -> None:
         """The existing collection must be this one (same IDENTITY_KEYS) to be resumed."""
@@ -145,9 +205,10 @@ class TrajectoryStore:
         out = []
         for p in sorted(self.root.glob("shard-*.json")):
             try:
-                out.append((p, read_json(p)))
+                info = read_json(p)
             except (OSError, ValueError):
-                out.append((p, None))
+                info = None
+            out.append((p, info if isinstance(info, dict) else None))
         return out
 
     def damaged(self) -> list[tuple[Path, str, list[int]]]:

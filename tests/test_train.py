@@ -319,8 +319,8 @@ def _corrupt(run: Path) -> None:
 
 @pytest.mark.parametrize(("case", "extra", "damage", "needle"), [
     ("no collection", [], None, "no collection found"),
-    ("truncated shard", [], _truncate, "corrupt or truncated"),
-    ("corrupt shard", [], _corrupt, "corrupt or truncated"),
+    ("truncated shard", [], _truncate, "is damaged: "),
+    ("corrupt shard", [], _corrupt, "is damaged: checksum mismatch"),
     ("adapter kind", ["--adapter-kind", "cross_attention"], None, "does not fit family 'dit'"),
     ("steps 0", ["--steps", "0"], None, "--steps must be a positive integer, got 0"),
     ("other preset", ["--preset", "tiny-sd"], None, "recorded with preset 'tiny-dit'"),
@@ -339,6 +339,96 @@ def test_bad_inputs_exit_2(run_of, tmp_path, capsys, case, extra, damage, needle
     assert needle in err and "Traceback" not in err and "hint:" in err
     if run is not None:
         assert not (run / "adapter.safetensors").exists() and not (run / "checkpoints").exists()
+
+
+def _halved(run: Path, tag: str | None = None) -> None:
+    """Rewrite a collection's shards at half resolution (a collection recorded at another size);
+    with `tag`, add one such shard (new ids) next to the full-size ones instead."""
+    from safetensors.torch import load_file
+
+    from agd_cli.trajectories import TrajectoryStore
+
+    store = TrajectoryStore(run / "trajectories")
+    for info in store.shards():
+        t = load_file(store.root / info["file"])
+        t["x"], t["target"] = t["x"][..., ::2, ::2], t["target"][..., ::2, ::2]
+        ids = t["trajectory_id"].tolist() if tag is None else [1000 + i for i in range(len(t["x"]))]
+        t["trajectory_id"] = torch.tensor(ids)
+        store.write_shard(tag or info["file"].removeprefix("shard-").removesuffix(".safetensors"),
+                          t, ids)
+        if tag:
+            return
+
+
+@pytest.mark.parametrize("where", ["two collections", "one collection"])
+def test_samples_of_two_shapes_are_refused_before_training(run_of, capsys, where):
+    run = run_of("tiny-dit")
+    if where == "two collections":
+        other = run_of("tiny-dit", "small")
+        _halved(other)
+        extra = ["--data", str(other)]
+    else:
+        _halved(run, tag="w9-00000000")
+        extra = []
+    code, out, err = agd("train", "--run", str(run), *extra, "--steps", "2", "--json",
+                         capsys=capsys)
+    assert code == 2, err
+    msg = json.loads(out)["error"]
+    assert "4x4x4" in msg and "4x8x8" in msg and "shard-w" in msg, msg
+    assert "same preset and resolution" in json.loads(out)["hint"]
+    assert not (run / "checkpoints").exists() and "Traceback" not in err
+
+
+def test_the_same_collection_twice_counts_each_trajectory_once(run_of, capsys):
+    run = run_of("tiny-dit")
+    copy = run.parent / "copy"
+    shutil.copytree(run, copy)
+    spellings = [str(run), str(run / "trajectories"), str(run / ".." / run.name / "trajectories"), str(copy)]
+    code, out, err = agd("train", "--run", str(run), *[a for d in spellings for a in ("--data", d)],
+                         "--steps", "2", "--json", capsys=capsys)
+    assert code == 0, err
+    split = json.loads(out)["trajectories"]
+    assert split["train"] + split["val"] == 64, split  # not 5 × 64: validation stays held out
+    assert "reading it once" in err and "training on each once" in err
+
+
+def test_a_copied_sidecar_is_refused_as_collect_would_repair_it(run_of, capsys):
+    run = run_of("tiny-dit")
+    first = sorted((run / "trajectories").glob("shard-*.json"))[0]
+    shutil.copy(first, first.with_name("shard-w0-00000099.json"))
+    code, out, err = agd("train", "--run", str(run), "--steps", "2", "--json", capsys=capsys)
+    assert code == 2, err
+    report = json.loads(out)
+    assert "shard-w0-00000099.safetensors is damaged" in report["error"], report
+    assert first.with_suffix(".safetensors").name in report["error"]
+    assert "agd collect" in report["hint"]
+
+
+def _manifest_with(run: Path, steps) -> None:
+    path = run / "trajectories" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["config"]["steps"] = steps
+    path.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (None, "field 'config.steps' is \"four\", expected an integer"),
+    (b"[]", "holds a list, not a JSON object"),
+    (b"null", "holds null, not a JSON object"),
+    (bytes(range(256)) * 4, "not UTF-8 text"),
+])
+def test_damaged_manifest_exit_2(run_of, capsys, content, needle):
+    run = run_of("tiny-dit")
+    manifest = run / "trajectories" / "manifest.json"
+    if content is None:
+        _manifest_with(run, "four")
+    else:
+        manifest.write_bytes(content)
+    code, out, err = agd("train", "--run", str(run), "--steps", "2", "--json", capsys=capsys)
+    assert code == 2, err
+    report = json.loads(out)
+    assert needle in report["error"] and str(manifest) in report["error"], report
+    assert report["hint"] and "Traceback" not in err
 
 
 # --- previews, memory benchmark, help ---------------------------------------------------------------

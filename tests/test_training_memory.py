@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -54,3 +56,26 @@ def test_eight_bit_state_is_a_quarter_of_adamw_for_large_tensors():
 ])
 def test_autocast_only_where_the_base_is_not_in_the_compute_dtype(precision, device, base, expected):
     assert autocast_dtype(precision, torch.device(device), base) == expected
+
+
+def test_bench_memory_of_the_shipped_mnist_base(capsys):
+    """mnist's base is a shipped model folder, not an architecture to build: it is loaded."""
+    from agd_cli.cli import main
+
+    main(["bench", "--memory", "--preset", "mnist", "--device", "cpu", "--train-batch-size", "2",
+          "--json"])  # returns on success
+    out = capsys.readouterr()
+    memory = json.loads(out.out)["memory"]
+    assert memory["preset"] == "mnist" and memory["latent_shape"] == [1, 32, 32]
+    assert memory["peak_bytes"] >= memory["baseline_bytes"] > 0 and memory["adapter_params"] > 0
+
+
+def test_failed_measurement_says_why_in_one_line_and_prints_its_command(capsys):
+    from agd_cli.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "--memory", "--preset", "mnist", "--device", "bogus", "--json"])
+    assert done.value.code == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["error"].endswith("failed (exit 2): unknown device 'bogus'"), report
+    assert "-m agd_cli.memory --preset mnist" in report["hint"] and "--device bogus" in report["hint"]
