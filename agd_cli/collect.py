@@ -104,15 +104,10 @@ def encode_conditions(den, prompts: list, indices: list[int],
     Returns (cond table (P, ...), prompt index -> table row, uncond table (1 + V, ...): row 0 the
     null condition, row 1 + j negative j).
     """
-    from agd_cli.families import cond_cat, count_truncated
+    from agd_cli.families import cond_cat, warn_truncated
 
     texts = [prompts[i] for i in indices]
-    tokenizer = den.text.get("tokenizer")
-    if tokenizer is not None:
-        n = count_truncated(tokenizer, texts)
-        if n:
-            ui.warn(f"{n} of {len(texts)} prompts are longer than the text encoder's "
-                    f"{tokenizer.model_max_length} tokens and were truncated")
+    warn_truncated(den, texts)
     chunks = [_for_storage(den.encode(texts[i:i + ENCODE_CHUNK]))
               for i in range(0, len(texts), ENCODE_CHUNK)]
     uncond = [_for_storage(den.encode_null(1))]

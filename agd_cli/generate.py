@@ -7,10 +7,15 @@ Every flag is checked before any weights load (like diffusers' `check_inputs`). 
 is loaded and the adapters attach to it; `--cfg` runs the same base with the adapters disabled,
 so a second copy of the UNet is never held. Each image gets its own seed (seed, seed+1, … per
 prompt), so an image does not depend on the batch it was made in.
+
+A rerun resumes: each PNG records the settings that determine it ("settings" metadata), and an
+image already there with the same settings is skipped; a file from other settings is never
+overwritten (a folder's new image gets a -2, -3… suffix; an existing --out FILE.png is refused).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -19,7 +24,7 @@ from pathlib import Path
 
 from agd_cli import checks, ui, workspace
 from agd_cli.adapter_file import AdapterFile
-from agd_cli.errors import InputError
+from agd_cli.errors import InputError, Interrupted
 from agd_cli.families.spec import FamilySpec
 from agd_cli.presets import Preset
 
@@ -29,10 +34,12 @@ TILE_ABOVE = 1024  # VAE tiling for images larger than this many pixels per side
 
 @dataclass
 class Job:
-    """One image to make: its prompt (or DiT class) and its seed."""
+    """One image to make: its prompt (or DiT class), its seed, and where it goes."""
 
     prompt: str
     seed: int
+    path: Path | None = None
+    done: bool = False  # its image is written (by this run, or by an earlier one: resumed)
 
 
 @dataclass
@@ -170,6 +177,9 @@ def encode_conditions(den, prompts: Sequence[str], negative_prompt: str | None,
     """Conditions of the distinct prompts (row i = prompts[i]) and the one unconditional row:
     the negative prompt, else the null condition (CFG's branch; adapters trained with
     negatives read it too)."""
+    from agd_cli.families import warn_truncated
+
+    warn_truncated(den, [*prompts, *([negative_prompt] if negative_prompt else [])])
     cond = den.encode(list(prompts), size=size)
     uncond = den.encode_negative(negative_prompt, size=size)
     den.free_text_encoders()  # encoded once; frees memory for the sampling loop
@@ -211,17 +221,45 @@ def slug(text: str, limit: int = 48) -> str:
     return s[:limit].rstrip("-") or "image"
 
 
+def holds_image(path: Path, settings: str) -> bool:
+    """Whether `path` is a complete PNG made with these settings (a rerun keeps it)."""
+    from agd_cli.images import read_png_metadata
+
+    try:
+        return read_png_metadata(path).get("settings") == settings  # decodes it all: no torn file
+    except (OSError, SyntaxError, ValueError):  # not a PNG, damaged, unreadable: not this image
+        return False
+
+
+def _numbered(folder: Path, stem: str) -> list[Path]:
+    """The files a folder holds under one image name: STEM.png, STEM-2.png, … in that order."""
+    name = re.compile(re.escape(stem) + r"(?:-(\d+))?\.png")
+    found = [(int(m.group(1) or 1), p) for p in folder.glob(f"{stem}*.png")
+             if (m := name.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def image_path(folder: Path, single: Path | None, job: Job, omega: float, mode: str,
-               taken: set[Path]) -> Path:
-    """--out FILE.png, else PROMPT-seedS-wΩ[-cfg].png; never overwrites an earlier image."""
+               taken: set[Path], settings: str) -> tuple[Path, bool]:
+    """(path, done): the image already made with these settings (a rerun skips it), else a new
+    name: --out FILE.png, else PROMPT-seedS-wΩ[-cfg][-K].png; never overwrites another image."""
     if single is not None:
-        return single
+        if single.exists() and not holds_image(single, settings):
+            raise InputError(f"--out '{single}' already exists and is not this image (it was not "
+                             "made with the same prompt, seed, ω and settings)",
+                             hint=f"pick a new name, e.g. --out "
+                                  f"{single.with_name(single.stem + '-2.png')}, or delete it first")
+        return single, single.exists()
     stem = f"{slug(job.prompt)}-seed{job.seed}-w{omega:g}" + ("-cfg" if mode == "cfg" else "")
+    for path in _numbered(folder, stem):
+        if path not in taken and holds_image(path, settings):
+            taken.add(path)
+            return path, True
     path, k = folder / f"{stem}.png", 2
     while path.exists() or path in taken:
         path, k = folder / f"{stem}-{k}.png", k + 1
     taken.add(path)
-    return path
+    return path, False
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -244,6 +282,9 @@ class Plan:
     width: int
     folder: Path
     single: Path | None
+    negative_prompt: str | None = None
+    dtype: str = "fp16"
+    note: str | None = None  # said once the prompts are known to be valid (DiT: after loading)
 
 
 def plan_generation(f: GenerateFlags) -> Plan:
@@ -260,68 +301,137 @@ def plan_generation(f: GenerateFlags) -> Plan:
     jobs = [Job(p, f.seed + k) for p in f.prompts for k in range(f.num_images)]
     folder, single = plan_output(f.out, path, len(jobs))
     omega = float(base.sampling["default_omega"] if f.omega is None else f.omega)
-    mode = "cfg" if f.cfg else "agd"
+    mode, note = "cfg" if f.cfg else "agd", None
     if f.negative_prompt is not None and not f.cfg:
-        mode = negative_mode(file)
-    return Plan(path, file, base, jobs, distinct, omega, check_omega_range(omega, file),
+        mode, note = negative_mode(file)
+    plan = Plan(path, file, base, jobs, distinct, omega, check_omega_range(omega, file),
                 mode, f.steps or int(base.sampling["steps"]),
                 f.scheduler or base.sampling["scheduler"], f.batch_size or DEFAULT_BATCH_SIZE,
-                height, width, folder, single)
+                height, width, folder, single, f.negative_prompt, f.dtype or "fp16", note)
+    place_jobs(plan)
+    return plan
 
 
-def negative_mode(file: AdapterFile) -> str:
-    """agd when the adapter was trained with negatives (one pass per step), else real CFG."""
+def negative_mode(file: AdapterFile) -> tuple[str, str]:
+    """(mode, note): agd when the adapter was trained with negatives (one pass per step), else
+    real CFG. The note is said later, once the prompts have passed their checks."""
     if file.negatives:
-        ui.info("negative prompt: one pass per step (the adapter was trained with negatives)")
-        return "agd"
-    ui.info("note: this adapter was trained without negative prompts, so this run uses real CFG "
-            "(2 passes per step) with the negative prompt; collect and train again with "
-            "--negative-prompts to get one pass")
-    return "cfg"
+        return "agd", "negative prompt: one pass per step (the adapter was trained with negatives)"
+    return "cfg", ("note: this adapter was trained without negative prompts, so this run uses real "
+                   "CFG (2 passes per step) with the negative prompt; collect and train again "
+                   "with --negative-prompts to get one pass")
 
 
-def _png_metadata(plan: Plan, job: Job, nfe: int, negative_prompt: str | None, den) -> dict:
+def image_settings(plan: Plan, job: Job) -> str:
+    """What determines an image, as recorded in its PNG: equal settings, the same image (batch
+    size, device and offload change rounding only)."""
+    adapter = plan.file.raw.get("tensors_sha256") or str(plan.adapter.resolve())
+    return json.dumps({"prompt": job.prompt, "seed": job.seed, "omega": plan.omega,
+                       "mode": plan.mode, "steps": plan.steps, "scheduler": plan.scheduler,
+                       "size": [plan.width, plan.height], "negative_prompt": plan.negative_prompt,
+                       "preset": plan.base.name, "base_model": plan.base.base_model,
+                       "dtype": plan.dtype, "adapter": adapter}, sort_keys=True)
+
+
+def place_jobs(plan: Plan) -> None:
+    """Give each job its file; mark done those whose image an earlier run already wrote."""
+    taken: set[Path] = set()
+    for job in plan.jobs:
+        job.path, job.done = image_path(plan.folder, plan.single, job, plan.omega, plan.mode,
+                                        taken, image_settings(plan, job))
+
+
+def _png_metadata(plan: Plan, job: Job, nfe: int, den) -> dict:
     from agd_cli import __version__
 
     meta = {"prompt": job.prompt, "omega": plan.omega, "seed": job.seed, "steps": plan.steps,
             "scheduler": plan.scheduler, "mode": plan.mode, "nfe": nfe,
             "adapter": str(plan.adapter), "base_model": den.source, "preset": plan.base.name,
-            "size": f"{plan.width}x{plan.height}", "software": f"agd {__version__}"}
-    if negative_prompt is not None:
-        meta["negative_prompt"] = negative_prompt
+            "size": f"{plan.width}x{plan.height}", "software": f"agd {__version__}",
+            "settings": image_settings(plan, job)}
+    if plan.negative_prompt is not None:
+        meta["negative_prompt"] = plan.negative_prompt
     return meta
+
+
+@dataclass
+class Made:
+    """What the sampling run measured (absent when every image was there already)."""
+
+    den: object
+    nfe: int
+    seconds: float
+    load_seconds: float
+
+
+def make_images(plan: Plan, todo: list[Job], device: str | None, offload: bool) -> Made:
+    """Load the base with the adapters, then sample and write each job's image (atomically)."""
+    from agd_cli.images import save_png
+
+    t0 = time.perf_counter()
+    den = load_generator(plan.file, plan.base, device, plan.dtype, offload,
+                         plan.height, plan.width)
+    prompts = list(dict.fromkeys(j.prompt for j in todo))
+    cond, uncond = encode_conditions(den, prompts, plan.negative_prompt, (plan.height, plan.width))
+    if plan.note:
+        ui.info(plan.note)
+    made = Made(den, 0, 0.0, time.perf_counter() - t0)
+    for job, image, nfe, secs in sample_jobs(
+            den, todo, prompts, cond, uncond, omega=plan.omega, mode=plan.mode,
+            steps=plan.steps, scheduler=plan.scheduler, batch_size=plan.batch_size,
+            height=plan.height, width=plan.width):
+        save_png(image, job.path, _png_metadata(plan, job, nfe, den))
+        job.done, made.nfe, made.seconds = True, nfe, made.seconds + secs
+    return made
+
+
+def interrupted(plan: Plan) -> Interrupted:
+    """Ctrl-C: what is written, and that a rerun skips it."""
+    done, total = sum(j.done for j in plan.jobs), len(plan.jobs)
+    return Interrupted(f"interrupted: {done} of {total} image(s) are written in "
+                       f"{plan.single or plan.folder}",
+                       hint=f"rerun the same command to resume: it keeps the {done} written and "
+                            f"makes the other {total - done}")
 
 
 def run_generate(prompts: Sequence[str] | GenerateFlags, **flags) -> dict:
     """Generate images with an agd adapter (1 NFE per step), or with real CFG for comparison.
 
     `run_generate(["a red fox"], omega=6)` takes GenerateFlags' fields as keywords. Returns the
-    summary printed by `--json`: images, nfe (per image), seconds, omega, …
+    summary printed by `--json`: images, nfe (per image), seconds, omega, skipped, …
     """
     f = prompts if isinstance(prompts, GenerateFlags) else GenerateFlags(list(prompts), **flags)
     plan = plan_generation(f)
-    negative_prompt = f.negative_prompt
-    t0 = time.perf_counter()
-    den = load_generator(plan.file, plan.base, f.device, f.dtype or "fp16", f.offload,
-                         plan.height, plan.width)
-    cond, uncond = encode_conditions(den, plan.prompts, negative_prompt, (plan.height, plan.width))
-    load_seconds = time.perf_counter() - t0
-    from agd_cli.images import save_png
+    todo = [j for j in plan.jobs if not j.done]
+    if len(todo) < len(plan.jobs):
+        ui.info(f"resuming: {len(plan.jobs) - len(todo)} of {len(plan.jobs)} image(s) are in "
+                f"{plan.single or plan.folder} already (same settings); skipping them")
+    try:
+        made = make_images(plan, todo, f.device, f.offload) if todo else None
+    except KeyboardInterrupt:
+        raise interrupted(plan) from None
+    return summary(plan, made, len(plan.jobs) - len(todo))
 
-    paths, seconds, nfe, taken = [], 0.0, 0, set()
-    for job, image, nfe, secs in sample_jobs(
-            den, plan.jobs, plan.prompts, cond, uncond, omega=plan.omega, mode=plan.mode,
-            steps=plan.steps, scheduler=plan.scheduler, batch_size=plan.batch_size,
-            height=plan.height, width=plan.width):
-        path = image_path(plan.folder, plan.single, job, plan.omega, plan.mode, taken)
-        paths.append(str(save_png(image, path, _png_metadata(plan, job, nfe, negative_prompt, den))))
-        seconds += secs
-    return {"images": paths, "nfe": nfe, "seconds": round(seconds, 4),
-            "seconds_per_image": round(seconds / len(paths), 4), "load_seconds": round(load_seconds, 3),
+
+def summary(plan: Plan, made: Made | None, skipped: int) -> dict:
+    """The --json object; without `made` (nothing left to make) the model facts are recorded
+    ones (base model, NFE) or null (device, dtype, VAE decode: no model was loaded)."""
+    from agd_cli.images import read_png_metadata
+
+    den = made.den if made else None
+    recorded = {} if made else read_png_metadata(plan.jobs[0].path)
+    n_made = len(plan.jobs) - skipped
+    seconds = made.seconds if made else 0.0
+    return {"images": [str(j.path) for j in plan.jobs], "skipped": skipped,
+            "nfe": made.nfe if made else int(recorded.get("nfe", 0)),
+            "seconds": round(seconds, 4), "seconds_per_image": round(seconds / max(n_made, 1), 4),
+            "load_seconds": round(made.load_seconds if made else 0.0, 3),
             "omega": plan.omega, "omega_range": list(plan.omega_range), "mode": plan.mode,
             "steps": plan.steps, "scheduler": plan.scheduler, "seeds": [j.seed for j in plan.jobs],
             "prompts": [j.prompt for j in plan.jobs], "adapter": str(plan.adapter),
-            "base_model": den.source, "device": str(den.device), "dtype": str(den.dtype).replace("torch.", ""),
+            "base_model": den.source if den else recorded.get("base_model"),
+            "device": str(den.device) if den else None,
+            "dtype": str(den.dtype).replace("torch.", "") if den else None,
             "size": [plan.width, plan.height], "batch_size": plan.batch_size,
-            "vae_decode": den.vae_decode(plan.height, plan.width),
-            "negative_prompt": negative_prompt}
+            "vae_decode": den.vae_decode(plan.height, plan.width) if den else None,
+            "negative_prompt": plan.negative_prompt}

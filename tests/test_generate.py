@@ -111,10 +111,10 @@ def test_same_seed_same_image_whatever_the_batch(ws, tmp_path, capsys):
     batch = generate_json(capsys, ws, "a red fox", "-n", "2", "--batch-size", "2", "--seed", "7",
                           "--out", str(tmp_path / "a"), *fast)
     alone = generate_json(capsys, ws, "a red fox", "--seed", "8", "--out", str(tmp_path / "b"), *fast)
-    again = generate_json(capsys, ws, "a red fox", "--seed", "8", "--out", str(tmp_path / "b"), *fast)
+    again = generate_json(capsys, ws, "a red fox", "--seed", "8", "--out", str(tmp_path / "d"), *fast)
     assert batch["seeds"] == [7, 8] and len(batch["images"]) == 2
     assert np.array_equal(pixels(alone["images"][0]), pixels(again["images"][0]))  # bit-exact
-    assert Path(again["images"][0]).name == "a-red-fox-seed8-w4-2.png"  # nothing overwritten
+    assert Path(again["images"][0]).name == "a-red-fox-seed8-w4.png" and again["skipped"] == 0
     # seed 8 alone vs inside a batch of 2: batched kernels may round differently, by ≤ 1 level
     assert np.abs(pixels(alone["images"][0]) - pixels(batch["images"][1])).max() <= 1
     assert (pixels(batch["images"][0]) != pixels(batch["images"][1])).any()
@@ -152,6 +152,86 @@ def test_latest_adapter_said_and_notices(ws, capsys):
     assert Image.open(path).size == (48, 32)
     meta = read_png_metadata(path)
     assert meta["negative_prompt"] == "blurry" and meta["mode"] == "cfg"
+
+
+# --- rerun after Ctrl-C: resume, never clobber ---------------------------------------------------
+def _interrupt_at_image(monkeypatch, n: int) -> None:
+    """Ctrl-C while image n (1-based) is being made: the n - 1 before it are written."""
+    import agd_cli.images
+
+    real, calls = agd_cli.images.save_png, []
+
+    def save_then_stop(image, path, metadata=None):
+        calls.append(path)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(image, path, metadata)
+
+    monkeypatch.setattr(agd_cli.images, "save_png", save_then_stop)
+
+
+def test_rerun_after_ctrl_c_resumes_and_says_so(ws, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "gi"
+    args = ["generate", "a red fox", "-n", "3", "--batch-size", "1", "--steps", "2",
+            "--workdir", str(ws), "--out", str(out), "--json"]
+    _interrupt_at_image(monkeypatch, 2)
+    code, stdout, err = agd(capsys, *args)
+    assert code == 130 and "Traceback" not in err
+    report = json.loads(stdout)  # one JSON object, saying what is kept and how to go on
+    assert f"1 of 3 image(s) are written in {out}" in report["error"]
+    assert "rerun the same command to resume" in report["hint"] and "other 2" in report["hint"]
+    first = out / "a-red-fox-seed0-w4.png"
+    kept = first.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == [first.name]  # no temp file left behind
+    monkeypatch.undo()
+    torn = out / "a-red-fox-seed2-w4.png"  # a half-written file never counts as done
+    torn.write_bytes(kept[: len(kept) // 2])
+    code, stdout, err = agd(capsys, *args)
+    assert code == 0, err
+    again = json.loads(stdout)
+    assert again["skipped"] == 1 and "resuming: 1 of 3 image(s)" in " ".join(err.split())
+    assert [Path(p).name for p in again["images"]] == [
+        first.name, "a-red-fox-seed1-w4.png", "a-red-fox-seed2-w4-2.png"]
+    assert first.read_bytes() == kept and torn.stat().st_size == len(kept) // 2
+    # the same command once more makes nothing and loads no model; other settings never clobber
+    done = generate_json(capsys, ws, *args[1:-1])
+    assert done["skipped"] == 3 and done["device"] is None and done["nfe"] == 2
+    other = generate_json(capsys, ws, "a red fox", "--steps", "1", "--out", str(out))
+    assert Path(other["images"][0]).name == "a-red-fox-seed0-w4-2.png" and other["skipped"] == 0
+    assert first.read_bytes() == kept
+
+
+def test_out_file_is_never_overwritten_by_another_image(ws, tmp_path, capsys):
+    keep = tmp_path / "keep.png"
+    save_png(Image.new("RGB", (8, 8), "red"), keep, {"prompt": "a red fox"})  # someone's file
+    before = keep.read_bytes()
+    code, out, err = agd(capsys, "generate", "a red fox", "--workdir", str(ws), "--steps", "1",
+                         "--out", str(keep))
+    assert code == 2 and "Traceback" not in err
+    err = " ".join(err.split())
+    assert f"--out '{keep}' already exists" in err and f"--out {tmp_path / 'keep-2.png'}" in err
+    assert keep.read_bytes() == before and out == ""
+    mine = tmp_path / "mine.png"
+    made = generate_json(capsys, ws, "a red fox", "--steps", "1", "--out", str(mine))
+    rerun = generate_json(capsys, ws, "a red fox", "--steps", "1", "--out", str(mine))
+    assert made["skipped"] == 0 and rerun["skipped"] == 1 and rerun["images"] == [str(mine)]
+    code, _, err = agd(capsys, "generate", "a red fox", "--workdir", str(ws), "--steps", "1",
+                       "--seed", "1", "--out", str(mine))
+    assert code == 2 and "already exists" in err
+
+
+def test_long_prompt_warns_it_is_truncated(ws, tmp_path, capsys):
+    code, _, err = agd(capsys, "generate", "a red fox " * 1000, "--workdir", str(ws), "--steps",
+                       "1", "--out", str(tmp_path))
+    err = " ".join(err.split())
+    assert code == 0 and err.count("warning:") == 1
+    assert "1 of 1 prompts are longer than the text encoder's" in err and "truncated" in err
+
+
+def test_bad_dit_class_is_the_only_message(ws, tmp_path, capsys):
+    code, _, err = agd(capsys, "generate", "cat", "--negative-prompt", "cat", "--run", "tiny-dit",
+                       "--workdir", str(ws), "--steps", "1", "--out", str(tmp_path))
+    assert code == 2 and "unknown class 'cat'" in err and "note:" not in err
 
 
 # --- bad inputs: exit 2, one message naming the value, no traceback, nothing written -----------

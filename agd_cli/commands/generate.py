@@ -30,7 +30,10 @@ from agd_cli.presets import DTYPES, SCHEDULERS
 @click.option("--batch-size", type=int, default=None, help="Images per model call (default 4).")
 @click.option("--size", type=str, default=None, help="WIDTHxHEIGHT in pixels (default: the preset's).")
 @click.option("--out", type=click.Path(), default=None,
-              help="Output folder, or a .png file for a single image (default: RUN/samples).")
+              help="Output folder, or a .png file for a single image (default: RUN/samples). "
+                   "A rerun resumes: an image already there from the same settings is kept and "
+                   "skipped. Nothing else is overwritten: in a folder a new image gets a -2, -3… "
+                   "suffix; an existing .png from other settings is refused.")
 @click.option("--cfg", is_flag=True,
               help="Real two-pass CFG on the same base with adapters off, for comparison.")
 @click.option("--negative-prompt", type=str, default=None,
@@ -64,6 +67,8 @@ def command(prompts: tuple[str, ...], as_json: bool, workdir: str, **flags) -> N
     per_step = "1 pass per step" if summary["mode"] == "agd" else "2 passes per step"
     if summary["negative_prompt"] is not None:
         per_step += f", negative prompt {summary['negative_prompt']!r}"
-    ui.info(f"{len(summary['images'])} image(s), ω={summary['omega']:g}, {summary['steps']} "
+    made = len(summary["images"]) - summary["skipped"]
+    kept = f" ({summary['skipped']} kept from an earlier run)" if summary["skipped"] else ""
+    ui.info(f"{made} image(s) made{kept}, ω={summary['omega']:g}, {summary['steps']} "
             f"{summary['scheduler']} steps, {summary['nfe']} NFE each ({summary['mode']}, "
             f"{per_step}), {summary['seconds_per_image']:.3f} s/image")

@@ -15,6 +15,7 @@ from agd_cli.families.base import (
     count_truncated,
     resolve_device,
     resolve_dtype,
+    warn_truncated,
 )
 from agd_cli.families.dit import DiTDenoiser
 from agd_cli.families.pixart import PixArtDenoiser
@@ -28,7 +29,7 @@ FAMILY_CLASSES: dict[str, type[Denoiser]] = {
     "sd": SDDenoiser, "sdxl": SDXLDenoiser, "dit": DiTDenoiser, "sd3": SD3Denoiser,
     "pixart": PixArtDenoiser, "sana": SanaDenoiser}  # presets.FAMILIES names them
 
-__all__ = ["FAMILY_CLASSES", "Denoiser", "cond_cat", "cond_select", "cond_to", "count_truncated",
+__all__ = ["FAMILY_CLASSES", "Denoiser", "cond_cat", "cond_select", "cond_to", "count_truncated", "warn_truncated",
            "load_denoiser", "load_with_adapters", "resolve_device", "resolve_dtype"]
 
 

@@ -366,6 +366,18 @@ def count_truncated(tokenizer, prompts: Sequence[str]) -> int:
     return sum(n > tokenizer.model_max_length for n in lengths)
 
 
+def warn_truncated(den, texts: Sequence[str]) -> None:
+    """One warning when prompts are longer than the text encoder takes (it cuts them; collect
+    and generate alike). Class-conditional bases (DiT) have no tokenizer: nothing to say."""
+    from agd_cli import ui
+
+    tokenizer = den.text.get("tokenizer")
+    n = count_truncated(tokenizer, texts) if tokenizer is not None and texts else 0
+    if n:
+        ui.warn(f"{n} of {len(texts)} prompts are longer than the text encoder's "
+                f"{tokenizer.model_max_length} tokens and were truncated")
+
+
 def _load_scheduler_config(source: str) -> dict:
     from diffusers import DDIMScheduler
 
