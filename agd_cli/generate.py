@@ -29,6 +29,7 @@ from agd_cli.families.spec import FamilySpec
 from agd_cli.presets import Preset
 
 DEFAULT_BATCH_SIZE = 4
+MAX_IMAGES = 100_000  # per command: each is listed (and checked on disk) before sampling
 TILE_ABOVE = 1024  # VAE tiling for images larger than this many pixels per side
 
 
@@ -78,6 +79,10 @@ def check_inputs(f: GenerateFlags) -> None:
     if f.scheduler is not None:
         checks.scheduler(f.scheduler)
     checks.integer("-n/--num-images", f.num_images)
+    if len(f.prompts) * f.num_images > MAX_IMAGES:
+        raise InputError(f"-n {f.num_images} makes {len(f.prompts) * f.num_images:,} images, more "
+                         f"than one command makes ({MAX_IMAGES:,})",
+                         hint="ask for fewer, e.g. -n 4; a rerun skips the images already made")
     checks.optional_integer("--batch-size", f.batch_size)
     if f.dtype is not None:
         checks.dtype(f.dtype)

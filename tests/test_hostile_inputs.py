@@ -116,6 +116,12 @@ def test_too_many_trajectories_are_refused_before_any_list_is_built(tmp_path):
     assert "--num-per-prompt 99999999999999999999 makes" in err["error"]
 
 
+def test_too_many_images_are_refused_before_any_list_is_built(tmp_path):
+    err = _json_error(run_agd("generate", "1", "2", "-n", "99999999999999999999", "--json",
+                              cwd=tmp_path))
+    assert err["error"].startswith("-n 99999999999999999999 makes 199,999,999,999,999,999,998 images")
+
+
 # --- adapter files -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory) -> Path:
