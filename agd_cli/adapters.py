@@ -38,7 +38,7 @@ from agd_cli.adapter_layers import (
     SharedConditioning,
     Site,
 )
-from agd_cli.errors import ModelError
+from agd_cli.errors import InputError, ModelError
 from agd_cli.presets import AdapterConfig
 
 ATTENTION_TYPES = (Attention, AttentionModuleMixin)  # the modules cross_attention_kwargs reach
@@ -128,6 +128,37 @@ class ContextCache:
         if self.times is None or not (timestep.numel() == 1 or timestep.stride(0) == 0):
             return None  # no tables, or per-sample timesteps
         return self._rows.get(float(timestep.view(-1)[0]))
+
+
+def checked_omega(omega, batch: int) -> torch.Tensor:
+    """`agd_omega` as a float tensor of 1 or `batch` values, each finite and > 0 (as the CLI's
+    -w): a library caller's bad ω is named here, not as NaN images or a torch error."""
+    def bad(why: str) -> InputError:
+        return InputError(f"agd_omega must be {why}, got {_shown(omega)}",
+                          hint="a guidance scale ω > 0 (typical 2–12), one number or one per "
+                               "image: cross_attention_kwargs={'agd_omega': 6.0}")
+
+    if isinstance(omega, bool) or not isinstance(omega, (int, float, torch.Tensor, list, tuple)):
+        raise bad("a real number or a tensor of them")
+    try:
+        w = torch.as_tensor(omega, dtype=torch.float32).view(-1) if not isinstance(
+            omega, torch.Tensor) else omega.detach().view(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise bad("a real number or a tensor of them") from None
+    if w.is_complex() or w.dtype == torch.bool or w.numel() not in (1, batch):
+        raise bad(f"one real number or {batch} (one per image)")
+    w = w.float()
+    # values read on the CPU only: on a GPU the check would wait for the device every call
+    # (training passes a tensor per step), and meta tensors (memory estimates) hold none
+    if w.device.type == "cpu" and not bool(torch.isfinite(w).all() and (w > 0).all()):
+        raise bad("finite and > 0")
+    return w
+
+
+def _shown(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor {value.tolist() if value.numel() <= 8 else tuple(value.shape)}"
+    return repr(value)
 
 
 def _versions(inputs: dict) -> tuple:
@@ -225,7 +256,7 @@ class AdapterSet(nn.Module):
 
     def _inputs(self, omega, batch: int, device, negative: dict | None):
         p = next(self.parameters())
-        w = torch.as_tensor(omega, dtype=torch.float32, device=device).view(-1).expand(batch)
+        w = checked_omega(omega, batch).to(device).view(-1).expand(batch)
         if negative is not None:  # one row serves the whole batch
             negative = {k: v.to(p.device).expand(batch, *v.shape[1:]) if v.shape[0] == 1
                         else v.to(p.device) for k, v in negative.items() if v is not None}

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,8 +46,8 @@ import torch
 from torch import nn
 
 from agd_cli.adapter_file import AdapterFile
-from agd_cli.adapters import AdapterSet, attached_adapters
-from agd_cli.errors import DataError, ModelError
+from agd_cli.adapters import AdapterSet, attached_adapters, checked_omega
+from agd_cli.errors import DataError, InputError, ModelError
 
 __all__ = ["agd_adapter", "agd_guidance", "denoiser_of", "family_of", "load_agd_adapter",
            "unload_agd_adapter"]
@@ -155,20 +156,38 @@ def load_agd_adapter(pipe, path: str | Path, dtype: torch.dtype | None = None) -
     """
     model = denoiser_of(pipe)
     family, source = family_of(model), _name_of(pipe, model)
-    file = AdapterFile.open(path)  # metadata only; the tensors load once, in load_adapters
+    if not isinstance(path, (str, Path, AdapterFile)):
+        raise InputError(f"path must be an adapter file's path, got {path!r}",
+                         hint='e.g. load_agd_adapter(pipe, "agd-runs/sdxl/adapter.safetensors")')
+    dtype = _checked_dtype(dtype)
+    file = AdapterFile.open(path)  # metadata only; the tensors load once, in read_adapters
     if file.family != family:
         raise DataError(f"adapter {path} was trained for '{file.base_model}' (family "
                         f"{file.family}), but the pipeline's model is '{source}' "
                         f"(family {family})",
                         hint="use the adapter with a pipeline of the base it was trained on")
-    unload_agd_adapter(pipe)
     param = next(model.parameters())
     den = _denoiser_view(family, file.preset, model, source,
                          _execution_device(pipe, model), dtype or param.dtype)
-    adapters = den.load_adapters(file, dtype=dtype or param.dtype)  # checks the architecture
+    adapters = den.read_adapters(file, dtype=dtype or param.dtype)  # checks the architecture
+    unload_agd_adapter(pipe)  # only now: a refused file leaves the attached adapter working
+    den.attach(adapters)
     if adapters.wants_negative and hasattr(pipe, "encode_prompt") and family in ("sd", "sdxl"):
         _NEGATIVE_FEEDS[model] = _NegativeFeed(pipe, model, family)
     return adapters
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _checked_dtype(dtype) -> torch.dtype | None:
+    """None (the model's), a floating torch dtype, or agd's name for one (fp16, bf16, fp32)."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise InputError(f"dtype must be a floating-point torch dtype, got {dtype!r}",
+                     hint="e.g. dtype=torch.float16, 'bf16', or leave it out for the model's own")
 
 
 def unload_agd_adapter(pipe) -> None:
@@ -191,6 +210,31 @@ def agd_adapter(pipe) -> AdapterSet | None:
     return adapters
 
 
+def _negative_class(model: nn.Module, negative_class) -> dict:
+    """DiT adapters trained with negatives: {"agd_negative": its class labels} (default: the
+    null class, as "no negative" in training); a class given to other adapters is refused."""
+    if negative_class is not None and (family_of(model) != "dit"
+                                       or not attached_adapters(model).wants_negative):
+        raise InputError(f"negative_class={negative_class!r} needs DiT adapters trained with "
+                         "negatives; these would ignore it",
+                         hint="leave it out, or collect and train with --negative-prompts")
+    if family_of(model) != "dit" or not attached_adapters(model).wants_negative:
+        return {}
+    from agd_cli.families.spec import num_classes
+
+    null = num_classes(model.config)
+    if negative_class is None:
+        return {"agd_negative": {"class_labels": torch.tensor([null])}}
+    try:
+        label = None if isinstance(negative_class, bool) else operator.index(negative_class)
+    except TypeError:
+        label = None
+    if label is None or not 0 <= label < null:
+        raise InputError(f"negative_class must be a class id from 0 to {null - 1}, got "
+                         f"{negative_class!r}", hint="e.g. negative_class=207 (ImageNet ids)")
+    return {"agd_negative": {"class_labels": torch.tensor([label])}}
+
+
 @contextlib.contextmanager
 def agd_guidance(pipe, omega: float | torch.Tensor,
                  negative_class: int | None = None) -> Iterator[None]:
@@ -201,13 +245,8 @@ def agd_guidance(pipe, omega: float | torch.Tensor,
     if attached_adapters(model) is None:
         raise ModelError("no agd adapter is attached to this pipeline",
                          hint="call load_agd_adapter(pipe, path) first")
-    extra = {}
-    if attached_adapters(model).wants_negative and family_of(model) == "dit":
-        from agd_cli.families.spec import num_classes
-
-        null = num_classes(model.config)
-        extra["agd_negative"] = {"class_labels": torch.tensor(
-            [null if negative_class is None else int(negative_class)])}
+    checked_omega(omega, 1 if not isinstance(omega, torch.Tensor) else omega.numel())
+    extra = _negative_class(model, negative_class)
 
     from agd_cli.families import FAMILY_CLASSES
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from agd_cli import ui
 from agd_cli.errors import DataError
-from agd_cli.io import read_json, save_tensors, write_json
+from agd_cli.io import fsync_file, read_json, save_tensors, write_json
 from agd_cli.train_settings import lr_at
 
 FORMAT = "agd-checkpoint/1"
@@ -147,8 +147,7 @@ def _write_files(tmp: Path, step: int, adapter_state: dict, optimizer: dict, sta
                  metadata={"structure": json.dumps(structure), "format": FORMAT})
     write_json(tmp / "state.json", {"format": FORMAT, "step": step, **state})
     for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(f)
 
 
 def save_checkpoint(root: str | Path, step: int, adapter_state: dict, optimizer: dict,

@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     # slower (a thread spins while its partner is descheduled); passive waiting costs little on
     # an idle machine. Must be set before torch loads OpenMP.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # a Windows console or a redirect in a legacy code page (cp1252) cannot encode ω, ×, …:
+    # shown escaped rather than failing the command (JSON is ASCII anyway)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     quiet_libraries()  # the CLI's choice; importing agd as a library leaves logging alone
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv

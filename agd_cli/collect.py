@@ -108,6 +108,7 @@ def encode_conditions(den, prompts: list, indices: list[int],
 
     texts = [prompts[i] for i in indices]
     warn_truncated(den, texts)
+    warn_truncated(den, list(negatives), "negative prompts")
     chunks = [_for_storage(den.encode(texts[i:i + ENCODE_CHUNK]))
               for i in range(0, len(texts), ENCODE_CHUNK)]
     uncond = [_for_storage(den.encode_null(1))]

@@ -47,7 +47,9 @@ _STORAGE_HINTS = {
     errno.ENOSPC: "free some disk space (or use another --workdir/--out), then rerun the same "
                   "command: finished work is kept and it continues from there",
     errno.EROFS: "the file system is read-only: pass a writable --workdir or --out",
-    errno.EACCES: "no permission: pass a --workdir or --out you can write to, or fix permissions",
+    errno.EACCES: "no permission (on Windows also: another program, e.g. a running agd generate, "
+                  "has the file open): close it, pass a --workdir or --out you can write to, or "
+                  "fix permissions",
     errno.EPERM: "no permission: pass a --workdir or --out you can write to, or fix permissions",
     errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
     errno.EISDIR: "that path is a folder where a file was expected: choose another path",

@@ -184,7 +184,8 @@ def encode_conditions(den, prompts: Sequence[str], negative_prompt: str | None,
     negatives read it too)."""
     from agd_cli.families import warn_truncated
 
-    warn_truncated(den, [*prompts, *([negative_prompt] if negative_prompt else [])])
+    warn_truncated(den, prompts)
+    warn_truncated(den, [negative_prompt] if negative_prompt else [], "negative prompts")
     cond = den.encode(list(prompts), size=size)
     uncond = den.encode_negative(negative_prompt, size=size)
     den.free_text_encoders()  # encoded once; frees memory for the sampling loop
@@ -307,12 +308,13 @@ def plan_generation(f: GenerateFlags) -> Plan:
     folder, single = plan_output(f.out, path, len(jobs))
     omega = float(base.sampling["default_omega"] if f.omega is None else f.omega)
     mode, note = "cfg" if f.cfg else "agd", None
-    if f.negative_prompt is not None and not f.cfg:
+    negative = f.negative_prompt if (f.negative_prompt or "").strip() else None  # "": none
+    if negative is not None and not f.cfg:
         mode, note = negative_mode(file)
     plan = Plan(path, file, base, jobs, distinct, omega, check_omega_range(omega, file),
                 mode, f.steps or int(base.sampling["steps"]),
                 f.scheduler or base.sampling["scheduler"], f.batch_size or DEFAULT_BATCH_SIZE,
-                height, width, folder, single, f.negative_prompt, f.dtype or "fp16", note)
+                height, width, folder, single, negative, f.dtype or "fp16", note)
     place_jobs(plan)
     return plan
 

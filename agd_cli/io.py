@@ -20,6 +20,25 @@ def naming(e: OSError, path: str | Path, tmp: str | Path | None = None) -> Write
     return WriteFailed(e.errno, e.strerror or str(e), str(e.filename if named else path))
 
 
+def _file_mode() -> int:
+    """The mode a new file gets from open() under this process's umask (rw for all, less it)."""
+    if os.name == "nt":  # no umask there; chmod only sets or clears the read-only flag
+        return 0o666
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file to disk. Opened for writing: on Windows os.fsync is _commit, which
+    refuses a read-only handle (EBADF)."""
+    with open(path, "r+b") as f:
+        os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temp path beside `path`; on success fsync and rename it over `path`.
@@ -30,8 +49,7 @@ def atomic_path(path: str | Path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except OSError as e:
         raise naming(e, path, tmp) from e
@@ -46,6 +64,7 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) 
 
     try:
         save_file(tensors, str(path), metadata=metadata)
+        os.chmod(path, FILE_MODE)  # safetensors creates 0600: others sharing a workspace read it
     except OSError as e:
         raise naming(e, path) from e
     except Exception as e:  # SafetensorError: "... I/O error: No space left ... (os error 28)"

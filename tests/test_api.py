@@ -13,7 +13,7 @@ import torch
 
 from agd_cli import sampling
 from agd_cli.api import agd_adapter, agd_guidance, load_agd_adapter, unload_agd_adapter
-from agd_cli.errors import DataError, ModelError
+from agd_cli.errors import DataError, InputError, ModelError
 from agd_cli.families import load_denoiser, load_with_adapters
 from agd_cli.presets import load_preset
 
@@ -122,6 +122,45 @@ def test_adapter_for_another_base_is_refused_naming_both(adapter_files):
     assert "random:tiny-sd" in err.value.message and "UNet2DConditionModel" in err.value.message
     assert agd_adapter(narrow) is None
 
+
+
+def test_a_refused_load_leaves_the_attached_adapter_working(adapter_files):
+    pipe, shape = tiny_sd_pipeline()
+    noise = sampling.initial_noise(shape, [0])
+    load_agd_adapter(pipe, adapter_files["tiny-sd"], dtype="fp32")  # agd's dtype names work too
+    before = latents(pipe, noise, cross_attention_kwargs={"agd_omega": OMEGA})
+    for path, dtype in [(adapter_files["tiny-sdxl"], None), (adapter_files["tiny-sd"], torch.int8),
+                        (adapter_files["tiny-sd"], "fp8"), (123, None)]:
+        with pytest.raises((DataError, InputError)):
+            load_agd_adapter(pipe, path, dtype=dtype)
+        assert torch.equal(latents(pipe, noise, cross_attention_kwargs={"agd_omega": OMEGA}), before)
+
+
+@pytest.mark.parametrize("omega, why", [
+    (float("nan"), "finite and > 0"), (float("inf"), "finite and > 0"), (-3.0, "finite and > 0"),
+    (0, "finite and > 0"), (True, "a real number"), ("4", "a real number"), (4 + 0j, "a real number"),
+    ([4.0, 5.0], "one real number or 1"), (torch.tensor([4.0, float("nan")]), "one real number or 1"),
+])
+def test_a_bad_omega_is_named_not_turned_into_nan_images(adapter_files, omega, why):
+    pipe, shape = tiny_sd_pipeline()
+    load_agd_adapter(pipe, adapter_files["tiny-sd"])
+    with pytest.raises(InputError, match=f"agd_omega must be {why}"):
+        latents(pipe, sampling.initial_noise(shape, [0]), cross_attention_kwargs={"agd_omega": omega})
+
+
+def test_dit_negative_class_is_checked(adapter_files):
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    den = load_denoiser(load_preset("tiny-dit"), "cpu")
+    pipe = DiTPipeline(transformer=den.model, vae=den.vae_model(),
+                       scheduler=DDIMScheduler.from_config(den.scheduler_config))
+    load_agd_adapter(pipe, adapter_files["tiny-dit"])  # trained without negatives
+    with pytest.raises(InputError, match="needs DiT adapters trained with negatives"):
+        with agd_guidance(pipe, OMEGA, negative_class=3):
+            pass
+    with pytest.raises(InputError, match="agd_omega must be finite and > 0"):
+        with agd_guidance(pipe, float("nan")):
+            pass
 
 # --- adapters survive attention processors set later ---------------------------------------------
 IMAGE_EMBED_DIM = 16  # the tiny IP-Adapter's image-embedding width

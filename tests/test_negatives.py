@@ -193,6 +193,18 @@ def test_old_adapter_falls_back_to_cfg_and_says_so(tmp_path, capsys):
     assert "trained without negative prompts" in err and "real CFG" in err
 
 
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_a_blank_negative_is_no_negative_one_pass_with_any_adapter(tmp_path, capsys, blank):
+    den = load_denoiser(load_preset("tiny-sd"), "cpu")
+    path = tmp_path / "old.safetensors"
+    den.new_adapters().save(path, den.adapter_metadata(train_steps=0))
+    code, out, err = agd(capsys, "generate", "a red fox", "--adapter", str(path), "--steps", "2",
+                         "--negative-prompt", blank, "--json")
+    assert code == 0, err
+    assert json.loads(out)["mode"] == "agd" and json.loads(out)["nfe"] == 2
+    assert "real CFG" not in err
+
 def load_meta(path: Path) -> dict:
     from safetensors import safe_open
 

@@ -260,7 +260,16 @@ class Denoiser:
 
     def load_adapters(self, file: str | Path | AdapterFile,
                       dtype: torch.dtype | None = None) -> AdapterSet:
-        """Load an adapter file written by `agd train`; refuse one made for another base."""
+        """Load an adapter file written by `agd train` and attach it; refuse one made for
+        another base."""
+        mine = self.read_adapters(file, dtype)
+        self.attach(mine)
+        return mine
+
+    def read_adapters(self, file: str | Path | AdapterFile,
+                      dtype: torch.dtype | None = None) -> AdapterSet:
+        """An adapter file's adapters, checked against this base and loaded, not attached yet
+        (a refused file leaves whatever is attached in place)."""
         file = AdapterFile.open(file)
         path, meta = file.path, file.meta
         cfg = AdapterConfig(**meta["adapter_config"])
@@ -286,7 +295,6 @@ class Denoiser:
         mine.to(self.device, dtype or self.dtype).requires_grad_(False).eval()
         mine.metadata = meta
         self._warn_other_checkpoint(path, meta)
-        self.attach(mine)
         return mine
 
     def _warn_other_checkpoint(self, path, meta: dict) -> None:
@@ -366,7 +374,7 @@ def count_truncated(tokenizer, prompts: Sequence[str]) -> int:
     return sum(n > tokenizer.model_max_length for n in lengths)
 
 
-def warn_truncated(den, texts: Sequence[str]) -> None:
+def warn_truncated(den, texts: Sequence[str], what: str = "prompts") -> None:
     """One warning when prompts are longer than the text encoder takes (it cuts them; collect
     and generate alike). Class-conditional bases (DiT) have no tokenizer: nothing to say."""
     from agd_cli import ui
@@ -374,7 +382,7 @@ def warn_truncated(den, texts: Sequence[str]) -> None:
     tokenizer = den.text.get("tokenizer")
     n = count_truncated(tokenizer, texts) if tokenizer is not None and texts else 0
     if n:
-        ui.warn(f"{n} of {len(texts)} prompts are longer than the text encoder's "
+        ui.warn(f"{n} of {len(texts)} {what} are longer than the text encoder's "
                 f"{tokenizer.model_max_length} tokens and were truncated")
 
 
