@@ -278,15 +278,18 @@ def collect(s: CollectSettings, t0: float | None = None) -> dict:
         _check_same_model(store, s.preset)
         damaged = _damaged_shards(store)
     # 2. Plan: what is left, and whether the disk can hold it
-    remaining = plan_collection(s, store, {i for _, ids in damaged for i in ids})
+    # a damaged shard's trajectories are redone, unless a sound shard holds them (a copied sidecar)
+    redo = {i for _, ids in damaged for i in ids} - store.completed([p for p, _ in damaged])
+    remaining = plan_collection(s, store, redo)
     new, seconds, attention = 0, 0.0, None
-    if remaining:
+    if remaining or damaged:
         with run_lock(s.run, "collect", worker_lock_name(s.shard_index, s.num_shards)):
             if damaged:
                 aside = store.set_aside([sidecar for sidecar, _ in damaged])
-                ui.warn(f"moved {len(damaged)} damaged shard(s) to {aside}; redoing their "
-                        "trajectories")
-            new, seconds, attention = _record(s, store, remaining)
+                ui.warn(f"moved {len(damaged)} damaged shard(s) to {aside}"
+                        + ("; redoing their trajectories" if redo else ""))
+            if remaining:
+                new, seconds, attention = _record(s, store, remaining)
     # 6. Summary
     m = _finalize(store) if store.exists() else {"trajectories": 0, "bytes_on_disk": 0, "shards": []}
     return _summary(s, store, m, new, seconds, attention, time.perf_counter() - t0)

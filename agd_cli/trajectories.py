@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -230,9 +231,12 @@ class TrajectoryStore:
                     os.replace(p, aside / p.name)
         return aside
 
-    def completed(self) -> set[int]:
-        """Trajectory ids already stored in complete shards."""
-        return {i for info in self.shards() for i in info["trajectory_ids"]}
+    def completed(self, excluding: Sequence[Path] = ()) -> set[int]:
+        """Trajectory ids already stored in complete shards (but those of the `excluding`
+        sidecars: damaged ones, about to be set aside)."""
+        skip = set(excluding)
+        return {i for p, info in self._sidecars() if info is not None and p not in skip
+                for i in info.get("trajectory_ids", [])}
 
     def write_shard(self, tag: str, tensors: dict[str, torch.Tensor], trajectory_ids: list[int],
                     metadata: dict | None = None) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,18 @@ def test_running_out_of_memory_is_reported_as_too_large_a_request(exc):
 def test_an_ordinary_bug_is_still_an_internal_error():
     assert _as_agd_error(RuntimeError("shape mismatch")).exit_code == 1
 
+
+
+def test_collect_sets_a_copied_sidecar_aside_without_redoing_what_a_sound_shard_holds(tmp_path):
+    args = ("collect", "--preset", "tiny-sd", "--num-per-prompt", "1", "--steps", "2",
+            "--out", "c", "--json")
+    first = json.loads(run_agd(*args, cwd=tmp_path, timeout=600).stdout)
+    folder = tmp_path / "c" / "trajectories"
+    sidecar = sorted(folder.glob("shard-*.json"))[0]
+    shutil.copy(sidecar, sidecar.with_name("shard-w0-00000099.json"))
+    out = run_agd(*args, cwd=tmp_path, timeout=600)
+    again = json.loads(out.stdout)
+    assert out.returncode == 0, out.stderr
+    assert again["new_trajectories"] == 0 and again["trajectories"] == first["trajectories"]
+    assert "0 to do" in out.stderr
+    assert (folder / "damaged" / "shard-w0-00000099.json").is_file()
