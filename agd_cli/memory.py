@@ -165,8 +165,9 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak = max(self.peak, _rss())
-        else:
-            self.peak = _proc_status("VmHWM") or _psutil_memory()[1]
+        else:  # the kernel's RSS counters lag by a few pages per thread: a block's peak is at
+            # least where it started
+            self.peak = max(self.start, _proc_status("VmHWM") or _psutil_memory()[1])
 
     @property
     def increase(self) -> int:
