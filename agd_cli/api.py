@@ -213,12 +213,12 @@ def agd_adapter(pipe) -> AdapterSet | None:
 def _negative_class(model: nn.Module, negative_class) -> dict:
     """DiT adapters trained with negatives: {"agd_negative": its class labels} (default: the
     null class, as "no negative" in training); a class given to other adapters is refused."""
-    if negative_class is not None and (family_of(model) != "dit"
-                                       or not attached_adapters(model).wants_negative):
-        raise InputError(f"negative_class={negative_class!r} needs DiT adapters trained with "
-                         "negatives; these would ignore it",
-                         hint="leave it out, or collect and train with --negative-prompts")
-    if family_of(model) != "dit" or not attached_adapters(model).wants_negative:
+    reads_it = family_of(model) == "dit" and attached_adapters(model).wants_negative
+    if not reads_it:
+        if negative_class is not None:
+            raise InputError(f"negative_class={negative_class!r} needs DiT adapters trained with "
+                             "negatives; these would ignore it",
+                             hint="leave it out, or collect and train with --negative-prompts")
         return {}
     from agd_cli.families.spec import num_classes
 

@@ -24,7 +24,7 @@ from agd_cli.disk import (
     free_bytes,
     human_bytes,
 )
-from agd_cli.errors import DataError, InputError, Interrupted
+from agd_cli.errors import InputError, Interrupted
 from agd_cli.locks import run_lock, worker_lock_name
 from agd_cli.presets import Preset
 from agd_cli.trajectories import (
@@ -274,8 +274,9 @@ def collect(s: CollectSettings, t0: float | None = None) -> dict:
     store = TrajectoryStore(s.run / TRAJECTORIES)
     damaged = []
     if store.exists() and not s.overwrite:
-        store.check_same({**s.identity(), "prompts": s.prompts, "prompt_source": s.prompt_source})
-        _check_same_model(store, s.preset)
+        store.check_same({**s.identity(), "prompts": s.prompts, "prompt_source": s.prompt_source,
+                          "family": s.preset.family, "resolution": s.preset.resolution,
+                          "preset_toml": s.preset.raw})
         damaged = _damaged_shards(store)
     # 2. Plan: what is left, and whether the disk can hold it
     # a damaged shard's trajectories are redone, unless a sound shard holds them (a copied sidecar)
@@ -293,25 +294,6 @@ def collect(s: CollectSettings, t0: float | None = None) -> dict:
     # 6. Summary
     m = _finalize(store) if store.exists() else {"trajectories": 0, "bytes_on_disk": 0, "shards": []}
     return _summary(s, store, m, new, seconds, attention, time.perf_counter() - t0)
-
-
-def _check_same_model(store, preset: Preset) -> None:
-    """A preset file edited under the same name must not append another model's (or size's)
-    trajectories to a collection: what shapes the samples has to match the manifest."""
-    old = store.manifest().get("config", {})
-    there = {k: old.get(k) for k in ("family", "resolution") if old.get(k) is not None}
-    recorded = old.get("preset_toml")
-    if isinstance(recorded, dict) and recorded:  # manifests that recorded their preset
-        there |= {"pixel_space": recorded.get("pixel_space", False),
-                  "architecture": recorded.get("architecture")}
-    now = {"family": preset.family, "resolution": preset.resolution,
-           "pixel_space": preset.pixel_space, "architecture": preset.raw.get("architecture")}
-    for key, value in there.items():
-        if value != now[key]:
-            raise DataError(f"{store.root} already holds a different collection ({key}: "
-                            f"{value!r} there, {now[key]!r} now, preset '{preset.name}')",
-                            hint="rerun with the preset it was made with to resume, use --out "
-                                 "for a new folder, or --overwrite to replace it")
 
 
 def _damaged_shards(store) -> list:

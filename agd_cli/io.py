@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -20,16 +21,15 @@ def naming(e: OSError, path: str | Path, tmp: str | Path | None = None) -> Write
     return WriteFailed(e.errno, e.strerror or str(e), str(e.filename if named else path))
 
 
-def _file_mode() -> int:
-    """The mode a new file gets from open() under this process's umask (rw for all, less it)."""
+@functools.cache
+def file_mode() -> int:
+    """The mode a new file gets from open() under this process's umask (rw for all, less it);
+    read once, on the first file saved (not at import: reading the umask sets it briefly)."""
     if os.name == "nt":  # no umask there; chmod only sets or clears the read-only flag
         return 0o666
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
-
-
-FILE_MODE = _file_mode()
 
 
 def fsync_file(path: str | Path) -> None:
@@ -64,7 +64,7 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) 
 
     try:
         save_file(tensors, str(path), metadata=metadata)
-        os.chmod(path, FILE_MODE)  # safetensors creates 0600: others sharing a workspace read it
+        os.chmod(path, file_mode())  # safetensors creates 0600: others sharing a workspace read it
     except OSError as e:
         raise naming(e, path) from e
     except Exception as e:  # SafetensorError: "... I/O error: No space left ... (os error 28)"

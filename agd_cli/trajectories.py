@@ -97,6 +97,18 @@ def _type_name(kind) -> str:
     return names.get(kind, getattr(kind, "__name__", str(kind)))
 
 
+def _shape_facts(config: dict) -> dict:
+    """What shapes a collection's samples, as far as a manifest config records it (older ones
+    lack some): family and resolution, and from the recorded preset its pixel space and
+    architecture."""
+    facts = {k: config[k] for k in ("family", "resolution") if config.get(k) is not None}
+    preset = config.get("preset_toml")
+    if isinstance(preset, dict) and preset:
+        facts |= {"pixel_space": preset.get("pixel_space", False),
+                  "architecture": preset.get("architecture")}
+    return facts
+
+
 def _shown(key: str, value) -> str:
     unset = UNSET.get(key)
     return str(unset) if value is None and unset is not None else repr(value)
@@ -154,7 +166,9 @@ class TrajectoryStore:
         return check_manifest(self.manifest_path, m)
 
     def check_same(self, config: dict) -> None:
-        """The existing collection must be this one (same IDENTITY_KEYS) to be resumed."""
+        """The existing collection must be this one to be resumed: the same IDENTITY_KEYS, and
+        samples of the same shape (a preset edited under the same name: another resolution,
+        architecture or family) where the manifest records it."""
         old = self.manifest().get("config", {})
         for key in IDENTITY_KEYS:
             if old.get(key) == config.get(key):
@@ -165,9 +179,16 @@ class TrajectoryStore:
                         f"({len(config.get('prompts', []))} prompts) now")
             else:
                 what = f"{key}: {_shown(key, old.get(key))} there, {_shown(key, config.get(key))} now"
-            raise DataError(f"{self.root} already holds a different collection ({what})",
-                            hint="rerun with the same settings to resume, use --out for a new "
-                                 "folder, or --overwrite to replace it")
+            raise self._different(what)
+        now = _shape_facts(config)
+        for key, value in _shape_facts(old).items():
+            if now.get(key) != value:
+                raise self._different(f"{key}: {value!r} there, {now.get(key)!r} now")
+
+    def _different(self, what: str) -> DataError:
+        return DataError(f"{self.root} already holds a different collection ({what})",
+                         hint="rerun with the same settings to resume, use --out for a new "
+                              "folder, or --overwrite to replace it")
 
     def init(self, config: dict, overwrite: bool = False) -> None:
         """Create the manifest, or check that an existing one describes the same collection."""
