@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = ["agd_adapter", "agd_guidance", "denoiser_of", "family_of", "load_agd_
 
 # model -> the negative-prompt feed of its attached adapters; weak keys: a deleted pipeline frees it
 _NEGATIVE_FEEDS: weakref.WeakKeyDictionary[nn.Module, _NegativeFeed] = weakref.WeakKeyDictionary()
+_DOUBLE_GUIDANCE_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> hook
 
 
 def denoiser_of(pipe) -> nn.Module:
@@ -172,6 +174,8 @@ def load_agd_adapter(pipe, path: str | Path, dtype: torch.dtype | None = None) -
     adapters = den.read_adapters(file, dtype=dtype or param.dtype)  # checks the architecture
     unload_agd_adapter(pipe)  # only now: a refused file leaves the attached adapter working
     den.attach(adapters)
+    if pipe is not model:
+        _DOUBLE_GUIDANCE_GUARDS[model] = _warn_on_double_guidance(pipe, model, den.omega_kwarg)
     if adapters.wants_negative and hasattr(pipe, "encode_prompt") and family in ("sd", "sdxl"):
         _NEGATIVE_FEEDS[model] = _NegativeFeed(pipe, model, family)
     return adapters
@@ -199,6 +203,29 @@ def unload_agd_adapter(pipe) -> None:
     feed = _NEGATIVE_FEEDS.pop(model, None)
     if feed is not None:
         feed.remove()
+    guard = _DOUBLE_GUIDANCE_GUARDS.pop(model, None)
+    if guard is not None:
+        guard.remove()
+
+
+def _warn_on_double_guidance(pipe, model: nn.Module, key: str):
+    """A pre-hook that warns when a call gets ω while the pipeline runs its own CFG
+    (guidance_scale > 1): both halves of CFG's batch go through the adapters, so the image is
+    guided twice at twice the cost. Pipelines without a `do_classifier_free_guidance`
+    property (DiT, PixArt-Σ) are not checked."""
+    owner = weakref.ref(pipe)
+
+    def check(module, args, kwargs):
+        pipeline = owner()
+        if ("agd_omega" in (kwargs.get(key) or {}) and pipeline is not None
+                and getattr(pipeline, "do_classifier_free_guidance", False) is True):
+            scale = getattr(pipeline, "guidance_scale", "> 1")
+            warnings.warn(f"agd_omega is set while the pipeline runs its own CFG (guidance_scale="
+                          f"{scale}): the image is guided twice, at twice the cost; pass "
+                          "guidance_scale=1.0, agd guides in one pass", UserWarning, stacklevel=2)
+        return None
+
+    return model.register_forward_pre_hook(check, with_kwargs=True, prepend=True)
 
 
 def agd_adapter(pipe) -> AdapterSet | None:

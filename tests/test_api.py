@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,24 @@ def test_a_bad_omega_is_named_not_turned_into_nan_images(adapter_files, omega, w
     load_agd_adapter(pipe, adapter_files["tiny-sd"])
     with pytest.raises(InputError, match=f"agd_omega must be {why}"):
         latents(pipe, sampling.initial_noise(shape, [0]), cross_attention_kwargs={"agd_omega": omega})
+
+
+def test_omega_with_the_pipelines_own_cfg_warns_guided_twice(adapter_files):
+    pipe, shape = tiny_sd_pipeline()
+    load_agd_adapter(pipe, adapter_files["tiny-sd"])
+    noise = sampling.initial_noise(shape, [0])
+    kwargs = {"cross_attention_kwargs": {"agd_omega": OMEGA}}
+    with pytest.warns(UserWarning, match=r"guidance_scale=2.5\): the image is guided twice"):
+        pipe("a red fox", num_inference_steps=2, guidance_scale=2.5, latents=noise.clone(),
+             output_type="latent", **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one pass at guidance_scale 1, CFG without ω: no warning
+        latents(pipe, noise, **kwargs)
+        pipe("a red fox", num_inference_steps=2, guidance_scale=2.5, latents=noise.clone(),
+             output_type="latent")
+        unload_agd_adapter(pipe)
+        pipe("a red fox", num_inference_steps=2, guidance_scale=2.5, latents=noise.clone(),
+             output_type="latent", **kwargs)
 
 
 def test_dit_negative_class_is_checked(adapter_files):
