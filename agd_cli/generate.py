@@ -15,8 +15,10 @@ overwritten (a folder's new image gets a -2, -3… suffix; an existing --out FIL
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -245,6 +247,11 @@ def _numbered(folder: Path, stem: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def image_stem(job: Job, omega: float, mode: str) -> str:
+    """PROMPT-seedS-wΩ[-cfg]: an image's file name before any -K."""
+    return f"{slug(job.prompt)}-seed{job.seed}-w{omega:g}" + ("-cfg" if mode == "cfg" else "")
+
+
 def image_path(folder: Path, single: Path | None, job: Job, omega: float, mode: str,
                taken: set[Path], settings: str) -> tuple[Path, bool]:
     """(path, done): the image already made with these settings (a rerun skips it), else a new
@@ -256,7 +263,7 @@ def image_path(folder: Path, single: Path | None, job: Job, omega: float, mode: 
                              hint=f"pick a new name, e.g. --out "
                                   f"{single.with_name(single.stem + '-2.png')}, or delete it first")
         return single, single.exists()
-    stem = f"{slug(job.prompt)}-seed{job.seed}-w{omega:g}" + ("-cfg" if mode == "cfg" else "")
+    stem = image_stem(job, omega, mode)
     for path in _numbered(folder, stem):
         if path not in taken and holds_image(path, settings):
             taken.add(path)
@@ -387,9 +394,37 @@ def make_images(plan: Plan, todo: list[Job], device: str | None, offload: bool) 
             den, todo, prompts, cond, uncond, omega=plan.omega, mode=plan.mode,
             steps=plan.steps, scheduler=plan.scheduler, batch_size=plan.batch_size,
             height=plan.height, width=plan.width):
-        save_png(image, job.path, _png_metadata(plan, job, nfe, den))
+        with _folder_lock(job.path.parent):  # one writer at a time per folder, a few ms each
+            job.path = still_free(plan, job)
+            save_png(image, job.path, _png_metadata(plan, job, nfe, den))
         job.done, made.nfe, made.seconds = True, nfe, made.seconds + secs
     return made
+
+
+def _folder_lock(folder: Path):
+    """An OS file lock for writing images into `folder`, shared by every agd generate on this
+    machine (the lock file lives in the temp folder, not among the images)."""
+    from filelock import FileLock
+
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    return FileLock(str(Path(tempfile.gettempdir()) / f"agd-generate-{key}.lock"))
+
+
+def still_free(plan: Plan, job: Job) -> Path:
+    """The job's planned name, or (when another agd generate writing the same folder has put
+    another image there since this run planned) the next free -K name; --out FILE.png is
+    refused as at planning. Called under the folder's lock."""
+    settings = image_settings(plan, job)
+    path = job.path
+    if not path.exists() or holds_image(path, settings):
+        return path
+    if plan.single is not None:
+        raise InputError(f"--out '{path}' was written by another process while this image was "
+                         "being made", hint="pick a new name with --out and rerun")
+    stem, k = image_stem(job, plan.omega, plan.mode), 2
+    while path.exists() and not holds_image(path, settings):
+        path, k = path.with_name(f"{stem}-{k}.png"), k + 1
+    return path
 
 
 def interrupted(plan: Plan) -> Interrupted:

@@ -220,6 +220,34 @@ def test_out_file_is_never_overwritten_by_another_image(ws, tmp_path, capsys):
     assert code == 2 and "already exists" in err
 
 
+def test_an_image_written_meanwhile_by_another_generate_is_kept(ws, tmp_path, capsys, monkeypatch):
+    """Two agd generate runs into one folder plan the same name; the one that writes second
+    takes the next free name instead of replacing the other's image."""
+    import agd_cli.generate as generate
+
+    planned = generate.place_jobs
+
+    def other_process_writes_first(plan):
+        planned(plan)
+        for job in plan.jobs:
+            save_png(Image.new("RGB", (8, 8), "red"), job.path, {"prompt": "another run's"})
+
+    monkeypatch.setattr(generate, "place_jobs", other_process_writes_first)
+    out = tmp_path / "shared"
+    made = generate_json(capsys, ws, "a red fox", "--steps", "1", "-n", "2", "--out", str(out))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["a-red-fox-seed0-w4-2.png", "a-red-fox-seed0-w4.png",
+                     "a-red-fox-seed1-w4-2.png", "a-red-fox-seed1-w4.png"]
+    assert [Path(p).name for p in made["images"]] == ["a-red-fox-seed0-w4-2.png",
+                                                       "a-red-fox-seed1-w4-2.png"]
+    assert read_png_metadata(out / "a-red-fox-seed0-w4.png")["prompt"] == "another run's"
+    single = tmp_path / "one.png"
+    code, stdout, err = agd(capsys, "generate", "a red fox", "--workdir", str(ws), "--steps", "1",
+                            "--out", str(single))
+    assert code == 2 and "was written by another process" in " ".join(err.split())
+    assert read_png_metadata(single)["prompt"] == "another run's"
+
+
 def test_long_prompt_warns_it_is_truncated(ws, tmp_path, capsys):
     code, _, err = agd(capsys, "generate", "a red fox " * 1000, "--workdir", str(ws), "--steps",
                        "1", "--out", str(tmp_path))
