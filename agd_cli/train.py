@@ -41,6 +41,7 @@ from agd_cli.train_output import (
 )
 from agd_cli.train_settings import TrainSettings, lr_at, omega_loss_weight
 from agd_cli.train_setup import (
+    check_cpu_memory,
     locate,
     prepare_denoiser,
     process_accelerator,
@@ -311,6 +312,7 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
     settings.adapter.negatives = trajectories.has_negatives
     settings.adapter.omega_range = trained_omega_range(trajectories)
     # 3. The model: frozen base + fresh adapters on this process's device
+    check_cpu_memory(preset_obj, settings, process_device(acc))
     den = prepare_denoiser(preset_obj, process_device(acc), settings)
     if trajectories.sample_shape[0] != den.in_channels:
         raise DataError(f"collection holds {trajectories.sample_shape[0]}-channel samples; "

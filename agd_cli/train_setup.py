@@ -87,6 +87,32 @@ def prepare_denoiser(preset: Preset, device: torch.device, settings: TrainSettin
     return den
 
 
+CPU_CHECKED_ABOVE = 64  # batches up to the presets' own sizes are not estimated
+
+
+def check_cpu_memory(preset: Preset, settings: TrainSettings, device: torch.device) -> None:
+    """Refuse a batch too large for this machine's free memory before training: on the CPU the
+    OS kills a process that runs out (exit 137, no message, mid-step). One training step at
+    this batch is estimated on the meta device (estimate.py: shapes only, seconds); only
+    batches above the presets' sizes are checked."""
+    if device.type != "cpu" or settings.batch_size <= CPU_CHECKED_ABOVE:
+        return
+    import psutil
+
+    from agd_cli.memory import measure_in_process
+
+    est = measure_in_process(preset, settings.precision, settings.optimizer,
+                             settings.gradient_checkpointing, settings.batch_size, "meta", None)
+    need, free = est["peak_bytes"], psutil.virtual_memory().available
+    if need > free:
+        fits = max(1, int(settings.batch_size * free / need))
+        raise InputError(f"batch size {settings.batch_size}: one training step needs about "
+                         f"{need / 2**30:.1f} GiB on the CPU; this machine has "
+                         f"{free / 2**30:.1f} GiB free",
+                         hint=f"use --batch-size {fits} or less (with --grad-accum "
+                              f"{-(-settings.batch_size // fits)} for as many samples per step)")
+
+
 def process_accelerator(device: str):
     """HF accelerate state: device placement and the process group (no-op for one process)."""
     from accelerate import Accelerator

@@ -59,6 +59,21 @@ def test_resume_with_an_edited_preset_of_the_same_name_is_refused(tmp_path):
     assert (tmp_path / "c" / "trajectories" / "manifest.json").read_bytes() == manifest
 
 
+def test_a_batch_too_large_for_this_machine_is_refused_before_training(tmp_path):
+    """On the CPU the OS kills a process that runs out of memory (exit 137, no message); the
+    step at this batch is estimated first and refused with a batch that fits."""
+    small = dict(cwd=tmp_path, timeout=600)
+    assert run_agd("collect", "--preset", "tiny-sd", "--num-per-prompt", "1", "--steps", "2",
+                   "--out", "c", **small).returncode == 0
+    err = _json_error(run_agd("train", "--run", "c", "--batch-size", "10000000",
+                              "--steps", "1", "--device", "cpu", "--json", **small))
+    assert "batch size 10000000: one training step needs about" in err["error"]
+    assert "GiB free" in err["error"] and "--batch-size" in err["hint"]
+    fits = int(err["hint"].split("--batch-size ")[1].split()[0])
+    assert 64 < fits < 10000000
+    assert not (tmp_path / "c" / "adapter.safetensors").exists()
+
+
 # --- numbers -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [-1, 2**32, 2**70, 1.5, True, None])
 def test_one_seed_range_for_every_command(value):
