@@ -63,7 +63,7 @@ def number(flag: str, value: Any, low: float = 0.0, high: float = math.inf,
 def probability(flag: str, value: Any, hint: str) -> float:
     """A share from 0 to 1 (bools are not numbers here)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-        raise InputError(f"{flag} must be from 0 to 1, got {value!r}", hint=hint)
+        raise InputError(f"{flag} must be from 0 to 1, got {_literal(value)}", hint=hint)
     return float(value)
 
 
@@ -188,6 +188,9 @@ def optimizer(value: Any) -> str:
 
 
 def _literal(value: Any) -> str:
+    """A value as the user wrote it (a flag's text, kept by commands.FloatFlag), else shown."""
+    if hasattr(value, "text"):
+        return value.text
     return repr(value) if not isinstance(value, float) else f"{value:g}"
 
 

@@ -51,9 +51,13 @@ class TrainSettings:
         if flags.get("adapter_kind"):
             adapter.kind = flags["adapter_kind"]
         s = cls(steps=t["steps"], batch_size=t["batch_size"], grad_accum=t["grad_accum"],
-                lr=float(t["lr"]), optimizer=t["optimizer"], precision=t["precision"],
+                # checked as given (checks.number returns floats): a flag's text shows in errors
+                lr=checks.number("--lr", t["lr"], example="--lr 1e-4"), optimizer=t["optimizer"], precision=t["precision"],
                 gradient_checkpointing=bool(t["gradient_checkpointing"]),
-                val_fraction=float(t["val_fraction"]), checkpoint_every=t["checkpoint_every"],
+                val_fraction=checks.number("--val-fraction", t["val_fraction"], 0, 1,
+                                           low_open=False, high_open=True,
+                                           example="--val-fraction 0.1"),
+                checkpoint_every=t["checkpoint_every"],
                 keep_checkpoints=t["keep_checkpoints"], preview_every=t["preview_every"],
                 # a short run (e.g. a smoke test) still reaches the peak learning rate
                 warmup_steps=min(t["warmup_steps"], max(t["steps"], 0) // 2),
@@ -75,9 +79,6 @@ class TrainSettings:
                 ("--preview-every", self.preview_every, 0, "--preview-every 0 (off)")):
             checks.integer(flag, value, minimum, example)
         checks.seed(self.seed)
-        checks.number("--lr", self.lr, example="--lr 1e-4")
-        checks.number("--val-fraction", self.val_fraction, 0, 1, low_open=False, high_open=True,
-                      example="--val-fraction 0.1")
         checks.optimizer(self.optimizer)
         checks.dtype(self.precision, "precision")
 

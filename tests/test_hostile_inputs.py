@@ -94,6 +94,16 @@ def test_seeds_beyond_64_bits_are_bad_input_everywhere(tmp_path, argv):
     assert "seed" in err["error"] and str(checks.MAX_SEED) in err["error"] + err["hint"]
 
 
+@pytest.mark.parametrize("argv,shown", [
+    (("generate", "7", "-w", "1e309"), "-w/--omega must be a finite number > 0, got 1e309"),
+    (("collect", "--preset", "mnist", "--empty-negative-probability", "-1e999"),
+     "--empty-negative-probability must be from 0 to 1, got -1e999"),
+    (("collect", "--preset", "mnist", "--omega-max", "1E400"), "got 1E400"),
+])
+def test_a_number_too_large_for_a_float_is_named_as_written(tmp_path, argv, shown):
+    assert shown in _json_error(run_agd(*argv, "--json", cwd=tmp_path))["error"]
+
+
 def test_a_seed_range_too_large_to_run_is_refused_before_it_is_listed():
     with pytest.raises(InputError, match="more than 100,000 seeds"):
         checks.seed_list(["0-100000000"])

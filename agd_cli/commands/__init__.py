@@ -9,6 +9,32 @@ import click
 # The flag vocabulary (README, "Everyday use"): one name per concept in every command.
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (CUDA when present, else the CPU)."
 
+
+class WrittenFloat(float):
+    """A float flag's value that remembers how it was written: an error names `1e309`, not the
+    `inf` it converts to."""
+
+    text: str
+
+
+class FloatFlag(click.ParamType):
+    """click's float, keeping the text (checks._literal shows it)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        try:
+            number = WrittenFloat(str(value).strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        number.text = str(value).strip()
+        return number
+
+
+FLOAT = FloatFlag()
+
 # hidden option name -> (old flag, new flag, the new flag's parameter name)
 DEPRECATED: dict[str, tuple[str, str, str]] = {}
 

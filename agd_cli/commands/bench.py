@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, common_options, deprecated_alias
+from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alias
 
 
 @click.command("bench")
@@ -30,7 +30,7 @@ from agd_cli.commands import DEVICE_HELP, common_options, deprecated_alias
 @click.option("--seeds", multiple=True, help="Seeds: 0,1,2 or 0-3 [0].")
 @click.option("--baselines", default=None,
               help="Methods besides agd, from cfg,cfg-cutoff,unguided [cfg,unguided].")
-@click.option("--cutoff", type=float, default=0.5, show_default=True,
+@click.option("--cutoff", type=FLOAT, default=0.5, show_default=True,
               help="cfg-cutoff: fraction of the steps that use CFG.")
 @click.option("-b", "--batch-size", type=int, default=1, show_default=True,
               help="Images per sampling call; s/img = call time / batch (1 = latency, "

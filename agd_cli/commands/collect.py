@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, common_options
+from agd_cli.commands import DEVICE_HELP, FLOAT, common_options
 
 
 @click.command("collect")
@@ -27,9 +27,9 @@ from agd_cli.commands import DEVICE_HELP, common_options
 @click.option("--keep-steps", type=int, default=None,
               help="Steps stored per trajectory, spread over the run (default: all, up to the "
                    "preset's keep_steps).")
-@click.option("--omega-min", type=float, default=None, help="Lowest guidance scale ω.")
-@click.option("--omega-max", type=float, default=None, help="Highest guidance scale ω.")
-@click.option("--omega-skew", type=float, default=None, metavar="K",
+@click.option("--omega-min", type=FLOAT, default=None, help="Lowest guidance scale ω.")
+@click.option("--omega-max", type=FLOAT, default=None, help="Highest guidance scale ω.")
+@click.option("--omega-skew", type=FLOAT, default=None, metavar="K",
               help="ω = omega_min + (omega_max − omega_min)·u^K, u uniform: 1 is uniform, 2 "
                    "puts half the trajectories in the lowest quarter of the range [preset, 1].")
 @click.option("--batch-size", type=int, default=None, help="Trajectories per batch.")
@@ -44,10 +44,10 @@ from agd_cli.commands import DEVICE_HELP, common_options
 @click.option("--negative-prompts", default=None, metavar="FILE",
               help="Negatives for CFG's unconditional branch, same formats as --prompts (DiT: "
                    "classes); default: the preset's list.")
-@click.option("--empty-negative-probability", type=float, default=None, metavar="P",
+@click.option("--empty-negative-probability", type=FLOAT, default=None, metavar="P",
               help="Share of trajectories that keep the empty prompt (1: no negatives) "
                    "[preset, 0.5].")
-@click.option("--negative-only-probability", type=float, default=None, metavar="P",
+@click.option("--negative-only-probability", type=FLOAT, default=None, metavar="P",
               help="Share of the trajectories with a negative whose prompt is the empty prompt, "
                    "so the adapters also learn a negative on its own [preset, 0].")
 @click.option("--overwrite", is_flag=True, help="Replace a different collection in the folder.")

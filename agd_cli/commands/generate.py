@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, common_options
+from agd_cli.commands import DEVICE_HELP, FLOAT, common_options
 from agd_cli.presets import DTYPES, SCHEDULERS
 
 
 @click.command("generate")
 @click.argument("prompts", nargs=-1)
-@click.option("-w", "--omega", type=float, default=None,
+@click.option("-w", "--omega", type=FLOAT, default=None,
               help="Guidance scale ω (default: the preset's default_omega).")
 @click.option("--adapter", type=click.Path(dir_okay=False), default=None,
               help="Adapter file (default: the most recently trained one in the workspace).")

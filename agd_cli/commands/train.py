@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, common_options, deprecated_alias
+from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alias
 
 
 @click.command("train")
@@ -18,7 +18,7 @@ from agd_cli.commands import DEVICE_HELP, common_options, deprecated_alias
 @click.option("--steps", type=int, help="Optimizer steps (preset default).")
 @click.option("--batch-size", type=int, help="Samples per micro-batch, split across processes.")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
-@click.option("--lr", type=float, help="Peak learning rate (linear warmup, then cosine).")
+@click.option("--lr", type=FLOAT, help="Peak learning rate (linear warmup, then cosine).")
 @click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]),
               help="adamw8bit (bitsandbytes; falls back to adamw where it does not run) or adamw.")
 @click.option("--dtype", "precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
@@ -26,7 +26,7 @@ from agd_cli.commands import DEVICE_HELP, common_options, deprecated_alias
 @deprecated_alias("--precision", "--dtype", "precision", type=click.Choice(["fp16", "bf16", "fp32"]))
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute base activations in the backward pass (preset default).")
-@click.option("--val-fraction", type=float, help="Share of trajectories held out for validation.")
+@click.option("--val-fraction", type=FLOAT, help="Share of trajectories held out for validation.")
 @click.option("--checkpoint-every", type=int, help="Validate and checkpoint every N steps.")
 @click.option("--keep-checkpoints", type=int, help="Keep the last N checkpoints.")
 @click.option("--preview-every", type=int, help="CFG-vs-adapter preview images every N steps (0: off).")
