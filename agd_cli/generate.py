@@ -15,10 +15,7 @@ overwritten (a folder's new image gets a -2, -3… suffix; an existing --out FIL
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ from agd_cli import checks, ui, workspace
 from agd_cli.adapter_file import AdapterFile
 from agd_cli.errors import InputError, Interrupted
 from agd_cli.families.spec import FamilySpec
+from agd_cli.image_files import folder_lock, image_path, image_stem, still_free
 from agd_cli.presets import Preset
 
 DEFAULT_BATCH_SIZE = 4
@@ -222,59 +220,6 @@ def sample_jobs(den, jobs: list[Job], prompts: list[str], cond: dict, uncond: di
                 yield job, image, got.nfe, got.seconds / len(batch)
 
 
-# --- 5. files ---------------------------------------------------------------------------------
-def slug(text: str, limit: int = 48) -> str:
-    """A file-name-safe version of a prompt."""
-    s = re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
-    return s[:limit].rstrip("-") or "image"
-
-
-def holds_image(path: Path, settings: str) -> bool:
-    """Whether `path` is a complete PNG made with these settings (a rerun keeps it)."""
-    from agd_cli.images import read_png_metadata
-
-    try:
-        return read_png_metadata(path).get("settings") == settings  # decodes it all: no torn file
-    except (OSError, SyntaxError, ValueError):  # not a PNG, damaged, unreadable: not this image
-        return False
-
-
-def _numbered(folder: Path, stem: str) -> list[Path]:
-    """The files a folder holds under one image name: STEM.png, STEM-2.png, … in that order."""
-    name = re.compile(re.escape(stem) + r"(?:-(\d+))?\.png")
-    found = [(int(m.group(1) or 1), p) for p in folder.glob(f"{stem}*.png")
-             if (m := name.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def image_stem(job: Job, omega: float, mode: str) -> str:
-    """PROMPT-seedS-wΩ[-cfg]: an image's file name before any -K."""
-    return f"{slug(job.prompt)}-seed{job.seed}-w{omega:g}" + ("-cfg" if mode == "cfg" else "")
-
-
-def image_path(folder: Path, single: Path | None, job: Job, omega: float, mode: str,
-               taken: set[Path], settings: str) -> tuple[Path, bool]:
-    """(path, done): the image already made with these settings (a rerun skips it), else a new
-    name: --out FILE.png, else PROMPT-seedS-wΩ[-cfg][-K].png; never overwrites another image."""
-    if single is not None:
-        if single.exists() and not holds_image(single, settings):
-            raise InputError(f"--out '{single}' already exists and is not this image (it was not "
-                             "made with the same prompt, seed, ω and settings)",
-                             hint=f"pick a new name, e.g. --out "
-                                  f"{single.with_name(single.stem + '-2.png')}, or delete it first")
-        return single, single.exists()
-    stem = image_stem(job, omega, mode)
-    for path in _numbered(folder, stem):
-        if path not in taken and holds_image(path, settings):
-            taken.add(path)
-            return path, True
-    path, k = folder / f"{stem}.png", 2
-    while path.exists() or path in taken:
-        path, k = folder / f"{stem}-{k}.png", k + 1
-    taken.add(path)
-    return path, False
-
-
 # --- the stage ----------------------------------------------------------------------------------
 @dataclass
 class Plan:
@@ -351,8 +296,9 @@ def place_jobs(plan: Plan) -> None:
     """Give each job its file; mark done those whose image an earlier run already wrote."""
     taken: set[Path] = set()
     for job in plan.jobs:
-        job.path, job.done = image_path(plan.folder, plan.single, job, plan.omega, plan.mode,
-                                        taken, image_settings(plan, job))
+        job.path, job.done = image_path(plan.folder, plan.single,
+                                        image_stem(job, plan.omega, plan.mode), taken,
+                                        image_settings(plan, job))
 
 
 def _png_metadata(plan: Plan, job: Job, nfe: int, den) -> dict:
@@ -394,37 +340,12 @@ def make_images(plan: Plan, todo: list[Job], device: str | None, offload: bool) 
             den, todo, prompts, cond, uncond, omega=plan.omega, mode=plan.mode,
             steps=plan.steps, scheduler=plan.scheduler, batch_size=plan.batch_size,
             height=plan.height, width=plan.width):
-        with _folder_lock(job.path.parent):  # one writer at a time per folder, a few ms each
-            job.path = still_free(plan, job)
+        with folder_lock(job.path.parent):  # one writer at a time per folder, a few ms each
+            job.path = still_free(job.path, image_settings(plan, job),
+                                  image_stem(job, plan.omega, plan.mode), plan.single is not None)
             save_png(image, job.path, _png_metadata(plan, job, nfe, den))
         job.done, made.nfe, made.seconds = True, nfe, made.seconds + secs
     return made
-
-
-def _folder_lock(folder: Path):
-    """An OS file lock for writing images into `folder`, shared by every agd generate on this
-    machine (the lock file lives in the temp folder, not among the images)."""
-    from filelock import FileLock
-
-    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-    return FileLock(str(Path(tempfile.gettempdir()) / f"agd-generate-{key}.lock"))
-
-
-def still_free(plan: Plan, job: Job) -> Path:
-    """The job's planned name, or (when another agd generate writing the same folder has put
-    another image there since this run planned) the next free -K name; --out FILE.png is
-    refused as at planning. Called under the folder's lock."""
-    settings = image_settings(plan, job)
-    path = job.path
-    if not path.exists() or holds_image(path, settings):
-        return path
-    if plan.single is not None:
-        raise InputError(f"--out '{path}' was written by another process while this image was "
-                         "being made", hint="pick a new name with --out and rerun")
-    stem, k = image_stem(job, plan.omega, plan.mode), 2
-    while path.exists() and not holds_image(path, settings):
-        path, k = path.with_name(f"{stem}-{k}.png"), k + 1
-    return path
 
 
 def interrupted(plan: Plan) -> Interrupted:
