@@ -101,8 +101,13 @@ def check_cpu_memory(preset: Preset, settings: TrainSettings, device: torch.devi
 
     from agd_cli.memory import measure_in_process
 
-    est = measure_in_process(preset, settings.precision, settings.optimizer,
-                             settings.gradient_checkpointing, settings.batch_size, "meta", None)
+    try:
+        est = measure_in_process(preset, settings.precision, settings.optimizer,
+                                 settings.gradient_checkpointing, settings.batch_size, "meta", None)
+    except Exception as e:  # noqa: BLE001 - a model the estimate cannot build is not the user's error
+        ui.warn(f"could not estimate the memory of a training step at batch size "
+                f"{settings.batch_size} ({type(e).__name__}); training without the check")
+        return
     need, free = est["peak_bytes"], psutil.virtual_memory().available
     if need > free:
         fits = max(1, int(settings.batch_size * free / need))
