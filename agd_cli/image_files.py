@@ -3,6 +3,7 @@ that keeps two runs writing one folder from replacing each other's images."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import tempfile
@@ -62,13 +63,24 @@ def image_path(folder: Path, single: Path | None, stem: str, taken: set[Path],
     return path, False
 
 
+@contextlib.contextmanager
 def folder_lock(folder: Path):
-    """An OS file lock for writing images into `folder`, shared by every agd generate on this
-    machine (the lock file lives in the temp folder, not among the images)."""
+    """Hold an OS file lock for writing images into `folder`, shared by every agd generate on
+    this machine (the lock file lives in the temp folder, not among the images). Where the temp
+    folder cannot hold it (read-only, full) the write goes ahead unlocked, as before the lock."""
     from filelock import FileLock
 
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-    return FileLock(str(Path(tempfile.gettempdir()) / f"agd-generate-{key}.lock"))
+    lock = FileLock(str(Path(tempfile.gettempdir()) / f"agd-generate-{key}.lock"))
+    try:
+        lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def still_free(path: Path, settings: str, stem: str, single: bool) -> Path:

@@ -246,6 +246,13 @@ def test_an_image_written_meanwhile_by_another_generate_is_kept(ws, tmp_path, ca
                             "--out", str(single))
     assert code == 2 and "was written by another process" in " ".join(err.split())
     assert read_png_metadata(single)["prompt"] == "another run's"
+    # a temp folder that cannot hold the lock file does not stop the images being written
+    monkeypatch.undo()
+    blocked = tmp_path / "a-file"  # a "folder" that is a file: nothing can be created in it
+    blocked.write_text("")
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(blocked))
+    made = generate_json(capsys, ws, "a red fox", "--steps", "1", "--out", str(tmp_path / "x"))
+    assert Path(made["images"][0]).is_file()
 
 
 def test_long_prompt_warns_it_is_truncated(ws, tmp_path, capsys):
