@@ -211,18 +211,29 @@ def unload_agd_adapter(pipe) -> None:
 def _warn_on_double_guidance(pipe, model: nn.Module, key: str):
     """A pre-hook that warns when a call gets ω while the pipeline runs its own CFG
     (guidance_scale > 1): both halves of CFG's batch go through the adapters, so the image is
-    guided twice at twice the cost. Pipelines without a `do_classifier_free_guidance`
-    property (DiT, PixArt-Σ) are not checked."""
+    guided twice at twice the cost. Seen from the pipeline's `do_classifier_free_guidance`
+    property (SD, SDXL, SD3, Sana) or, for DiT, the null class in the batch (CFG's
+    unconditional half); PixArt-Σ pipelines are not checked."""
+    from agd_cli.families.spec import num_classes
+
     owner = weakref.ref(pipe)
+    null = num_classes(model.config) if family_of(model) == "dit" else None
+
+    def cfg_running(pipeline, kwargs) -> bool:
+        if getattr(pipeline, "do_classifier_free_guidance", False) is True:
+            return True
+        labels = kwargs.get("class_labels")
+        return null is not None and isinstance(labels, torch.Tensor) and bool((labels == null).any())
 
     def check(module, args, kwargs):
         pipeline = owner()
         if ("agd_omega" in (kwargs.get(key) or {}) and pipeline is not None
-                and getattr(pipeline, "do_classifier_free_guidance", False) is True):
-            scale = getattr(pipeline, "guidance_scale", "> 1")
-            warnings.warn(f"agd_omega is set while the pipeline runs its own CFG (guidance_scale="
-                          f"{scale}): the image is guided twice, at twice the cost; pass "
-                          "guidance_scale=1.0, agd guides in one pass", UserWarning, stacklevel=2)
+                and cfg_running(pipeline, kwargs)):
+            scale = getattr(pipeline, "guidance_scale", None)
+            shown = "guidance_scale > 1" if scale is None else f"guidance_scale={scale}"
+            warnings.warn(f"agd_omega is set while the pipeline runs its own CFG ({shown}): the "
+                          "image is guided twice, at twice the cost; pass guidance_scale=1.0, "
+                          "agd guides in one pass", UserWarning, stacklevel=2)
         return None
 
     return model.register_forward_pre_hook(check, with_kwargs=True, prepend=True)

@@ -103,9 +103,14 @@ def test_dit_pipeline_with_agd_guidance(adapter_files):
     with pytest.raises(ModelError, match="no agd adapter"):
         images(OMEGA)
     load_agd_adapter(pipe, adapter_files["tiny-dit"])
-    low, high = images(2.0), images(OMEGA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # guidance_scale 1: no double-guidance warning
+        low, high = images(2.0), images(OMEGA)
     assert (low - high).abs().max() > 1e-4 and (high - base).abs().max() > 1e-4
     assert torch.equal(images(), base)
+    with pytest.warns(UserWarning, match=r"own CFG \(guidance_scale > 1\): the image is guided"), \
+            agd_guidance(pipe, OMEGA):  # DiT's CFG: the null class in the batch's second half
+        pipe(class_labels=[3], guidance_scale=4.0, num_inference_steps=2, output_type="pt")
 
 
 def test_adapter_for_another_base_is_refused_naming_both(adapter_files):
