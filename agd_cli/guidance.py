@@ -24,3 +24,12 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor,
     w = as_omega(omega, cond.shape[0], cond).to(cond.dtype)
     w = w.view(-1, *([1] * (cond.ndim - 1)))
     return uncond + w * (cond - uncond)
+
+
+def swapped_roles(guided: torch.Tensor, cond: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """CFG's output with prompt and negative swapped, from the guided output ε̃ = ε_n + ω·(ε_c −
+    ε_n) and the prompt's ε_c at the same x: ε_c + ω·(ε_n − ε_c) = ε_c − ω·(ε̃ − ε_c)/(ω − 1).
+    `omega` (B,) must stay away from 1 (the difference is divided by ω − 1)."""
+    w = omega.to(guided).view(-1, *([1] * (guided.dim() - 1)))
+    difference = (guided - cond) / (w - 1)  # ε_c − ε_n
+    return cond - w * difference

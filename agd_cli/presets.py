@@ -130,6 +130,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "gradient_checkpointing": _bool, "warmup_steps": _nonneg_int,
         "val_fraction": _fraction, "checkpoint_every": _pos_int, "keep_checkpoints": _pos_int,
         "preview_every": _nonneg_int, "weight_decay": _nonneg, "omega_loss_power": _nonneg,
+        "negative_swap_share": _probability,
     },
     "memory": {"profile": _str, "vae_tiling": _bool},
 }

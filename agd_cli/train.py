@@ -26,8 +26,9 @@ import torch
 
 from agd_cli import checks, ui
 from agd_cli.checkpoint import RunCheckpoints
-from agd_cli.data import ShuffledSampler, TrajectoryData
+from agd_cli.data import Batch, ShuffledSampler, TrajectoryData
 from agd_cli.errors import DataError, InputError, Interrupted
+from agd_cli.guidance import swapped_roles
 from agd_cli.locks import run_lock
 from agd_cli.presets import Preset
 from agd_cli.step import AdapterStep, make_optimizer
@@ -50,10 +51,11 @@ from agd_cli.train_setup import (
 )
 
 MAX_VAL_SAMPLES = 512  # validation cost stays bounded on big collections
+SWAP_MIN_OMEGA = 1.5  # swapped targets divide by ω − 1: fp16 targets stay exact enough above it
 # must match to resume; --steps may grow (the schedule then stretches), precision may change
 RESUME_KEYS = ("preset", "adapter", "seed", "batch_size", "grad_accum", "lr", "optimizer",
-               "val_fraction", "weight_decay", "omega_loss_power", "data")
-IDENTITY_DEFAULTS = {"omega_loss_power": 0.0}  # keys added later: what older checkpoints used
+               "val_fraction", "weight_decay", "omega_loss_power", "negative_swap_share", "data")
+IDENTITY_DEFAULTS = {"omega_loss_power": 0.0, "negative_swap_share": 0.0}  # keys added later: what older checkpoints used
 # adapter settings added later that do not change training: a checkpoint from before them resumes
 # (omega_range only clamps the ω embedding beyond the range, and training stays inside it)
 ADAPTER_KEYS_ADDED_LATER = ("omega_range",)
@@ -112,6 +114,8 @@ class Trainer:
         """Summed squared error of the prediction against the guided target (fp32); `weighted`:
         each sample's error times its ω weight (training only; validation stays plain L2)."""
         b = self.data.batch(idx)
+        if weighted and self.s.negative_swap_share > 0 and b.uncond is not None:
+            b = self._swapped(b)
         dev = self.device
         omega = b.omega.to(dev) if adapters else None
         with self._autocast():
@@ -122,6 +126,26 @@ class Trainer:
             return sq.sum()  # plain L2, summed as memory's step and earlier versions sum it
         weight = omega_loss_weight(b.omega, self.s.omega_loss_power, self.s.adapter.omega_range)
         return (sq.flatten(1).sum(1) * weight.to(dev)).sum()
+
+    def _swapped(self, b: Batch) -> Batch:
+        """The batch with a share of its rows' prompt and negative swapped and their target
+        recomputed: CFG is antisymmetric in the two (ε_c − ε_n), and training on both orders
+        teaches the adapters which is which (a similar digit's negative otherwise pulls towards
+        that digit). Rows drawn from the global generator, which checkpoints save: a resumed
+        run swaps the same rows."""
+        rows = (torch.rand(len(b)) < self.s.negative_swap_share) & (b.omega >= SWAP_MIN_OMEGA)
+        if not rows.any():
+            return b
+        dev = self.device
+        with torch.no_grad():  # the prompt's ε at x, from the frozen base alone (no ω)
+            eps = self.den.forward(b.x[rows].to(dev), b.timesteps[rows].to(dev),
+                                   {k: v[rows] for k, v in b.cond.items()}).float().cpu()
+        target = b.target.clone()
+        target[rows] = swapped_roles(b.target[rows], eps, b.omega[rows])
+        pick = lambda a, c: {k: torch.where(rows.view(-1, *([1] * (a[k].dim() - 1))), c[k], a[k])  # noqa: E731
+                             for k in a}
+        return Batch(x=b.x, target=target, timesteps=b.timesteps, omega=b.omega,
+                     cond=pick(b.cond, b.uncond), uncond=pick(b.uncond, b.cond))
 
     def _reduce(self, values: list[float]) -> list[float]:
         """Sum over processes."""
@@ -184,7 +208,7 @@ class Trainer:
                 "batch_size": s.batch_size, "grad_accum": s.grad_accum, "lr": s.lr,
                 "optimizer": s.optimizer, "val_fraction": s.val_fraction,
                 "warmup_steps": s.warmup_steps, "weight_decay": s.weight_decay,
-                "omega_loss_power": s.omega_loss_power,
+                "omega_loss_power": s.omega_loss_power, "negative_swap_share": s.negative_swap_share,
                 "data": f"{len(keys)} trajectories, {len(self.data)} samples, {digest}"}
 
     def barrier(self) -> None:
@@ -310,6 +334,8 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
     trajectories = TrajectoryData(roots, processes=acc.num_processes)
     # collections with negative prompts train adapters that also read the negative
     settings.adapter.negatives = trajectories.has_negatives
+    if not trajectories.has_negatives:
+        settings.negative_swap_share = 0.0
     settings.adapter.omega_range = trained_omega_range(trajectories)
     # 3. The model: frozen base + fresh adapters on this process's device
     check_cpu_memory(preset_obj, settings, process_device(acc))

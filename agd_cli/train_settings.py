@@ -37,6 +37,9 @@ class TrainSettings:
     omega_loss_power: float
     seed: int
     adapter: AdapterConfig
+    # collections with negatives: the share of training rows (ω ≥ SWAP_MIN_OMEGA) whose prompt
+    # and negative are swapped, target recomputed (guidance.swapped_roles); 0 elsewhere
+    negative_swap_share: float = 0.0
 
     @classmethod
     def resolve(cls, preset: Preset, flags: dict) -> TrainSettings:
@@ -64,7 +67,7 @@ class TrainSettings:
                 weight_decay=float(t["weight_decay"]),
                 omega_loss_power=float(t.get("omega_loss_power", 0.0)),
                 seed=int(flags.get("seed") or 0),
-                adapter=adapter)
+                adapter=adapter, negative_swap_share=float(t.get("negative_swap_share", 0.0)))
         s.check()
         return s
 

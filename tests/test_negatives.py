@@ -413,3 +413,63 @@ def test_previews_skip_the_null_condition_of_negative_only_trajectories():
     assert preview_rows(table, null) == [0, 1, 3, 4]
     assert preview_rows(table, null, n=2) == [0, 1]
     assert preview_rows({"prompt_embeds": torch.zeros(2, 3, 4)}, null) == [0, 1]
+
+
+# --- training on both orders of prompt and negative -----------------------------------------------
+def test_swapped_roles_is_cfg_with_prompt_and_negative_swapped(run):
+    """guidance.swapped_roles of a collected target == CFG recomputed from the teacher with the
+    trajectory's negative as the prompt and its prompt as the negative."""
+    from agd_cli.guidance import cfg_combine, swapped_roles
+
+    den = load_denoiser(load_preset("tiny-sd"), "cpu")
+    b = TrajectoryData([run]).batch(torch.arange(36))
+    rows = b.omega >= 1.5
+    assert rows.sum() >= 4
+    with torch.no_grad():
+        eps_c = den.forward(b.x, b.timesteps, b.cond).float()
+        eps_n = den.forward(b.x, b.timesteps, b.uncond).float()
+    expected = cfg_combine(eps_c, eps_n, b.omega)  # unconditional branch: the prompt
+    got = swapped_roles(b.target, eps_c, b.omega)
+    scale = expected[rows].abs().max()
+    assert (got[rows] - expected[rows]).abs().max() < 2e-2 * scale
+    assert (b.target[rows] - expected[rows]).abs().max() > 0.1 * scale  # not the target itself
+
+
+def _swap_preset(tmp_path: Path, share: float) -> str:
+    text = (Path(load_preset("tiny-sd").source)).read_text()
+    path = tmp_path / f"swap-{share}.toml"
+    path.write_text(text.replace("[train]\n", f"[train]\nnegative_swap_share = {share}\n", 1))
+    return str(path)
+
+
+def test_training_with_swapped_rows_resumes_bit_identically(run, tmp_path):
+    """Swapped rows come from the checkpointed generator: resumed after step 2 == 4 steps."""
+    import shutil
+
+    from tests.test_train import adapter_state
+
+    def copy(name: str) -> Path:
+        shutil.copytree(run / "trajectories", tmp_path / name / "trajectories")
+        return tmp_path / name
+
+    swap, plain = _swap_preset(tmp_path, 1.0), _swap_preset(tmp_path, 0.0)
+    common = dict(batch_size=8, device="cpu", workdir=str(tmp_path), checkpoint_every=2)
+    straight, resumed, unswapped = copy("straight"), copy("resumed"), copy("unswapped")
+    run_train(run=str(straight), steps=4, preset=swap, **common)
+    run_train(run=str(resumed), steps=4, preset=swap, **common)
+    # as if killed after step 2's checkpoint: the rerun resumes there
+    (resumed / "adapter.safetensors").unlink()
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    run_train(run=str(resumed), steps=4, preset=swap, **common)
+    run_train(run=str(unswapped), steps=4, preset=plain, **common)
+    a, b = adapter_state(straight / "adapter.safetensors"), adapter_state(resumed / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = adapter_state(unswapped / "adapter.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the swap changes what is learnt
+    with pytest.raises(Exception, match="negative_swap_share"):  # a checkpoint of another share
+        run_train(run=str(resumed), steps=6, preset=plain, **common)
+
+
+def test_bad_negative_swap_share_is_refused(tmp_path):
+    with pytest.raises(Exception, match="negative_swap_share"):
+        load_preset(_swap_preset(tmp_path, 1.5))
