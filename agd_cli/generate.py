@@ -41,6 +41,7 @@ class Job:
     seed: int
     path: Path | None = None
     done: bool = False  # its image is written (by this run, or by an earlier one: resumed)
+    settings: str = ""  # what determines its image (image_settings), set with its path
 
 
 @dataclass
@@ -296,9 +297,9 @@ def place_jobs(plan: Plan) -> None:
     """Give each job its file; mark done those whose image an earlier run already wrote."""
     taken: set[Path] = set()
     for job in plan.jobs:
+        job.settings = image_settings(plan, job)
         job.path, job.done = image_path(plan.folder, plan.single,
-                                        image_stem(job, plan.omega, plan.mode), taken,
-                                        image_settings(plan, job))
+                                        image_stem(job, plan.omega, plan.mode), taken, job.settings)
 
 
 def _png_metadata(plan: Plan, job: Job, nfe: int, den) -> dict:
@@ -308,7 +309,7 @@ def _png_metadata(plan: Plan, job: Job, nfe: int, den) -> dict:
             "scheduler": plan.scheduler, "mode": plan.mode, "nfe": nfe,
             "adapter": str(plan.adapter), "base_model": den.source, "preset": plan.base.name,
             "size": f"{plan.width}x{plan.height}", "software": f"agd {__version__}",
-            "settings": image_settings(plan, job)}
+            "settings": job.settings}
     if plan.negative_prompt is not None:
         meta["negative_prompt"] = plan.negative_prompt
     return meta
@@ -341,7 +342,7 @@ def make_images(plan: Plan, todo: list[Job], device: str | None, offload: bool) 
             steps=plan.steps, scheduler=plan.scheduler, batch_size=plan.batch_size,
             height=plan.height, width=plan.width):
         with folder_lock(job.path.parent):  # one writer at a time per folder, a few ms each
-            job.path = still_free(job.path, image_settings(plan, job),
+            job.path = still_free(job.path, job.settings,
                                   image_stem(job, plan.omega, plan.mode), plan.single is not None)
             save_png(image, job.path, _png_metadata(plan, job, nfe, den))
         job.done, made.nfe, made.seconds = True, nfe, made.seconds + secs

@@ -137,7 +137,7 @@ class Trainer:
         if not rows.any():
             return b
         dev = self.device
-        with torch.no_grad():  # the prompt's ε at x, from the frozen base alone (no ω)
+        with torch.no_grad(), self._autocast():  # the prompt's ε at x, frozen base alone (no ω)
             eps = self.den.forward(b.x[rows].to(dev), b.timesteps[rows].to(dev),
                                    {k: v[rows] for k, v in b.cond.items()}).float().cpu()
         target = b.target.clone()
