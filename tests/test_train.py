@@ -392,6 +392,26 @@ def test_the_same_collection_twice_counts_each_trajectory_once(run_of, capsys):
     assert "reading it once" in err and "training on each once" in err
 
 
+def test_data_into_a_new_run_folder(run_of, capsys, tmp_path):
+    run = run_of("tiny-dit")
+    out_dir = tmp_path / "experiments" / "first"  # two levels that do not exist yet
+    code, out, err = agd("train", "--data", str(run), "--run", str(out_dir), "--steps", "2",
+                         "--json", capsys=capsys)
+    assert code == 0, err
+    assert (out_dir / "adapter.safetensors").is_file()
+    assert not (run / "adapter.safetensors").exists()  # the collection's folder is left alone
+    assert json.loads(out)["trajectories"]["train"] > 0
+
+
+def test_a_missing_run_folder_without_data_is_refused(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    code, out, err = agd("train", "--run", str(missing), "--json", capsys=capsys)
+    assert code == 2, err
+    report = json.loads(out)
+    assert f"run folder '{missing}' not found" in report["error"], report
+    assert "--data" in report["hint"] and not missing.exists() and "Traceback" not in err
+
+
 def test_a_copied_sidecar_is_refused_as_collect_would_repair_it(run_of, capsys):
     run = run_of("tiny-dit")
     first = sorted((run / "trajectories").glob("shard-*.json"))[0]

@@ -10,7 +10,7 @@ from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alia
 @click.command("train")
 @click.option("--run", "run", type=click.Path(file_okay=False),
               help="Run folder with trajectories/ (default: the most recent collection); "
-                   "results are written here.")
+                   "results are written here (with --data: created if missing).")
 @click.option("--data", "data", multiple=True, type=click.Path(file_okay=False),
               help="A collection (run folder or its trajectories/); repeat to train on several.")
 @click.option("--preset", help="Preset name or TOML: the base and settings to use (default: the "
