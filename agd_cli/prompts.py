@@ -23,12 +23,18 @@ ASSET_PROMPTS = Path(__file__).parent / "assets" / "prompts"
 FORMATS = (".txt", ".csv", ".jsonl")
 
 
-def _read_text(path: Path) -> str:
-    """A UTF-8 text file (BOM dropped); one clear error when missing, unreadable or not UTF-8."""
+def _check_file(path: Path, flag: str) -> None:
+    """`path` is an existing file (not a folder): one clear error naming `flag` otherwise."""
     if not path.exists():
-        raise InputError(f"prompt file not found: {path}", hint="check the path given to --prompts")
+        raise InputError(f"prompt file not found: {path}", hint=f"check the path given to {flag}")
     if not path.is_file():
-        raise InputError(f"prompt file {path} is not a file", hint="give a .txt, .csv or .jsonl file")
+        raise InputError(f"prompt file {path} is a folder, not a file" if path.is_dir()
+                         else f"prompt file {path} is not a file",
+                         hint=f"give {flag} a .txt, .csv or .jsonl file")
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file (BOM dropped); one clear error when unreadable or not UTF-8."""
     try:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -76,9 +82,11 @@ def _from_jsonl(text: str, path: Path) -> list[str]:
     return prompts
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts of a .txt (one per line), .csv ('caption' column) or .jsonl ('prompt') file."""
+def read_prompts(path: str | Path, flag: str = "--prompts") -> list[str]:
+    """Prompts of a .txt (one per line), .csv ('caption' column) or .jsonl ('prompt') file;
+    `flag` is the option that named it, for the hints."""
     path = Path(path)
+    _check_file(path, flag)
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise InputError(f"prompt file {path} has an unknown format '{suffix or '(none)'}'",
@@ -99,7 +107,7 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def builtin_prompts(spec: str) -> list[str]:
+def builtin_prompts(spec: str, flag: str = "--prompts") -> list[str]:
     """'builtin:<file>' from agd_cli/assets/prompts/, or 'builtin:mnist' (agd_cli.mnist.PROMPTS)."""
     name = spec.split(":", 1)[1]
     if name == "mnist":
@@ -107,7 +115,7 @@ def builtin_prompts(spec: str) -> list[str]:
             from agd_cli.mnist import PROMPTS
         except ImportError:
             raise InputError("built-in prompt set 'mnist' is not available",
-                             hint="give a prompt file with --prompts FILE") from None
+                             hint=f"give a prompt file with {flag} FILE") from None
         return list(PROMPTS)
     path = ASSET_PROMPTS / name
     if not path.is_file():
@@ -196,7 +204,8 @@ def load_negative_set(preset: Preset, spec: str | None,
     if spec is None or p == 1:
         return [], None, 1.0
     try:
-        items = builtin_prompts(spec) if spec.startswith("builtin:") else read_prompts(spec)
+        items = (builtin_prompts(spec, "--negative-prompts") if spec.startswith("builtin:")
+                 else read_prompts(spec, "--negative-prompts"))
     except InputError as e:
         raise InputError(f"--negative-prompts: {e.message}", hint=e.hint) from None
     if preset.family == "dit":  # a file of class ids or names, one per line

@@ -248,6 +248,22 @@ def test_empty_negatives_file_is_refused(tmp_path, capsys):
     assert "hint:" in err and "Traceback" not in err and not (tmp_path / "tiny-sd").exists()
 
 
+@pytest.mark.parametrize("what", ["missing", "folder"])
+def test_a_missing_or_folder_negatives_file_names_its_flag(tmp_path, capsys, what):
+    path = tmp_path / "negatives"
+    if what == "folder":
+        path.mkdir()
+    code, out, err = agd(capsys, "--workdir", str(tmp_path), "collect", "--preset", "tiny-sd",
+                         "--negative-prompts", str(path), "--json")
+    assert code == 2, err
+    report = json.loads(out)
+    expected = f"prompt file not found: {path}" if what == "missing" else f"{path} is a folder"
+    assert expected in report["error"], report
+    assert "--negative-prompts" in report["hint"] and "--prompts" not in report["hint"].replace(
+        "--negative-prompts", ""), report
+    assert not (tmp_path / "tiny-sd").exists() and "Traceback" not in err
+
+
 def test_bad_empty_negative_probability_is_refused(tmp_path, capsys):
     code, _, err = agd(capsys, "--workdir", str(tmp_path), "collect", "--preset", "tiny-sd",
                        "--empty-negative-probability", "1.5")
