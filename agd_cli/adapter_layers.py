@@ -38,7 +38,6 @@ class AgdContext:
     tokens: torch.Tensor
     vector: torch.Tensor
     gain: torch.Tensor
-    values: torch.Tensor | None = None  # the tokens the values are made of, where not `tokens`
     prepared: dict | None = None
     step: int | None = None  # this call's row in the run's per-timestep tables (cached runs)
 
@@ -90,9 +89,6 @@ class SharedConditioning(nn.Module):
         negatives = cfg.negatives and use_cond
         self.negative_proj = nn.Linear(d, d, bias=False) if negatives else None
         self.negative_type = nn.Parameter(torch.zeros(d)) if negatives else None
-        # ... and one for the keys (initialised to I; AdapterConfig.negative_keys)
-        own_keys = negatives and cfg.negative_keys and cfg.kind != "offset"
-        self.negative_key_proj = nn.Linear(d, d, bias=False) if own_keys else None
 
     def _cond_vector(self, cond: dict, batch: int, like: torch.Tensor) -> torch.Tensor:
         if self.class_emb is not None and cond.get("class_labels") is not None:
@@ -109,24 +105,17 @@ class SharedConditioning(nn.Module):
         return self.negative_proj is not None
 
     def _negative_parts(self, negative: dict | None, batch: int, like: torch.Tensor):
-        """(key tokens (B, n, D), value tokens (B, n, D), vector (B, D)) of the negative
-        condition (offset adapters: no tokens)."""
+        """(context tokens (B, n, D), vector (B, D)) of the negative condition."""
         if negative is None:
             raise ModelError("these adapters were trained with negative prompts and need CFG's "
                              "unconditional condition with every call (agd_negative)",
                              hint="pass the negative (or the empty prompt's / null class's) "
                                   "condition, as agd generate and agd_cli.api do")
         mark = lambda x: self.negative_proj(x) + self.negative_type  # noqa: E731
-        if self.kind == "offset":
-            return None, None, mark(self._cond_vector(negative, batch, like))
-        if self.token_proj is not None and negative.get("tokens") is not None:
-            x = self.token_proj(negative["tokens"].to(like.dtype))
-        else:
-            x = self._cond_vector(negative, batch, like)[:, None]
-        if self.negative_key_proj is None:
-            marked = mark(x)
-            return marked, marked, torch.zeros_like(like)
-        return self.negative_key_proj(x) + self.negative_type, self.negative_proj(x), torch.zeros_like(like)
+        if self.kind != "offset" and self.token_proj is not None and negative.get("tokens") is not None:
+            return mark(self.token_proj(negative["tokens"].to(like.dtype))), torch.zeros_like(like)
+        vec = mark(self._cond_vector(negative, batch, like))  # only where it is used
+        return (None, vec) if self.kind == "offset" else (vec[:, None], torch.zeros_like(like))
 
     TIME_TOKEN = 1  # context tokens: [ω, t, condition..., negative...]; only t changes per step
 
@@ -150,18 +139,15 @@ class SharedConditioning(nn.Module):
             parts.append(self.token_proj(cond["tokens"].to(w.dtype)))  # (B, L, D)
         else:
             parts.append(c_vec[:, None])
-        values = None
         if self.wants_negative:
-            neg_keys, neg_values, neg_vec = self._negative_parts(negative, batch, w)
-            if neg_values is not None and neg_values is not neg_keys:
-                values = torch.cat(parts + [neg_values], dim=1)
-            parts += [neg_keys] if neg_keys is not None else []
+            neg_tokens, neg_vec = self._negative_parts(negative, batch, w)
+            parts += [neg_tokens] if neg_tokens is not None else []
             c_vec = c_vec + neg_vec
         # CFG's correction is (ω − 1)·(ε_c − ε_u): scaling the adapters by (ω − 1) makes agd at
         # ω = 1 exactly the conditional base, as CFG is, and lets them learn the difference term
         gain = (omega.float() - 1.0) if self.omega_gain else torch.ones_like(omega.float())
         return AgdContext(tokens=torch.cat(parts, dim=1), vector=w + c_vec,
-                          gain=gain.to(w.dtype).view(batch, 1, 1), values=values)
+                          gain=gain.to(w.dtype).view(batch, 1, 1))
 
     def time_embedding(self, timestep: torch.Tensor) -> torch.Tensor:
         """t's context token (N,) -> (N, D); zeros when the adapters do not read t."""
@@ -177,9 +163,9 @@ class SharedConditioning(nn.Module):
         if t is None:
             t = self.time_embedding(timestep.view(-1).expand(tokens.shape[0])).to(tokens.dtype)
         i = self.TIME_TOKEN
-        insert = lambda y: None if y is None else torch.cat([y[:, :i], t[:, None], y[:, i:]], dim=1)  # noqa: E731
-        return AgdContext(tokens=insert(tokens), vector=const.vector + t, gain=const.gain,
-                          values=insert(const.values), prepared=const.prepared, step=step)
+        return AgdContext(tokens=torch.cat([tokens[:, :i], t[:, None], tokens[:, i:]], dim=1),
+                          vector=const.vector + t, gain=const.gain, prepared=const.prepared,
+                          step=step)
 
 
 @dataclass
@@ -264,8 +250,7 @@ class CrossAttentionAdapter(nn.Module):
     def forward(self, hidden: torch.Tensor, ctx: AgdContext) -> torch.Tensor:
         b, n, _ = hidden.shape  # (B, N, C)
         split = lambda x: x.view(b, -1, self.heads, x.shape[-1] // self.heads).transpose(1, 2)  # noqa: E731
-        values = ctx.tokens if ctx.values is None else ctx.values
-        q, k, v = split(self.q(hidden)), split(self.k(ctx.tokens)), split(self.v(values))
+        q, k, v = split(self.q(hidden)), split(self.k(ctx.tokens)), split(self.v(ctx.tokens))
         a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, h/heads)
         return self.out(a.transpose(1, 2).reshape(b, n, -1))
 
@@ -277,7 +262,7 @@ class CrossAttentionAdapter(nn.Module):
         heads, (dim, h) = self.heads, self.out.weight.shape
         d, length = h // heads, tokens.shape[1] + 1  # + t's token
         slot = lambda y, axis: torch.cat([torch.zeros_like(y.narrow(axis, 0, 1)), y], axis)  # noqa: E731
-        k, v = self.k(tokens), self.v(tokens if const.values is None else const.values)  # (B, Lc, h)
+        k, v = self.k(tokens), self.v(tokens)  # (B, Lc, h)
         if heads * length * dim >= h * (dim + length):
             kv = slot(torch.cat([k, gain * v], dim=-1), 1)
             return PreparedAttention(False, kv, kv, gain * self.out.bias, gain,

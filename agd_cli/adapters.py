@@ -217,11 +217,10 @@ class AdapterSet(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        eye = torch.eye(self.config.context_dim)
-        for proj, sign in ((self.shared.negative_proj, -1.0), (self.shared.negative_key_proj, 1.0)):
-            if proj is not None and proj.weight.device.type != "meta":
-                with torch.no_grad():
-                    proj.weight.copy_(sign * eye)
+        neg = self.shared.negative_proj
+        if neg is not None and neg.weight.device.type != "meta":
+            with torch.no_grad():
+                neg.weight.copy_(-torch.eye(self.config.context_dim))
         if self.config.init == "zero":
             for block in self.blocks.values():
                 last = block.out if hasattr(block, "out") else block.net[-1]

@@ -150,10 +150,6 @@ class AdapterConfig:
     init: str = "xavier"
     omega_gain: bool = True  # adapter outputs scaled by (ω − 1): exact base at ω = 1, like CFG
     negatives: bool = False  # also fed CFG's unconditional branch (a negative prompt / class)
-    # the negative's context tokens get a key map of their own (initialised to I) beside the
-    # value map (−I), so a token the prompt and the negative share cancels in the attention, as
-    # it does in CFG's ε_c − ε_neg; files from before (False) used one map, −I, for both
-    negative_keys: bool = False
     # the ω range the adapters were trained on (set by `agd train` from the collection): the ω
     # embedding sees ω clamped to it, so beyond the range only the (ω − 1) gain extrapolates,
     # as CFG does; None (files from before) feeds ω unclamped
@@ -165,8 +161,6 @@ class AdapterConfig:
              "inputs": list(self.inputs), "init": self.init, "omega_gain": self.omega_gain}
         if self.negatives:  # absent otherwise: files and checkpoints from before stay identical
             d["negatives"] = True
-        if self.negative_keys:
-            d["negative_keys"] = True
         if self.omega_range is not None:  # likewise
             d["omega_range"] = [float(w) for w in self.omega_range]
         return d

@@ -334,7 +334,6 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
     trajectories = TrajectoryData(roots, processes=acc.num_processes)
     # collections with negative prompts train adapters that also read the negative
     settings.adapter.negatives = trajectories.has_negatives
-    settings.adapter.negative_keys = trajectories.has_negatives  # new runs: keys of their own
     if not trajectories.has_negatives:
         settings.negative_swap_share = 0.0
     settings.adapter.omega_range = trained_omega_range(trajectories)

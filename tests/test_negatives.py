@@ -3,7 +3,6 @@ negative, one-pass generate, old files still loading, bad input refused."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -155,8 +154,6 @@ def test_adapter_file_records_negatives_and_reads_them(run):
     den = load_with_adapters(run / "adapter.safetensors", device="cpu")
     meta = den.adapters.metadata
     assert meta["adapter_config"]["negatives"] is True and den.adapters.wants_negative
-    assert meta["adapter_config"]["negative_keys"] is True  # new runs: keys of their own
-    assert den.adapters.shared.negative_key_proj is not None
     assert meta["negatives"]["negative_prompts"] == NEGATIVES
     x = torch.randn(1, *den.latent_shape())
     cond = den.encode(["a red fox in the snow"])
@@ -170,62 +167,6 @@ def test_adapter_file_records_negatives_and_reads_them(run):
 
     with pytest.raises(ModelError, match="trained with negative prompts"):
         den.predict(x, 500, cond, omega=4.0)
-
-
-def _shared(negative_keys: bool):
-    den = load_denoiser(load_preset("tiny-sd"), "cpu")
-    cfg = AdapterConfig(negatives=True, negative_keys=negative_keys, context_dim=32)
-    return den, den.new_adapters(cfg).shared
-
-
-@torch.no_grad()
-def test_a_token_shared_by_prompt_and_negative_cancels_at_init():
-    den, shared = _shared(negative_keys=True)
-    cond = {"tokens": den.encode(["a red fox"])["prompt_embeds"]}  # what the adapters read
-    ctx = shared.constant(torch.tensor([4.0]), cond, negative=cond)  # the negative is the prompt
-    n = cond["tokens"].shape[1]
-    prompt_keys, negative_keys = ctx.tokens[:, 1:1 + n], ctx.tokens[:, 1 + n:]
-    prompt_values, negative_values = ctx.values[:, 1:1 + n], ctx.values[:, 1 + n:]
-    torch.testing.assert_close(negative_keys, prompt_keys)  # the same attention weight ...
-    torch.testing.assert_close(negative_values, -prompt_values)  # ... on the opposite value
-    _, old_shared = _shared(negative_keys=False)  # files from before: one map for both
-    old_ctx = old_shared.constant(torch.tensor([4.0]), cond, negative=cond)
-    assert old_ctx.values is None and old_shared.negative_key_proj is None
-
-
-def test_adapter_config_from_before_negative_keys_loads_with_one_map(tmp_path):
-    den = load_denoiser(load_preset("tiny-sd"), "cpu")
-    path = tmp_path / "old.safetensors"
-    den.new_adapters(AdapterConfig(negatives=True)).save(path, den.adapter_metadata(train_steps=0))
-    loaded = load_with_adapters(path, device="cpu")
-    assert "negative_keys" not in loaded.adapters.metadata["adapter_config"]
-    assert loaded.adapters.shared.negative_key_proj is None and loaded.adapters.wants_negative
-    x = torch.randn(1, *loaded.latent_shape())
-    cond = loaded.encode(["a red fox"])
-    out = loaded.predict(x, 500, cond, omega=3.0, negative=loaded.encode(["blurry"]))
-    assert torch.isfinite(out).all()
-
-
-@pytest.mark.parametrize("preset", ["mnist", "tiny-sd"])  # folded / plain cached attention
-@torch.no_grad()
-def test_cached_run_equals_plain_calls_with_negative_keys(preset):
-    from agd_cli.adapters import ContextCache
-
-    den = load_denoiser(load_preset(preset), "cpu")
-    adapters = den.new_adapters(dataclasses.replace(den.preset.adapter, negatives=True,
-                                                    negative_keys=True))
-    for p in adapters.parameters():  # away from the init, where keys and values coincide
-        p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    adapters.eval()
-    x = torch.randn(2, *den.latent_shape(), generator=torch.Generator().manual_seed(0))
-    cond, neg = den.encode(["a handwritten 7", "a cat"]), den.encode(["a handwritten 1", ""])
-    cache = ContextCache(timesteps=torch.tensor([900, 500]))
-    for t in (900, 500, 333):
-        cached = den.predict(x, t, cond, omega=4.0, negative=neg, cache=cache)
-        plain = den.predict(x, t, cond, omega=4.0, negative=neg)
-        assert (cached - plain).abs().max() < 1e-5
-    other = den.predict(x, 500, cond, omega=4.0, negative=den.encode(["a handwritten 9", "dusk"]))
-    assert (other - plain).abs().max() > 1e-6  # and the negative reaches them
 
 
 def test_generate_with_negative_runs_one_pass_per_step(run, capsys):
