@@ -28,7 +28,7 @@ from agd_cli import checks, ui
 from agd_cli.checkpoint import RunCheckpoints
 from agd_cli.data import Batch, ShuffledSampler, TrajectoryData
 from agd_cli.errors import DataError, InputError, Interrupted
-from agd_cli.guidance import swapped_roles
+from agd_cli.guidance import per_sample, swapped_roles
 from agd_cli.locks import run_lock
 from agd_cli.presets import Preset
 from agd_cli.step import AdapterStep, make_optimizer
@@ -142,8 +142,10 @@ class Trainer:
                                    {k: v[rows] for k, v in b.cond.items()}).float().cpu()
         target = b.target.clone()
         target[rows] = swapped_roles(b.target[rows], eps, b.omega[rows])
-        pick = lambda a, c: {k: torch.where(rows.view(-1, *([1] * (a[k].dim() - 1))), c[k], a[k])  # noqa: E731
-                             for k in a}
+
+        def pick(keep: dict, swap: dict) -> dict:  # per row: `swap`'s entry where swapped
+            return {k: torch.where(per_sample(rows, keep[k]), swap[k], keep[k]) for k in keep}
+
         return Batch(x=b.x, target=target, timesteps=b.timesteps, omega=b.omega,
                      cond=pick(b.cond, b.uncond), uncond=pick(b.uncond, b.cond))
 

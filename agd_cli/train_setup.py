@@ -31,8 +31,7 @@ def locate(run: str | None, data: tuple | list, workdir: str) -> tuple[Path, lis
             raise DataError(f"run folder '{run}' not found",
                             hint="pass a folder written by `agd collect`, leave out --run, or name the "
                                  "collection with --data (a new --run folder is then created)")
-        if not run_path.is_dir():  # with --data, --run only names where the results go
-            return run_path, unique_roots(data)
+        # with --data, --run may only name where the results go (a new folder: no collection)
         own = [collection_root(run_path)] if not data or (run_path / "trajectories").is_dir() else []
         return run_path, unique_roots(own + list(data))
     if data:
