@@ -24,7 +24,8 @@ SD3/SD3.5 pipelines take ω in `joint_attention_kwargs={"agd_omega": ω}`, Sana 
 `attention_kwargs={"agd_omega": ω}`; PixArt-Σ pipelines pass no such dict: use agd_guidance.
 
 Without ω the base runs exactly as without adapters. With guidance_scale > 1 the pipeline
-would run its own CFG on top (both halves through the adapters): don't.
+would run its own CFG on top (both halves through the adapters): don't; a call that does
+warns ("guided twice").
 
 Adapters trained with negatives take the pipeline's usual `negative_prompt` at
 guidance_scale=1.0, still one UNet pass per step (SD/SDXL pipelines)::
@@ -208,28 +209,41 @@ def unload_agd_adapter(pipe) -> None:
         guard.remove()
 
 
+def _pipeline_cfg(pipeline) -> tuple[bool, object]:
+    """Whether a pipeline runs its own CFG in the current call, and its guidance_scale (None
+    where unknown). Most pipelines expose both as properties (SD, SDXL, SD3, Sana); PixArt-Σ keeps
+    them as locals of `__call__`, read here from that call's frame (no frames: not checked)."""
+    flag = getattr(pipeline, "do_classifier_free_guidance", None)
+    if flag is not None:
+        return flag is True, getattr(pipeline, "guidance_scale", None)
+    frame = inspect.currentframe()
+    while frame is not None:
+        if ("do_classifier_free_guidance" in frame.f_code.co_varnames
+                and frame.f_locals.get("self") is pipeline):
+            local = frame.f_locals
+            return local.get("do_classifier_free_guidance") is True, local.get("guidance_scale")
+        frame = frame.f_back
+    return False, None
+
+
 def _warn_on_double_guidance(pipe, model: nn.Module, key: str):
     """A pre-hook that warns when a call gets ω while the pipeline runs its own CFG
     (guidance_scale > 1): both halves of CFG's batch go through the adapters, so the image is
-    guided twice at twice the cost. Seen from the pipeline's `do_classifier_free_guidance`
-    property (SD, SDXL, SD3, Sana) or, for DiT, the null class in the batch (CFG's
-    unconditional half); PixArt-Σ pipelines are not checked."""
+    guided twice at twice the cost. Seen from the pipeline's own CFG switch (_pipeline_cfg) or,
+    for DiT, the null class in the batch (CFG's unconditional half)."""
     from agd_cli.families.spec import num_classes
 
     owner = weakref.ref(pipe)
     null = num_classes(model.config) if family_of(model) == "dit" else None
 
-    def cfg_running(pipeline, kwargs) -> bool:
-        if getattr(pipeline, "do_classifier_free_guidance", False) is True:
-            return True
-        labels = kwargs.get("class_labels")
-        return null is not None and isinstance(labels, torch.Tensor) and bool((labels == null).any())
-
     def check(module, args, kwargs):
         pipeline = owner()
-        if ("agd_omega" in (kwargs.get(key) or {}) and pipeline is not None
-                and cfg_running(pipeline, kwargs)):
-            scale = getattr(pipeline, "guidance_scale", None)
+        if "agd_omega" not in (kwargs.get(key) or {}) or pipeline is None:
+            return None
+        running, scale = _pipeline_cfg(pipeline)
+        labels = kwargs.get("class_labels")
+        if running or (null is not None and isinstance(labels, torch.Tensor)
+                       and bool((labels == null).any())):
             shown = "guidance_scale > 1" if scale is None else f"guidance_scale={scale}"
             warnings.warn(f"agd_omega is set while the pipeline runs its own CFG ({shown}): the "
                           "image is guided twice, at twice the cost; pass guidance_scale=1.0, "

@@ -131,3 +131,33 @@ def test_pipeline_with_adapter_at_guidance_one_runs_one_pass_per_step(name, tmp_
         cond = ours.encode(["a red fox"])
         x = sample(ours, cond, None, 4.0, noise, mode="agd", steps=STEPS, scheduler="flow-euler").x
         assert torch.allclose(x, guided, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_omega_with_the_pipelines_own_cfg_warns_in_every_family(name, tmp_path):
+    """guidance_scale > 1 with ω guides twice: warned for each family, PixArt-Σ included (its
+    pipeline keeps the CFG switch as a local of __call__, not a property); at 1.0 no warning."""
+    import contextlib
+    import warnings
+
+    pipe, den = _pipeline(name)
+    path = tmp_path / "adapter.safetensors"
+    trained = load_denoiser(load_preset(name), "cpu", text=False)
+    trained.new_adapters().save(path, trained.adapter_metadata(train_steps=0))
+    load_agd_adapter(pipe, path)
+    noise = initial_noise(den.latent_shape(), [0])
+    res = den.preset.resolution
+    kw = {"height": res, "width": res, "num_inference_steps": 1, "latents": noise.clone(),
+          "output_type": "latent", "max_sequence_length": den.max_sequence_length}
+    if den.family != "sd3":
+        kw["use_resolution_binning"] = False
+    def guided_twice(scale: float, omega: float | None) -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with agd_guidance(pipe, omega) if omega else contextlib.nullcontext():
+                pipe("a red fox", guidance_scale=scale, **kw)
+        return [str(w.message) for w in seen if "guided twice" in str(w.message)]
+
+    assert "(guidance_scale=2.5)" in " ".join(guided_twice(2.5, 4.0))
+    assert guided_twice(1.0, 4.0) == []  # one pass: agd guides alone
+    assert guided_twice(2.5, None) == []  # the pipeline's own CFG without ω
