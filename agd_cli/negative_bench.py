@@ -112,12 +112,14 @@ def run_methods(den, plan, evaluator, cases: CaseSet, omega: float, advance) -> 
             for label, ims in images.items()}
     rows["agd-negative"]["vs_cfg_negative"] = paired(scores["agd-negative"], scores[REFERENCE],
                                                      cases)
+    # the method's own fidelity on the same scores: agd without the negative against CFG without it
+    rows["agd"]["vs_cfg"] = paired(scores["agd"], scores["cfg"], cases)
     return rows
 
 
 def paired(a: PerSample, b: PerSample, cases: CaseSet) -> dict:
-    """agd + negative against CFG + negative on the same seeds, with 95 % intervals: the
-    accuracy (or d′ rate) difference in points, and the ratio of mean P(d′) (paired bootstrap)."""
+    """agd against CFG with the same negative (or none) on the same seeds, with 95 % intervals:
+    the accuracy (or d′ rate) difference in points, and the ratio of mean P(d′) (paired bootstrap)."""
     from agd_cli.quality import bootstrap_ci, paired_points
 
     key = cases.score_key
@@ -193,12 +195,12 @@ def print_case_table(q: dict, column: str, key: str, title: str,
 
     t = Table(title=title, caption=caption)
     for col in ("method", "ω", column, "P(d′)", "mean log P(d′)", "PSNR vs CFG + neg", "NFE/img",
-                f"vs CFG + neg: {column}, points (95 % CI)", "P(d′) ratio (95 % CI)"):
+                f"vs CFG, same negative: {column}, points (95 % CI)", "P(d′) ratio (95 % CI)"):
         t.add_column(col, justify="left" if col == "method" else "right")
     rows = [(LABELS["unguided"], "1", q["unguided"])]
     rows += [(LABELS[label], w, e) for w, es in q["by_omega"].items() for label, e in es.items()]
     for label, w, e in rows:
-        p, v = e.get("psnr_vs_cfg_negative"), e.get("vs_cfg_negative")
+        p, v = e.get("psnr_vs_cfg_negative"), e.get("vs_cfg_negative", e.get("vs_cfg"))
         paired = ("", "") if v is None else (
             f"{v[key + '_points']:+.1f} [{v[key + '_points_ci95'][0]:+.1f}, "
             f"{v[key + '_points_ci95'][1]:+.1f}]",

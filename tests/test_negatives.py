@@ -376,17 +376,19 @@ def check_negative_only(only: dict) -> None:
 
 
 def check_paired(rows: dict, key: str) -> None:
-    """agd + negative against CFG + negative on the same seeds: the difference and the ratio
-    agree with the rows, each inside its interval; only that row carries them."""
-    v, a, b = rows["agd-negative"]["vs_cfg_negative"], rows["agd-negative"], rows["cfg-negative"]
-    assert v[f"{key}_points"] == pytest.approx(100 * (a[key] - b[key]), abs=1e-4)
-    lo, hi = v[f"{key}_points_ci95"]
-    assert lo <= v[f"{key}_points"] <= hi
-    ratio = a["negative_probability"] / b["negative_probability"]
-    assert v["negative_probability_ratio"] == pytest.approx(ratio, rel=1e-4)
-    lo, hi = v["negative_probability_ratio_ci95"]
-    assert 0 < lo <= hi
-    assert [m for m, e in rows.items() if "vs_cfg_negative" in e] == ["agd-negative"]
+    """agd against CFG with the same negative (or none), on the same seeds: the difference and
+    the ratio agree with the rows, each inside its interval; only the agd rows carry them."""
+    for label, ref, field in (("agd-negative", "cfg-negative", "vs_cfg_negative"),
+                              ("agd", "cfg", "vs_cfg")):
+        v, a, b = rows[label][field], rows[label], rows[ref]
+        assert v[f"{key}_points"] == pytest.approx(100 * (a[key] - b[key]), abs=1e-4)
+        lo, hi = v[f"{key}_points_ci95"]
+        assert lo <= v[f"{key}_points"] <= hi
+        ratio = a["negative_probability"] / b["negative_probability"]
+        assert v["negative_probability_ratio"] == pytest.approx(ratio, rel=1e-4)
+        lo, hi = v["negative_probability_ratio_ci95"]
+        assert 0 < lo <= hi
+        assert [m for m, e in rows.items() if field in e] == [label]
 
 
 def test_preset_budget_for_negatives_applies_only_with_a_list(tmp_path):
