@@ -110,11 +110,27 @@ def run_methods(den, plan, evaluator, cases: CaseSet, omega: float, advance) -> 
     rows = {label: {"nfe": nfe[label], **score(scores[label], cases, ims,
                                                None if label == REFERENCE else ref)}
             for label, ims in images.items()}
-    rows["agd-negative"]["vs_cfg_negative"] = paired(scores["agd-negative"], scores[REFERENCE],
-                                                     cases)
+    rows["agd-negative"]["vs_cfg_negative"] = {
+        **paired(scores["agd-negative"], scores[REFERENCE], cases),
+        **ratio_over_no_negative(scores)}
     # the method's own fidelity on the same scores: agd without the negative against CFG without it
     rows["agd"]["vs_cfg"] = paired(scores["agd"], scores["cfg"], cases)
     return rows
+
+
+def ratio_over_no_negative(scores: dict) -> dict:
+    """(agd + negative's mean P(d′) / CFG + negative's) ÷ (agd's / CFG's), paired bootstrap over
+    the same seeds: 1 when agd follows the negative as closely as it follows CFG without one."""
+    from agd_cli.quality import bootstrap_ci
+
+    p = {label: s.log_p_neg.exp() for label, s in scores.items()}
+
+    def value(i=slice(None)) -> float:
+        return float(p["agd-negative"][i].mean() / p[REFERENCE][i].mean()
+                     / (p["agd"][i].mean() / p["cfg"][i].mean()))
+
+    return {"negative_probability_ratio_over_no_negative": value(),
+            "negative_probability_ratio_over_no_negative_ci95": bootstrap_ci(len(p["agd"]), value)}
 
 
 def paired(a: PerSample, b: PerSample, cases: CaseSet) -> dict:
@@ -178,12 +194,25 @@ def print_negatives_table(q: dict) -> None:
     print_case_table(q, "accuracy", "accuracy",
                      f"negative prompts: prompt digit d, negative a close digit d′ "
                      f"({', '.join(f'{a}/{b}' for a, b in info['pairs'])}, both ways); "
-                     f"{info['samples_per_row']} samples per row, {info['steps']} steps")
+                     f"{info['samples_per_row']} samples per row, {info['steps']} steps",
+                     caption=ratio_caption(q))
     print_case_table(q["negative_only"], "d′ rate", "negative_rate",
                      f'negative only: prompt "", negative a handwritten d′, d′ = 0–9 cycling; '
                      f"{only['samples_per_row']} samples per row, {only['steps']} steps",
                      caption="d′ rate: fraction the digit classifier labels d′; lower = the "
                              "negative works (CFG without it is unguided here)")
+
+
+def ratio_caption(q: dict) -> str:
+    """agd + negative's P(d′) ratio over agd's own without a negative, per ω."""
+    parts = []
+    for w, rows in q["by_omega"].items():
+        v = rows["agd-negative"]["vs_cfg_negative"]
+        lo, hi = v["negative_probability_ratio_over_no_negative_ci95"]
+        parts.append(f"ω {w}: {v['negative_probability_ratio_over_no_negative']:.2f} "
+                     f"[{lo:.2f}, {hi:.2f}]")
+    return ("agd + negative's P(d′) ratio over agd's own without a negative (1: it follows the "
+            "negative as closely as CFG alone): " + "; ".join(parts))
 
 
 def print_case_table(q: dict, column: str, key: str, title: str,

@@ -352,6 +352,8 @@ def test_bench_negatives_table_on_mnist(tmp_path, capsys):
     print_negatives_table(q)
     err = capsys.readouterr().err
     assert "close digit d′" in err and 'negative only: prompt ""' in err and "lower = the" in err
+    words = " ".join(err.split())  # the caption may wrap at any width
+    assert "over agd's own without a negative" in words and "ω 3: " in words
 
 
 def check_negative_only(only: dict) -> None:
@@ -389,6 +391,11 @@ def check_paired(rows: dict, key: str) -> None:
         lo, hi = v["negative_probability_ratio_ci95"]
         assert 0 < lo <= hi
         assert [m for m, e in rows.items() if field in e] == [label]
+    v, p = rows["agd-negative"]["vs_cfg_negative"], {m: e["negative_probability"] for m, e in rows.items()}
+    ratios = (p["agd-negative"] / p["cfg-negative"]) / (p["agd"] / p["cfg"])
+    assert v["negative_probability_ratio_over_no_negative"] == pytest.approx(ratios, rel=1e-4)
+    lo, hi = v["negative_probability_ratio_over_no_negative_ci95"]
+    assert 0 < lo <= hi
 
 
 def test_preset_budget_for_negatives_applies_only_with_a_list(tmp_path):
