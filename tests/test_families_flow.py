@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,15 +93,27 @@ def _pipeline(name: str):
     return pipe, den
 
 
+def _call_kwargs(den, noise, steps: int = STEPS) -> dict:
+    """The pipeline call's arguments for final latents from `noise`, at the preset's size."""
+    res = den.preset.resolution
+    kw = {"height": res, "width": res, "num_inference_steps": steps, "latents": noise.clone(),
+          "output_type": "latent", "max_sequence_length": den.max_sequence_length}
+    if den.family != "sd3":
+        kw["use_resolution_binning"] = False
+    return kw
+
+
+def _adapter_file(name: str, folder: Path) -> Path:
+    """A fresh (untrained) adapter file for the tiny preset `name`."""
+    path = folder / "adapter.safetensors"
+    trained = load_denoiser(load_preset(name), "cpu", text=False)
+    trained.new_adapters().save(path, trained.adapter_metadata(train_steps=0))
+    return path
+
+
 def _call(pipe, den, noise, omega=None):
     """Final latents at guidance_scale=1 (one transformer pass per step); ω as the family takes it."""
-    res = den.preset.resolution
-    kw = {"height": res, "width": res, "num_inference_steps": STEPS, "guidance_scale": 1.0,
-          "latents": noise.clone(), "output_type": "latent"}
-    if den.family != "sd3":
-        kw.update(use_resolution_binning=False, max_sequence_length=den.max_sequence_length)
-    else:
-        kw.update(max_sequence_length=den.max_sequence_length)
+    kw = {**_call_kwargs(den, noise), "guidance_scale": 1.0}
     if omega is None or den.family == "pixart":  # PixArt's pipeline passes no attention kwargs
         with agd_guidance(pipe, omega) if omega is not None else torch.no_grad():
             return pipe("a red fox", **kw).images
@@ -111,9 +124,7 @@ def _call(pipe, den, noise, omega=None):
 @pytest.mark.parametrize("name", TINY)
 def test_pipeline_with_adapter_at_guidance_one_runs_one_pass_per_step(name, tmp_path):
     pipe, den = _pipeline(name)
-    path = tmp_path / "adapter.safetensors"
-    trained = load_denoiser(load_preset(name), "cpu", text=False)
-    trained.new_adapters().save(path, trained.adapter_metadata(train_steps=0))
+    path = _adapter_file(name, tmp_path)
     noise = initial_noise(den.latent_shape(), [0])
     calls = []
     hook = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -141,16 +152,9 @@ def test_omega_with_the_pipelines_own_cfg_warns_in_every_family(name, tmp_path):
     import warnings
 
     pipe, den = _pipeline(name)
-    path = tmp_path / "adapter.safetensors"
-    trained = load_denoiser(load_preset(name), "cpu", text=False)
-    trained.new_adapters().save(path, trained.adapter_metadata(train_steps=0))
-    load_agd_adapter(pipe, path)
-    noise = initial_noise(den.latent_shape(), [0])
-    res = den.preset.resolution
-    kw = {"height": res, "width": res, "num_inference_steps": 1, "latents": noise.clone(),
-          "output_type": "latent", "max_sequence_length": den.max_sequence_length}
-    if den.family != "sd3":
-        kw["use_resolution_binning"] = False
+    load_agd_adapter(pipe, _adapter_file(name, tmp_path))
+    kw = _call_kwargs(den, initial_noise(den.latent_shape(), [0]), steps=1)
+
     def guided_twice(scale: float, omega: float | None) -> list[str]:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
