@@ -1,0 +1,66 @@
+"""What this machine can do, asked in one place: bf16 support, xformers, free accelerator memory.
+
+Every hardware decision in agd (precision fallback, fast attention, gradient checkpointing)
+reads these functions and nothing else, so tests can set the answers with `assume(...)` and
+exercise each decision on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+from typing import Any
+
+# Test overrides: a key here wins over what the hardware says (see `assume`).
+_ASSUMED: dict[str, Any] = {}
+
+
+def bf16_supported(device: Any) -> bool:
+    """Whether `device` runs bf16 natively (RTX 20xx and many laptop cards do not)."""
+    if "bf16" in _ASSUMED:
+        return bool(_ASSUMED["bf16"])
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return True  # CPU autocast and tensors support bf16
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # older torch without the keyword
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def xformers_available() -> bool:
+    """Whether xformers is installed (its kernels are CUDA-only)."""
+    if "xformers" in _ASSUMED:
+        return bool(_ASSUMED["xformers"])
+    return importlib.util.find_spec("xformers") is not None
+
+
+def free_memory(device: Any) -> int | None:
+    """Free bytes on a CUDA device, or None where that is not known (CPU, meta)."""
+    if "free_memory" in _ASSUMED:
+        return _ASSUMED["free_memory"]
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(dev)
+    return int(free)
+
+
+@contextlib.contextmanager
+def assume(**facts: Any) -> Iterator[None]:
+    """Pretend the hardware answers `facts` (bf16=, xformers=, free_memory=) inside the block."""
+    unknown = set(facts) - {"bf16", "xformers", "free_memory"}
+    if unknown:
+        raise ValueError(f"unknown hardware facts: {sorted(unknown)}")
+    saved = dict(_ASSUMED)
+    _ASSUMED.update(facts)
+    try:
+        yield
+    finally:
+        _ASSUMED.clear()
+        _ASSUMED.update(saved)
