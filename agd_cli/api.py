@@ -47,9 +47,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from agd_cli.adapter_file import AdapterFile
-from agd_cli.adapters import AdapterSet, attached_adapters, checked_omega
-from agd_cli.errors import DataError, InputError, ModelError
+from agd_cli.core.adapter_file import AdapterFile
+from agd_cli.core.adapters import AdapterSet, attached_adapters, checked_omega
+from agd_cli.infra.errors import DataError, InputError, ModelError
 
 __all__ = ["agd_adapter", "agd_guidance", "denoiser_of", "family_of", "load_agd_adapter",
            "unload_agd_adapter"]

@@ -9,8 +9,8 @@ import sys
 import click
 
 from agd_cli import __version__
-from agd_cli.errors import AgdError
-from agd_cli.runtime import quiet_libraries
+from agd_cli.infra.errors import AgdError
+from agd_cli.infra.runtime import quiet_libraries
 
 # name -> (module, one-line help shown by `agd --help` without importing the module)
 COMMANDS = {
@@ -66,7 +66,7 @@ def _report(err: AgdError, as_json: bool) -> None:
     """One error line and a hint on stderr (values shown literally); with --json, one object."""
     from rich.markup import escape
 
-    from agd_cli import ui
+    from agd_cli.infra import ui
 
     ui.err.print(f"[bold red]error:[/bold red] {escape(err.message)}")
     if err.hint:
@@ -77,7 +77,7 @@ def _report(err: AgdError, as_json: bool) -> None:
 
 def _as_agd_error(e: BaseException) -> AgdError:
     """Any exception as the AgdError the user sees (exit code included)."""
-    from agd_cli.errors import Interrupted, storage_error
+    from agd_cli.infra.errors import Interrupted, storage_error
 
     if isinstance(e, AgdError):
         return e

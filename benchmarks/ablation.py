@@ -65,10 +65,10 @@ def diffusion_collection(guided: Path, out: Path, den, seed: int = 0) -> Path:
     import torch
     from safetensors import safe_open
 
-    from agd_cli import mnist
+    from agd_cli.collect.store import TrajectoryStore
+    from agd_cli.core.sampling import make_scheduler
+    from agd_cli.evaluation import mnist
     from agd_cli.families.base import cond_select
-    from agd_cli.sampling import make_scheduler
-    from agd_cli.trajectories import TrajectoryStore
 
     src, dst = TrajectoryStore(guided), TrajectoryStore(out)
     if dst.exists() and len(dst.shards()) == len(src.shards()):
@@ -111,7 +111,7 @@ def diffusion_collection(guided: Path, out: Path, den, seed: int = 0) -> Path:
 
 def train_variant(name: str, collection: Path, preset_path: Path, runs: Path) -> dict:
     """`agd train` on one collection with one preset file; the summary it prints."""
-    from agd_cli.train import run_train
+    from agd_cli.train.run import run_train
 
     run = runs / name
     if (run / "adapter.safetensors").is_file() and (run / "summary.json").is_file():
@@ -127,9 +127,9 @@ def score(adapter: Path, methods: list[str], omegas: list[float], samples: int, 
           cache: dict | None = None) -> dict:
     """{method: {ω: {accuracy, fid}}} as `agd bench --quality` computes them (same sampling
     function, same evaluator); CFG rows come from `cache` when there (they ignore the adapter)."""
-    from agd_cli import mnist
+    from agd_cli.bench.quality import sample_for_quality
+    from agd_cli.evaluation import mnist
     from agd_cli.families import load_with_adapters
-    from agd_cli.quality import sample_for_quality
 
     den = load_with_adapters(adapter, device="cpu")
     sp = den.preset.sampling
@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from agd_cli.collect import run_collect
+    from agd_cli.collect.run import run_collect
+    from agd_cli.config.presets import load_preset
     from agd_cli.families import load_denoiser
-    from agd_cli.presets import load_preset
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)

@@ -42,9 +42,9 @@ def build(name: str, meta: bool = False, device: str = "cpu", dtype: str = "fp32
 
     import torch
 
+    from agd_cli.config.presets import load_preset
     from agd_cli.families import FAMILY_CLASSES, load_denoiser
     from agd_cli.families.base import TORCH_DTYPES, _seeded
-    from agd_cli.presets import load_preset
 
     preset_name, _, res = name.partition("@")
     preset = load_preset(preset_name)
@@ -115,7 +115,7 @@ def time_call(fn, device) -> tuple[float, float]:
 
 def count_flops(fn) -> int:
     """FLOPs of one call (torch's FlopCounterMode: matmuls, convolutions, attention)."""
-    from agd_cli.flops import flop_counter
+    from agd_cli.bench.flops import flop_counter
 
     with flop_counter() as counter:  # FlopCounterMode, with the CPU attention kernel counted
         fn()
@@ -126,7 +126,7 @@ def run_cache(den, x, t, cond):
     """A sampling run's ContextCache, primed by one call (the run's first step)."""
     import torch
 
-    from agd_cli.adapters import ContextCache
+    from agd_cli.core.adapters import ContextCache
 
     # the meta device has no values to look timesteps up by: t's share is then computed per call
     cache = ContextCache(None if t.device.type == "meta" else torch.stack([t + 100, t]))
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     import torch
 
-    from agd_cli.runtime import quiet_libraries
+    from agd_cli.infra.runtime import quiet_libraries
 
     quiet_libraries()
 

@@ -28,10 +28,10 @@ def naive_collect(preset, prompts: list[str], num_per_prompt: int, steps: int, s
     import numpy as np
     import torch
 
+    from agd_cli.collect.store import trajectory_omegas, trajectory_seed
+    from agd_cli.core.guidance import cfg_combine
+    from agd_cli.core.sampling import initial_noise, make_scheduler
     from agd_cli.families import load_denoiser
-    from agd_cli.guidance import cfg_combine
-    from agd_cli.sampling import initial_noise, make_scheduler
-    from agd_cli.trajectories import trajectory_omegas, trajectory_seed
 
     den = load_denoiser(preset, device="cpu", dtype="fp32")
     lo, hi = preset.omega_range
@@ -72,7 +72,7 @@ def naive_collect(preset, prompts: list[str], num_per_prompt: int, steps: int, s
 def agd_collect(preset, prompt_file: Path, num_per_prompt: int, steps: int, seed: int,
                 batch_size: int, out: Path) -> dict:
     """The real `agd collect` (Python API), into a fresh folder."""
-    from agd_cli.collect import run_collect
+    from agd_cli.collect.run import run_collect
 
     s = run_collect(preset, prompts=str(prompt_file), num_per_prompt=num_per_prompt, steps=steps,
                     seed=seed, batch_size=batch_size, out=str(out), device="cpu")
@@ -95,7 +95,7 @@ def main() -> None:
 
     import torch
 
-    from agd_cli.presets import load_preset
+    from agd_cli.config.presets import load_preset
 
     torch.set_num_threads(args.threads)
     preset = load_preset(args.preset)

@@ -30,9 +30,9 @@ def disk_usage(root: Path) -> tuple[int, int]:
 
 def main() -> None:
     """Collect once, print the estimates next to the real usage."""
-    from agd_cli.collect import run_collect
-    from agd_cli.disk import block_size as _block_size
-    from agd_cli.disk import estimate_bytes_per_trajectory, estimate_collection_bytes
+    from agd_cli.collect.disk import block_size as _block_size
+    from agd_cli.collect.disk import estimate_bytes_per_trajectory, estimate_collection_bytes
+    from agd_cli.collect.run import run_collect
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny-sd")

@@ -20,7 +20,7 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 
 def scaled_gain(kappa: list[float]):
     """Patch SharedConditioning.constant so the gain it returns is multiplied by kappa[0]."""
-    from agd_cli import adapter_layers
+    from agd_cli.core import adapter_layers
 
     original = adapter_layers.SharedConditioning.constant
 
@@ -39,9 +39,9 @@ def _rows(cond: dict, rows) -> dict:
 def main() -> None:
     import torch
 
+    from agd_cli.core.sampling import initial_noise, sample
+    from agd_cli.evaluation.mnist import load_evaluator
     from agd_cli.families import load_with_adapters
-    from agd_cli.mnist import load_evaluator
-    from agd_cli.sampling import initial_noise, sample
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("adapter")

@@ -41,7 +41,7 @@ GiB = 2**30
 
 def random_weights(name: str):
     """A preset with random weights built from its own architecture section (seed 0)."""
-    from agd_cli.presets import from_dict, load_preset
+    from agd_cli.config.presets import from_dict, load_preset
 
     raw = dict(load_preset(name).raw)
     raw.update(name=f"{name}-random", base_model="config",
@@ -77,10 +77,10 @@ def run_stages(preset_name: str, device: str, workdir: Path, train_steps: int,
     """The four stages, in order, on one device; one dict of results."""
     import torch
 
-    from agd_cli.bench import run_bench
-    from agd_cli.collect import run_collect
-    from agd_cli.generate import run_generate
-    from agd_cli.train import run_train
+    from agd_cli.bench.run import run_bench
+    from agd_cli.collect.run import run_collect
+    from agd_cli.generate.run import run_generate
+    from agd_cli.train.run import run_train
 
     dev = torch.device(device)
     preset = random_weights(preset_name)
@@ -134,7 +134,7 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
-    from agd_cli.environment import report as env_report
+    from agd_cli.commands.environment import report as env_report
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here (torch.cuda.is_available() is False); "

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from agd_cli import sampling
 from agd_cli.api import agd_adapter, agd_guidance, load_agd_adapter, unload_agd_adapter
-from agd_cli.errors import DataError, InputError, ModelError
+from agd_cli.config.presets import load_preset
+from agd_cli.core import sampling
 from agd_cli.families import load_denoiser, load_with_adapters
-from agd_cli.presets import load_preset
+from agd_cli.infra.errors import DataError, InputError, ModelError
 
 STEPS = 4
 OMEGA = 4.0

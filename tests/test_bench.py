@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from agd_cli.cli import main
-from agd_cli.metrics import PSNR_CAP_DB, psnr, ssim
+from agd_cli.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
 
 TINY = ("tiny-sd", "tiny-sdxl", "tiny-dit")
 FAST = {"threads": 1, "steps": 4, "n": 1, "show_table": False}
@@ -19,8 +19,8 @@ FAST = {"threads": 1, "steps": 4, "n": 1, "show_table": False}
 
 def make_adapter(workdir, preset: str):
     """An untrained (Xavier-init) adapter file in the preset's run folder."""
+    from agd_cli.config.presets import load_preset
     from agd_cli.families import load_denoiser
-    from agd_cli.presets import load_preset
 
     den = load_denoiser(load_preset(preset), "cpu")
     path = workdir / preset / "adapter.safetensors"
@@ -83,7 +83,7 @@ def test_metrics_refuse_mismatched_shapes():
 # --- the comparison -------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", TINY)
 def test_compare_cfg_json_schema_and_nfe_counts(workdir, preset):
-    from agd_cli.bench import run_bench
+    from agd_cli.bench.run import run_bench
 
     r = run_bench(preset=preset, baselines="cfg,cfg-cutoff,unguided", workdir=str(workdir), **FAST)
     nfe = {m: r["methods"][m]["nfe"] for m in r["methods"]}
@@ -103,7 +103,7 @@ def test_compare_cfg_json_schema_and_nfe_counts(workdir, preset):
 
 def test_full_cutoff_reproduces_cfg_and_omega_one_cfg_is_unguided(workdir):
     """Invariants that pin down 'same base, same noise': CFG on all steps is CFG."""
-    from agd_cli.bench import run_bench
+    from agd_cli.bench.run import run_bench
 
     r = run_bench(preset="tiny-sd", baselines="cfg-cutoff,unguided", cutoff=1.0, omegas=["1"],
                   workdir=str(workdir), **FAST)
@@ -116,7 +116,7 @@ def test_full_cutoff_reproduces_cfg_and_omega_one_cfg_is_unguided(workdir):
 
 def test_batched_cases_give_the_same_images_as_one_at_a_time(workdir):
     """Cases with different prompts and ω in one call (per-sample ω) match batch-1 results."""
-    from agd_cli.bench import run_bench
+    from agd_cli.bench.run import run_bench
 
     kw = {**FAST, "n": 2, "omegas": ["2", "6"], "steps": 3}
     one = run_bench(preset="tiny-sd", batch_size=1, workdir=str(workdir), **kw)
@@ -144,7 +144,7 @@ def test_cli_json_grid_size_and_counts(workdir, tmp_path, capsys):
     g = r["grid"]
     assert g["path"] == str(grid) and (g["rows"], g["cols"]) == (4, 3)  # 2 prompts x 2 ω, seed 0
     assert g["cell"] == [128, 128]  # 32 px upscaled x4
-    from agd_cli.images import make_grid
+    from agd_cli.infra.images import make_grid
 
     blank = [[Image.new("RGB", tuple(g["cell"]))] * g["cols"]] * g["rows"]
     with Image.open(grid) as im:
@@ -203,8 +203,8 @@ def test_quality_on_a_preset_without_evaluator_exits_2(workdir, capsys):
 
 
 def test_memory_arguments_fit_the_probe_and_flags_beat_the_preset():
-    from agd_cli.memory import memory_args
-    from agd_cli.presets import load_preset
+    from agd_cli.bench.memory import memory_args
+    from agd_cli.config.presets import load_preset
 
     p = load_preset("sdxl")
     args = memory_args(p, None, None, None, None, None)
@@ -214,15 +214,15 @@ def test_memory_arguments_fit_the_probe_and_flags_beat_the_preset():
     args = memory_args(p, "fp32", "adamw", False, 3, "cpu")
     assert (args["precision"], args["optimizer"], args["checkpointing"], args["batch_size"]) == (
         "fp32", "adamw", False, 3)
-    from agd_cli.memory import measure_train_step
+    from agd_cli.bench.memory import measure_train_step
 
     inspect.signature(measure_train_step).bind(**args)  # the probe takes exactly these
 
 
 # --- --quality on the embedded default (teacher, classifier and preset ship with agd) ---------
 def test_quality_table_on_mnist(tmp_path):
-    from agd_cli.bench import run_bench
-    from agd_cli.bench_report import MIN_CELL
+    from agd_cli.bench.report import MIN_CELL
+    from agd_cli.bench.run import run_bench
 
     make_adapter(tmp_path, "mnist")
     r = run_bench(preset="mnist", quality=True, quality_samples=20, quality_batch=20, omegas=["2", "14"],
@@ -253,9 +253,9 @@ def test_bench_reads_a_presets_prompt_file_like_collect(tmp_path):
     the path string (the bug: bench used the path itself as a prompt)."""
     import dataclasses
 
-    from agd_cli.bench_plan import bench_prompts
-    from agd_cli.presets import load_preset
-    from agd_cli.prompts import load_prompt_set
+    from agd_cli.bench.plan import bench_prompts
+    from agd_cli.config.presets import load_preset
+    from agd_cli.config.prompts import load_prompt_set
 
     path = tmp_path / "my [draft] prompts.txt"
     path.write_text("a red fox\na lighthouse at dusk\na bowl of soup\n", encoding="utf-8")
@@ -268,7 +268,7 @@ def test_bench_reads_a_presets_prompt_file_like_collect(tmp_path):
 
 def test_latency_and_throughput_side_by_side_with_adapter_flops(workdir):
     """batch 1 and batch N timings of every method, with NFE counts, and the adapters' FLOPs."""
-    from agd_cli.bench import run_bench
+    from agd_cli.bench.run import run_bench
 
     r = run_bench(preset="tiny-sd", throughput_batch=3, workdir=str(workdir), **FAST)
     lat, thr = r["latency"], r["throughput"]
@@ -293,9 +293,9 @@ def test_quality_seed_shifts_the_noise_not_the_prompts(tmp_path, capsys):
     it was not tuned on; a negative seed is refused before anything loads."""
     from types import SimpleNamespace
 
+    from agd_cli.bench.quality import sample_for_quality
+    from agd_cli.config.presets import load_preset
     from agd_cli.families import load_denoiser
-    from agd_cli.presets import load_preset
-    from agd_cli.quality import sample_for_quality
 
     den = load_denoiser(load_preset("mnist"), "cpu")
     prompts = ["the digit two"] * 3
@@ -313,8 +313,8 @@ def test_quality_seed_shifts_the_noise_not_the_prompts(tmp_path, capsys):
 def test_paired_difference_of_quality_scores():
     """Same samples: difference 0 and an interval of width 0; CFG right where agd is wrong on
     half the seeds: −50 points with an interval around it; the FID interval holds the estimate."""
-    from agd_cli.mnist import load_evaluator
-    from agd_cli.quality import paired_difference
+    from agd_cli.bench.quality import paired_difference
+    from agd_cli.evaluation.mnist import load_evaluator
 
     ev = load_evaluator()
     g = torch.Generator().manual_seed(1)
@@ -333,7 +333,7 @@ def test_paired_difference_of_quality_scores():
 
 
 def test_idle_device_note_only_where_cfgs_pair_is_nearly_free():
-    from agd_cli.bench_report import idle_device_notes
+    from agd_cli.bench.report import idle_device_notes
 
     def part(batch, cfg, agd, unguided=1.0):
         return {"batch_size": batch, "methods": {"cfg": {"seconds_per_image": cfg},

@@ -147,8 +147,9 @@ def test_deprecated_flags_still_work_with_one_note_and_clean_json(cmd, old, new,
                                                                    capsys, tmp_path):
     """The old spelling reaches the same parameter; stderr says so in one line; stdout stays
     one JSON object."""
-    from agd_cli import bench, train
+    from agd_cli.bench import run as bench
     from agd_cli.cli import main
+    from agd_cli.train import run as train
 
     seen = {}
 
@@ -171,8 +172,8 @@ def test_deprecated_flags_still_work_with_one_note_and_clean_json(cmd, old, new,
 
 
 def test_the_new_flag_wins_over_its_deprecated_alias(monkeypatch, capsys, tmp_path):
-    from agd_cli import train
     from agd_cli.cli import main
+    from agd_cli.train import run as train
 
     seen = {}
     monkeypatch.setattr(train, "run_train", lambda **kw: seen.update(kw) or {"processes": 1})

@@ -15,20 +15,20 @@ import pytest
 import torch
 
 from agd_cli.cli import main
-from agd_cli.collect import run_collect
-from agd_cli.disk import estimate_bytes_per_trajectory
-from agd_cli.errors import DataError
-from agd_cli.families import load_denoiser
-from agd_cli.presets import load_preset
-from agd_cli.prompts import parse_classes, read_prompts
-from agd_cli.sampling import make_scheduler
-from agd_cli.trajectories import (
+from agd_cli.collect.disk import estimate_bytes_per_trajectory
+from agd_cli.collect.run import run_collect
+from agd_cli.collect.store import (
     IDENTITY_KEYS,
     TrajectoryStore,
     keep_indices,
     trajectory_omegas,
     worker_ids,
 )
+from agd_cli.config.presets import load_preset
+from agd_cli.config.prompts import parse_classes, read_prompts
+from agd_cli.core.sampling import make_scheduler
+from agd_cli.families import load_denoiser
+from agd_cli.infra.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of fruit",
@@ -345,7 +345,7 @@ def test_omega_skew_draws_low_omega_more_often_and_is_part_of_the_identity(tmp_p
 
 
 def test_disk_too_small_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    import agd_cli.collect as collect
+    import agd_cli.collect.run as collect
 
     monkeypatch.setattr(collect, "DISK_MARGIN", 1e15)  # pretend the disk is nearly full
     with pytest.raises(SystemExit) as exc:

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from agd_cli.config.presets import AdapterConfig, builtin_names, load_preset
+from agd_cli.core.guidance import cfg_combine
 from agd_cli.families import count_parameters, load_denoiser, load_with_adapters
-from agd_cli.guidance import cfg_combine
-from agd_cli.presets import AdapterConfig, builtin_names, load_preset
 
 TINY = ["tiny-sd", "tiny-sdxl", "tiny-dit", "tiny-sd3", "tiny-pixart", "tiny-sana"]
 
@@ -97,7 +97,7 @@ def test_save_load_roundtrip_gives_identical_output(den, tmp_path):
 
 
 def test_adapter_for_another_base_is_refused(tmp_path):
-    from agd_cli.errors import DataError
+    from agd_cli.infra.errors import DataError
 
     sd = load_denoiser(load_preset("tiny-sd"), "cpu")
     sd.new_adapters()
@@ -126,7 +126,7 @@ def test_cfg_combine_per_sample_omega():
 
 
 def test_dit_refuses_cross_attention_adapters():
-    from agd_cli.errors import InputError
+    from agd_cli.infra.errors import InputError
 
     dit = load_denoiser(load_preset("tiny-dit"), "cpu")
     with pytest.raises(InputError, match="cross_attention.*dit"):
@@ -207,7 +207,7 @@ def test_adapter_files_with_and_without_a_trained_range_load(den, tmp_path):
 
 
 def test_omega_loss_weight_is_mean_one_and_favours_low_omega():
-    from agd_cli.train_settings import OMEGA_WEIGHT_FLOOR, omega_loss_weight
+    from agd_cli.train.settings import OMEGA_WEIGHT_FLOOR, omega_loss_weight
 
     grid = torch.linspace(1.0, 6.0, 1001)
     assert torch.equal(omega_loss_weight(grid, 0.0, [1.0, 6.0]), torch.ones_like(grid))

@@ -12,9 +12,9 @@ import torch
 
 from agd_cli.api import agd_guidance, load_agd_adapter, unload_agd_adapter
 from agd_cli.cli import main
+from agd_cli.config.presets import load_preset
+from agd_cli.core.sampling import initial_noise, make_scheduler, sample
 from agd_cli.families import count_parameters, load_denoiser, load_with_adapters
-from agd_cli.presets import load_preset
-from agd_cli.sampling import initial_noise, make_scheduler, sample
 from tests.test_collect import one_thread  # noqa: F401 - autouse: one thread for tiny models
 
 REAL = {"sd35-medium": 24, "sd35-large": 38, "pixart-sigma": 28, "sana-1600m": 20}  # blocks

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from agd_cli.cli import main
-from agd_cli.images import make_grid, read_png_metadata, save_png, to_pil
+from agd_cli.infra.images import make_grid, read_png_metadata, save_png, to_pil
 from tests.conftest import run_agd
 
 STEPS = 4
@@ -20,8 +20,8 @@ STEPS = 4
 
 def _make_adapter(workdir: Path, preset: str) -> Path:
     """An untrained (Xavier-initialised) adapter file in a run folder, as `agd train` leaves it."""
+    from agd_cli.config.presets import load_preset
     from agd_cli.families import load_denoiser
-    from agd_cli.presets import load_preset
 
     den = load_denoiser(load_preset(preset), "cpu")
     path = workdir / preset / "adapter.safetensors"
@@ -136,7 +136,7 @@ def test_other_families(ws, capsys, preset, prompts):
 
 
 def load_preset_resolution(name: str) -> int:
-    from agd_cli.presets import load_preset
+    from agd_cli.config.presets import load_preset
 
     return load_preset(name).resolution
 
@@ -157,9 +157,9 @@ def test_latest_adapter_said_and_notices(ws, capsys):
 # --- rerun after Ctrl-C: resume, never clobber ---------------------------------------------------
 def _interrupt_at_image(monkeypatch, n: int) -> None:
     """Ctrl-C while image n (1-based) is being made: the n - 1 before it are written."""
-    import agd_cli.images
+    import agd_cli.infra.images
 
-    real, calls = agd_cli.images.save_png, []
+    real, calls = agd_cli.infra.images.save_png, []
 
     def save_then_stop(image, path, metadata=None):
         calls.append(path)
@@ -167,7 +167,7 @@ def _interrupt_at_image(monkeypatch, n: int) -> None:
             raise KeyboardInterrupt
         return real(image, path, metadata)
 
-    monkeypatch.setattr(agd_cli.images, "save_png", save_then_stop)
+    monkeypatch.setattr(agd_cli.infra.images, "save_png", save_then_stop)
 
 
 def test_rerun_after_ctrl_c_resumes_and_says_so(ws, tmp_path, capsys, monkeypatch):
@@ -223,7 +223,7 @@ def test_out_file_is_never_overwritten_by_another_image(ws, tmp_path, capsys):
 def test_an_image_written_meanwhile_by_another_generate_is_kept(ws, tmp_path, capsys, monkeypatch):
     """Two agd generate runs into one folder plan the same name; the one that writes second
     takes the next free name instead of replacing the other's image."""
-    import agd_cli.generate as generate
+    import agd_cli.generate.run as generate
 
     planned = generate.place_jobs
 
@@ -301,7 +301,7 @@ def test_bad_inputs_exit_2_with_a_message(ws, tmp_path, capsys, args, message):
 
 
 def test_adapter_for_another_base_of_the_same_family_names_both(ws, tmp_path, capsys):
-    from agd_cli.presets import PRESET_DIR
+    from agd_cli.config.presets import PRESET_DIR
 
     toml = (PRESET_DIR / "tiny-sd.toml").read_text()
     narrow = toml.replace('name = "tiny-sd"', 'name = "tiny-sd-narrow"').replace(

@@ -12,12 +12,12 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from agd_cli import checks
-from agd_cli.adapter_file import AdapterFile
 from agd_cli.cli import _as_agd_error
-from agd_cli.errors import DataError, InputError, WriteFailed
-from agd_cli.io import write_json
-from agd_cli.presets import PRESET_DIR, load_preset
+from agd_cli.config import checks
+from agd_cli.config.presets import PRESET_DIR, load_preset
+from agd_cli.core.adapter_file import AdapterFile
+from agd_cli.infra.errors import DataError, InputError, WriteFailed
+from agd_cli.infra.io import write_json
 from tests.conftest import run_agd
 
 
@@ -73,13 +73,13 @@ def test_a_batch_too_large_for_this_machine_is_refused_before_training(tmp_path,
     assert 64 < fits < 10000000
     assert not (tmp_path / "c" / "adapter.safetensors").exists()
     # a model the estimate cannot build does not stop training (the check is skipped, said so)
-    import agd_cli.memory
-    from agd_cli.train import run_train
+    import agd_cli.bench.memory
+    from agd_cli.train.run import run_train
 
     def cannot(*args, **kwargs):
         raise OSError("no config for the meta device")
 
-    monkeypatch.setattr(agd_cli.memory, "measure_in_process", cannot)
+    monkeypatch.setattr(agd_cli.bench.memory, "measure_in_process", cannot)
     run_train(run=str(tmp_path / "c"), steps=1, batch_size=65, device="cpu", workdir=str(tmp_path))
     assert (tmp_path / "c" / "adapter.safetensors").exists()
 
@@ -202,7 +202,7 @@ def test_a_newer_adapter_format_says_so(adapter, tmp_path):
 
 # --- the machine refuses --------------------------------------------------------------------------
 def test_any_failed_write_of_an_output_is_bad_input_naming_the_file(tmp_path, monkeypatch):
-    import agd_cli.io as io
+    import agd_cli.infra.io as io
 
     def refuse(src, dst):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(dst))

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from agd_cli.adapters import adapter_metadata, read_adapter_file
-from agd_cli.errors import ModelError
+from agd_cli.config.presets import load_preset
+from agd_cli.core.adapters import adapter_metadata, read_adapter_file
 from agd_cli.families import load_denoiser
 from agd_cli.families.weights import pretrained_kwargs, repo_files, with_base_model
-from agd_cli.presets import load_preset
+from agd_cli.infra.errors import ModelError
 from tests.original_layout import to_original_sd
 from tests.test_generate import agd as agd_here
 
@@ -69,7 +69,7 @@ def test_collect_train_generate_on_a_single_file_checkpoint(tiny_sd, tmp_path, c
     # the same architecture with other weights: it loads, with a warning naming both files
     other = _checkpoint(tiny_sd, tmp_path / "other.safetensors", scale=1.01)
     den = load_denoiser(with_base_model(load_preset("tiny-sd"), str(other)), device="cpu")
-    from agd_cli import ui
+    from agd_cli.infra import ui
 
     with ui.err.capture() as cap:
         den.load_adapters(adapter)

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from agd_cli import mnist
+from agd_cli.evaluation import mnist
 
 TEACHER = mnist.TEACHER_DIR
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from agd_cli.collect import run_collect
-from agd_cli.data import TrajectoryData
-from agd_cli.errors import DataError
+from agd_cli.collect.run import run_collect
+from agd_cli.collect.store import TrajectoryStore, sha256_file
+from agd_cli.config.presets import AdapterConfig, load_preset
 from agd_cli.families import load_denoiser, load_with_adapters
-from agd_cli.presets import AdapterConfig, load_preset
-from agd_cli.train import run_train
-from agd_cli.trajectories import TrajectoryStore, sha256_file
+from agd_cli.infra.errors import DataError
+from agd_cli.train.data import TrajectoryData
+from agd_cli.train.run import run_train
 from tests.test_generate import agd
 
 STEPS = 4
@@ -163,7 +163,7 @@ def test_adapter_file_records_negatives_and_reads_them(run):
     base = den.predict(x, 500, cond)
     same = den.predict(x, 500, cond, omega=1.0, negative=den.encode(["blurry"]))
     torch.testing.assert_close(same, base)  # ω = 1 is the conditional model, as in CFG
-    from agd_cli.errors import ModelError
+    from agd_cli.infra.errors import ModelError
 
     with pytest.raises(ModelError, match="trained with negative prompts"):
         den.predict(x, 500, cond, omega=4.0)
@@ -287,8 +287,8 @@ def test_dit_negative_given_as_text_is_refused(tmp_path, capsys):
 
 def test_api_negative_prompt_at_guidance_scale_one(tmp_path):
     """The pipeline's own negative_prompt reaches the adapters: same latents as agd's sampler."""
-    from agd_cli import sampling
     from agd_cli.api import load_agd_adapter, unload_agd_adapter
+    from agd_cli.core import sampling
     from tests.test_api import latents, tiny_sd_pipeline
 
     den = load_denoiser(load_preset("tiny-sd"), "cpu")
@@ -314,7 +314,7 @@ def test_api_negative_prompt_at_guidance_scale_one(tmp_path):
 
 # --- bench ----------------------------------------------------------------------------------
 def test_bench_compares_agd_and_cfg_with_the_same_negative(run):
-    from agd_cli.bench import run_bench
+    from agd_cli.bench.run import run_bench
 
     r = run_bench(adapter=str(run / "adapter.safetensors"), negative_prompt="blurry", threads=1,
                   steps=STEPS, n=1, show_table=False)
@@ -323,8 +323,8 @@ def test_bench_compares_agd_and_cfg_with_the_same_negative(run):
 
 
 def test_bench_negatives_table_on_mnist(tmp_path, capsys):
-    from agd_cli.bench import run_bench
-    from agd_cli.negative_bench import print_negatives_table
+    from agd_cli.bench.negatives import print_negatives_table
+    from agd_cli.bench.run import run_bench
 
     den = load_denoiser(load_preset("mnist"), "cpu")
     path = tmp_path / "mnist" / "adapter.safetensors"
@@ -401,7 +401,7 @@ def check_paired(rows: dict, key: str) -> None:
 def test_preset_budget_for_negatives_applies_only_with_a_list(tmp_path):
     """`num_per_prompt_with_negatives` (mnist: 32) replaces `num_per_prompt` (16) when a negatives
     list is given; --num-per-prompt still wins; presets without the key keep num_per_prompt."""
-    from agd_cli.collect_plan import CollectFlags, resolve_settings
+    from agd_cli.collect.plan import CollectFlags, resolve_settings
 
     neg = write_lines(tmp_path / "neg.txt", ["a handwritten 1", "blurry"])
     plan = lambda **kw: resolve_settings(CollectFlags(out=str(tmp_path / "run"), **kw))  # noqa: E731
@@ -416,8 +416,8 @@ def test_preset_budget_for_negatives_applies_only_with_a_list(tmp_path):
 
 
 def test_preset_budget_for_negatives_is_checked(tmp_path):
-    from agd_cli.errors import InputError
-    from agd_cli.presets import load_preset as load
+    from agd_cli.config.presets import load_preset as load
+    from agd_cli.infra.errors import InputError
 
     bad = tmp_path / "bad.toml"
     text = (Path(__file__).resolve().parents[1] / "presets" / "mnist.toml").read_text(encoding="utf-8")
@@ -430,7 +430,7 @@ def test_preset_budget_for_negatives_is_checked(tmp_path):
 def test_previews_skip_the_null_condition_of_negative_only_trajectories():
     """A condition table with null rows among the prompts (negative-only trajectories): the
     preview takes prompt rows; a table of null rows only still previews something."""
-    from agd_cli.train_output import preview_rows
+    from agd_cli.train.output import preview_rows
 
     null = {"prompt_embeds": torch.zeros(1, 3, 4)}
     prompts = torch.randn(4, 3, 4)
@@ -444,7 +444,7 @@ def test_previews_skip_the_null_condition_of_negative_only_trajectories():
 def test_swapped_roles_is_cfg_with_prompt_and_negative_swapped(run):
     """guidance.swapped_roles of a collected target == CFG recomputed from the teacher with the
     trajectory's negative as the prompt and its prompt as the negative."""
-    from agd_cli.guidance import cfg_combine, swapped_roles
+    from agd_cli.core.guidance import cfg_combine, swapped_roles
 
     den = load_denoiser(load_preset("tiny-sd"), "cpu")
     b = TrajectoryData([run]).batch(torch.arange(36))

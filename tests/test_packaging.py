@@ -38,7 +38,7 @@ def test_wheel_ships_every_preset_and_they_load_from_an_installed_copy(tmp_path)
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(site), str(wheel)], check=True, capture_output=True, text=True)
-    probe = ("import agd_cli, agd_cli.presets as p, agd_cli.prompts as q; "
+    probe = ("import agd_cli, agd_cli.config.presets as p, agd_cli.config.prompts as q; "
              "print(agd_cli.__file__); print(p.PRESET_DIR); print(','.join(p.builtin_names())); "
              "print(len(q.builtin_prompts(p.load_preset('tiny-sd').prompts)))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True,
@@ -51,7 +51,7 @@ def test_wheel_ships_every_preset_and_they_load_from_an_installed_copy(tmp_path)
 
 def test_a_clone_or_editable_install_reads_the_top_level_presets():
     import agd_cli
-    from agd_cli.presets import PRESET_DIR, builtin_names
+    from agd_cli.config.presets import PRESET_DIR, builtin_names
 
     if Path(agd_cli.__file__).resolve().parent == ROOT / "agd_cli":
         assert PRESET_DIR.resolve() == ROOT / "presets"

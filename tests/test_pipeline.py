@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import math
 
-from agd_cli import mnist
-from agd_cli.presets import PRESET_DIR
+from agd_cli.config.presets import PRESET_DIR
+from agd_cli.evaluation import mnist
 from tests.conftest import run_agd
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from agd_cli.cli import main
-from agd_cli.presets import PRESET_DIR
+from agd_cli.config.presets import PRESET_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "AGD_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -88,7 +88,7 @@ def shards(run: Path) -> list[Path]:
 
 def full_disk_after(calls: int):
     """A stand-in for io.save_tensors that fills the disk after `calls` successful writes."""
-    from agd_cli.io import save_tensors
+    from agd_cli.infra.io import save_tensors
 
     done = []
 
@@ -116,7 +116,7 @@ def read_only(mp: pytest.MonkeyPatch, folder: Path) -> None:
 
 def hold_lock(folder: Path, command: str, stack: contextlib.ExitStack) -> int:
     """Another real process holding the run folder's lock; returns its PID."""
-    code = ("import sys, time; from agd_cli.locks import run_lock\n"
+    code = ("import sys, time; from agd_cli.infra.locks import run_lock\n"
             f"with run_lock(sys.argv[1], {command!r}):\n"
             "    print('ready', flush=True); time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], env=ENV,
@@ -152,7 +152,7 @@ def _no_new_run(tmp, run, before, out, err):
 
 def _one_shard_kept(tmp, run, before, out, err):
     traj = tmp / "new" / "trajectories"
-    from agd_cli.trajectories import TrajectoryStore
+    from agd_cli.collect.store import TrajectoryStore
 
     assert len(TrajectoryStore(traj).shards()) == 1 and not TrajectoryStore(traj).damaged()
     assert not list(traj.glob(".*tmp*")), "no half-written file"
@@ -175,7 +175,7 @@ def _json_error(fragment: str):
 def _shard_redone(tmp, run, before, out, err):
     from safetensors.torch import load_file
 
-    from agd_cli.io import tensors_sha256
+    from agd_cli.infra.io import tensors_sha256
 
     assert list((run / "trajectories" / "damaged").glob("shard-*.safetensors"))
     for shard in shards(run):  # every redone shard holds exactly the original tensors
@@ -232,11 +232,11 @@ PROBES = [
           "no write permission on", setup=lambda tmp, run, mp, st: read_only(mp, run)),
     Probe("disk full during collect", ["collect", *DIT, "--out", "{tmp}/new"], 2,
           "No space left on device", after=_one_shard_kept,
-          setup=lambda tmp, run, mp, st: mp.setattr("agd_cli.trajectories.save_tensors",
+          setup=lambda tmp, run, mp, st: mp.setattr("agd_cli.collect.store.save_tensors",
                                                     full_disk_after(1))),
     Probe("disk full at a train checkpoint", ["train", "--run", "{run}", "--steps", "6", *TRAIN[2:]],
           2, "No space left on device", after=_checkpoints_kept, changes_run=True,
-          setup=lambda tmp, run, mp, st: mp.setattr("agd_cli.checkpoint.save_tensors",
+          setup=lambda tmp, run, mp, st: mp.setattr("agd_cli.train.checkpoint.save_tensors",
                                                     full_disk_after(0))),
     # 3. values shown literally, never as rich markup
     Probe("prompt path with [/x]", ["collect", "--preset", "tiny-sd", "--prompts", "{tmp}/a[/x].txt"],
@@ -251,7 +251,7 @@ PROBES = [
     Probe("internal error with --json", ["collect", *DIT, "--out", "{tmp}/new", "--json"], 1,
           "internal error: RuntimeError: boom", after=_json_error("boom"),
           setup=lambda tmp, run, mp, st: mp.setattr(
-              "agd_cli.collect.plan_collection",
+              "agd_cli.collect.run.plan_collection",
               lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))),
     # 5. one writer per run folder
     Probe("train while another process holds the run", ["train", "--run", "{run}"], 2,
@@ -368,7 +368,7 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
 
 # --- small invariants ----------------------------------------------------------------------------
 def test_json_output_never_holds_bare_nan(capsys):
-    from agd_cli import ui
+    from agd_cli.infra import ui
 
     ui.emit_json({"loss": float("nan"), "rows": [float("inf"), 1.5], "ok": {"x": -float("inf")}})
     text = capsys.readouterr().out
@@ -377,7 +377,7 @@ def test_json_output_never_holds_bare_nan(capsys):
 
 
 def test_prompt_file_warnings_once_per_kind(tmp_path, capsys):
-    from agd_cli.prompts import read_prompts
+    from agd_cli.config.prompts import read_prompts
 
     path = tmp_path / "p.txt"
     path.write_text("a fox\na cat\na fox\na fox\nbell\x07\n", encoding="utf-8")
@@ -389,7 +389,7 @@ def test_prompt_file_warnings_once_per_kind(tmp_path, capsys):
 
 def test_disk_estimate_covers_what_collect_writes(tmp_path):
     """The plan's estimate (before its safety margin) is at least the bytes the disk allocates."""
-    from agd_cli.disk import estimate_bytes_per_trajectory, estimate_collection_bytes
+    from agd_cli.collect.disk import estimate_bytes_per_trajectory, estimate_collection_bytes
 
     out = tmp_path / "run"
     code, _, err = invoke(["collect", *DIT, "--out", str(out)])

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agd_cli.adapters import ContextCache
+from agd_cli.config.presets import load_preset
+from agd_cli.core.adapters import ContextCache
+from agd_cli.core.sampling import sample
 from agd_cli.families import load_denoiser
-from agd_cli.presets import load_preset
-from agd_cli.sampling import sample
 
 # mnist folds the adapters' query/output maps into their keys/values (narrow blocks),
 # tiny-sd/tiny-sdxl keep plain keys and values, tiny-dit has offset adapters, tiny-sana is unrouted
@@ -93,7 +93,7 @@ def test_training_never_uses_the_cache():
 @pytest.mark.parametrize("mode,nfe", [("agd", 20), ("cfg", 40), ("unguided", 20)])
 def test_sampling_run_matches_a_step_by_step_loop(den, mode, nfe):
     """sample() (run inputs made once, adapters cached) == the same steps with fresh inputs."""
-    from agd_cli.sampling import initial_noise, make_scheduler
+    from agd_cli.core.sampling import initial_noise, make_scheduler
 
     cond = den.encode(_prompts(den, True)[:2])
     uncond = den.encode_null(2)

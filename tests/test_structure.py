@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from agd_cli import checks
-from agd_cli.adapter_file import AdapterFile
-from agd_cli.errors import DataError, InputError
+from agd_cli.config import checks
+from agd_cli.config.presets import load_preset, preset_from_record
+from agd_cli.core.adapter_file import AdapterFile
 from agd_cli.families import load_denoiser
 from agd_cli.families.spec import FamilySpec
-from agd_cli.presets import load_preset, preset_from_record
+from agd_cli.infra.errors import DataError, InputError
 
 TINY = ("tiny-sd", "tiny-sdxl", "tiny-dit", "tiny-sd3", "tiny-pixart", "tiny-sana")
 
@@ -60,7 +60,7 @@ def test_one_preset_from_recorded_metadata():
 
 def test_sizes_are_height_then_width():
     assert checks.size("48x32") == (32, 48) and checks.size("64") == (64, 64)
-    from agd_cli.generate import check_size
+    from agd_cli.generate.run import check_size
 
     assert check_size(checks.size("48x32"), load_preset("tiny-sd")) == (32, 48)
 

@@ -42,7 +42,7 @@ COLLECT = {"tiny-dit": {"num_per_prompt": 8},
 @pytest.fixture(scope="session")
 def collection(tmp_path_factory):
     """A real collection per tiny preset, recorded once per session by `agd collect`'s API."""
-    from agd_cli.collect import run_collect
+    from agd_cli.collect.run import run_collect
 
     def get(preset: str) -> Path:
         if preset not in _COLLECTIONS:
@@ -84,7 +84,7 @@ def agd(*args: str, capsys=None) -> tuple[int, str, str]:
 
 
 def adapter_state(path: Path) -> dict[str, torch.Tensor]:
-    from agd_cli.adapters import read_adapter_file
+    from agd_cli.core.adapters import read_adapter_file
 
     return read_adapter_file(path)[0]
 
@@ -122,9 +122,9 @@ def test_gap_closed_tiny_dit_via_cli(run_of, capsys):
 
 def test_base_bit_identical_and_grads_flow_with_checkpointing(run_of):
     """Training touches only the adapters; gradient checkpointing still lets grads reach them."""
-    from agd_cli.data import TrajectoryData
-    from agd_cli.train import Trainer, prepare_denoiser, recorded_preset
-    from agd_cli.train_settings import TrainSettings
+    from agd_cli.train.data import TrajectoryData
+    from agd_cli.train.run import Trainer, prepare_denoiser, recorded_preset
+    from agd_cli.train.settings import TrainSettings
 
     run = run_of("tiny-sd")
     roots = [run / "trajectories"]
@@ -164,11 +164,11 @@ def test_base_bit_identical_and_grads_flow_with_checkpointing(run_of):
 def test_memory_measures_the_step_train_takes(run_of):
     """`agd bench --memory` measures `agd train`'s step: on the same batch from the same start,
     both give the same loss and the same adapter update (loss scaling, clip, optimizer alike)."""
-    from agd_cli.data import ShuffledSampler, TrajectoryData
-    from agd_cli.memory import train_step_of
-    from agd_cli.step import make_optimizer
-    from agd_cli.train import Trainer, prepare_denoiser, recorded_preset
-    from agd_cli.train_settings import TrainSettings, lr_at
+    from agd_cli.bench.memory import train_step_of
+    from agd_cli.train.data import ShuffledSampler, TrajectoryData
+    from agd_cli.train.run import Trainer, prepare_denoiser, recorded_preset
+    from agd_cli.train.settings import TrainSettings, lr_at
+    from agd_cli.train.step import make_optimizer
 
     run = run_of("tiny-dit")
     roots = [run / "trajectories"]
@@ -226,8 +226,8 @@ def test_resume_after_kill_matches_uninterrupted(run_of):
 
 def test_checkpoint_roundtrip_adamw8bit(tmp_path):
     """8-bit optimizer state survives safetensors exactly, and the next step is the same."""
-    from agd_cli.checkpoint import latest_checkpoint, save_checkpoint
-    from agd_cli.step import make_optimizer
+    from agd_cli.train.checkpoint import latest_checkpoint, save_checkpoint
+    from agd_cli.train.step import make_optimizer
 
     def model():
         torch.manual_seed(0)
@@ -259,7 +259,7 @@ def test_checkpoint_roundtrip_adamw8bit(tmp_path):
 
 
 def test_split_by_trajectory_and_sampler_position(collection):
-    from agd_cli.data import ShuffledSampler, TrajectoryData
+    from agd_cli.train.data import ShuffledSampler, TrajectoryData
 
     data = TrajectoryData([collection("tiny-dit")])
     train, val = data.split(0.2, seed=0)
@@ -346,7 +346,7 @@ def _halved(run: Path, tag: str | None = None) -> None:
     with `tag`, add one such shard (new ids) next to the full-size ones instead."""
     from safetensors.torch import load_file
 
-    from agd_cli.trajectories import TrajectoryStore
+    from agd_cli.collect.store import TrajectoryStore
 
     store = TrajectoryStore(run / "trajectories")
     for info in store.shards():
@@ -453,7 +453,7 @@ def test_damaged_manifest_exit_2(run_of, capsys, content, needle):
 
 # --- previews, memory benchmark, help ---------------------------------------------------------------
 def test_preview_images(run_of, capsys):
-    from agd_cli.images import read_png_metadata
+    from agd_cli.infra.images import read_png_metadata
 
     run = run_of("tiny-dit")
     code, _, err = agd("train", "--data", str(run / "trajectories"), "--steps", "4",
@@ -465,7 +465,7 @@ def test_preview_images(run_of, capsys):
 
 
 def test_memory_of_one_training_step():
-    from agd_cli.memory import measure_train_step
+    from agd_cli.bench.memory import measure_train_step
 
     rows = {opt: measure_train_step("tiny-sd", precision="fp32", optimizer=opt, checkpointing=True,
                                     batch_size=2, device="cpu", isolate=False)

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from agd_cli.estimate import LiveBytes
-from agd_cli.memory import measure_in_process
-from agd_cli.step import autocast_dtype
+from agd_cli.bench.memory import measure_in_process
+from agd_cli.train.estimate import LiveBytes
+from agd_cli.train.step import autocast_dtype
 
 
 def test_live_bytes_counts_each_storage_once_until_it_is_freed():
@@ -78,4 +78,4 @@ def test_failed_measurement_says_why_in_one_line_and_prints_its_command(capsys):
     assert done.value.code == 2
     report = json.loads(capsys.readouterr().out)
     assert report["error"].endswith("failed (exit 2): unknown device 'bogus'"), report
-    assert "-m agd_cli.memory --preset mnist" in report["hint"] and "--device bogus" in report["hint"]
+    assert "-m agd_cli.bench.memory --preset mnist" in report["hint"] and "--device bogus" in report["hint"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from agd_cli.config.presets import load_preset
 from agd_cli.families import load_denoiser
-from agd_cli.presets import load_preset
 
 
 def decoder_inputs(den, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train the digit classifier used as evaluator for the ``mnist`` preset.
 
-A small CNN (:class:`agd_cli.mnist.DigitClassifier`) is trained on the 4000
-training digits of the seeded stratified split (:func:`agd_cli.mnist.load_digits_split`),
+A small CNN (:class:`agd_cli.evaluation.mnist.DigitClassifier`) is trained on the 4000
+training digits of the seeded stratified split (:func:`agd_cli.evaluation.mnist.load_digits_split`),
 with light augmentation (random shifts of up to 2 px and small rotations).
 After training, the mean and covariance of its penultimate features on the
 1000 held-out real digits are stored in the same safetensors file as
@@ -36,7 +36,7 @@ from torch.nn import functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agd_cli.mnist import (  # noqa: E402
+from agd_cli.evaluation.mnist import (  # noqa: E402
     CLASSIFIER_PATH,
     DigitClassifier,
     Evaluator,

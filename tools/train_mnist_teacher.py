@@ -3,10 +3,10 @@
 
 The teacher is a diffusers ``UNet2DConditionModel`` (32x32x1 pixels, cross-attention
 on the 16x16 and 8x8 levels) conditioned on a small ``CLIPTextModel`` over a
-character-level ``CLIPTokenizer`` (:func:`agd_cli.mnist.build_char_tokenizer`). Both
+character-level ``CLIPTokenizer`` (:func:`agd_cli.evaluation.mnist.build_char_tokenizer`). Both
 are trained jointly from random init on the 4000 training digits of the seeded
-split (:func:`agd_cli.mnist.load_digits_split`) with captions in varied phrasings
-(:func:`agd_cli.mnist.caption_for`) and caption dropout to ``""`` so that
+split (:func:`agd_cli.evaluation.mnist.load_digits_split`) with captions in varied phrasings
+(:func:`agd_cli.evaluation.mnist.caption_for`) and caption dropout to ``""`` so that
 classifier-free guidance (CFG) exists.
 
 Text encoding convention (the ``sd`` family uses exactly this)::
@@ -78,7 +78,7 @@ from torch.nn import functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agd_cli.mnist import (  # noqa: E402
+from agd_cli.evaluation.mnist import (  # noqa: E402
     CAPTION_TEMPLATES,
     CLASSIFIER_PATH,
     DIGIT_WORDS,
@@ -354,7 +354,7 @@ def evaluate(folder: Path, n_samples: int, steps: int, omegas: list[float], seed
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from agd_cli.mnist import load_evaluator
+    from agd_cli.evaluation.mnist import load_evaluator
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
     te = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
@@ -363,7 +363,7 @@ def evaluate(folder: Path, n_samples: int, steps: int, omegas: list[float], seed
     ev = load_evaluator()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_samples)]
     digits = [digit_of(p) for p in prompts]
-    res = {"samples_per_omega": n_samples, "ddim_steps": steps, "prompts": "agd_cli.mnist.PROMPTS cycled", "omega": {}}
+    res = {"samples_per_omega": n_samples, "ddim_steps": steps, "prompts": "agd_cli.evaluation.mnist.PROMPTS cycled", "omega": {}}
     for w in omegas:
         t0 = time.time()
         imgs = cfg_sample(unet, te, tok, sched_config, prompts, w, steps=steps, seed=seed + 1, bf16=bf16)

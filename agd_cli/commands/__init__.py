@@ -48,7 +48,7 @@ def deprecated_alias(old: str, new: str, dest: str, *decls: str, **attrs):
 
 def _apply_deprecated(kwargs: dict) -> None:
     """Move each used deprecated flag's value to its new name (the new name wins if both)."""
-    from agd_cli import ui
+    from agd_cli.infra import ui
 
     for name in [k for k in kwargs if k in DEPRECATED]:
         value = kwargs.pop(name)
@@ -70,7 +70,7 @@ def common_options(func):
     @click.pass_context
     @functools.wraps(func)
     def wrapper(ctx: click.Context, *args, as_json: bool, workdir_override, **kwargs):
-        from agd_cli.checks import workdir as checked_workdir
+        from agd_cli.config.checks import workdir as checked_workdir
 
         obj = ctx.find_root().obj or {}
         chosen = obj.get("workdir", "agd-runs") if workdir_override is None else workdir_override

@@ -89,8 +89,8 @@ def command(compare_cfg: bool, memory: bool, as_json: bool, workdir: str, **kwar
       agd bench --compare-cfg -w 2,4,6 --seeds 0-3 --baselines cfg,cfg-cutoff,unguided
       agd bench --memory --preset sdxl --optimizer adamw8bit --train-batch-size 4
     """
-    from agd_cli import ui
-    from agd_cli.bench import run_bench
+    from agd_cli.bench.run import run_bench
+    from agd_cli.infra import ui
 
     compare = compare_cfg or kwargs["quality"] or kwargs["negatives"] or not memory
     dtype = kwargs.pop("dtype")  # one --dtype: compare's model dtype, --memory's training one

@@ -57,9 +57,9 @@ def command(as_json: bool, workdir: str, **flags) -> None:
 
     Resumable: rerun the same command after an interruption and it continues where it stopped.
     """
-    from agd_cli import ui
-    from agd_cli.collect import run_collect
-    from agd_cli.disk import human_bytes
+    from agd_cli.collect.disk import human_bytes
+    from agd_cli.collect.run import run_collect
+    from agd_cli.infra import ui
 
     summary = run_collect(workdir=workdir, **flags)
     if as_json:

@@ -12,8 +12,8 @@ from agd_cli.commands import common_options
 def command(as_json: bool, workdir: str) -> None:
     """Print what a bug report needs: versions, CUDA and GPUs, whether bitsandbytes' kernels
     and xformers work, free disk in the workspace, the hub cache and whether the hub answers."""
-    from agd_cli import ui
-    from agd_cli.environment import report
+    from agd_cli.commands.environment import report
+    from agd_cli.infra import ui
 
     facts = report(workdir)
     if as_json:

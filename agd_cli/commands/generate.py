@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from agd_cli.commands import DEVICE_HELP, FLOAT, common_options
-from agd_cli.presets import DTYPES, SCHEDULERS
+from agd_cli.config.presets import DTYPES, SCHEDULERS
 
 
 @click.command("generate")
@@ -55,8 +55,8 @@ def command(prompts: tuple[str, ...], as_json: bool, workdir: str, **flags) -> N
       agd generate "a red fox" -w 6 --cfg          # real CFG, for comparison
       agd generate 207 360 --run agd-runs/dit -n 4
     """
-    from agd_cli import ui
-    from agd_cli.generate import run_generate
+    from agd_cli.generate.run import run_generate
+    from agd_cli.infra import ui
 
     summary = run_generate(list(prompts), workdir=workdir, **flags)
     if as_json:

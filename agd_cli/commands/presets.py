@@ -14,9 +14,9 @@ def command(only: tuple[str, ...], as_json: bool, workdir: str) -> None:
     """List every preset: family, base model, resolution, adapter kind and size."""
     from rich.table import Table
 
-    from agd_cli import ui
+    from agd_cli.config.presets import builtin_names, load_preset
     from agd_cli.families import count_parameters
-    from agd_cli.presets import builtin_names, load_preset
+    from agd_cli.infra import ui
 
     rows = []
     for name in only or builtin_names():

@@ -46,8 +46,8 @@ def command(as_json: bool, workdir: str, **flags) -> None:
       accelerate launch --multi_gpu --num_processes N -m agd_cli.cli train ...
     (on CPU-only machines the same command starts N CPU processes joined by gloo)
     """
-    from agd_cli import ui
-    from agd_cli.train import run_train
+    from agd_cli.infra import ui
+    from agd_cli.train.run import run_train
 
     summary = run_train(workdir=workdir, **flags)
     if as_json:

@@ -7,6 +7,7 @@ predicts for (x_t, t, cond) with adapters fed ω; and runs real CFG through guid
 
 from __future__ import annotations
 
+from agd_cli.config.presets import Preset
 from agd_cli.families.base import (
     Denoiser,
     cond_cat,
@@ -23,7 +24,6 @@ from agd_cli.families.sana import SanaDenoiser
 from agd_cli.families.sd import SDDenoiser
 from agd_cli.families.sd3 import SD3Denoiser
 from agd_cli.families.sdxl import SDXLDenoiser
-from agd_cli.presets import Preset
 
 FAMILY_CLASSES: dict[str, type[Denoiser]] = {
     "sd": SDDenoiser, "sdxl": SDXLDenoiser, "dit": DiTDenoiser, "sd3": SD3Denoiser,
@@ -63,7 +63,7 @@ def count_parameters(preset: Preset) -> dict:
 def load_with_adapters(path, device=None, dtype: str = "fp32", text: bool = True,
                        base: Preset | None = None) -> Denoiser:
     """Load the base an adapter file was trained on (or `base`) and attach the adapters."""
-    from agd_cli.adapter_file import AdapterFile
+    from agd_cli.core.adapter_file import AdapterFile
 
     file = AdapterFile.open(path)
     den = load_denoiser(base or file.preset, device=device, dtype=dtype, text=text)

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from agd_cli.adapter_file import AdapterFile
-from agd_cli.adapters import AdapterSet, ContextCache, Site
-from agd_cli.errors import AgdError, DataError, InputError, ModelError
+from agd_cli.config.presets import AdapterConfig, Preset, is_random_base
+from agd_cli.core.adapter_file import AdapterFile
+from agd_cli.core.adapters import AdapterSet, ContextCache, Site
+from agd_cli.core.guidance import cfg_combine
 from agd_cli.families.spec import vae_factor
 from agd_cli.families.weights import checkpoint_identity, is_single_file, open_base
-from agd_cli.guidance import cfg_combine
-from agd_cli.presets import AdapterConfig, Preset, is_random_base
+from agd_cli.infra.errors import AgdError, DataError, InputError, ModelError
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RANDOM_SEED = 0  # random-weight bases are identical in every process
@@ -302,7 +302,7 @@ class Denoiser:
         trained = meta.get("base_checkpoint_sha256")
         mine = (self.checkpoint or {}).get("sha256")
         if trained and mine and trained != mine:
-            from agd_cli import ui
+            from agd_cli.infra import ui
 
             ui.warn(f"adapter {path} was trained on checkpoint "
                     f"{meta.get('base_checkpoint_file')} (sha256 {trained[:12]}…), but the base "
@@ -377,7 +377,7 @@ def count_truncated(tokenizer, prompts: Sequence[str]) -> int:
 def warn_truncated(den, texts: Sequence[str], what: str = "prompts") -> None:
     """One warning when prompts are longer than the text encoder takes (it cuts them; collect
     and generate alike). Class-conditional bases (DiT) have no tokenizer: nothing to say."""
-    from agd_cli import ui
+    from agd_cli.infra import ui
 
     tokenizer = den.text.get("tokenizer")
     n = count_truncated(tokenizer, texts) if tokenizer is not None and texts else 0

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from agd_cli.errors import InputError
 from agd_cli.families.base import Denoiser, _seeded
 from agd_cli.families.spec import num_classes
 from agd_cli.families.weights import is_single_file, open_base
+from agd_cli.infra.errors import InputError
 
 
 class DiTDenoiser(Denoiser):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from agd_cli.families.text import build_t5_tokenizer
 from agd_cli.families.transformer import TextTransformerDenoiser
-from agd_cli.text import build_t5_tokenizer
 
 
 def random_t5(arch: dict, tokenizer):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+from agd_cli.families.text import build_gemma_tokenizer
 from agd_cli.families.transformer import TextTransformerDenoiser
-from agd_cli.text import build_gemma_tokenizer
 
 
 def _default_instruction() -> list[str] | None:

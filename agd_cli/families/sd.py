@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from agd_cli.errors import ModelError
 from agd_cli.families.base import Denoiser, _clip_config, _seeded, _tokenize
+from agd_cli.families.text import build_char_tokenizer
 from agd_cli.families.weights import open_base
-from agd_cli.text import build_char_tokenizer
+from agd_cli.infra.errors import ModelError
 
 
 class SDDenoiser(Denoiser):

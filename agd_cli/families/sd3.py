@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from agd_cli.adapters import Site
+from agd_cli.core.adapters import Site
 from agd_cli.families.base import _clip_config
 from agd_cli.families.pixart import random_t5
+from agd_cli.families.text import build_char_tokenizer, build_t5_tokenizer
 from agd_cli.families.transformer import TextTransformerDenoiser
-from agd_cli.text import build_char_tokenizer, build_t5_tokenizer
 
 
 class SD3Denoiser(TextTransformerDenoiser):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from agd_cli.presets import Preset
+from agd_cli.config.presets import Preset
 
 DEFAULT_VAE_FACTOR = 8      # every SD/SDXL/DiT VAE downsamples 8x
 DEFAULT_NUM_CLASSES = 1000  # ImageNet; DiTPipeline hard-codes the null class id to 1000
@@ -54,7 +54,7 @@ class FamilySpec:
             return self.preset.architecture[part]
         path = Path(self.preset.resolve_base_model()) / part / "config.json"
         if path.is_file():
-            from agd_cli.io import read_json
+            from agd_cli.infra.io import read_json
 
             return read_json(path)
         return None

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from agd_cli.errors import ModelError
 from agd_cli.families.base import Denoiser, _load_scheduler_config, _seeded, _vae_config
 from agd_cli.families.weights import open_base
+from agd_cli.infra.errors import ModelError
 
 
 class TextTransformerDenoiser(Denoiser):

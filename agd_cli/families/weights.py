@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from agd_cli.errors import InputError, ModelError
-from agd_cli.presets import Preset
+from agd_cli.config.presets import Preset
+from agd_cli.infra.errors import InputError, ModelError
 
 HALF = (torch.float16, torch.bfloat16)
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -194,7 +194,7 @@ class SingleFileBase:
         preset's model id (a small download, or the hub cache)."""
         from transformers import CLIPTokenizer
 
-        from agd_cli.text import build_char_tokenizer
+        from agd_cli.families.text import build_char_tokenizer
 
         original = self.preset.raw.get("base_model", "config")
         if original == "config":  # the tokenizer the random-weight build uses

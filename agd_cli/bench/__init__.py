@@ -1,0 +1,1 @@
+"""`agd bench`: agd next to real CFG (speed, memory, agreement, quality, negatives)."""

@@ -1,0 +1,1 @@
+"""`agd collect`: plan -> teacher -> sample -> store (CFG-guided trajectories on disk)."""

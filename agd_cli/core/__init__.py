@@ -1,0 +1,1 @@
+"""The method itself, no I/O of its own: CFG math, adapters, the adapter file, the sampling loop."""

@@ -1,0 +1,1 @@
+"""Scoring images: the mnist digit evaluator and pixel metrics."""

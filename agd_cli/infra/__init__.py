@@ -1,0 +1,1 @@
+"""Plumbing every stage uses: errors, files, locks, terminal, runtime settings, images, hardware."""

@@ -1,0 +1,1 @@
+"""`agd train`: settings -> setup -> data -> step -> loop -> checkpoints and outputs."""
