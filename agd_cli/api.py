@@ -49,6 +49,8 @@ from torch import nn
 
 from agd_cli.core.adapter_file import AdapterFile
 from agd_cli.core.adapters import AdapterSet, attached_adapters, checked_omega
+from agd_cli.families import FAMILY_CLASSES
+from agd_cli.families.spec import num_classes
 from agd_cli.infra.errors import DataError, InputError, ModelError
 
 __all__ = ["agd_adapter", "agd_guidance", "denoiser_of", "family_of", "load_agd_adapter",
@@ -79,8 +81,6 @@ def family_of(model: nn.Module) -> str:
         return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"
     if name in ("DiTTransformer2DModel", "Transformer2DModel") and cfg.get("num_embeds_ada_norm"):
         return "dit"
-    from agd_cli.families import FAMILY_CLASSES
-
     for family, cls in FAMILY_CLASSES.items():  # SD3, PixArt-Σ, Sana: one transformer class each
         if getattr(cls, "model_class", None) == name:
             return family
@@ -100,8 +100,6 @@ def _name_of(pipe, model: nn.Module) -> str:
 def _denoiser_view(family: str, preset, model: nn.Module, source: str, device, dtype):
     """A Denoiser of `family` around the user's model, built without Denoiser.__init__: that
     would freeze, cast and move the model (a LoRA being trained must stay trainable)."""
-    from agd_cli.families import FAMILY_CLASSES
-
     den = FAMILY_CLASSES[family].__new__(FAMILY_CLASSES[family])
     den.preset, den.model, den.text, den.source = preset, model, {}, source
     den.scheduler_config, den.vae_config, den.vae = {}, None, None
@@ -231,8 +229,6 @@ def _warn_on_double_guidance(pipe, model: nn.Module, key: str):
     (guidance_scale > 1): both halves of CFG's batch go through the adapters, so the image is
     guided twice at twice the cost. Seen from the pipeline's own CFG switch (_pipeline_cfg) or,
     for DiT, the null class in the batch (CFG's unconditional half)."""
-    from agd_cli.families.spec import num_classes
-
     owner = weakref.ref(pipe)
     null = num_classes(model.config) if family_of(model) == "dit" else None
 
@@ -272,8 +268,6 @@ def _negative_class(model: nn.Module, negative_class) -> dict:
                              "negatives; these would ignore it",
                              hint="leave it out, or collect and train with --negative-prompts")
         return {}
-    from agd_cli.families.spec import num_classes
-
     null = num_classes(model.config)
     if negative_class is None:
         return {"agd_negative": {"class_labels": torch.tensor([null])}}
@@ -299,8 +293,6 @@ def agd_guidance(pipe, omega: float | torch.Tensor,
                          hint="call load_agd_adapter(pipe, path) first")
     checked_omega(omega, 1 if not isinstance(omega, torch.Tensor) else omega.numel())
     extra = _negative_class(model, negative_class)
-
-    from agd_cli.families import FAMILY_CLASSES
 
     key = FAMILY_CLASSES[family_of(model)].omega_kwarg  # cross_attention_kwargs, joint_attention_kwargs…
 

@@ -46,8 +46,12 @@ class LazyGroup(click.Group):
               default="agd-runs", show_default=True,
               help="Workspace folder holding one run folder per preset (env: AGD_WORKDIR).")
 @click.option("--debug", is_flag=True, envvar="AGD_DEBUG", help="Show tracebacks on errors.")
+@click.option("-v", "--verbose", count=True, help="More detail on stderr (also the libraries' own "
+              "info lines).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr; no progress "
+              "bars (results on stdout are unchanged).")
 @click.pass_context
-def group(ctx: click.Context, workdir: str, debug: bool) -> None:
+def group(ctx: click.Context, workdir: str, debug: bool, verbose: int, quiet: bool) -> None:
     """agd: classifier-free guidance quality at half the cost.
 
     \b
@@ -57,6 +61,11 @@ def group(ctx: click.Context, workdir: str, debug: bool) -> None:
       agd generate "a red fox" -w 6
       agd bench --compare-cfg
     """
+    from agd_cli.infra import ui
+
+    verbosity = -1 if quiet else verbose
+    ui.setup_logging(verbosity)
+    quiet_libraries(verbosity)
     ctx.ensure_object(dict)
     ctx.obj["workdir"] = workdir
     ctx.obj["debug"] = debug

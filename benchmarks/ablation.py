@@ -66,9 +66,9 @@ def diffusion_collection(guided: Path, out: Path, den, seed: int = 0) -> Path:
     from safetensors import safe_open
 
     from agd_cli.collect.store import TrajectoryStore
+    from agd_cli.core.conditions import cond_select
     from agd_cli.core.sampling import make_scheduler
     from agd_cli.evaluation import mnist
-    from agd_cli.families.base import cond_select
 
     src, dst = TrajectoryStore(guided), TrajectoryStore(out)
     if dst.exists() and len(dst.shards()) == len(src.shards()):

@@ -152,7 +152,7 @@ def measure(name: str, repeats: int, batch: int, flops_only: bool = False,
     """Median seconds per forward of each variant, FLOPs, and the derived overheads."""
     import torch
 
-    from agd_cli.families.base import cond_cat
+    from agd_cli.core.conditions import cond_cat
 
     den, aset = build(name, meta=flops_only, device=device, dtype=dtype)
     x, t, cond = inputs(den, batch)

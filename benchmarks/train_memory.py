@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agd_cli.bench.memory import measure_train_step  # noqa: E402
+from agd_cli.train.probe import measure_train_step  # noqa: E402
 
 GiB = 2**30
 

@@ -3,7 +3,7 @@ without the memory (or the GPU) to build them whole.
 
 The preset's base is cut to 1 and to 2 blocks (real width, real resolution, random weights;
 text encoders shrunk, since training reads stored conditions), one training step is measured
-on each in a fresh process (agd_cli.bench.memory: forward with adapters, L2, backward, optimizer
+on each in a fresh process (agd_cli.train.probe: forward with adapters, L2, backward, optimizer
 step, twice), and what training adds is extended linearly over the blocks, which are identical:
 adds(L) = adds(1) + (L − 1)·(adds(2) − adds(1)). The base's weights are counted exactly on the
 meta device. CPU peaks are peak RSS, so CUDA's context (0.3–0.5 GiB) and allocator slack
@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        from agd_cli.bench.memory import measure_in_process
+        from agd_cli.train.probe import measure_in_process
 
         print(json.dumps(measure_in_process(from_dict(json.loads(a.child)), a.precision, a.optimizer, True,
                                   a.batch_size, a.device, None)))

@@ -34,9 +34,9 @@ def measure(preset_name: str, resolution: int, batch: int, variant: str, device:
     import torch
     from diffusers import AutoencoderKL
 
-    from agd_cli.bench.memory import PeakMemory
     from agd_cli.config.presets import load_preset
     from agd_cli.families import resolve_device
+    from agd_cli.infra.peak_memory import PeakMemory
 
     dev = resolve_device(device)
     arch = load_preset(preset_name).architecture["vae"]

@@ -27,3 +27,12 @@ def _torch_threads():
         torch.set_num_threads(2)
     except ImportError:  # pragma: no cover
         pass
+
+
+@pytest.fixture(autouse=True)
+def _agd_logs_on_stderr():
+    """Library log lines reach stderr as the CLI shows them (tests read them with capsys)."""
+    from agd_cli.infra import ui
+
+    ui.setup_logging(0)
+    yield

@@ -214,7 +214,7 @@ def test_memory_arguments_fit_the_probe_and_flags_beat_the_preset():
     args = memory_args(p, "fp32", "adamw", False, 3, "cpu")
     assert (args["precision"], args["optimizer"], args["checkpointing"], args["batch_size"]) == (
         "fp32", "adamw", False, 3)
-    from agd_cli.bench.memory import measure_train_step
+    from agd_cli.train.probe import measure_train_step
 
     inspect.signature(measure_train_step).bind(**args)  # the probe takes exactly these
 
@@ -313,8 +313,8 @@ def test_quality_seed_shifts_the_noise_not_the_prompts(tmp_path, capsys):
 def test_paired_difference_of_quality_scores():
     """Same samples: difference 0 and an interval of width 0; CFG right where agd is wrong on
     half the seeds: −50 points with an interval around it; the FID interval holds the estimate."""
-    from agd_cli.bench.quality import paired_difference
     from agd_cli.evaluation.mnist import load_evaluator
+    from agd_cli.evaluation.stats import paired_difference
 
     ev = load_evaluator()
     g = torch.Generator().manual_seed(1)

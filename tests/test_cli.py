@@ -37,8 +37,20 @@ def test_version():
     assert out.returncode == 0 and __version__ in out.stdout
 
 
+def test_presets_lists_user_presets_fast_and_hides_test_presets_unless_asked():
+    code = ("import sys, json; from agd_cli.cli import main\n"
+            "try:\n    main(['presets', '--json'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    rows = {r["name"]: r for r in json.loads(out.stdout)["presets"]}
+    assert {"sdxl", "sd21", "sd15", "dit", "mnist"} <= set(rows) and "tiny-sd" not in rows
+    assert "adapter_params" not in rows["sdxl"] and out.stderr.strip().endswith("False")
+    shown = run_agd("presets", "--all", env={"NO_COLOR": "1"})
+    assert shown.returncode == 0 and "tiny-sd" in shown.stdout and "sdxl" in shown.stdout
+
+
 def test_presets_json_lists_all_presets_with_ratios():
-    out = run_agd("presets", "--json")
+    out = run_agd("presets", "--json", "--all", "--params")
     assert out.returncode == 0, out.stderr
     rows = {r["name"]: r for r in json.loads(out.stdout)["presets"]}
     assert {"sdxl", "sd21", "sd15", "dit", "tiny-sd", "tiny-sdxl", "tiny-dit"} <= set(rows)

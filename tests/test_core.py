@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from agd_cli.config.presets import AdapterConfig, builtin_names, load_preset
+from agd_cli.config.presets import builtin_names, load_preset
+from agd_cli.core.adapter_config import AdapterConfig
 from agd_cli.core.guidance import cfg_combine
 from agd_cli.families import count_parameters, load_denoiser, load_with_adapters
 

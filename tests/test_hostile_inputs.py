@@ -73,13 +73,13 @@ def test_a_batch_too_large_for_this_machine_is_refused_before_training(tmp_path,
     assert 64 < fits < 10000000
     assert not (tmp_path / "c" / "adapter.safetensors").exists()
     # a model the estimate cannot build does not stop training (the check is skipped, said so)
-    import agd_cli.bench.memory
+    import agd_cli.train.probe
     from agd_cli.train.run import run_train
 
     def cannot(*args, **kwargs):
         raise OSError("no config for the meta device")
 
-    monkeypatch.setattr(agd_cli.bench.memory, "measure_in_process", cannot)
+    monkeypatch.setattr(agd_cli.train.probe, "measure_in_process", cannot)
     run_train(run=str(tmp_path / "c"), steps=1, batch_size=65, device="cpu", workdir=str(tmp_path))
     assert (tmp_path / "c" / "adapter.safetensors").exists()
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from agd_cli.collect.run import run_collect
 from agd_cli.collect.store import TrajectoryStore, sha256_file
-from agd_cli.config.presets import AdapterConfig, load_preset
+from agd_cli.config.presets import load_preset
+from agd_cli.core.adapter_config import AdapterConfig
 from agd_cli.families import load_denoiser, load_with_adapters
 from agd_cli.infra.errors import DataError
 from agd_cli.train.data import TrajectoryData

@@ -88,7 +88,7 @@ def shards(run: Path) -> list[Path]:
 
 def full_disk_after(calls: int):
     """A stand-in for io.save_tensors that fills the disk after `calls` successful writes."""
-    from agd_cli.infra.io import save_tensors
+    from agd_cli.infra.tensor_files import save_tensors
 
     done = []
 
@@ -175,7 +175,7 @@ def _json_error(fragment: str):
 def _shard_redone(tmp, run, before, out, err):
     from safetensors.torch import load_file
 
-    from agd_cli.infra.io import tensors_sha256
+    from agd_cli.infra.tensor_files import tensors_sha256
 
     assert list((run / "trajectories" / "damaged").glob("shard-*.safetensors"))
     for shard in shards(run):  # every redone shard holds exactly the original tensors

@@ -70,3 +70,12 @@ def test_dit_class_names_outlive_the_text_encoders():
     den.labels = {"3": "tabby, tabby cat"}
     den.free_text_encoders()
     assert "id2label" not in den.text and den.class_id("tabby cat") == 3
+
+
+def test_the_mnist_builtin_prompt_file_is_the_teachers_caption_list():
+    """builtin:mnist reads assets/prompts/mnist.txt; it must stay evaluation.mnist.PROMPTS."""
+    from agd_cli.config.prompts import builtin_prompts
+    from agd_cli.evaluation.mnist import PROMPTS
+
+    assert builtin_prompts("builtin:mnist") == list(PROMPTS)
+    assert builtin_prompts("builtin:mnist.txt") == list(PROMPTS)

@@ -164,8 +164,8 @@ def test_base_bit_identical_and_grads_flow_with_checkpointing(run_of):
 def test_memory_measures_the_step_train_takes(run_of):
     """`agd bench --memory` measures `agd train`'s step: on the same batch from the same start,
     both give the same loss and the same adapter update (loss scaling, clip, optimizer alike)."""
-    from agd_cli.bench.memory import train_step_of
     from agd_cli.train.data import ShuffledSampler, TrajectoryData
+    from agd_cli.train.probe import train_step_of
     from agd_cli.train.run import Trainer, prepare_denoiser, recorded_preset
     from agd_cli.train.settings import TrainSettings, lr_at
     from agd_cli.train.step import make_optimizer
@@ -465,7 +465,7 @@ def test_preview_images(run_of, capsys):
 
 
 def test_memory_of_one_training_step():
-    from agd_cli.bench.memory import measure_train_step
+    from agd_cli.train.probe import measure_train_step
 
     rows = {opt: measure_train_step("tiny-sd", precision="fp32", optimizer=opt, checkpointing=True,
                                     batch_size=2, device="cpu", isolate=False)

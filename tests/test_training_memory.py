@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from agd_cli.bench.memory import measure_in_process
 from agd_cli.train.estimate import LiveBytes
+from agd_cli.train.probe import measure_in_process
 from agd_cli.train.step import autocast_dtype
 
 
@@ -78,4 +78,4 @@ def test_failed_measurement_says_why_in_one_line_and_prints_its_command(capsys):
     assert done.value.code == 2
     report = json.loads(capsys.readouterr().out)
     assert report["error"].endswith("failed (exit 2): unknown device 'bogus'"), report
-    assert "-m agd_cli.bench.memory --preset mnist" in report["hint"] and "--device bogus" in report["hint"]
+    assert "-m agd_cli.train.probe --preset mnist" in report["hint"] and "--device bogus" in report["hint"]

@@ -6,15 +6,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from agd_cli.core.sampling import RunInputs
+
 if TYPE_CHECKING:
-    from agd_cli.bench.run import Case
+    from agd_cli.bench.plan import Case
 
 
 def flop_counter():
     """torch's FlopCounterMode, also counting the CPU attention kernel (which it skips)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
     def cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
         return sdpa_flop_count(query, key, value)
 
@@ -26,10 +28,6 @@ def adapter_flops(den, case: Case, uncond: dict, batches: Sequence[int]) -> dict
     """FLOPs of one model call with and without the adapters (torch's FlopCounterMode: matmuls,
     convolutions, attention; machine-independent), at each batch size, as a sampling step runs
     them (the run's fixed inputs already prepared)."""
-    import torch
-
-    from agd_cli.core.sampling import RunInputs
-
     out = {}
     for b in dict.fromkeys(batches):
         cond = {k: v.expand(b, *v.shape[1:]) for k, v in case.cond.items()}

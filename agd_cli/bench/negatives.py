@@ -15,10 +15,22 @@ negative, CFG with it, agd with it and agd without it, at each ω of plan.negati
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import NamedTuple
 
+import torch
+from rich.table import Table
+
+from agd_cli.bench.quality import sample_for_quality
+from agd_cli.evaluation import mnist
+from agd_cli.evaluation.metrics import psnr
+from agd_cli.evaluation.mnist import CAPTION_TEMPLATES, DIGIT_WORDS
+from agd_cli.evaluation.stats import bootstrap_ci, paired_points
 from agd_cli.infra import ui
+from agd_cli.infra.ui import console
+
+logger = logging.getLogger(__name__)
 
 CLOSE_PAIRS = ((7, 1), (3, 8), (4, 9), (5, 6))
 # label -> (sampling mode, whether the negative replaces the empty prompt)
@@ -43,8 +55,6 @@ class CaseSet(NamedTuple):
 
 
 def caption(d: int) -> str:
-    from agd_cli.evaluation.mnist import CAPTION_TEMPLATES, DIGIT_WORDS
-
     return CAPTION_TEMPLATES[0].format(n=d, w=DIGIT_WORDS[d])  # "a handwritten d"
 
 
@@ -70,8 +80,6 @@ class PerSample(NamedTuple):
 
 
 def per_sample(evaluator, images, cases: CaseSet) -> PerSample:
-    import torch
-
     logits = evaluator.logits(images)  # the classifier runs once for both scores
     log_p_neg = logits.log_softmax(dim=1)[torch.arange(len(cases.negative_digits)),
                                           torch.tensor(cases.negative_digits)]
@@ -83,8 +91,6 @@ def per_sample(evaluator, images, cases: CaseSet) -> PerSample:
 def score(s: PerSample, cases: CaseSet, images=None, reference=None) -> dict:
     """Accuracy on the prompted digit (no digits: the rate of d′ instead), mean probability of
     the negative digit, PSNR vs reference."""
-    from agd_cli.evaluation.metrics import psnr
-
     log_p_neg = s.log_p_neg
     out = {cases.score_key: float(s.hits.float().mean())}
     # the mean probability is dominated by a few confused images; the mean log-probability
@@ -98,8 +104,6 @@ def score(s: PerSample, cases: CaseSet, images=None, reference=None) -> dict:
 
 def run_methods(den, plan, evaluator, cases: CaseSet, omega: float, advance) -> dict:
     """Every method of METHODS at one ω on the same noise, scored against CFG + negative."""
-    from agd_cli.bench.quality import sample_for_quality
-
     images, nfe = {}, {}
     for label, (mode, negative) in METHODS.items():
         images[label], _, nfe[label] = sample_for_quality(
@@ -121,8 +125,6 @@ def run_methods(den, plan, evaluator, cases: CaseSet, omega: float, advance) -> 
 def ratio_over_no_negative(scores: dict) -> dict:
     """(agd + negative's mean P(d′) / CFG + negative's) ÷ (agd's / CFG's), paired bootstrap over
     the same seeds: 1 when agd follows the negative as closely as it follows CFG without one."""
-    from agd_cli.bench.quality import bootstrap_ci
-
     p = {label: s.log_p_neg.exp() for label, s in scores.items()}
 
     def value(i=slice(None)) -> float:
@@ -136,8 +138,6 @@ def ratio_over_no_negative(scores: dict) -> dict:
 def paired(a: PerSample, b: PerSample, cases: CaseSet) -> dict:
     """agd against CFG with the same negative (or none) on the same seeds, with 95 % intervals:
     the accuracy (or d′ rate) difference in points, and the ratio of mean P(d′) (paired bootstrap)."""
-    from agd_cli.bench.quality import bootstrap_ci, paired_points
-
     key = cases.score_key
     points, ci = paired_points(a.hits, b.hits)
     pa, pb = a.log_p_neg.exp(), b.log_p_neg.exp()
@@ -149,8 +149,6 @@ def paired(a: PerSample, b: PerSample, cases: CaseSet) -> dict:
 
 def run_case_set(den, plan, evaluator, cases: CaseSet, settings: dict, advance) -> dict:
     """{"unguided", "by_omega", "settings"} for one case set."""
-    from agd_cli.bench.quality import sample_for_quality
-
     unguided, _, nfe = sample_for_quality(den, "unguided", 1.0, cases.prompts, plan)
     advance()
     by_omega = {f"{omega:g}": run_methods(den, plan, evaluator, cases, omega, advance)
@@ -166,10 +164,8 @@ def run_case_set(den, plan, evaluator, cases: CaseSet, settings: dict, advance) 
 def run_negatives(den, plan, show_table: bool = True, evaluator=None) -> dict:
     """Both negative-prompt tables: every method on the same seeds, at each of plan.negative_omegas.
     The close-pair set is the top level; the negative-only set is under "negative_only"."""
-    from agd_cli.evaluation import mnist
-
     if not den.adapters.wants_negative:
-        ui.warn("this adapter was trained without negatives: 'agd + negative' ignores the negative")
+        logger.warning("this adapter was trained without negatives: 'agd + negative' ignores the negative")
     evaluator = mnist.load_evaluator(den.device) if evaluator is None else evaluator
     n = plan.quality_samples
     sets = ((negative_cases(n), {"pairs": [list(p) for p in CLOSE_PAIRS], "both_ways": True,
@@ -218,10 +214,6 @@ def ratio_caption(q: dict) -> str:
 def print_case_table(q: dict, column: str, key: str, title: str,
                      caption: str | None = None) -> None:
     """One case set's rows; `key` (shown as `column`) is its first score column."""
-    from rich.table import Table
-
-    from agd_cli.bench.report import console
-
     t = Table(title=title, caption=caption)
     for col in ("method", "ω", column, "P(d′)", "mean log P(d′)", "PSNR vs CFG + neg", "NFE/img",
                 f"vs CFG, same negative: {column}, points (95 % CI)", "P(d′) ratio (95 % CI)"):

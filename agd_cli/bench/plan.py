@@ -10,11 +10,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agd_cli.config import checks, workspace
+from agd_cli.config.prompts import load_prompt_set, read_prompts
 from agd_cli.core.adapter_file import AdapterFile
-from agd_cli.infra.errors import InputError
+from agd_cli.evaluation import mnist
+from agd_cli.infra.errors import DataError, InputError
 
 BASELINES = ("cfg", "cfg-cutoff", "unguided")
 DEFAULT_BASELINES = "cfg,unguided"
+QUALITY_OMEGAS = (2.0, 4.0, 6.0, 8.0)
+QUALITY_PRESETS = ("mnist",)  # presets that ship an evaluator (agd_cli.evaluation.mnist)
+
+
+def check_quality_preset(preset, flag: str = "--quality") -> None:
+    """Refuse `flag` (--quality, --negatives) on a preset without an evaluator, before any
+    weights load."""
+    if preset.name not in QUALITY_PRESETS:
+        raise InputError(f"{flag} needs a preset with an evaluator; the adapter's preset is "
+                         f"'{preset.name}'",
+                         hint=f"{flag} works on: {', '.join(QUALITY_PRESETS)} (train one with "
+                              f"`agd collect --preset mnist && agd train`); drop {flag} here")
+    if not mnist.CLASSIFIER_PATH.is_file():
+        raise DataError(f"the mnist evaluator is missing: {mnist.CLASSIFIER_PATH}",
+                        hint="reinstall agd; the digit classifier ships inside the package")
+
+
+@dataclass
+class Case:
+    """One (prompt, seed, ω) point: every method starts from this noise."""
+
+    prompt: object
+    seed: int
+    omega: float
+    cond: dict
+    noise: object
+
 
 # --- 1. parsing and checking inputs (before any weights load) --------------------------------
 def parse_baselines(text: str | None) -> list[str]:
@@ -98,9 +127,6 @@ class BenchFlags:
 
 def plan_bench(f: BenchFlags) -> BenchPlan:
     """Check every flag and find the adapter and its preset; no model weights load here."""
-    from agd_cli.bench.quality import QUALITY_OMEGAS, check_quality_preset
-    from agd_cli.config.prompts import read_prompts
-
     methods = ["agd", *parse_baselines(f.baselines)]
     for flag, value, least in (("--num-prompts", f.n, 1), ("--steps", f.steps, 1),
                                ("--repeats", f.repeats, 1), ("--batch-size", f.batch_size, 1),
@@ -153,8 +179,6 @@ def spread(items: Sequence, n: int) -> list:
 def bench_prompts(preset, prompts_file: list | None, n: int) -> list:
     """The prompts (or DiT classes) to compare on: --prompts FILE or the preset's own set, read
     exactly as `agd collect` reads it (a builtin set, a prompt file, or DiT class ids)."""
-    from agd_cli.config.prompts import load_prompt_set
-
     if prompts_file is not None:
         return spread(prompts_file, n)
     return spread(load_prompt_set(preset)[0], n)

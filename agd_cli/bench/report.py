@@ -6,13 +6,19 @@ The numbers come from bench.py (the comparison), quality.py (`--quality`) and me
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
-from agd_cli.infra import ui
+from PIL import Image
+from rich.table import Table
+
+from agd_cli.infra.images import make_grid, save_png, to_pil
+from agd_cli.infra.ui import console, gib
 
 if TYPE_CHECKING:
-    from agd_cli.bench.plan import BenchPlan
-    from agd_cli.bench.run import Case
+    from agd_cli.bench.plan import BenchPlan, Case
+
+logger = logging.getLogger(__name__)
 
 GRID_COLUMNS = {"cfg": "CFG", "agd": "agd", "unguided": "unguided", "cfg-cutoff": "CFG cutoff"}
 MIN_CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels
@@ -20,8 +26,6 @@ MIN_CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels
 
 def upscaled(row: list) -> list:
     """PIL images of one grid row, upscaled (nearest) so the largest side is ≥ MIN_CELL."""
-    from PIL import Image
-
     k = max(1, -(-MIN_CELL // max(row[0].size)))  # ceil: tiny images stay visible
     return [im.resize((im.width * k, im.height * k), Image.NEAREST) for im in row]
 
@@ -34,8 +38,6 @@ def _case_label(case: Case, many_omegas: bool) -> str:
 
 def write_grid(results: dict, cases: list[Case], plan: BenchPlan) -> dict:
     """Rows: prompts (× ω) at the first seed; columns CFG | agd | unguided | CFG cutoff."""
-    from agd_cli.infra.images import make_grid, save_png, to_pil
-
     cols = [m for m in ("cfg", "agd", "unguided", "cfg-cutoff") if m in plan.methods]
     keep = [i for i, c in enumerate(cases) if c.seed == plan.seeds[0]]
     rows = []
@@ -50,24 +52,8 @@ def write_grid(results: dict, cases: list[Case], plan: BenchPlan) -> dict:
             "col_labels": col_labels, "cell": list(rows[0][0].size), "size": list(grid.size)}
 
 
-def console():
-    """stderr console wide enough for the tables even when stderr is not a terminal."""
-    from rich.console import Console
-
-    return Console(stderr=True, no_color=ui._no_color, highlight=False,
-                   width=max(ui.err.width, 130))
-
-
-def gib(n: int) -> str:
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MiB"
-
-
 def print_table(report: dict) -> None:
     """The comparison as a rich table on stderr."""
-    from rich.table import Table
-
     cpu = report["device"] == "cpu"
     t = Table(title=f"agd vs CFG — {report['preset']} on {report['device']}, "
                     f"{report['steps']} steps, ω {', '.join(f'{w:g}' for w in report['omegas'])}, "
@@ -88,16 +74,14 @@ def print_table(report: dict) -> None:
                   *cpu_cells, f"{gib(e['peak_memory_bytes'])} (+{gib(e['memory_increase_bytes'])})",
                   f"{agr['psnr']:.2f} dB" if agr else "—", f"{agr['ssim']:.4f}" if agr else "—")
     console().print(t)
-    ui.info(f"timing: {report['timing']}", style="dim")
-    ui.info(f"memory: {report['memory_measure']}", style="dim")
+    logger.info(f"timing: {report['timing']}", extra={"style": "dim"})
+    logger.info(f"memory: {report['memory_measure']}", extra={"style": "dim"})
     if report.get("throughput"):
         print_speed_table(report)
 
 
 def print_speed_table(report: dict) -> None:
     """Latency (batch 1) and throughput (batch 16) side by side, with what each means."""
-    from rich.table import Table
-
     parts = [report["latency"], report["throughput"]]
     cpu = report["device"] == "cpu"
     clock = "CPU s/img" if cpu else "s/img"
@@ -119,13 +103,13 @@ def print_speed_table(report: dict) -> None:
         t.add_row(m, *cells)
     console().print(t)
     for part in parts:
-        ui.info(part["meaning"] + ".", style="dim")
+        logger.info(part["meaning"] + ".", extra={"style": "dim"})
     for note in idle_device_notes(parts, key):
-        ui.info(note, style="yellow")
+        logger.info(note, extra={"style": "yellow"})
     flops = report["adapter_overhead"]
-    ui.info("adapter FLOPs per step: " + ", ".join(
+    logger.info("adapter FLOPs per step: " + ", ".join(
         f"+{v['adapter_flops_pct']:.2f} % at batch {b}" for b, v in flops["by_batch"].items())
-        + f" of the base ({flops['params_pct']:.1f} % of its parameters)", style="dim")
+        + f" of the base ({flops['params_pct']:.1f} % of its parameters)", extra={"style": "dim"})
 
 
 def idle_device_notes(parts: list[dict], key: str = "seconds_per_image") -> list[str]:

@@ -10,15 +10,33 @@ The flags are checked and resolved first, in bench_plan.py.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import dataclass
 
-from agd_cli.bench.plan import BenchFlags, BenchPlan, bench_prompts, plan_bench
+import torch
+
+from agd_cli.bench.flops import adapter_flops
+from agd_cli.bench.memory import run_memory
+from agd_cli.bench.negatives import run_negatives
+from agd_cli.bench.plan import BenchFlags, BenchPlan, Case, bench_prompts, plan_bench
+from agd_cli.bench.quality import run_quality
+from agd_cli.bench.report import print_table, write_grid
 from agd_cli.config import checks
+from agd_cli.core.conditions import cond_cat
+from agd_cli.core.sampling import batch_ranges, initial_noise, sample_images
+from agd_cli.evaluation.metrics import psnr, ssim
+from agd_cli.evaluation.mnist import load_evaluator
+from agd_cli.families import load_with_adapters
 from agd_cli.infra import ui
+from agd_cli.infra.io import write_json
+from agd_cli.infra.peak_memory import PeakMemory
+from agd_cli.infra.runtime import torch_threads
+
+logger = logging.getLogger(__name__)
 
 METHOD_ORDER = ("agd", "cfg", "cfg-cutoff", "unguided")
-MEMORY_MEASURE = {  # how compare() measures each method's memory (memory.PeakMemory, polling)
+MEMORY_MEASURE = {  # how compare() measures each method's memory (infra.peak_memory.PeakMemory, polling)
     "cuda": "CUDA max_memory_allocated during one image of the method, after a warm-up of every "
             "method (tensors only; increase = peak - allocated before it)",
     "cpu": "process peak RSS sampled every 2 ms during one image of the method, after a warm-up "
@@ -42,11 +60,6 @@ class Generated:
 def timed_sample(den, method: str, batch: list, uncond: dict, plan) -> list[Generated]:
     """Sample and decode a batch of cases in one call, timed with the device synchronised;
     each image gets the call's time divided by the batch size."""
-    import torch
-
-    from agd_cli.core.sampling import sample_images
-    from agd_cli.families import cond_cat
-
     cond = cond_cat([c.cond for c in batch])
     noise = torch.cat([c.noise for c in batch])
     omega = torch.tensor([c.omega for c in batch]) if len(batch) > 1 else batch[0].omega
@@ -59,21 +72,8 @@ def timed_sample(den, method: str, batch: list, uncond: dict, plan) -> list[Gene
 
 
 # --- 2. the comparison ----------------------------------------------------------------------
-@dataclass
-class Case:
-    """One (prompt, seed, ω) point: every method starts from this noise."""
-
-    prompt: object
-    seed: int
-    omega: float
-    cond: dict
-    noise: object
-
-
 def build_cases(den, prompts: list, plan: BenchPlan) -> tuple[list[Case], dict]:
     """Encode each prompt once, draw each seed's x_T once; the text encoders are then freed."""
-    from agd_cli.core.sampling import initial_noise
-
     conds = {i: den.encode([p]) for i, p in enumerate(prompts)}
     uncond = den.encode_negative(plan.negative_prompt)
     if not (plan.quality or plan.negatives):  # they encode their own prompts later
@@ -88,9 +88,6 @@ def build_cases(den, prompts: list, plan: BenchPlan) -> tuple[list[Case], dict]:
 def compare(den, cases: list[Case], uncond: dict, plan: BenchPlan) -> tuple[dict, dict]:
     """Warm up every method, measure each one's memory on one batch, then time every batch with
     the methods interleaved, so that load drift on a shared machine hits all methods alike."""
-    from agd_cli.bench.memory import PeakMemory
-    from agd_cli.core.sampling import batch_ranges
-
     batches = batch_ranges(len(cases), plan.batch_size)
     first = [cases[i] for i in batches[0]]
     order = [m for m in METHOD_ORDER if m in plan.methods]
@@ -159,10 +156,6 @@ def _mean(xs: list[float]) -> float:
 
 def agreement(images, reference, cases: list[Case]) -> dict:
     """PSNR and SSIM against the CFG images from the same noise, mean overall and per ω."""
-    import torch
-
-    from agd_cli.evaluation.metrics import psnr, ssim
-
     a, b = torch.stack(images), torch.stack(reference)
     p, s = psnr(a, b).tolist(), ssim(a, b).tolist()
     by_omega = {}
@@ -203,19 +196,14 @@ def summarize(results: dict, memory: dict, cases: list[Case]) -> dict:
 # --- 3. the stage -----------------------------------------------------------------------------
 def run_compare(den, plan: BenchPlan) -> dict:
     """The speed / memory / agreement comparison; returns the report (without quality)."""
-    import torch
-
-    from agd_cli.bench.flops import adapter_flops
-    from agd_cli.bench.report import write_grid
-
     prompts = bench_prompts(plan.preset, plan.prompts_file, plan.n)
     lo, hi = plan.preset.omega_range
     outside = [w for w in plan.omegas if not lo <= w <= hi]
     if outside:
-        ui.warn(f"ω {', '.join(f'{w:g}' for w in outside)} outside the trained range "
+        logger.warning(f"ω {', '.join(f'{w:g}' for w in outside)} outside the trained range "
                 f"{lo:g}–{hi:g}: agd extrapolates there")
     if plan.negative_prompt and not den.adapters.wants_negative:
-        ui.warn(f"negative prompt {plan.negative_prompt!r}: this adapter was trained without "
+        logger.warning(f"negative prompt {plan.negative_prompt!r}: this adapter was trained without "
                 "negatives, so agd ignores it (CFG uses it)")
     cases, uncond = build_cases(den, prompts, plan)
     results, memory = compare(den, cases, uncond, plan)
@@ -259,9 +247,6 @@ def run_bench(flags: BenchFlags | None = None, /, **kwargs) -> dict:
     """`agd bench`: --compare-cfg (speed, memory, agreement; --quality) and/or --memory.
 
     `run_bench(preset="tiny-sd", steps=4)` takes BenchFlags' fields as keywords."""
-    from agd_cli.infra.io import write_json
-    from agd_cli.infra.runtime import torch_threads
-
     f = flags if flags is not None else BenchFlags(**kwargs)
     show_table = f.show_table
     checks.optional_integer("--threads", f.threads)
@@ -271,31 +256,19 @@ def run_bench(flags: BenchFlags | None = None, /, **kwargs) -> dict:
     report: dict = {}
     with torch_threads(f.threads):
         if f.memory:
-            from agd_cli.bench.memory import run_memory
-
             report["memory"] = run_memory(f)
         if plan is None:
             return report
-        from agd_cli.families import load_with_adapters
-
-        ui.info(f"loading {plan.preset.name} with adapters from {plan.adapter}")
+        logger.info(f"loading {plan.preset.name} with adapters from {plan.adapter}")
         den = load_with_adapters(plan.file, device=f.device, dtype=f.dtype, base=plan.preset)
         report.update(run_compare(den, plan))
         if show_table:
-            from agd_cli.bench.report import print_table
-
             print_table(report)
         if plan.quality or plan.negatives:  # one digit classifier for both tables
-            from agd_cli.evaluation.mnist import load_evaluator
-
             evaluator = load_evaluator(den.device)
         if plan.quality:
-            from agd_cli.bench.quality import run_quality
-
             report["quality"] = run_quality(den, plan, show_table, evaluator)
         if plan.negatives:
-            from agd_cli.bench.negatives import run_negatives
-
             report["negatives"] = run_negatives(den, plan, show_table, evaluator)
     report["report"] = str(plan.out_dir / "compare-cfg.json")
     write_json(plan.out_dir / "compare-cfg.json", report)

@@ -3,6 +3,7 @@ space and block size of the disk that will hold it."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -25,8 +26,6 @@ def estimate_bytes_per_trajectory(preset: str | Preset, keep_steps: int | None =
     Returns {"bytes", "latent_shape", "keep_steps", "tensors": {name: [shape, dtype]}}; the
     prompt's condition is stored once and shared by its `num_per_prompt` trajectories.
     """
-    import math
-
     preset = load_preset(preset) if isinstance(preset, str) else preset
     k = keep_steps or preset.collect["keep_steps"]
     npp = num_per_prompt or preset.collect["num_per_prompt"]

@@ -8,11 +8,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
+
 from agd_cli.collect.store import worker_ids
 from agd_cli.config import checks
 from agd_cli.config.presets import Preset, load_preset
 from agd_cli.config.prompts import load_negative_set, load_prompt_set, prompts_sha256
 from agd_cli.config.workspace import run_dir
+from agd_cli.families import resolve_device
+from agd_cli.families.weights import with_base_model
 from agd_cli.infra.errors import InputError
 
 MAX_TRAJECTORIES = 10_000_000  # per collection; ids are listed in memory
@@ -107,8 +112,6 @@ def _worker(shard_index: int | None, num_shards: int | None):
     if shard_index is None and num_shards is None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:  # accelerate launch / torchrun
-            from accelerate import PartialState
-
             state = PartialState()
             if state.num_processes > 1:
                 return state.process_index, state.num_processes, state
@@ -128,14 +131,10 @@ def _worker(shard_index: int | None, num_shards: int | None):
 
 def _worker_device(device: str | None, num: int, state) -> str | None:
     """--device; auto: a resumed or accelerate-launched worker's own GPU. Checked here."""
-    from agd_cli.families import resolve_device
-
     device = None if device == "auto" else device
     if device is None and state is not None:
         device = str(state.device)
     elif device is None and num > 1 and "LOCAL_RANK" in os.environ:
-        import torch
-
         if torch.cuda.is_available():  # one GPU per launched process
             device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     resolve_device(device)  # an unknown device or missing CUDA fails here, before the plan
@@ -152,8 +151,6 @@ def preset_num_per_prompt(p: Preset, negatives: bool) -> int:
 
 def resolve_settings(f: CollectFlags) -> CollectSettings:
     """Check every flag against the preset (flag > preset > default); nothing loads or is written."""
-    from agd_cli.families.weights import with_base_model
-
     p = load_preset(f.preset) if isinstance(f.preset, str) else f.preset
     p = with_base_model(p, f.base_model)
     prompt_list, source = load_prompt_set(p, f.prompts, f.classes)

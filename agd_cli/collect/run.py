@@ -11,7 +11,11 @@ whatever the batch size, sharding or resume point.
 
 from __future__ import annotations
 
+import logging
 import time
+
+import torch
+from rich.progress import TextColumn
 
 from agd_cli import __version__
 from agd_cli.collect.disk import (
@@ -25,6 +29,7 @@ from agd_cli.collect.disk import (
 )
 from agd_cli.collect.plan import CollectFlags, CollectSettings, resolve_settings
 from agd_cli.collect.store import (
+    TrajectoryStore,
     keep_indices,
     trajectory_negative_only,
     trajectory_negatives,
@@ -34,9 +39,14 @@ from agd_cli.collect.store import (
 from agd_cli.config import checks
 from agd_cli.config.presets import Preset
 from agd_cli.config.workspace import TRAJECTORIES
+from agd_cli.core.conditions import cond_cat, cond_select
+from agd_cli.core.sampling import initial_noise, sample
+from agd_cli.families import load_denoiser, warn_truncated
 from agd_cli.infra import ui
 from agd_cli.infra.errors import InputError, Interrupted
 from agd_cli.infra.locks import run_lock, worker_lock_name
+
+logger = logging.getLogger(__name__)
 
 ENCODE_CHUNK = 64          # prompts per text-encoder call
 FP32_COND_KEYS = ("time_ids",)  # SDXL size/crop ids: exact integers, tiny, keep fp32
@@ -55,17 +65,17 @@ def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> 
         free += sum(info["bytes"] for info in store.shards())  # --overwrite deletes them first
     total = len(s.prompts) * s.num_per_prompt
     worker = f" · worker {s.shard_index + 1} of {s.num_shards}" if s.num_shards > 1 else ""
-    ui.info(f"plan: {s.preset.name} · {len(s.prompts)} prompts × {s.num_per_prompt} = {total} "
+    logger.info(f"plan: {s.preset.name} · {len(s.prompts)} prompts × {s.num_per_prompt} = {total} "
             f"trajectories{worker} · {len(remaining)} to do, {len(s.ids) - len(remaining)} done · "
             f"{s.keep_steps} of {s.steps} {s.scheduler} steps kept · "
             f"ω {omega_law(s)} · seed {s.seed}")
     if s.negatives:
         alone = (f"; {s.negative_only_probability:g} of those with a negative have no prompt"
                  if s.negative_only_probability else "")
-        ui.info(f"negatives: {len(s.negatives)} from {s.negative_source}, the empty prompt with "
+        logger.info(f"negatives: {len(s.negatives)} from {s.negative_source}, the empty prompt with "
                 f"probability {s.empty_negative_probability:g}{alone}")
     shape = "×".join(map(str, est["latent_shape"] or ["?"]))
-    ui.info(f"disk: ~{human_bytes(need)} needed ({human_bytes(est['bytes'])} per trajectory: "
+    logger.info(f"disk: ~{human_bytes(need)} needed ({human_bytes(est['bytes'])} per trajectory: "
             f"2 × {s.keep_steps} × {shape} fp16), {human_bytes(free)} free at {store.root}")
     if need is not None and need * DISK_MARGIN + DISK_RESERVE > free:
         raise InputError(f"not enough disk space at {store.root}: the collection needs "
@@ -92,8 +102,6 @@ def _fast_attention(den) -> str:
 
 def _for_storage(cond: dict) -> dict:
     """Conditions as stored (fp16 floats, on CPU); the teacher then sees exactly the stored values."""
-    import torch
-
     return {k: v.to("cpu", torch.float32 if k in FP32_COND_KEYS else torch.float16)
             if v.is_floating_point() else v.cpu() for k, v in cond.items()}
 
@@ -106,8 +114,6 @@ def encode_conditions(den, prompts: list, indices: list[int],
     Returns (cond table (P, ...), prompt index -> table row, uncond table (1 + V, ...): row 0 the
     null condition, row 1 + j negative j).
     """
-    from agd_cli.families import cond_cat, warn_truncated
-
     texts = [prompts[i] for i in indices]
     warn_truncated(den, texts)
     warn_truncated(den, list(negatives), "negative prompts")
@@ -125,11 +131,6 @@ def encode_conditions(den, prompts: list, indices: list[int],
 def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: dict[int, int],
                   uncond: dict, keep: list[int], on_step=None) -> dict:
     """Run CFG sampling for a batch of trajectories; the shard tensors of the kept steps."""
-    import torch
-
-    from agd_cli.core.sampling import initial_noise, sample
-    from agd_cli.families import cond_select
-
     b = len(ids)
     # CFG's unconditional branch: the trajectory's negative, else the null condition (row 0)
     negative_index = trajectory_negatives(s.seed, ids, len(s.negatives), s.empty_negative_probability)
@@ -174,10 +175,6 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
 def _shard_conditions(table: dict, row_of: dict[int, int], uncond: dict, prompt_index):
     """(each distinct prompt's condition (U, ...), each trajectory's row in it): prompt index -1,
     the empty prompt of a negative-only trajectory, is the null condition, stored last."""
-    import torch
-
-    from agd_cli.families import cond_cat, cond_select
-
     distinct = sorted(p for p in set(prompt_index.tolist()) if p >= 0)
     parts = [cond_select(table, torch.tensor([row_of[p] for p in distinct]))] if distinct else []
     if (prompt_index < 0).any():
@@ -229,8 +226,6 @@ def manifest_config(s: CollectSettings, den, keep: list[int], source: str) -> di
 def _collect_all(den, s: CollectSettings, store, remaining: list[int], table, row_of, uncond,
                  keep: list[int], meta: dict) -> tuple[int, float]:
     """All remaining batches, one atomic shard each, under a progress bar; (trajectories, seconds)."""
-    from rich.progress import TextColumn
-
     start, steps_done = time.perf_counter(), 0
     batches = [remaining[i:i + s.batch_size] for i in range(0, len(remaining), s.batch_size)]
     with ui.progress(TextColumn("{task.fields[rate]}")) as bar:
@@ -270,8 +265,6 @@ def run_collect(preset: str | Preset | CollectFlags, **flags) -> dict:
 
 def collect(s: CollectSettings, t0: float | None = None) -> dict:
     """The stage, from its plan: plan the disk, record what is left, summarise."""
-    from agd_cli.collect.store import TrajectoryStore
-
     t0 = time.perf_counter() if t0 is None else t0
     store = TrajectoryStore(s.run / TRAJECTORIES)
     damaged = []
@@ -289,7 +282,7 @@ def collect(s: CollectSettings, t0: float | None = None) -> dict:
         with run_lock(s.run, "collect", worker_lock_name(s.shard_index, s.num_shards)):
             if damaged:
                 aside = store.set_aside([sidecar for sidecar, _ in damaged])
-                ui.warn(f"moved {len(damaged)} damaged shard(s) to {aside}"
+                logger.warning(f"moved {len(damaged)} damaged shard(s) to {aside}"
                         + ("; redoing their trajectories" if redo else ""))
             if remaining:
                 new, seconds, attention = _record(s, store, remaining)
@@ -302,17 +295,13 @@ def _damaged_shards(store) -> list:
     """Check every stored shard against its checksum; name the bad ones (resume trusts the rest)."""
     bad = store.damaged()
     for sidecar, reason, _ in bad:
-        ui.warn(f"shard {sidecar.with_suffix('.safetensors')} is damaged ({reason}); "
+        logger.warning(f"shard {sidecar.with_suffix('.safetensors')} is damaged ({reason}); "
                 "it will be redone")
     return [(sidecar, ids) for sidecar, _, ids in bad]
 
 
 def _record(s: CollectSettings, store, remaining: list[int]) -> tuple[int, float, str]:
     """Load the teacher, open the store and record the remaining trajectories (run locked)."""
-    import torch
-
-    from agd_cli.families import load_denoiser
-
     # 3. Teacher (no VAE) and conditions, encoded once; the text encoders are then freed
     den = load_denoiser(s.preset, device=s.device, dtype=s.dtype, text=True)
     checks.sampling_steps(s.steps, den.scheduler_config)  # hub bases: first known now

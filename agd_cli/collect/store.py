@@ -34,7 +34,8 @@ import torch
 from safetensors import safe_open
 
 from agd_cli.infra.errors import DataError
-from agd_cli.infra.io import atomic_path, read_json, save_tensors, write_json
+from agd_cli.infra.io import atomic_path, read_json, write_json
+from agd_cli.infra.tensor_files import save_tensors
 
 DAMAGED = "damaged"  # where resume moves shards that fail their checksum
 IDENTITY_KEYS = ("preset", "base_model", "prompts_sha256", "seed", "steps", "keep_steps",
@@ -302,8 +303,6 @@ class TrajectoryStore:
 # --- which trajectories, and their seeded ω, noise and negative (no model needed) -------------
 def keep_indices(steps: int, keep: int) -> list[int]:
     """A spread subset of `keep` step indices out of `steps`, always including the first."""
-    import torch
-
     if keep >= steps:
         return list(range(steps))
     return sorted({int(i) for i in torch.linspace(0, steps - 1, keep).round().long()})
@@ -317,8 +316,6 @@ def trajectory_seed(seed: int, trajectory_id: int, stream: str) -> int:
 
 def trajectory_uniforms(seed: int, ids: list[int], stream: str):
     """One U[0, 1) draw per trajectory from its own seeded generator of `stream`, (N,) float32."""
-    import torch
-
     u = [torch.rand(1, generator=torch.Generator().manual_seed(trajectory_seed(seed, i, stream)))
          for i in ids]
     return torch.cat(u) if ids else torch.zeros(0)
@@ -334,8 +331,6 @@ def trajectory_omegas(seed: int, ids: list[int], lo: float, hi: float, skew: flo
 def trajectory_negatives(seed: int, ids: list[int], count: int, empty_probability: float):
     """Each trajectory's negative: -1 (the empty prompt) with `empty_probability`, else an index
     into the negative list; (N,) int64 from per-id seeded generators."""
-    import torch
-
     out = []
     for i in ids:
         g = torch.Generator().manual_seed(trajectory_seed(seed, i, "negative"))

@@ -61,16 +61,26 @@ def _apply_deprecated(kwargs: dict) -> None:
 
 
 def common_options(func):
-    """--json and --workdir on every subcommand (a flag here beats the group's --workdir); maps
+    """--json, --workdir, -v and -q on every subcommand (a flag here beats the group's); maps
     deprecated flag names to the current ones."""
 
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+    @click.option("-v", "--verbose", count=True, help="More detail on stderr.")
+    @click.option("-q", "--quiet", is_flag=True,
+                  help="Only warnings and errors on stderr, no progress bars.")
     @click.option("--workdir", "workdir_override", default=None,
                   help="Workspace folder (overrides agd --workdir / AGD_WORKDIR).")
     @click.pass_context
     @functools.wraps(func)
-    def wrapper(ctx: click.Context, *args, as_json: bool, workdir_override, **kwargs):
+    def wrapper(ctx: click.Context, *args, as_json: bool, workdir_override, verbose: int,
+                quiet: bool, **kwargs):
         from agd_cli.config.checks import workdir as checked_workdir
+        from agd_cli.infra import ui
+        from agd_cli.infra.runtime import quiet_libraries
+
+        if verbose or quiet:
+            ui.setup_logging(-1 if quiet else verbose)
+            quiet_libraries(-1 if quiet else verbose)
 
         obj = ctx.find_root().obj or {}
         chosen = obj.get("workdir", "agd-runs") if workdir_override is None else workdir_override

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alias
+from agd_cli.config.vocab import DTYPES, OPTIMIZERS, SCHEDULERS
 
 
 @click.command("bench")
@@ -40,15 +41,16 @@ from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alia
                    "--batch-size (latency); 0 skips it.")
 @click.option("--repeats", type=int, default=1, show_default=True,
               help="Time every image this many times (steadier medians on a busy machine).")
-@click.option("--scheduler", default=None, help="Scheduler [preset].")
-@click.option("--grid", type=click.Path(dir_okay=False),
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None, help="Sampler [preset].")
+@click.option("--out", "grid", type=click.Path(dir_okay=False),
               help="Where to write the comparison grid PNG [RUN/bench/compare-cfg.png].")
+@deprecated_alias("--grid", "--out", "grid", type=click.Path(dir_okay=False))
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch (1 is steadiest on a busy shared CPU) [torch default].")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="Model precision on CUDA (CPU computes in fp32) [fp16; --memory: preset].")
-@deprecated_alias("--precision", "--dtype", "dtype", type=click.Choice(["fp16", "bf16", "fp32"]))
+@deprecated_alias("--precision", "--dtype", "dtype", type=click.Choice(DTYPES))
 @click.option("--quality", is_flag=True,
               help="Add accuracy/FID per method and ω (presets with an evaluator: mnist).")
 @click.option("--negative-prompt", default=None,
@@ -64,7 +66,7 @@ from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alia
 @click.option("--quality-seed", type=int, default=0, show_default=True,
               help="--quality: sample i uses seed QUALITY_SEED + i (judge on seeds you did not "
                    "tune on).")
-@click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]), default=None,
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
               help="--memory: optimizer [preset].")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", "checkpointing",
               default=None, help="--memory: gradient checkpointing [preset].")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, FLOAT, common_options
+from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alias
+from agd_cli.config.vocab import DTYPES
 
 
 @click.command("collect")
@@ -18,8 +19,9 @@ from agd_cli.commands import DEVICE_HELP, FLOAT, common_options
                    "default: the preset's prompt set.")
 @click.option("--classes", default=None, metavar="SPEC",
               help="Class-conditional (DiT) presets: 'all', a range '0-9' or a list '1,5,7'.")
-@click.option("--out", default=None, metavar="DIR",
+@click.option("--run", "out", default=None, metavar="DIR",
               help="Run folder (trajectories go to DIR/trajectories); default: WORKDIR/<preset>.")
+@deprecated_alias("--out", "--run", "out")
 @click.option("--num-per-prompt", type=int, default=None,
               help="Trajectories per prompt [preset; with --negative-prompts its "
                    "num_per_prompt_with_negatives where set].")
@@ -36,7 +38,7 @@ from agd_cli.commands import DEVICE_HELP, FLOAT, common_options
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of every trajectory's noise and ω.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="Model precision on CUDA (CPU computes in fp32) [preset, fp16; storage: fp16].")
 @click.option("--shard-index", type=int, default=None, help="This worker's index (0-based).")
 @click.option("--num-shards", type=int, default=None,

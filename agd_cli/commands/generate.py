@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, FLOAT, common_options
-from agd_cli.config.presets import DTYPES, SCHEDULERS
+from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alias
+from agd_cli.config.vocab import DTYPES, SCHEDULERS
 
 
 @click.command("generate")
@@ -21,8 +21,8 @@ from agd_cli.config.presets import DTYPES, SCHEDULERS
                    "same family, e.g. a fine-tune); without --run/--adapter, the adapter of its "
                    "run folder.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the preset's).")
-@click.option("--scheduler", type=str, default=None,
-              help=f"Sampler: {', '.join(SCHEDULERS)} (default: the preset's).")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None,
+              help="Sampler (default: the preset's).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the first image; image k of a prompt uses seed + k.")
 @click.option("-n", "--num-images", type=int, default=1, show_default=True,
@@ -34,8 +34,10 @@ from agd_cli.config.presets import DTYPES, SCHEDULERS
                    "A rerun resumes: an image already there from the same settings is kept and "
                    "skipped. Nothing else is overwritten: in a folder a new image gets a -2, -3… "
                    "suffix; an existing .png from other settings is refused.")
-@click.option("--cfg", is_flag=True,
-              help="Real two-pass CFG on the same base with adapters off, for comparison.")
+@click.option("--mode", type=click.Choice(["agd", "cfg"]), default=None,
+              help="[agd] agd: one pass per step with the adapters; cfg: real two-pass CFG on the same "
+                   "base with adapters off, for comparison.")
+@deprecated_alias("--cfg", "--mode cfg", "mode", is_flag=True, flag_value="cfg")
 @click.option("--negative-prompt", type=str, default=None,
               help="Negative prompt (DiT: a class). One pass per step with an adapter trained "
                    "with negatives, else real CFG.")
@@ -52,12 +54,13 @@ def command(prompts: tuple[str, ...], as_json: bool, workdir: str, **flags) -> N
     For DiT presets the prompts are ImageNet class ids or names.
     Examples:
       agd generate "a red fox" -w 6
-      agd generate "a red fox" -w 6 --cfg          # real CFG, for comparison
+      agd generate "a red fox" -w 6 --mode cfg     # real CFG, for comparison
       agd generate 207 360 --run agd-runs/dit -n 4
     """
     from agd_cli.generate.run import run_generate
     from agd_cli.infra import ui
 
+    flags["cfg"] = (flags.pop("mode") or "agd") == "cfg"
     summary = run_generate(list(prompts), workdir=workdir, **flags)
     if as_json:
         ui.emit_json(summary)

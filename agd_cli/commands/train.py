@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alias
+from agd_cli.config.vocab import ADAPTER_KINDS, DTYPES, OPTIMIZERS
 
 
 @click.command("train")
@@ -15,15 +16,16 @@ from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alia
               help="A collection (run folder or its trajectories/); repeat to train on several.")
 @click.option("--preset", help="Preset name or TOML: the base and settings to use (default: the "
                                 "collection's).")
-@click.option("--steps", type=int, help="Optimizer steps (preset default).")
+@click.option("--max-steps", "steps", type=int, help="Optimizer steps (preset default).")
+@deprecated_alias("--steps", "--max-steps", "steps", type=int)
 @click.option("--batch-size", type=int, help="Samples per micro-batch, split across processes.")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=FLOAT, help="Peak learning rate (linear warmup, then cosine).")
-@click.option("--optimizer", type=click.Choice(["adamw8bit", "adamw"]),
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS),
               help="adamw8bit (bitsandbytes; falls back to adamw where it does not run) or adamw.")
-@click.option("--dtype", "precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+@click.option("--dtype", "precision", type=click.Choice(DTYPES), default=None,
               help="Base weights and autocast dtype on CUDA (CPU computes in fp32) [preset].")
-@deprecated_alias("--precision", "--dtype", "precision", type=click.Choice(["fp16", "bf16", "fp32"]))
+@deprecated_alias("--precision", "--dtype", "precision", type=click.Choice(DTYPES))
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute base activations in the backward pass (preset default).")
 @click.option("--val-fraction", type=FLOAT, help="Share of trajectories held out for validation.")
@@ -34,7 +36,7 @@ from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alia
               help="Continue from the last checkpoint of the run folder, if any.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Adapter init, validation split and data order.")
-@click.option("--adapter-kind", help="cross_attention or offset (preset default).")
+@click.option("--adapter-kind", type=click.Choice(ADAPTER_KINDS), help="Adapter kind (preset default).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @common_options
 def command(as_json: bool, workdir: str, **flags) -> None:

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agd_cli.config.vocab import DTYPES, OPTIMIZERS, SCHEDULERS
 from agd_cli.infra.errors import InputError
+from agd_cli.infra.io import read_json
 
 DEFAULT_TRAIN_TIMESTEPS = 1000  # diffusers' default num_train_timesteps
 
@@ -169,21 +171,15 @@ def choice(value: Any, options: Sequence[str], what: str) -> str:
 
 def dtype(value: Any, what: str = "dtype") -> str:
     """fp16, bf16 or fp32."""
-    from agd_cli.config.presets import DTYPES
-
     return choice(value, DTYPES, what)
 
 
 def scheduler(value: Any) -> str:
     """A sampler name (agd_cli.core.sampling.SCHEDULER_CLASSES maps each to diffusers)."""
-    from agd_cli.config.presets import SCHEDULERS
-
     return choice(value, SCHEDULERS, "scheduler")
 
 
 def optimizer(value: Any) -> str:
-    from agd_cli.config.presets import OPTIMIZERS
-
     return choice(value, OPTIMIZERS, "optimizer")
 
 
@@ -207,8 +203,6 @@ def preset_scheduler_config(preset) -> dict | None:
     src = Path(preset.resolve_base_model())
     path = src / "scheduler" / "scheduler_config.json"
     if path.is_file():
-        from agd_cli.infra.io import read_json
-
         return read_json(path)
     return None  # a hub id: checked again once the scheduler config is loaded
 

@@ -15,6 +15,16 @@ from typing import Any
 
 from agd_cli import ASSETS_DIR, PACKAGE_DIR
 from agd_cli.config.checks import is_finite, is_int, omega_range
+from agd_cli.config.vocab import (
+    ADAPTER_INPUTS,
+    ADAPTER_KINDS,
+    DTYPES,
+    FAMILIES,
+    OPTIMIZERS,
+    RANDOM_BASE,
+    SCHEDULERS,
+)
+from agd_cli.core.adapter_config import AdapterConfig
 from agd_cli.infra.errors import InputError
 
 if sys.version_info >= (3, 11):
@@ -32,13 +42,6 @@ def _preset_dir() -> Path:
 
 
 PRESET_DIR = _preset_dir()
-FAMILIES = ("sd", "sdxl", "dit", "sd3", "pixart", "sana")
-ADAPTER_KINDS = ("cross_attention", "offset")
-ADAPTER_INPUTS = ("omega", "timestep", "condition")
-SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "ddpm", "unipc", "heun", "flow-euler")
-DTYPES = ("fp16", "bf16", "fp32")
-OPTIMIZERS = ("adamw8bit", "adamw")
-RANDOM_BASE = "random:"  # a base built from the preset's config: "random:<preset name>"
 
 
 def is_random_base(source: object) -> bool:
@@ -137,34 +140,6 @@ SCHEMA: dict[str, dict[str, Any]] = {
 }
 ARCH_KEYS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae",
              "scheduler", "tokenizer")
-
-
-@dataclass
-class AdapterConfig:
-    """What the guidance adapters look like (see adapters.py)."""
-
-    kind: str = "cross_attention"
-    hidden_dim: int = 128
-    context_dim: int = 256
-    heads: int = 2
-    inputs: list[str] = field(default_factory=lambda: list(ADAPTER_INPUTS))
-    init: str = "xavier"
-    omega_gain: bool = True  # adapter outputs scaled by (ω − 1): exact base at ω = 1, like CFG
-    negatives: bool = False  # also fed CFG's unconditional branch (a negative prompt / class)
-    # the ω range the adapters were trained on (set by `agd train` from the collection): the ω
-    # embedding sees ω clamped to it, so beyond the range only the (ω − 1) gain extrapolates,
-    # as CFG does; None (files from before) feeds ω unclamped
-    omega_range: list[float] | None = None
-
-    def to_dict(self) -> dict:
-        d = {"kind": self.kind, "hidden_dim": self.hidden_dim,
-             "context_dim": self.context_dim, "heads": self.heads,
-             "inputs": list(self.inputs), "init": self.init, "omega_gain": self.omega_gain}
-        if self.negatives:  # absent otherwise: files and checkpoints from before stay identical
-            d["negatives"] = True
-        if self.omega_range is not None:  # likewise
-            d["omega_range"] = [float(w) for w in self.omega_range]
-        return d
 
 
 @dataclass

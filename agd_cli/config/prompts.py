@@ -10,16 +10,19 @@ import csv
 import hashlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agd_cli import ASSETS_DIR
 from agd_cli.config import checks
-from agd_cli.infra import ui
+from agd_cli.families.spec import FamilySpec
 from agd_cli.infra.errors import InputError
 
 if TYPE_CHECKING:
     from agd_cli.config.presets import Preset
+
+logger = logging.getLogger(__name__)
 
 ASSET_PROMPTS = ASSETS_DIR / "prompts"
 FORMATS = (".txt", ".csv", ".jsonl")
@@ -105,25 +108,21 @@ def read_prompts(path: str | Path, flag: str = "--prompts") -> list[str]:
         raise InputError(f"prompt file {path} holds no prompts",
                          hint="add at least one non-empty prompt")
     for warning in checks.prompt_warnings(prompts, path):
-        ui.warn(warning)
+        logger.warning(warning)
     return prompts
 
 
 def builtin_prompts(spec: str, flag: str = "--prompts") -> list[str]:
-    """'builtin:<file>' from agd_cli/assets/prompts/, or 'builtin:mnist' (agd_cli.evaluation.mnist.PROMPTS)."""
+    """'builtin:<file>' from agd_cli/assets/prompts/; 'builtin:mnist' is mnist.txt there (the
+    mnist teacher's caption phrasings, evaluation.mnist.PROMPTS written out)."""
     name = spec.split(":", 1)[1]
     if name == "mnist":
-        try:
-            from agd_cli.evaluation.mnist import PROMPTS
-        except ImportError:
-            raise InputError("built-in prompt set 'mnist' is not available",
-                             hint=f"give a prompt file with {flag} FILE") from None
-        return list(PROMPTS)
+        name = "mnist.txt"
     path = ASSET_PROMPTS / name
     if not path.is_file():
         shipped = sorted(p.name for p in ASSET_PROMPTS.iterdir()) if ASSET_PROMPTS.is_dir() else []
         raise InputError(f"unknown built-in prompt set '{spec}'",
-                         hint=f"shipped sets: {', '.join('builtin:' + s for s in shipped + ['mnist'])}")
+                         hint=f"shipped sets: {', '.join('builtin:' + s for s in shipped)}")
     return read_prompts(path)
 
 
@@ -165,8 +164,6 @@ def prompts_sha256(prompts: list) -> str:
 
 # --- the prompt sets of a preset (collect, bench) ----------------------------------------------
 def _num_classes(preset: Preset) -> int:
-    from agd_cli.families.spec import FamilySpec  # imports torch: only for DiT presets
-
     return FamilySpec(preset).num_classes
 
 

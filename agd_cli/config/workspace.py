@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from agd_cli.infra import ui
+from agd_cli.config.presets import load_preset
 from agd_cli.infra.errors import DataError, InputError
+
+logger = logging.getLogger(__name__)
 
 TRAJECTORIES = "trajectories"
 ADAPTER = "adapter.safetensors"
@@ -36,7 +39,7 @@ def latest_collection(workdir: str | Path) -> Path:
                         hint="run `agd collect --preset NAME --prompts FILE` first, "
                              "or pass --run DIR / --workdir")
     run = found.parent.parent
-    ui.info(f"using the most recent collection: {run}")
+    logger.info(f"using the most recent collection: {run}")
     return run
 
 
@@ -46,7 +49,7 @@ def latest_adapter(workdir: str | Path) -> Path:
     if found is None:
         raise DataError(f"no trained adapter found in workspace '{workdir}'",
                         hint="run `agd train` first, or pass --adapter FILE / --run DIR")
-    ui.info(f"using the most recent adapter: {found}")
+    logger.info(f"using the most recent adapter: {found}")
     return found
 
 
@@ -65,11 +68,9 @@ def find_adapter(workdir: str | Path, adapter: str | None = None, run: str | Non
             folder = Path(workdir) / run  # `--run tiny-sd` names a run in the workspace
         return adapter_in(folder)
     if preset:
-        from agd_cli.config.presets import load_preset
-
         own = run_dir(workdir, load_preset(preset).name) / ADAPTER
         if own.is_file():
-            ui.info(f"using the adapter of preset {Path(preset).stem}'s run: {own}")
+            logger.info(f"using the adapter of preset {Path(preset).stem}'s run: {own}")
             return own
     return latest_adapter(workdir)
 

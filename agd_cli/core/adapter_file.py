@@ -13,8 +13,14 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from agd_cli.config.presets import Preset, load_preset, preset_from_record
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from agd_cli.config.checks import omega_range
+from agd_cli.config.presets import SCHEMA, Preset, load_preset, preset_from_record
+from agd_cli.core.adapter_config import AdapterConfig
 from agd_cli.infra.errors import DataError, InputError
+from agd_cli.infra.tensor_files import tensors_sha256
 
 FORMAT = "agd-adapter/1"
 
@@ -32,8 +38,6 @@ class AdapterFile:
         """Read the metadata only (safetensors header); refuse a file that is not an adapter."""
         if isinstance(path, AdapterFile):
             return path
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise DataError(f"adapter file not found: {path}",
@@ -54,10 +58,6 @@ class AdapterFile:
 
     def tensors(self) -> dict:
         """The adapter weights, verified against the checksum in the metadata."""
-        from safetensors.torch import load_file
-
-        from agd_cli.infra.io import tensors_sha256
-
         try:
             state = load_file(str(self.path))
         except Exception as e:  # noqa: BLE001
@@ -115,9 +115,6 @@ class AdapterFile:
 def _checked(path: Path, meta: dict) -> dict:
     """Metadata whose values later code relies on, checked: a damaged or hand-edited file is
     refused here, naming the field, instead of failing somewhere inside a model."""
-    from agd_cli.config.checks import omega_range
-    from agd_cli.config.presets import SCHEMA, AdapterConfig
-
     def bad(key: str, value) -> DataError:
         return DataError(f"adapter file {path} has a bad metadata value {key}={value!r}",
                          hint="the file was edited or damaged; use the one `agd train` wrote, or retrain")

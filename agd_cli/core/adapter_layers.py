@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from agd_cli.config.presets import AdapterConfig
+from agd_cli.core.adapter_config import AdapterConfig
 from agd_cli.infra.errors import ModelError
 
 

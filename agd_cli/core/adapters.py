@@ -31,7 +31,8 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from agd_cli.config.presets import AdapterConfig
+from agd_cli import __version__
+from agd_cli.core.adapter_config import AdapterConfig
 from agd_cli.core.adapter_file import AdapterFile, adapter_metadata, read_adapter_file  # noqa: F401
 from agd_cli.core.adapter_layers import (
     ADAPTER_CLASSES,
@@ -40,6 +41,8 @@ from agd_cli.core.adapter_layers import (
     Site,
 )
 from agd_cli.infra.errors import InputError, ModelError
+from agd_cli.infra.io import atomic_path
+from agd_cli.infra.tensor_files import save_tensors, tensors_sha256
 
 ATTENTION_TYPES = (Attention, AttentionModuleMixin)  # the modules cross_attention_kwargs reach
 
@@ -395,9 +398,6 @@ class AdapterSet(nn.Module):
     # --- files ----------------------------------------------------------------------------
     def save(self, path: str | Path, metadata: dict) -> None:
         """One safetensors file, written atomically, with self-describing metadata."""
-        from agd_cli import __version__
-        from agd_cli.infra.io import atomic_path, save_tensors, tensors_sha256
-
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
         meta.update(agd_version=__version__, adapter_config=json.dumps(self.config.to_dict()),
                     signature=self.signature(), sites=json.dumps([[s.name, s.dim] for s in self.sites]),

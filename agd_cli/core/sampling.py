@@ -8,8 +8,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import diffusers
 import torch
 
+from agd_cli.core.adapters import ContextCache
+from agd_cli.core.conditions import cond_cat, cond_to
 from agd_cli.infra.errors import InputError
 
 if TYPE_CHECKING:
@@ -28,8 +31,6 @@ MODES = ("agd", "cfg", "unguided", "cfg-cutoff")
 
 def make_scheduler(name: str, config: dict):
     """A diffusers scheduler of the named kind from the base model's scheduler config."""
-    import diffusers
-
     if name not in SCHEDULER_CLASSES:
         raise InputError(f"unknown scheduler '{name}'", hint=f"choose one of {', '.join(SCHEDULER_CLASSES)}")
     cls = getattr(diffusers, SCHEDULER_CLASSES[name])
@@ -80,9 +81,6 @@ class RunInputs:
     @classmethod
     def make(cls, denoiser, mode: str, cond: dict, uncond: dict | None,
              timesteps: torch.Tensor | None = None) -> RunInputs:
-        from agd_cli.core.adapters import ContextCache
-        from agd_cli.families.base import cond_cat, cond_to
-
         cond = cond_to(cond, denoiser.device, denoiser.dtype)
         uncond = None if uncond is None else cond_to(uncond, denoiser.device, denoiser.dtype)
         pair = cond_cat([cond, uncond]) if mode in ("cfg", "cfg-cutoff") else None

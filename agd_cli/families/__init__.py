@@ -10,9 +10,6 @@ from __future__ import annotations
 from agd_cli.config.presets import Preset
 from agd_cli.families.base import (
     Denoiser,
-    cond_cat,
-    cond_select,
-    cond_to,
     count_truncated,
     resolve_device,
     resolve_dtype,
@@ -29,7 +26,7 @@ FAMILY_CLASSES: dict[str, type[Denoiser]] = {
     "sd": SDDenoiser, "sdxl": SDXLDenoiser, "dit": DiTDenoiser, "sd3": SD3Denoiser,
     "pixart": PixArtDenoiser, "sana": SanaDenoiser}  # presets.FAMILIES names them
 
-__all__ = ["FAMILY_CLASSES", "Denoiser", "cond_cat", "cond_select", "cond_to", "count_truncated", "warn_truncated",
+__all__ = ["FAMILY_CLASSES", "Denoiser", "count_truncated", "warn_truncated",
            "load_denoiser", "load_with_adapters", "resolve_device", "resolve_dtype"]
 
 

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler
 from torch import nn
 
-from agd_cli.config.presets import AdapterConfig, Preset, is_random_base
+from agd_cli.config.presets import Preset, is_random_base
+from agd_cli.core.adapter_config import AdapterConfig
 from agd_cli.core.adapter_file import AdapterFile
 from agd_cli.core.adapters import AdapterSet, ContextCache, Site
+from agd_cli.core.conditions import cond_cat, cond_to
 from agd_cli.core.guidance import cfg_combine
 from agd_cli.families.spec import vae_factor
-from agd_cli.families.weights import checkpoint_identity, is_single_file, open_base
+from agd_cli.families.weights import PretrainedBase, checkpoint_identity, is_single_file, open_base
 from agd_cli.infra.errors import AgdError, DataError, InputError, ModelError
+
+logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RANDOM_SEED = 0  # random-weight bases are identical in every process
@@ -42,22 +49,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and name != "fp32":
         return torch.float32
     return TORCH_DTYPES[name]
-
-
-def cond_select(cond: dict, index) -> dict:
-    """Rows `index` of every tensor of a condition dict."""
-    return {k: v[index] for k, v in cond.items()}
-
-
-def cond_cat(conds: Sequence[dict]) -> dict:
-    """Concatenate condition dicts along the batch dimension."""
-    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-
-
-def cond_to(cond: dict, device, dtype=None) -> dict:
-    """Move a condition dict; floating tensors also take `dtype`."""
-    return {k: v.to(device, dtype if (dtype and v.is_floating_point()) else v.dtype)
-            for k, v in cond.items()}
 
 
 def _seeded(build):
@@ -302,9 +293,7 @@ class Denoiser:
         trained = meta.get("base_checkpoint_sha256")
         mine = (self.checkpoint or {}).get("sha256")
         if trained and mine and trained != mine:
-            from agd_cli.infra import ui
-
-            ui.warn(f"adapter {path} was trained on checkpoint "
+            logger.warning(f"adapter {path} was trained on checkpoint "
                     f"{meta.get('base_checkpoint_file')} (sha256 {trained[:12]}…), but the base "
                     f"is {self.checkpoint['file']} (sha256 {mine[:12]}…); results may not match CFG")
 
@@ -339,8 +328,6 @@ class Denoiser:
 
     def vae_model(self):
         """The VAE (fp32), built or loaded on first use: sampling never needs it."""
-        import diffusers
-
         if self.vae is None:
             cls = getattr(diffusers, self.vae_class)
             if is_random_base(self.source):
@@ -352,14 +339,6 @@ class Denoiser:
             if self.preset.memory.get("vae_tiling"):
                 self.vae.enable_tiling()  # diffusers tiles only above the VAE's own sample size
         return self.vae
-
-
-def _clip_config(arch: dict, tokenizer, **extra):
-    from transformers import CLIPTextConfig
-
-    cfg = {"vocab_size": len(tokenizer), **arch, **extra}
-    return CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, **cfg)
 
 
 def _tokenize(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
@@ -377,26 +356,16 @@ def count_truncated(tokenizer, prompts: Sequence[str]) -> int:
 def warn_truncated(den, texts: Sequence[str], what: str = "prompts") -> None:
     """One warning when prompts are longer than the text encoder takes (it cuts them; collect
     and generate alike). Class-conditional bases (DiT) have no tokenizer: nothing to say."""
-    from agd_cli.infra import ui
-
     tokenizer = den.text.get("tokenizer")
     n = count_truncated(tokenizer, texts) if tokenizer is not None and texts else 0
     if n:
-        ui.warn(f"{n} of {len(texts)} {what} are longer than the text encoder's "
+        logger.warning(f"{n} of {len(texts)} {what} are longer than the text encoder's "
                 f"{tokenizer.model_max_length} tokens and were truncated")
 
 
 def _load_scheduler_config(source: str) -> dict:
-    from diffusers import DDIMScheduler
-
-    from agd_cli.families.weights import PretrainedBase
-
     return PretrainedBase(source).config(DDIMScheduler, "scheduler")
 
 
 def _vae_config(source: str) -> dict | None:
-    from diffusers import AutoencoderKL
-
-    from agd_cli.families.weights import PretrainedBase
-
     return PretrainedBase(source).config(AutoencoderKL, "vae")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from agd_cli.families.base import Denoiser, _seeded
 from agd_cli.families.spec import num_classes
@@ -26,16 +27,12 @@ class DiTDenoiser(Denoiser):
 
     @classmethod
     def _build_random(cls, preset, text=True):
-        from diffusers import DiTTransformer2DModel
-
         arch = preset.architecture
         model = _seeded(lambda: DiTTransformer2DModel(**arch["transformer"]))
         return model, {"id2label": {}}, arch["scheduler"], arch.get("vae")
 
     @classmethod
     def _load_pretrained(cls, preset, source, text, dtype):
-        from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-
         if is_single_file(source):
             raise InputError(f"single-file checkpoints are not supported for DiT: '{source}'",
                              hint="point base_model at a diffusers folder or hub id")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from transformers import T5Config, T5EncoderModel
+
 from agd_cli.families.text import build_t5_tokenizer
 from agd_cli.families.transformer import TextTransformerDenoiser
 
 
 def random_t5(arch: dict, tokenizer):
     """A T5 encoder with random weights from the preset's text_encoder config."""
-    from transformers import T5Config, T5EncoderModel
-
     cfg = {"vocab_size": len(tokenizer), **arch}  # real presets give T5's own 32128
     return T5EncoderModel(T5Config(pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0,
                                    eos_token_id=tokenizer.eos_token_id, **cfg))

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import inspect
 
+from diffusers import SanaPipeline
+from transformers import Gemma2Config, Gemma2Model
+
 from agd_cli.families.text import build_gemma_tokenizer
 from agd_cli.families.transformer import TextTransformerDenoiser
 
 
 def _default_instruction() -> list[str] | None:
     """The 'complex human instruction' SanaPipeline prepends to every prompt by default."""
-    from diffusers import SanaPipeline
-
     return inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
 
 
@@ -30,8 +31,6 @@ class SanaDenoiser(TextTransformerDenoiser):
 
     @classmethod
     def _random_text(cls, arch):
-        from transformers import Gemma2Config, Gemma2Model
-
         tok = build_gemma_tokenizer(arch["tokenizer"]["max_sequence_length"])
         cfg = Gemma2Config(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                            eos_token_id=tok.eos_token_id,

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from agd_cli.families.base import Denoiser, _clip_config, _seeded, _tokenize
+from agd_cli.families.base import Denoiser, _seeded, _tokenize
 from agd_cli.families.text import build_char_tokenizer
-from agd_cli.families.weights import open_base
+from agd_cli.families.weights import clip_config, open_base
 from agd_cli.infra.errors import ModelError
 
 
@@ -19,27 +21,19 @@ class SDDenoiser(Denoiser):
 
     @classmethod
     def _build_random(cls, preset, text=True):
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
-
         arch = preset.architecture
         tok = build_char_tokenizer(arch.get("tokenizer", {}).get("model_max_length", 77))
         unet = _seeded(lambda: UNet2DConditionModel(**arch["unet"]))
-        te = _seeded(lambda: CLIPTextModel(_clip_config(arch["text_encoder"], tok)))
+        te = _seeded(lambda: CLIPTextModel(clip_config(arch["text_encoder"], tok)))
         return unet, {"tokenizer": tok, "text_encoder": te}, arch["scheduler"], arch.get("vae")
 
     @classmethod
     def _text_encoder_classes(cls) -> list[tuple[str, type]]:
         """(subfolder suffix, text encoder class) of each CLIP text encoder the base has."""
-        from transformers import CLIPTextModel
-
         return [("", CLIPTextModel)]
 
     @classmethod
     def _load_pretrained(cls, preset, source, text, dtype):
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTokenizer
-
         base = open_base(preset, source)
         unet = base.model(UNet2DConditionModel, "unet", dtype)
         parts = {}

@@ -17,12 +17,13 @@ and before the block's adaLN gate (gate_msa), as the offset adapters sit in DiT:
 from __future__ import annotations
 
 import torch
+from transformers import CLIPTextModelWithProjection
 
 from agd_cli.core.adapters import Site
-from agd_cli.families.base import _clip_config
 from agd_cli.families.pixart import random_t5
 from agd_cli.families.text import build_char_tokenizer, build_t5_tokenizer
 from agd_cli.families.transformer import TextTransformerDenoiser
+from agd_cli.families.weights import clip_config
 
 
 class SD3Denoiser(TextTransformerDenoiser):
@@ -38,14 +39,12 @@ class SD3Denoiser(TextTransformerDenoiser):
 
     @classmethod
     def _random_text(cls, arch):
-        from transformers import CLIPTextModelWithProjection
-
         tok_cfg = arch.get("tokenizer", {})
         clip_tok = build_char_tokenizer(tok_cfg.get("model_max_length", 77))
         t5_tok = build_t5_tokenizer(tok_cfg.get("max_sequence_length", 256))
         return {"tokenizer": clip_tok, "tokenizer_2": clip_tok, "tokenizer_3": t5_tok,
-                "text_encoder": CLIPTextModelWithProjection(_clip_config(arch["text_encoder"], clip_tok)),
-                "text_encoder_2": CLIPTextModelWithProjection(_clip_config(arch["text_encoder_2"],
+                "text_encoder": CLIPTextModelWithProjection(clip_config(arch["text_encoder"], clip_tok)),
+                "text_encoder_2": CLIPTextModelWithProjection(clip_config(arch["text_encoder_2"],
                                                                            clip_tok)),
                 "text_encoder_3": random_t5(arch["text_encoder_3"], t5_tok)}
 
@@ -62,11 +61,6 @@ class SD3Denoiser(TextTransformerDenoiser):
         c = self.model.config
         return {"token_dim": c.joint_attention_dim, "pooled_dim": c.pooled_projection_dim}
 
-    @classmethod
-    def stored_cond_layout(cls, net, tokenizer):
-        length = int(tokenizer.get("model_max_length", 77)) + int(tokenizer.get("max_sequence_length", 256))
-        return {"prompt_embeds": ((length, net["joint_attention_dim"]), 2),
-                "pooled": ((net["pooled_projection_dim"],), 2)}
 
     def random_cond(self, batch):
         clip_length = self.preset.architecture.get("tokenizer", {}).get("model_max_length", 77)

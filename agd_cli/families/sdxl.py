@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from transformers import CLIPTextModelWithProjection
 
-from agd_cli.families.base import _clip_config, _seeded, _tokenize
+from agd_cli.families.base import _seeded, _tokenize
 from agd_cli.families.sd import SDDenoiser
+from agd_cli.families.weights import clip_config
 
 
 class SDXLDenoiser(SDDenoiser):
@@ -17,17 +19,13 @@ class SDXLDenoiser(SDDenoiser):
 
     @classmethod
     def _build_random(cls, preset, text=True):
-        from transformers import CLIPTextModelWithProjection
-
         unet, parts, scheduler, vae = super()._build_random(preset, text)  # each part seeded alike
         tok, arch = parts["tokenizer"], preset.architecture
-        te2 = _seeded(lambda: CLIPTextModelWithProjection(_clip_config(arch["text_encoder_2"], tok)))
+        te2 = _seeded(lambda: CLIPTextModelWithProjection(clip_config(arch["text_encoder_2"], tok)))
         return unet, {**parts, "tokenizer_2": tok, "text_encoder_2": te2}, scheduler, vae
 
     @classmethod
     def _text_encoder_classes(cls) -> list[tuple[str, type]]:
-        from transformers import CLIPTextModelWithProjection
-
         return [*super()._text_encoder_classes(), ("_2", CLIPTextModelWithProjection)]
 
     def _time_ids(self, n: int, size) -> torch.Tensor:

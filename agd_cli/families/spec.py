@@ -13,10 +13,11 @@ from functools import cached_property
 from pathlib import Path
 
 from agd_cli.config.presets import Preset
+from agd_cli.config.vocab import UNET_FAMILIES
+from agd_cli.infra.io import read_json
 
 DEFAULT_VAE_FACTOR = 8      # every SD/SDXL/DiT VAE downsamples 8x
 DEFAULT_NUM_CLASSES = 1000  # ImageNet; DiTPipeline hard-codes the null class id to 1000
-UNET_FAMILIES = ("sd", "sdxl")
 
 
 def vae_factor(vae_config: dict | None, pixel_space: bool = False) -> int:
@@ -54,8 +55,6 @@ class FamilySpec:
             return self.preset.architecture[part]
         path = Path(self.preset.resolve_base_model()) / part / "config.json"
         if path.is_file():
-            from agd_cli.infra.io import read_json
-
             return read_json(path)
         return None
 
@@ -99,12 +98,10 @@ class FamilySpec:
         """Stored condition tensors of one prompt: key -> (shape, bytes per element)."""
         if self.family == "dit":
             return {"class_labels": ((), 8)}
-        from agd_cli.families import FAMILY_CLASSES
-
-        own = getattr(FAMILY_CLASSES[self.family], "stored_cond_layout", None)
-        if own is not None:  # diffusion-transformer families describe their own conditions
+        if self.family in TRANSFORMER_COND_LAYOUTS:
             net = self.config("transformer")
-            return None if net is None else own(net, self.preset.architecture.get("tokenizer", {}))
+            tokenizer = self.preset.architecture.get("tokenizer", {})
+            return None if net is None else TRANSFORMER_COND_LAYOUTS[self.family](net, tokenizer)
         unet = self.config("unet")
         if unet is None:
             return None
@@ -115,3 +112,21 @@ class FamilySpec:
                       - 6 * unet["addition_time_embed_dim"])
             layout.update({"pooled": ((pooled,), 2), "time_ids": ((6,), 4)})
         return layout
+
+
+def _t5_layout(net: dict, tokenizer: dict) -> dict[str, tuple[tuple, int]]:
+    """PixArt-Σ and Sana: T5/Gemma tokens and their attention mask."""
+    length = int(tokenizer.get("max_sequence_length", 300))
+    return {"prompt_embeds": ((length, net["caption_channels"]), 2), "prompt_mask": ((length,), 8)}
+
+
+def _sd3_layout(net: dict, tokenizer: dict) -> dict[str, tuple[tuple, int]]:
+    """SD3: CLIP tokens then T5 tokens in one sequence, and the pooled CLIP vectors."""
+    length = int(tokenizer.get("model_max_length", 77)) + int(tokenizer.get("max_sequence_length", 256))
+    return {"prompt_embeds": ((length, net["joint_attention_dim"]), 2),
+            "pooled": ((net["pooled_projection_dim"],), 2)}
+
+
+# Condition tensors of one prompt as collect stores them, per transformer family: key -> (shape,
+# bytes each). The UNet families and DiT are laid out in FamilySpec.cond_layout itself.
+TRANSFORMER_COND_LAYOUTS = {"pixart": _t5_layout, "sana": _t5_layout, "sd3": _sd3_layout}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from transformers import CLIPTokenizer, GemmaTokenizer, T5Tokenizer
+
 
 def build_char_tokenizer(max_length: int = 77):
     """A CLIPTokenizer over the 256 byte-level characters (+ `</w>` forms), built offline."""
-    from transformers import CLIPTokenizer
-
     chars = _byte_level_chars()
     vocab_list = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(vocab_list)}
@@ -30,16 +30,12 @@ def _printable_chars() -> list[str]:
 
 def build_t5_tokenizer(max_length: int = 256):
     """A T5Tokenizer (Unigram) over single characters, built offline; pad 0, eos 1, unk 2."""
-    from transformers import T5Tokenizer
-
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in _printable_chars()]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
 def build_gemma_tokenizer(max_length: int = 300):
     """A GemmaTokenizer (BPE without merges) over single characters, built offline."""
-    from transformers import GemmaTokenizer
-
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
     vocab = {tok: i for i, tok in enumerate(specials + _printable_chars())}
     return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, add_eos_token=False,

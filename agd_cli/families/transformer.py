@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import diffusers
 import torch
+import transformers
 
 from agd_cli.families.base import Denoiser, _load_scheduler_config, _seeded, _vae_config
 from agd_cli.families.weights import open_base
@@ -26,8 +28,6 @@ class TextTransformerDenoiser(Denoiser):
 
     @classmethod
     def _build_random(cls, preset, text=True):
-        import diffusers
-
         arch = preset.architecture
         model = _seeded(lambda: getattr(diffusers, cls.model_class)(**arch["transformer"]))
         parts = _seeded(lambda: cls._random_text(arch)) if text else {}
@@ -40,9 +40,6 @@ class TextTransformerDenoiser(Denoiser):
 
     @classmethod
     def _load_pretrained(cls, preset, source, text, dtype):
-        import diffusers
-        import transformers
-
         base = open_base(preset, source)  # safetensors only, fp16 variant for half loads
         model = base.model(getattr(diffusers, cls.model_class), cls.model_subfolder, dtype)
         parts = {}
@@ -54,8 +51,6 @@ class TextTransformerDenoiser(Denoiser):
 
     def _encoder_pipeline(self):
         """The family's diffusers pipeline holding only the text parts (no weights copied)."""
-        import diffusers
-
         if not self.text:
             raise ModelError("the text encoders were not loaded or have been freed",
                              hint="encode all conditions before free_text_encoders()")
@@ -98,12 +93,6 @@ class TextTransformerDenoiser(Denoiser):
     def cond_spec(self) -> dict:
         return {"token_dim": self.model.config.caption_channels}
 
-    @classmethod
-    def stored_cond_layout(cls, net: dict, tokenizer: dict) -> dict[str, tuple[tuple, int]]:
-        """Condition tensors of one prompt as collect stores them: key -> (shape, bytes each)."""
-        length = int(tokenizer.get("max_sequence_length", 300))
-        return {"prompt_embeds": ((length, net["caption_channels"]), 2),
-                "prompt_mask": ((length,), 8)}
 
     def random_cond(self, batch: int) -> dict:
         """Conditions of the real shapes, random values (memory probes on random bases)."""

@@ -18,8 +18,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTokenizer
 
 from agd_cli.config.presets import Preset
+from agd_cli.families.text import build_char_tokenizer
 from agd_cli.infra.errors import InputError, ModelError
 
 HALF = (torch.float16, torch.bfloat16)
@@ -158,8 +162,6 @@ class SingleFileBase:
         self._configs = tempfile.TemporaryDirectory(prefix="agd-config-")
 
     def _checkpoint(self) -> dict:
-        from safetensors.torch import load_file
-
         if self._state is None:
             self._state = load_file(str(self.path))
         return self._state
@@ -178,12 +180,8 @@ class SingleFileBase:
 
     def text_encoder(self, cls, subfolder: str, dtype: torch.dtype):
         """A CLIP text encoder converted from the checkpoint (SD 1/2, SDXL layouts)."""
-        from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-
-        from agd_cli.families.base import _clip_config
-
         arch = self.preset.architecture[subfolder]
-        cfg = _clip_config(arch, self.tokenizer(None, "tokenizer"))
+        cfg = clip_config(arch, self.tokenizer(None, "tokenizer"))
         cfg.save_pretrained(Path(self._configs.name) / subfolder)
         return create_diffusers_clip_model_from_ldm(
             cls, self._checkpoint(), subfolder=subfolder, config=self._configs.name,
@@ -192,10 +190,6 @@ class SingleFileBase:
     def tokenizer(self, cls, subfolder: str):
         """The preset's own tokenizer: built in memory for config-only presets, else from the
         preset's model id (a small download, or the hub cache)."""
-        from transformers import CLIPTokenizer
-
-        from agd_cli.families.text import build_char_tokenizer
-
         original = self.preset.raw.get("base_model", "config")
         if original == "config":  # the tokenizer the random-weight build uses
             return build_char_tokenizer(
@@ -205,3 +199,10 @@ class SingleFileBase:
     def config(self, cls, subfolder: str) -> dict | None:
         """The preset's config of a part (scheduler, vae)."""
         return self.preset.architecture.get(subfolder)
+
+
+def clip_config(arch: dict, tokenizer, **extra):
+    """A CLIP text config from a preset's architecture dict and the tokenizer's ids."""
+    cfg = {"vocab_size": len(tokenizer), **arch, **extra}
+    return CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **cfg)

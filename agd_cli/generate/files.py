@@ -9,7 +9,10 @@ import re
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
+
 from agd_cli.infra.errors import InputError
+from agd_cli.infra.images import read_png_metadata
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -20,8 +23,6 @@ def slug(text: str, limit: int = 48) -> str:
 
 def holds_image(path: Path, settings: str) -> bool:
     """Whether `path` is a complete PNG made with these settings (a rerun keeps it)."""
-    from agd_cli.infra.images import read_png_metadata
-
     try:
         return read_png_metadata(path).get("settings") == settings  # decodes it all: no torn file
     except (OSError, SyntaxError, ValueError):  # not a PNG, damaged, unreadable: not this image
@@ -68,8 +69,6 @@ def folder_lock(folder: Path):
     """Hold an OS file lock for writing images into `folder`, shared by every agd generate on
     this machine (the lock file lives in the temp folder, not among the images). Where the temp
     folder cannot hold it (read-only, full) the write goes ahead unlocked, as before the lock."""
-    from filelock import FileLock
-
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
     lock = FileLock(str(Path(tempfile.gettempdir()) / f"agd-generate-{key}.lock"))
     try:

@@ -16,18 +16,34 @@ overwritten (a folder's new image gets a -2, -3… suffix; an existing --out FIL
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from accelerate import cpu_offload_with_hook
+
+from agd_cli import __version__
 from agd_cli.config import checks, workspace
 from agd_cli.config.presets import Preset
+from agd_cli.core import sampling
 from agd_cli.core.adapter_file import AdapterFile
+from agd_cli.families import (
+    cond_select,
+    load_denoiser,
+    resolve_device,
+    resolve_dtype,
+    warn_truncated,
+)
 from agd_cli.families.spec import FamilySpec
 from agd_cli.generate.files import folder_lock, image_path, image_stem, still_free
 from agd_cli.infra import ui
 from agd_cli.infra.errors import InputError, Interrupted
+from agd_cli.infra.images import read_png_metadata, save_png
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 4
 MAX_IMAGES = 100_000  # per command: each is listed (and checked on disk) before sampling
@@ -131,7 +147,7 @@ def check_omega_range(omega: float, file: AdapterFile) -> tuple[float, float]:
     """Warn (and go on) when ω lies outside the range the adapter was trained on."""
     lo, hi = file.omega_range
     if not lo <= omega <= hi:
-        ui.warn(f"ω = {omega:g} is outside the range this adapter was trained on "
+        logger.warning(f"ω = {omega:g} is outside the range this adapter was trained on "
                 f"[{lo:g}, {hi:g}]; the result may not match CFG")
     return lo, hi
 
@@ -140,13 +156,9 @@ def check_omega_range(omega: float, file: AdapterFile) -> tuple[float, float]:
 def load_generator(adapter: AdapterFile, base: Preset, device: str | None, dtype: str,
                    offload: bool, height: int, width: int):
     """The base model with the adapter file attached, placed for generation."""
-    import torch
-
-    from agd_cli.families import load_denoiser, resolve_device, resolve_dtype
-
     dev = resolve_device(device)
     if offload and dev.type != "cuda":
-        ui.info("--offload: running on the CPU already, nothing to offload")
+        logger.info("--offload: running on the CPU already, nothing to offload")
     if offload and dev.type == "cuda":
         # weights stay on the CPU, loaded straight in the GPU's dtype: no fp32 copy in RAM
         half = resolve_dtype(dtype, dev)
@@ -163,9 +175,6 @@ def load_generator(adapter: AdapterFile, base: Preset, device: str | None, dtype
 
 def _offload_to(den, device, dtype) -> None:
     """diffusers-style model CPU offload: each model moves to the GPU only while it runs."""
-    import torch
-    from accelerate import cpu_offload_with_hook
-
     vae = None if den.preset.pixel_space else den.vae_model()  # built on the CPU, offloaded too
     modules = [m for m in den.text.values() if isinstance(m, torch.nn.Module)]
     for m in modules:
@@ -184,8 +193,6 @@ def encode_conditions(den, prompts: Sequence[str], negative_prompt: str | None,
     """Conditions of the distinct prompts (row i = prompts[i]) and the one unconditional row:
     the negative prompt, else the null condition (CFG's branch; adapters trained with
     negatives read it too)."""
-    from agd_cli.families import warn_truncated
-
     warn_truncated(den, prompts)
     warn_truncated(den, [negative_prompt] if negative_prompt else [], "negative prompts")
     cond = den.encode(list(prompts), size=size)
@@ -195,10 +202,6 @@ def encode_conditions(den, prompts: Sequence[str], negative_prompt: str | None,
 
 
 def _batch_conditions(cond: dict, uncond: dict, rows: list[int]):
-    import torch
-
-    from agd_cli.families import cond_select
-
     index = torch.tensor(rows, device=next(iter(cond.values())).device)
     return cond_select(cond, index), cond_select(uncond, torch.zeros_like(index))
 
@@ -207,8 +210,6 @@ def sample_jobs(den, jobs: list[Job], prompts: list[str], cond: dict, uncond: di
                 omega: float, mode: str, steps: int, scheduler: str, batch_size: int,
                 height: int, width: int):
     """Yield (job, image (C, H, W) in [0, 1], nfe per image, seconds) batch by batch."""
-    from agd_cli.core import sampling
-
     shape = den.latent_shape(height, width)
     batches = [[jobs[i] for i in r] for r in sampling.batch_ranges(len(jobs), batch_size)]
     with ui.progress() as bar:
@@ -304,8 +305,6 @@ def place_jobs(plan: Plan) -> None:
 
 
 def _png_metadata(plan: Plan, job: Job, nfe: int, den) -> dict:
-    from agd_cli import __version__
-
     meta = {"prompt": job.prompt, "omega": plan.omega, "seed": job.seed, "steps": plan.steps,
             "scheduler": plan.scheduler, "mode": plan.mode, "nfe": nfe,
             "adapter": str(plan.adapter), "base_model": den.source, "preset": plan.base.name,
@@ -328,15 +327,13 @@ class Made:
 
 def make_images(plan: Plan, todo: list[Job], device: str | None, offload: bool) -> Made:
     """Load the base with the adapters, then sample and write each job's image (atomically)."""
-    from agd_cli.infra.images import save_png
-
     t0 = time.perf_counter()
     den = load_generator(plan.file, plan.base, device, plan.dtype, offload,
                          plan.height, plan.width)
     prompts = list(dict.fromkeys(j.prompt for j in todo))
     cond, uncond = encode_conditions(den, prompts, plan.negative_prompt, (plan.height, plan.width))
     if plan.note:
-        ui.info(plan.note)
+        logger.info(plan.note)
     made = Made(den, 0, 0.0, time.perf_counter() - t0)
     for job, image, nfe, secs in sample_jobs(
             den, todo, prompts, cond, uncond, omega=plan.omega, mode=plan.mode,
@@ -369,7 +366,7 @@ def run_generate(prompts: Sequence[str] | GenerateFlags, **flags) -> dict:
     plan = plan_generation(f)
     todo = [j for j in plan.jobs if not j.done]
     if len(todo) < len(plan.jobs):
-        ui.info(f"resuming: {len(plan.jobs) - len(todo)} of {len(plan.jobs)} image(s) are in "
+        logger.info(f"resuming: {len(plan.jobs) - len(todo)} of {len(plan.jobs)} image(s) are in "
                 f"{plan.single or plan.folder} already (same settings); skipping them")
     try:
         made = make_images(plan, todo, f.device, f.offload) if todo else None
@@ -381,8 +378,6 @@ def run_generate(prompts: Sequence[str] | GenerateFlags, **flags) -> dict:
 def summary(plan: Plan, made: Made | None, skipped: int) -> dict:
     """The --json object; without `made` (nothing left to make) the model facts are recorded
     ones (base model, NFE) or null (device, dtype, VAE decode: no model was loaded)."""
-    from agd_cli.infra.images import read_png_metadata
-
     den = made.den if made else None
     recorded = {} if made else read_png_metadata(plan.jobs[0].path)
     n_made = len(plan.jobs) - skipped

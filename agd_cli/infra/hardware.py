@@ -12,6 +12,8 @@ import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 # Test overrides: a key here wins over what the hardware says (see `assume`).
 _ASSUMED: dict[str, Any] = {}
 
@@ -20,8 +22,6 @@ def bf16_supported(device: Any) -> bool:
     """Whether `device` runs bf16 natively (RTX 20xx and many laptop cards do not)."""
     if "bf16" in _ASSUMED:
         return bool(_ASSUMED["bf16"])
-    import torch
-
     dev = torch.device(device)
     if dev.type != "cuda":
         return True  # CPU autocast and tensors support bf16
@@ -42,8 +42,6 @@ def free_memory(device: Any) -> int | None:
     """Free bytes on a CUDA device, or None where that is not known (CPU, meta)."""
     if "free_memory" in _ASSUMED:
         return _ASSUMED["free_memory"]
-    import torch
-
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         return None

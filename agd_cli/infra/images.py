@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
@@ -16,8 +18,6 @@ PAD = 4  # pixels between cells and around labels
 
 def to_pil(image) -> Image.Image:
     """One image tensor (C, H, W) in [0, 1] -> PIL: 1 channel gives grayscale ("L"), 3 RGB."""
-    import torch
-
     x = torch.as_tensor(image).detach().float().cpu()
     if x.ndim != 3 or x.shape[0] not in (1, 3, 4):
         raise ValueError(f"expected an image tensor (C, H, W) with C in 1/3/4, got {tuple(x.shape)}")
@@ -41,8 +41,6 @@ def png_metadata(metadata: dict) -> PngInfo:
 
 
 def _text(value) -> str:
-    import json
-
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (list, tuple, dict)):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 from agd_cli.infra.errors import WriteFailed
@@ -58,22 +56,6 @@ def atomic_path(path: str | Path):
             tmp.unlink()
 
 
-def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
-    """safetensors' save_file; its I/O failures (e.g. a full disk) as OSError naming the file."""
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, str(path), metadata=metadata)
-        os.chmod(path, file_mode())  # safetensors creates 0600: others sharing a workspace read it
-    except OSError as e:
-        raise naming(e, path) from e
-    except Exception as e:  # SafetensorError: "... I/O error: No space left ... (os error 28)"
-        code = re.search(r"os error (\d+)", str(e))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
-
-
 def json_safe(value):
     """NaN and ±inf as null (bare NaN is not JSON); containers converted recursively."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -99,15 +81,3 @@ def write_json(path: str | Path, obj) -> None:
 def read_json(path: str | Path):
     """Read a JSON file."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def tensors_sha256(tensors: dict) -> str:
-    """Checksum of a state dict: names, dtypes, shapes and bytes, in name order."""
-    import torch
-
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()

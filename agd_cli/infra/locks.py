@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import os
 import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from agd_cli.infra import ui
+from filelock import FileLock, Timeout
+
 from agd_cli.infra.errors import LockedError
 from agd_cli.infra.io import read_json, write_json
+
+logger = logging.getLogger(__name__)
 
 RUN_LOCK = ".agd.lock"
 
@@ -61,8 +65,6 @@ def _alive(holder: dict) -> bool | None:
 @contextlib.contextmanager
 def run_lock(folder: str | Path, command: str, name: str = RUN_LOCK) -> Iterator[dict]:
     """Hold the run folder's lock for the block, or fail at once naming the holder."""
-    from filelock import FileLock, Timeout
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path, sidecar = folder / name, folder / f"{name}.json"
@@ -80,7 +82,7 @@ def run_lock(folder: str | Path, command: str, name: str = RUN_LOCK) -> Iterator
     try:
         stale = _read_holder(sidecar)
         if stale is not None:
-            ui.warn(f"taking over the lock of {describe(stale)}, which ended without releasing it")
+            logger.warning(f"taking over the lock of {describe(stale)}, which ended without releasing it")
         me = holder_info(command)
         write_json(sidecar, me)
         yield me

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import random
 import shutil
@@ -22,10 +23,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from agd_cli.infra import ui
 from agd_cli.infra.errors import DataError
-from agd_cli.infra.io import fsync_file, read_json, save_tensors, write_json
+from agd_cli.infra.io import fsync_file, read_json, write_json
+from agd_cli.infra.tensor_files import save_tensors
+from agd_cli.train.data import ShuffledSampler
+from agd_cli.train.output import read_jsonl, write_jsonl
 from agd_cli.train.settings import lr_at
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "agd-checkpoint/1"
 DAMAGED = "damaged"  # unreadable checkpoints are moved here on resume
@@ -206,7 +211,7 @@ def latest_checkpoint(root: str | Path, set_aside: bool = False
             return path, load_checkpoint(path)
         except DataError as e:
             where = f"; moved it to {move_aside(path)}" if set_aside else ""
-            ui.warn(f"{e.message}{where}; trying an older checkpoint")
+            logger.warning(f"{e.message}{where}; trying an older checkpoint")
     return None
 
 
@@ -257,7 +262,7 @@ class RunCheckpoints:
         """--no-resume: old checkpoints and metrics of this run folder go."""
         if self.tr.main:
             if self.dir.exists():
-                ui.info(f"--no-resume: removing the old checkpoints in {self.dir}")
+                logger.info(f"--no-resume: removing the old checkpoints in {self.dir}")
                 shutil.rmtree(self.dir)
             self.tr.metrics_path.unlink(missing_ok=True)
         self.tr.barrier()
@@ -278,14 +283,11 @@ class RunCheckpoints:
         self.check_resumable(path, state)
         self._restore(adapter_state, opt_state, state)
         if tr.main:
-            ui.info(f"resuming from step {tr.step} ({path})")
+            logger.info(f"resuming from step {tr.step} ({path})")
         return True
 
     def _restore(self, adapter_state: dict, opt_state: dict, state: dict) -> None:
         """Put the trainer where the checkpoint left it; the metrics log back to that step."""
-        from agd_cli.train.data import ShuffledSampler
-        from agd_cli.train.output import read_jsonl, write_jsonl
-
         tr = self.tr
         tr.den.adapters.load_state_dict(adapter_state)
         tr.opt.load_state_dict(opt_state)
@@ -307,7 +309,7 @@ class RunCheckpoints:
             metrics.unlink(missing_ok=True)  # a run killed before its first checkpoint
             return
         kept = move_aside(metrics, self.dir / DAMAGED)
-        ui.warn(f"no readable checkpoint in {self.dir}: training starts again at step 0; "
+        logger.warning(f"no readable checkpoint in {self.dir}: training starts again at step 0; "
                 f"the old metrics log was moved to {kept}")
 
     def last_step(self) -> int | None:

@@ -10,16 +10,19 @@ of one trajectory are strongly correlated, so a step split would leak.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 from agd_cli.collect.store import IDENTITY_KEYS, TrajectoryStore
-from agd_cli.infra import ui
 from agd_cli.infra.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 REQUIRED = ("x", "target", "timesteps", "omega", "trajectory_id", "cond_row")
 RAM_FRACTION = 0.25  # hold x/target in RAM when they take at most this share of physical memory
@@ -184,7 +187,7 @@ class TrajectoryData:
             if seen != path:
                 keep[r], first = False, first or seen
         if first is not None:
-            ui.warn(f"shard {path} repeats {int((~keep).sum())} trajectories of {first} (a copy "
+            logger.warning(f"shard {path} repeats {int((~keep).sum())} trajectories of {first} (a copy "
                     "of the same collection?): training on each once")
         return keep
 
@@ -199,15 +202,13 @@ class TrajectoryData:
     def _maybe_load(self, in_memory: bool | None, processes: int) -> None:
         big = sum(s.path.stat().st_size for s in self._shards)
         if in_memory is None:  # every process of a multi-process run holds its own copy
-            import psutil  # portable: os.sysconf does not exist on Windows
-
             in_memory = big * processes <= RAM_FRACTION * psutil.virtual_memory().total
         self.in_memory = in_memory
         if in_memory:
             for s in self._shards:
                 s.load()
         else:
-            ui.info(f"collection is {big / 2**30:.1f} GiB: reading batches from memory-mapped shards")
+            logger.info(f"collection is {big / 2**30:.1f} GiB: reading batches from memory-mapped shards")
 
     # --- sizes and splits ------------------------------------------------------------------
     @property
@@ -266,7 +267,7 @@ def unique_roots(roots: Sequence[str | Path]) -> list[Path]:
         root = collection_root(r)
         key = os.path.normcase(str(root.resolve()))
         if key in out:
-            ui.warn(f"'{r}' is the collection {out[key]} again: reading it once")
+            logger.warning(f"'{r}' is the collection {out[key]} again: reading it once")
         else:
             out[key] = root
     return list(out.values())

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 META = torch.device("meta")
@@ -82,11 +83,9 @@ def efficient_attention():
 def estimate_train_step(den, adapters, inputs: dict, make_step, optimizer: str) -> dict:
     """Peak bytes over two training steps, and FLOPs per sample, of a meta-device denoiser.
 
-    `make_step(params, opt)` returns one training step, `step(inputs)` (memory.train_step_of:
+    `make_step(params, opt)` returns one training step, `step(inputs)` (probe.train_step_of:
     the step `agd train` takes); torch AdamW stands in for AdamW8bit
     (no meta kernels) and its state is then rescaled to 8-bit size."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     params = [p for p in adapters.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)  # foreach temporaries are fused on CUDA
     step = make_step(params, opt)

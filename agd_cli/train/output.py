@@ -14,7 +14,11 @@ from pathlib import Path
 
 import torch
 
+from agd_cli.config.workspace import ADAPTER
+from agd_cli.core.sampling import initial_noise, sample_images
+from agd_cli.infra.images import make_grid, save_png, to_pil
 from agd_cli.infra.io import atomic_path, json_line, naming
+from agd_cli.train.plots import loss_curve
 
 
 def gap_closed(val_loss: float | None, no_adapter: float | None) -> float | None:
@@ -68,9 +72,6 @@ class Previews:
     @torch.no_grad()
     def write(self, den, data, step: int) -> Path | None:
         """One PNG for `step` (None when the collection has no unconditional branch)."""
-        from agd_cli.core.sampling import initial_noise, sample_images
-        from agd_cli.infra.images import make_grid, save_png, to_pil
-
         if data.uncond is None:
             return None
         sp = den.preset.sampling
@@ -120,15 +121,11 @@ def run_summary(tr, seconds: float, train_loss: float | None) -> dict:
 
 def adapter_path(tr) -> Path:
     """Where the run's adapter file goes."""
-    from agd_cli.config.workspace import ADAPTER
-
     return tr.run / ADAPTER
 
 
 def write_adapter(tr, summary: dict) -> None:
     """The adapter file with its metadata, and the loss curve (main process only)."""
-    from agd_cli.train.plots import loss_curve
-
     s = tr.s
     meta = tr.den.adapter_metadata(
         train_steps=tr.step, val_loss=tr.last_val, val_loss_no_adapter=tr.val_no_adapter,

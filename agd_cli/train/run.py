@@ -18,15 +18,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
 
 import torch
+from rich.progress import TextColumn
 
 from agd_cli.config import checks
 from agd_cli.config.presets import Preset
 from agd_cli.core.guidance import per_sample, swapped_roles
+from agd_cli.families import FAMILY_CLASSES
 from agd_cli.infra import ui
 from agd_cli.infra.errors import DataError, InputError, Interrupted
 from agd_cli.infra.locks import run_lock
@@ -50,6 +53,8 @@ from agd_cli.train.setup import (
     recorded_preset,
 )
 from agd_cli.train.step import AdapterStep, make_optimizer
+
+logger = logging.getLogger(__name__)
 
 MAX_VAL_SAMPLES = 512  # validation cost stays bounded on big collections
 SWAP_MIN_OMEGA = 1.5  # swapped targets divide by ω − 1: fp16 targets stay exact enough above it
@@ -256,8 +261,6 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to `steps`, validating and checkpointing on the way; returns the summary."""
-        from rich.progress import TextColumn
-
         t0, first = time.time(), self.step
         if self.val_no_adapter is None and self.step == 0:
             self.val_no_adapter = self.evaluate(adapters=False)  # the baseline: base cond. only
@@ -312,8 +315,6 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
               adapter_kind: str | None = None, device: str = "auto",
               workdir: str = "agd-runs") -> dict:
     """Train adapters on collected trajectories; returns the summary `agd train --json` prints."""
-    from agd_cli.families import FAMILY_CLASSES
-
     flags = {k: v for k, v in locals().items() if k not in ("run", "data", "preset", "device",
                                                              "workdir", "resume")}
     checks.seed(seed)  # the flags that need no preset, before looking for data
@@ -376,15 +377,15 @@ def trained_omega_range(data: TrajectoryData) -> list[float]:
 def _announce(tr: Trainer, roots: list[Path], preset_flag: str | None) -> None:
     s = tr.s
     origin = "--preset" if preset_flag else "recorded with the collection"
-    ui.info(f"training {s.adapter.kind} adapters for preset '{tr.den.preset.name}' ({origin}) "
+    logger.info(f"training {s.adapter.kind} adapters for preset '{tr.den.preset.name}' ({origin}) "
             f"({sum(p.numel() for p in tr.params):,} params) on {tr.data.num_trajectories} "
             f"trajectories from {', '.join(map(str, roots))}: {tr.n_train_traj} train / "
             f"{tr.n_val_traj} val trajectories ({tr.n_train} / {tr.n_val} samples)")
-    ui.info(f"steps {s.steps}, batch {s.batch_size} × accum {s.grad_accum}, lr {s.lr:g}, "
+    logger.info(f"steps {s.steps}, batch {s.batch_size} × accum {s.grad_accum}, lr {s.lr:g}, "
             f"{tr.optimizer_name}, {s.precision}, gradient checkpointing "
             f"{'on' if s.gradient_checkpointing else 'off'}, {tr.world} process(es) on "
             f"{tr.device}; results in {tr.run}")
     if tr.device.type == "cpu" and s.precision != "fp32":
-        ui.info(f"note: on CPU the base computes in fp32 ({s.precision} applies on CUDA)")
+        logger.info(f"note: on CPU the base computes in fp32 ({s.precision} applies on CUDA)")
     if tr.resumed_from is None and tr.step == 0:
-        ui.info(f"starting from fresh adapters (seed {s.seed})")
+        logger.info(f"starting from fresh adapters (seed {s.seed})")

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from agd_cli.config import checks
-from agd_cli.config.presets import AdapterConfig, Preset
+from agd_cli.config.presets import Preset
+from agd_cli.core.adapter_config import AdapterConfig
 
 # below this ω − 1 the loss weight stops growing: targets are stored in fp16, so the error of an
 # adapter whose output is scaled by (ω − 1) ≈ 0 is storage noise, not signal

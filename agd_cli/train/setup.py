@@ -6,25 +6,31 @@ and the process group). The loop itself lives in train.py.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 import torch
+from accelerate import Accelerator
 
-from agd_cli.config.presets import Preset
-from agd_cli.infra import ui
+from agd_cli.collect.store import TrajectoryStore
+from agd_cli.config.presets import Preset, load_preset, preset_from_record
+from agd_cli.config.workspace import latest_collection
+from agd_cli.families import load_denoiser, resolve_device
 from agd_cli.infra.errors import DataError, InputError
 from agd_cli.train.data import collection_root, unique_roots
+from agd_cli.train.probe import measure_in_process
 
 if TYPE_CHECKING:
     from agd_cli.train.settings import TrainSettings
 
+logger = logging.getLogger(__name__)
+
 
 def locate(run: str | None, data: tuple | list, workdir: str) -> tuple[Path, list[Path]]:
     """(run folder that receives the results, trajectory folders to train on)."""
-    from agd_cli.config.workspace import latest_collection
-
     if run:
         run_path = Path(run)
         if not data and not run_path.is_dir():
@@ -43,9 +49,6 @@ def locate(run: str | None, data: tuple | list, workdir: str) -> tuple[Path, lis
 
 def recorded_preset(roots: list[Path], override: str | None) -> Preset:
     """The preset the collection was recorded with; --preset may override it for the same base."""
-    from agd_cli.collect.store import TrajectoryStore
-    from agd_cli.config.presets import load_preset, preset_from_record
-
     configs = [TrajectoryStore(r).manifest().get("config", {}) for r in roots]
     bases = {(c.get("family"), c.get("base_model")) for c in configs}
     if len(bases) > 1:
@@ -71,14 +74,12 @@ def recorded_preset(roots: list[Path], override: str | None) -> Preset:
 
 def prepare_denoiser(preset: Preset, device: torch.device, settings: TrainSettings):
     """Frozen base in half precision and eval mode, fast attention, fresh fp32 adapters."""
-    from agd_cli.families import load_denoiser
-
     den = load_denoiser(preset, device=device, dtype=settings.precision, text=False)
     if device.type == "cuda":
         # the adapters hook the attention modules, so any processor set here keeps them
         with contextlib.suppress(Exception):
             den.model.enable_xformers_memory_efficient_attention()
-            ui.info("attention: xformers")
+            logger.info("attention: xformers")
     if settings.gradient_checkpointing:
         if not getattr(den.model, "_supports_gradient_checkpointing", False):
             raise InputError(f"--gradient-checkpointing: {type(den.model).__name__} does not support it",
@@ -99,15 +100,11 @@ def check_cpu_memory(preset: Preset, settings: TrainSettings, device: torch.devi
     batches above the presets' sizes are checked."""
     if device.type != "cpu" or settings.batch_size <= CPU_CHECKED_ABOVE:
         return
-    import psutil
-
-    from agd_cli.bench.memory import measure_in_process
-
     try:
         est = measure_in_process(preset, settings.precision, settings.optimizer,
                                  settings.gradient_checkpointing, settings.batch_size, "meta", None)
     except Exception as e:  # noqa: BLE001 - a model the estimate cannot build is not the user's error
-        ui.warn(f"could not estimate the memory of a training step at batch size "
+        logger.warning(f"could not estimate the memory of a training step at batch size "
                 f"{settings.batch_size} ({type(e).__name__}); training without the check")
         return
     need, free = est["peak_bytes"], psutil.virtual_memory().available
@@ -122,10 +119,6 @@ def check_cpu_memory(preset: Preset, settings: TrainSettings, device: torch.devi
 
 def process_accelerator(device: str):
     """HF accelerate state: device placement and the process group (no-op for one process)."""
-    from accelerate import Accelerator
-
-    from agd_cli.families import resolve_device
-
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         torch.cuda.set_device(dev)  # one process: accelerate's device is "the current GPU"

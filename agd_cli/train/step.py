@@ -10,11 +10,12 @@ The optimizer choice (AdamW8bit or torch AdamW) lives here too.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
 
-from agd_cli.infra import ui
+logger = logging.getLogger(__name__)
 
 GRAD_CLIP = 1.0  # global-norm clip: early Xavier-initialised adapters can spike
 
@@ -29,7 +30,7 @@ def make_optimizer(params: list, name: str, lr: float, weight_decay: float,
 
             return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay), "adamw8bit"
         if say:
-            ui.warn(f"AdamW8bit (bitsandbytes) does not run on {device.type} here ({problem}); "
+            logger.warning(f"AdamW8bit (bitsandbytes) does not run on {device.type} here ({problem}); "
                     "using torch AdamW (4x the optimizer-state memory)")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "adamw"
 

@@ -1,0 +1,15 @@
+"""The closed name lists agd's flags, presets and checks share, written down once.
+
+Pure data (no torch): `agd --help` and click.Choice read it without loading anything heavy.
+"""
+
+from __future__ import annotations
+
+FAMILIES = ("sd", "sdxl", "dit", "sd3", "pixart", "sana")
+UNET_FAMILIES = ("sd", "sdxl")  # the UNet families; the rest are diffusion transformers
+ADAPTER_KINDS = ("cross_attention", "offset")
+ADAPTER_INPUTS = ("omega", "timestep", "condition")
+SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "ddpm", "unipc", "heun", "flow-euler")
+DTYPES = ("fp16", "bf16", "fp32")
+OPTIMIZERS = ("adamw8bit", "adamw")
+RANDOM_BASE = "random:"  # a base built from the preset's config: "random:<preset name>"
