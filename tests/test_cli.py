@@ -191,3 +191,44 @@ def test_the_new_flag_wins_over_its_deprecated_alias(monkeypatch, capsys, tmp_pa
     monkeypatch.setattr(train, "run_train", lambda **kw: seen.update(kw) or {"processes": 1})
     main(["train", "--dtype", "fp32", "--precision", "bf16", "--workdir", str(tmp_path), "--json"])
     assert seen["precision"] == "fp32" and "deprecated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["bench", "--optimizer", "adamw"], "--optimizer applies to `agd bench --memory` only"),
+    (["bench", "--compare-cfg", "--train-batch-size", "2"], "--train-batch-size applies to"),
+    (["bench", "--memory", "--preset", "tiny-sd", "--seeds", "0-3"],
+     "--seeds applies to `agd bench --compare-cfg` only"),
+])
+def test_bench_refuses_an_option_its_mode_would_ignore(argv, named, tmp_path):
+    out = run_agd(*argv, "--json", cwd=tmp_path)
+    assert out.returncode == 2 and json.loads(out.stdout)["error"].startswith(named.split(" only")[0])
+
+
+def test_renamed_flags_reach_the_same_parameter(monkeypatch, capsys, tmp_path):
+    """collect --out -> --run, train --steps -> --max-steps, generate --cfg -> --mode cfg,
+    bench --grid -> --out: the old spelling still works, with one note on stderr."""
+    from agd_cli.cli import main
+    from agd_cli.collect import run as collect
+    from agd_cli.generate import run as generate
+    from agd_cli.train import run as train
+
+    seen = {}
+    monkeypatch.setattr(collect, "run_collect", lambda **kw: seen.update(kw) or {})
+    monkeypatch.setattr(train, "run_train", lambda **kw: seen.update(kw) or {"processes": 1})
+    monkeypatch.setattr(generate, "run_generate", lambda prompts, **kw: seen.update(kw) or {})
+    for argv, key, value in ((["collect", "--preset", "tiny-sd", "--out", "r1"], "out", "r1"),
+                             (["collect", "--preset", "tiny-sd", "--run", "r2"], "out", "r2"),
+                             (["train", "--steps", "7"], "steps", 7),
+                             (["train", "--max-steps", "8"], "steps", 8),
+                             (["generate", "x", "--cfg"], "cfg", True),
+                             (["generate", "x", "--mode", "cfg"], "cfg", True),
+                             (["generate", "x"], "cfg", False)):
+        seen.clear()
+        try:
+            main([*argv, "--workdir", str(tmp_path), "--json"])
+        except SystemExit as e:
+            assert e.code == 0, argv
+        assert seen[key] == value, argv
+    err = capsys.readouterr().err
+    assert "--out is deprecated, use --run" in err and "--steps is deprecated, use --max-steps" in err
+    assert "--cfg is deprecated, use --mode cfg" in err

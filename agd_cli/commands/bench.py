@@ -95,6 +95,7 @@ def command(compare_cfg: bool, memory: bool, as_json: bool, workdir: str, **kwar
     from agd_cli.infra import ui
 
     compare = compare_cfg or kwargs["quality"] or kwargs["negatives"] or not memory
+    _check_mode_options(click.get_current_context(), compare, memory)
     dtype = kwargs.pop("dtype")  # one --dtype: compare's model dtype, --memory's training one
     report = run_bench(compare_cfg=compare, memory=memory, workdir=workdir,
                        dtype=dtype or "fp16", precision=dtype, **kwargs)
@@ -112,3 +113,24 @@ def command(compare_cfg: bool, memory: bool, as_json: bool, workdir: str, **kwar
     if "memory" in report:
         peak = {k: v for k, v in report["memory"].items() if k.endswith("bytes")}
         ui.result("training step memory: " + ", ".join(f"{k} {v}" for k, v in peak.items()))
+
+
+# Options that belong to one mode only: given to the other, they are refused, not ignored.
+MEMORY_ONLY = ("optimizer", "checkpointing", "train_batch_size")
+COMPARE_ONLY = ("prompts", "n", "steps", "omegas", "seeds", "baselines", "cutoff", "batch_size",
+                "throughput_batch", "repeats", "scheduler", "grid", "threads", "quality",
+                "negative_prompt", "negatives", "quality_samples", "quality_batch", "quality_seed")
+
+
+def _check_mode_options(ctx: click.Context, compare: bool, memory: bool) -> None:
+    """Refuse an option the chosen mode(s) would silently ignore (exit 2, the option named)."""
+    from agd_cli.infra.errors import InputError
+
+    given = {p.name: p.opts[0] for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE}
+    wrong = ([(n, "--memory") for n in MEMORY_ONLY if n in given and not memory]
+             + [(n, "--compare-cfg") for n in COMPARE_ONLY if n in given and not compare])
+    if wrong:
+        name, mode = wrong[0]
+        raise InputError(f"{given[name]} applies to `agd bench {mode}` only",
+                         hint=f"add {mode}, or drop {given[name]}")

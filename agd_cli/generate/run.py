@@ -30,8 +30,8 @@ from agd_cli.config import checks, workspace
 from agd_cli.config.presets import Preset
 from agd_cli.core import sampling
 from agd_cli.core.adapter_file import AdapterFile
+from agd_cli.core.conditions import cond_select
 from agd_cli.families import (
-    cond_select,
     load_denoiser,
     resolve_device,
     resolve_dtype,
