@@ -1,7 +1,7 @@
 """Is agd's under-shoot at low ω a scale error? Sample with the adapters' gain scaled to
 κ·(ω − 1) and compare with real CFG from the same seeds: accuracy (the shipped digit classifier)
 and the mean squared difference to CFG's sample. `mnist` adapters only; a trial, not an agd
-option (README: "Is the under-shoot a scale error?").
+option (docs/experiments.md: "Is the under-shoot a scale error?").
 
     python benchmarks/gain_scale.py ADAPTER -w 1.25,1.5,2,3 --kappa 1,1.25,1.5,2 -n 200
 """

@@ -6,7 +6,7 @@ import functools
 
 import click
 
-# The flag vocabulary (README, "Everyday use"): one name per concept in every command.
+# The flag vocabulary (docs/usage.md, "The four commands"): one name per concept in every command.
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (CUDA when present, else the CPU)."
 
 
