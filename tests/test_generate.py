@@ -157,9 +157,9 @@ def test_latest_adapter_said_and_notices(ws, capsys):
 # --- rerun after Ctrl-C: resume, never clobber ---------------------------------------------------
 def _interrupt_at_image(monkeypatch, n: int) -> None:
     """Ctrl-C while image n (1-based) is being made: the n - 1 before it are written."""
-    import agd_cli.infra.images
+    import agd_cli.generate.run
 
-    real, calls = agd_cli.infra.images.save_png, []
+    real, calls = agd_cli.generate.run.save_png, []
 
     def save_then_stop(image, path, metadata=None):
         calls.append(path)
@@ -167,7 +167,7 @@ def _interrupt_at_image(monkeypatch, n: int) -> None:
             raise KeyboardInterrupt
         return real(image, path, metadata)
 
-    monkeypatch.setattr(agd_cli.infra.images, "save_png", save_then_stop)
+    monkeypatch.setattr(agd_cli.generate.run, "save_png", save_then_stop)
 
 
 def test_rerun_after_ctrl_c_resumes_and_says_so(ws, tmp_path, capsys, monkeypatch):

@@ -35,6 +35,20 @@ class FloatFlag(click.ParamType):
 
 FLOAT = FloatFlag()
 
+
+class NamedChoice(click.Choice):
+    """A closed set of names, listed in --help; a bad one is agd's own error (exit 2), naming
+    the value as written: "unknown scheduler 'plms'", hint: the names to choose from."""
+
+    def __init__(self, choices, what: str):
+        super().__init__(choices)
+        self.what = what
+
+    def convert(self, value, param, ctx):
+        from agd_cli.config.checks import choice
+
+        return choice(value, self.choices, self.what)
+
 # hidden option name -> (old flag, new flag, the new flag's parameter name)
 DEPRECATED: dict[str, tuple[str, str, str]] = {}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alias
+from agd_cli.commands import DEVICE_HELP, FLOAT, NamedChoice, common_options, deprecated_alias
 from agd_cli.config.vocab import DTYPES, OPTIMIZERS, SCHEDULERS
 
 
@@ -41,7 +41,7 @@ from agd_cli.config.vocab import DTYPES, OPTIMIZERS, SCHEDULERS
                    "--batch-size (latency); 0 skips it.")
 @click.option("--repeats", type=int, default=1, show_default=True,
               help="Time every image this many times (steadier medians on a busy machine).")
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None, help="Sampler [preset].")
+@click.option("--scheduler", type=NamedChoice(SCHEDULERS, "scheduler"), default=None, help="Sampler [preset].")
 @click.option("--out", "grid", type=click.Path(dir_okay=False),
               help="Where to write the comparison grid PNG [RUN/bench/compare-cfg.png].")
 @deprecated_alias("--grid", "--out", "grid", type=click.Path(dir_okay=False))

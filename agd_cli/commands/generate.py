@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alias
+from agd_cli.commands import DEVICE_HELP, FLOAT, NamedChoice, common_options, deprecated_alias
 from agd_cli.config.vocab import DTYPES, SCHEDULERS
 
 
@@ -21,7 +21,7 @@ from agd_cli.config.vocab import DTYPES, SCHEDULERS
                    "same family, e.g. a fine-tune); without --run/--adapter, the adapter of its "
                    "run folder.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the preset's).")
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None,
+@click.option("--scheduler", type=NamedChoice(SCHEDULERS, "scheduler"), default=None,
               help="Sampler (default: the preset's).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the first image; image k of a prompt uses seed + k.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alias
+from agd_cli.commands import DEVICE_HELP, FLOAT, NamedChoice, common_options, deprecated_alias
 from agd_cli.config.vocab import ADAPTER_KINDS, DTYPES, OPTIMIZERS
 
 
@@ -36,7 +36,7 @@ from agd_cli.config.vocab import ADAPTER_KINDS, DTYPES, OPTIMIZERS
               help="Continue from the last checkpoint of the run folder, if any.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Adapter init, validation split and data order.")
-@click.option("--adapter-kind", type=click.Choice(ADAPTER_KINDS), help="Adapter kind (preset default).")
+@click.option("--adapter-kind", type=NamedChoice(ADAPTER_KINDS, "adapter kind"), help="Adapter kind (preset default).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @common_options
 def command(as_json: bool, workdir: str, **flags) -> None:
