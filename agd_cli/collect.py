@@ -76,16 +76,10 @@ def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> 
 
 # --- 3. teacher and conditions -----------------------------------------------------------------
 def _fast_attention(den) -> str:
-    """xformers on CUDA when installed; otherwise diffusers' default PyTorch SDPA processors."""
-    if den.device.type != "cuda":
-        return "sdpa"
-    try:
-        import xformers  # noqa: F401
+    """xformers where it computes the same model (families/attention.py), else PyTorch SDPA."""
+    from agd_cli.families.attention import use_fast_attention
 
-        den.model.enable_xformers_memory_efficient_attention()
-        return "xformers"
-    except Exception:  # noqa: BLE001 - not installed or no kernel for this GPU: SDPA is fine
-        return "sdpa"
+    return use_fast_attention(den)
 
 
 def _for_storage(cond: dict) -> dict:

@@ -5,7 +5,6 @@ and the process group). The loop itself lives in train.py.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,13 +71,11 @@ def recorded_preset(roots: list[Path], override: str | None) -> Preset:
 def prepare_denoiser(preset: Preset, device: torch.device, settings: TrainSettings):
     """Frozen base in half precision and eval mode, fast attention, fresh fp32 adapters."""
     from agd_cli.families import load_denoiser
+    from agd_cli.families.attention import use_fast_attention
 
     den = load_denoiser(preset, device=device, dtype=settings.precision, text=False)
-    if device.type == "cuda":
-        # the adapters hook the attention modules, so any processor set here keeps them
-        with contextlib.suppress(Exception):
-            den.model.enable_xformers_memory_efficient_attention()
-            ui.info("attention: xformers")
+    if use_fast_attention(den) == "xformers":  # only where it is the same model
+        ui.info("attention: xformers")
     if settings.gradient_checkpointing:
         if not getattr(den.model, "_supports_gradient_checkpointing", False):
             raise InputError(f"--gradient-checkpointing: {type(den.model).__name__} does not support it",
