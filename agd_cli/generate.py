@@ -166,9 +166,8 @@ def _offload_to(den, device, dtype) -> None:
     from accelerate import cpu_offload_with_hook
 
     vae = None if den.preset.pixel_space else den.vae_model()  # built on the CPU, offloaded too
+    # text encoders were loaded in their own dtypes (T5's `wo` in fp32): moved, never cast
     modules = [m for m in den.text.values() if isinstance(m, torch.nn.Module)]
-    for m in modules:
-        m.to(dtype)
     den.model.to(dtype)
     den.adapters.to(device, dtype)  # small: they live on the GPU
     den.device, den.dtype = device, dtype
@@ -267,9 +266,16 @@ def plan_generation(f: GenerateFlags) -> Plan:
     plan = Plan(path, file, base, jobs, distinct, omega, check_omega_range(omega, file),
                 mode, f.steps or int(base.sampling["steps"]),
                 f.scheduler or base.sampling["scheduler"], f.batch_size or DEFAULT_BATCH_SIZE,
-                height, width, folder, single, negative, f.dtype or "fp16", note)
+                height, width, folder, single, negative, f.dtype or default_dtype(base), note)
     place_jobs(plan)
     return plan
+
+
+def default_dtype(base: Preset) -> str:
+    """The model's half precision when no --dtype is given: the preset's (bf16 for models
+    trained in bf16, as SD 3.5), else fp16."""
+    own = base.collect.get("dtype", "fp16")
+    return own if own in ("fp16", "bf16") else "fp16"
 
 
 def negative_mode(file: AdapterFile) -> tuple[str, str]:

@@ -28,6 +28,7 @@ from agd_cli import checks, ui
 from agd_cli.checkpoint import RunCheckpoints
 from agd_cli.data import Batch, ShuffledSampler, TrajectoryData
 from agd_cli.errors import DataError, InputError, Interrupted
+from agd_cli.families.precision import resolve_precision
 from agd_cli.guidance import per_sample, swapped_roles
 from agd_cli.locks import run_lock
 from agd_cli.presets import Preset
@@ -339,7 +340,9 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
     if not trajectories.has_negatives:
         settings.negative_swap_share = 0.0
     settings.adapter.omega_range = trained_omega_range(trajectories)
-    # 3. The model: frozen base + fresh adapters on this process's device
+    # 3. The model: frozen base + fresh adapters on this process's device; a card without
+    # bf16 trains in fp16 with loss scaling instead (said once)
+    settings.precision = resolve_precision(settings.precision, process_device(acc))
     check_cpu_memory(preset_obj, settings, process_device(acc))
     den = prepare_denoiser(preset_obj, process_device(acc), settings)
     if trajectories.sample_shape[0] != den.in_channels:

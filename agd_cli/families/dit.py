@@ -33,7 +33,7 @@ class DiTDenoiser(Denoiser):
         return model, {"id2label": {}}, arch["scheduler"], arch.get("vae")
 
     @classmethod
-    def _load_pretrained(cls, preset, source, text, dtype):
+    def _load_pretrained(cls, preset, source, text, dtype, text_dtypes=None):
         from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
         if is_single_file(source):
@@ -42,7 +42,7 @@ class DiTDenoiser(Denoiser):
         base = open_base(preset, source)
         model = base.model(DiTTransformer2DModel, "transformer", dtype)
         try:
-            id2label = dict(DiTPipeline.load_config(source).get("id2label") or {})
+            id2label = dict(base.config(DiTPipeline, "").get("id2label") or {})
         except (OSError, ValueError):
             id2label = {}
         return (model, {"id2label": id2label}, base.config(DDIMScheduler, "scheduler"),

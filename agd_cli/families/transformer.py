@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from agd_cli.errors import ModelError
-from agd_cli.families.base import Denoiser, _load_scheduler_config, _seeded, _vae_config
+from agd_cli.families.base import Denoiser, _seeded, _vae_config
 from agd_cli.families.weights import open_base
 
 
@@ -39,18 +39,22 @@ class TextTransformerDenoiser(Denoiser):
         raise NotImplementedError
 
     @classmethod
-    def _load_pretrained(cls, preset, source, text, dtype):
+    def text_part_names(cls) -> tuple[str, ...]:
+        return tuple(n for n in cls.text_parts if not n.startswith("tokenizer"))
+
+    @classmethod
+    def _load_pretrained(cls, preset, source, text, dtype, text_dtypes=None):
         import diffusers
         import transformers
 
-        base = open_base(preset, source)  # safetensors only, fp16 variant for half loads
+        base = open_base(preset, source)  # safetensors only, the variant that fits the dtype
         model = base.model(getattr(diffusers, cls.model_class), cls.model_subfolder, dtype)
-        parts = {}
+        parts, dtypes = {}, text_dtypes or {}
         for name, cls_name in (cls.text_parts.items() if text else ()):
             loader = getattr(transformers, cls_name)
             parts[name] = (base.tokenizer(loader, name) if name.startswith("tokenizer")
-                           else base.text_encoder(loader, name, dtype))
-        return model, parts, _load_scheduler_config(source), _vae_config(source)
+                           else base.text_encoder(loader, name, dtypes.get(name, dtype)))
+        return model, parts, base.config(diffusers.DDIMScheduler, "scheduler"), _vae_config(base)
 
     def _encoder_pipeline(self):
         """The family's diffusers pipeline holding only the text parts (no weights copied)."""
