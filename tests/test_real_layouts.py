@@ -326,6 +326,12 @@ def test_pixart_layout_loads_the_spiece_tokenizer_and_keeps_wo_fp32(tmp_path):
     assert den.model.dtype == torch.float16 and _same(den.model, src.model.half())
     cond = den.encode(["a lighthouse on a cliff at dusk"])
     assert cond["prompt_embeds"].isfinite().all() and cond["prompt_mask"].sum() > 1
+    # generate --offload places the same parts (here on the CPU, the hooks' device): moved only
+    from agd_cli.generate import _offload_to
+
+    den.new_adapters()
+    _offload_to(den, CPU, torch.float16)
+    assert _wo_dtypes(den.text["text_encoder"]) == {torch.float32}
 
 
 def test_random_t5_is_cast_as_transformers_would_load_it():
