@@ -8,7 +8,8 @@ attention is plain softmax attention that xformers reproduces:
   * pixart: no. Its cross-attention takes the T5 mask (300 tokens), and xformers refuses that
     bias ("attn_bias.stride(-2) % 8 != 0"): collect would crash on the first batch;
   * sana: no. Its self-attention is *linear* attention; diffusers' xformers switch replaces it
-    with softmax attention, a different model (outputs moved by up to 0.26 in a tiny test).
+    with softmax attention, a different model (issue 31: outputs moved by up to 0.26 in a
+    tiny experiment).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ Three rules, one place:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ from agd_cli import hardware
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 _SAID: set[str] = set()  # fallbacks already announced in this process
+logger = logging.getLogger(__name__)
 
 
 def resolve_precision(name: str, device: torch.device | str) -> str:
@@ -28,11 +31,9 @@ def resolve_precision(name: str, device: torch.device | str) -> str:
     dev = torch.device(device)
     usable = hardware.usable_precision(name, dev)
     if usable != name and name not in _SAID:
-        from agd_cli import ui
-
         _SAID.add(name)
-        ui.warn(f"this GPU ({dev}) has no bf16: running in fp16 instead (training scales its "
-                "loss, as for --dtype fp16)")
+        logger.warning(f"this GPU ({dev}) has no bf16: running in fp16 instead (training "
+                       "scales its loss, as for --dtype fp16)")
     return usable
 
 
