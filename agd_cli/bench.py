@@ -276,9 +276,11 @@ def run_bench(flags: BenchFlags | None = None, /, **kwargs) -> dict:
         if plan is None:
             return report
         from agd_cli.families import load_with_adapters
+        from agd_cli.families.precision import preset_half_precision
 
         ui.info(f"loading {plan.preset.name} with adapters from {plan.adapter}")
-        den = load_with_adapters(plan.file, device=f.device, dtype=f.dtype, base=plan.preset)
+        den = load_with_adapters(plan.file, device=f.device, base=plan.preset,
+                                 dtype=f.dtype or preset_half_precision(plan.preset))
         report.update(run_compare(den, plan))
         if show_table:
             from agd_cli.bench_report import print_table

@@ -24,6 +24,7 @@ from pathlib import Path
 from agd_cli import checks, ui, workspace
 from agd_cli.adapter_file import AdapterFile
 from agd_cli.errors import InputError, Interrupted
+from agd_cli.families.precision import preset_half_precision
 from agd_cli.families.spec import FamilySpec
 from agd_cli.image_files import folder_lock, image_path, image_stem, still_free
 from agd_cli.presets import Preset
@@ -266,16 +267,9 @@ def plan_generation(f: GenerateFlags) -> Plan:
     plan = Plan(path, file, base, jobs, distinct, omega, check_omega_range(omega, file),
                 mode, f.steps or int(base.sampling["steps"]),
                 f.scheduler or base.sampling["scheduler"], f.batch_size or DEFAULT_BATCH_SIZE,
-                height, width, folder, single, negative, f.dtype or default_dtype(base), note)
+                height, width, folder, single, negative, f.dtype or preset_half_precision(base), note)
     place_jobs(plan)
     return plan
-
-
-def default_dtype(base: Preset) -> str:
-    """The model's half precision when no --dtype is given: the preset's (bf16 for models
-    trained in bf16, as SD 3.5), else fp16."""
-    own = base.collect.get("dtype", "fp16")
-    return own if own in ("fp16", "bf16") else "fp16"
 
 
 def negative_mode(file: AdapterFile) -> tuple[str, str]:

@@ -391,6 +391,10 @@ def test_real_presets_run_bf16_where_the_model_was_trained_in_bf16():
     assert load_preset("sd35-large").collect["dtype"] == "bf16"
     sana = load_preset("sana-1600m")
     assert sana.collect["dtype"] == "fp16" and sana.dtypes == {"text_encoder": "bf16"}
+    from agd_cli.families.precision import preset_half_precision  # generate's and bench's default
+
+    assert [preset_half_precision(load_preset(n)) for n in ("sd35-medium", "sdxl", "mnist")] == [
+        "bf16", "fp16", "fp16"]
     with pytest.raises(InputError, match="dtypes.text_encoder"):
         from_dict({**sana.raw, "dtypes": {"text_encoder": "bfloat16"}})
     with pytest.raises(InputError, match="dtypes.unet"):

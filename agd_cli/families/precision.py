@@ -37,6 +37,13 @@ def resolve_precision(name: str, device: torch.device | str) -> str:
     return usable
 
 
+def preset_half_precision(preset) -> str:
+    """The model's half precision where no --dtype is given: the preset's own (bf16 for
+    models trained in bf16, as SD 3.5), else fp16."""
+    own = preset.collect.get("dtype", "fp16")
+    return own if own in ("fp16", "bf16") else "fp16"
+
+
 def part_dtype(preset, part: str, dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """The dtype `part` (text_encoder, text_encoder_2, …) loads in: the preset's own entry for
     it in half-precision runs, else the run's dtype. fp32 runs (and the CPU) stay fp32."""
