@@ -18,6 +18,14 @@ memory and speed are those of the real model; the images are noise.
 
 CI never runs it (no GPU there); on an H200 the stages took 36 + 69 + 25 + 121 s. On the CPU
 the memory figures are left out (null): only a dry run of the stages.
+
+With --families it checks every real preset instead (benchmarks/family_checks.py: text-encoder
+dtypes after load, e.g. T5's `wo` in fp32; the attention processors per family; non-finite
+outputs of encode, CFG, adapters and decode; the bf16 -> fp16 training fallback):
+
+    python benchmarks/gpu_check.py --families                  # -> gpu-check-families.json
+    python benchmarks/gpu_check.py --families --presets dit,pixart-sigma
+    python benchmarks/gpu_check.py --families --tiny --device cpu   # a dry run of the code
 """
 
 from __future__ import annotations
@@ -120,8 +128,29 @@ def _xformers_used(collect_summary: dict) -> bool:
     return "xformers" in str(collect_summary.get("attention") or "").lower()
 
 
+def run_families(a) -> None:
+    """--families: benchmarks/family_checks.py on the chosen presets; JSON file and a table."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import family_checks
+
+    names = (a.presets.split(",") if a.presets
+             else family_checks.TINY_PRESETS if a.tiny else family_checks.REAL_PRESETS)
+    from agd_cli.config.presets import load_preset
+
+    make = load_preset if a.tiny else random_weights  # tiny presets are random already
+    results = family_checks.run_family_checks(
+        names, a.device, make, log=lambda line: print(line, file=sys.stderr, flush=True))
+    out = a.out if a.out != "gpu-check.json" else "gpu-check-families.json"
+    Path(out).write_text(json.dumps({"device": a.device, "presets": results}, indent=2,
+                                    default=str) + "\n", encoding="utf-8")
+    print(family_checks.table(results))
+    print(f"wrote {out}")
+    if not all(r["ok"] for r in results.values()):
+        sys.exit(1)
+
+
 def main() -> None:
-    """Parse the flags, run the stages, write the JSON file."""
+    """Parse the flags, run the stages (or --families), write the JSON file."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="sdxl", help="a preset with an [architecture] section")
@@ -131,6 +160,13 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--bench-steps", type=int, default=20,
                    help="sampling steps per bench image (the preset's 50 takes longer)")
+    p.add_argument("--families", action="store_true",
+                   help="check every real preset (dtypes after load, attention, non-finite "
+                        "outputs, bf16 fallback) instead of the four stages")
+    p.add_argument("--tiny", action="store_true",
+                   help="with --families: the tiny presets (a dry run, e.g. --device cpu)")
+    p.add_argument("--presets", default=None,
+                   help="with --families: comma-separated preset names (default: all real ones)")
     a = p.parse_args()
     import torch
 
@@ -139,6 +175,9 @@ def main() -> None:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here (torch.cuda.is_available() is False); "
                  "this check needs a GPU. `agd env` says what torch sees.")
+    if a.families:
+        run_families(a)
+        return
     with tempfile.TemporaryDirectory(prefix="agd-gpu-check-") as tmp:
         workdir = Path(a.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ class BenchFlags:
     scheduler: str | None = None
     grid: str | None = None
     device: str | None = None
-    dtype: str = "fp16"                  # the comparison's model dtype
+    dtype: str | None = None             # the comparison's model dtype (None: the preset's)
     quality: bool = False
     quality_samples: int = 500
     quality_batch: int = 100

@@ -28,6 +28,7 @@ from agd_cli.core.sampling import batch_ranges, initial_noise, sample_images
 from agd_cli.evaluation.metrics import psnr, ssim
 from agd_cli.evaluation.mnist import load_evaluator
 from agd_cli.families import load_with_adapters
+from agd_cli.families.precision import preset_half_precision
 from agd_cli.infra import ui
 from agd_cli.infra.io import write_json
 from agd_cli.infra.peak_memory import PeakMemory
@@ -260,7 +261,8 @@ def run_bench(flags: BenchFlags | None = None, /, **kwargs) -> dict:
         if plan is None:
             return report
         logger.info(f"loading {plan.preset.name} with adapters from {plan.adapter}")
-        den = load_with_adapters(plan.file, device=f.device, dtype=f.dtype, base=plan.preset)
+        den = load_with_adapters(plan.file, device=f.device, base=plan.preset,
+                                 dtype=f.dtype or preset_half_precision(plan.preset))
         report.update(run_compare(den, plan))
         if show_table:
             print_table(report)

@@ -42,6 +42,7 @@ from agd_cli.config.workspace import TRAJECTORIES
 from agd_cli.core.conditions import cond_cat, cond_select
 from agd_cli.core.sampling import initial_noise, sample
 from agd_cli.families import load_denoiser, warn_truncated
+from agd_cli.families.attention import use_fast_attention
 from agd_cli.infra import ui
 from agd_cli.infra.errors import InputError, Interrupted
 from agd_cli.infra.locks import run_lock, worker_lock_name
@@ -88,16 +89,8 @@ def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> 
 
 # --- 3. teacher and conditions -----------------------------------------------------------------
 def _fast_attention(den) -> str:
-    """xformers on CUDA when installed; otherwise diffusers' default PyTorch SDPA processors."""
-    if den.device.type != "cuda":
-        return "sdpa"
-    try:
-        import xformers  # noqa: F401
-
-        den.model.enable_xformers_memory_efficient_attention()
-        return "xformers"
-    except Exception:  # noqa: BLE001 - not installed or no kernel for this GPU: SDPA is fine
-        return "sdpa"
+    """xformers where it computes the same model (families/attention.py), else PyTorch SDPA."""
+    return use_fast_attention(den)
 
 
 def _for_storage(cond: dict) -> dict:

@@ -49,7 +49,8 @@ from agd_cli.config.vocab import DTYPES, OPTIMIZERS, SCHEDULERS
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch (1 is steadiest on a busy shared CPU) [torch default].")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
-              help="Model precision on CUDA (CPU computes in fp32) [fp16; --memory: preset].")
+              help="Model precision on CUDA (CPU computes in fp32) [the preset's fp16 or bf16; "
+                   "--memory: preset].")
 @deprecated_alias("--precision", "--dtype", "dtype", type=click.Choice(DTYPES))
 @click.option("--quality", is_flag=True,
               help="Add accuracy/FID per method and ω (presets with an evaluator: mnist).")
@@ -98,7 +99,7 @@ def command(compare_cfg: bool, memory: bool, as_json: bool, workdir: str, **kwar
     _check_mode_options(click.get_current_context(), compare, memory)
     dtype = kwargs.pop("dtype")  # one --dtype: compare's model dtype, --memory's training one
     report = run_bench(compare_cfg=compare, memory=memory, workdir=workdir,
-                       dtype=dtype or "fp16", precision=dtype, **kwargs)
+                       dtype=dtype, precision=dtype, **kwargs)
     if as_json:
         ui.emit_json(report)
         return

@@ -45,7 +45,7 @@ from agd_cli.config.vocab import DTYPES, SCHEDULERS
               help="Model CPU offload: each model moves to the GPU only while it runs.")
 @click.option("--device", type=str, default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
-              help="Model precision on CUDA (CPU computes in fp32) [fp16].")
+              help="Model precision on CUDA (CPU computes in fp32) [the preset's fp16 or bf16].")
 @common_options
 def command(prompts: tuple[str, ...], as_json: bool, workdir: str, **flags) -> None:
     """Generate images for PROMPTS with a trained adapter: one forward pass per step.

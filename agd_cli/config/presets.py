@@ -88,6 +88,11 @@ def _name(v: Any) -> bool:
     return isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}", v) is not None
 
 
+def _revision(v: Any) -> bool:
+    """a branch, tag, commit or pull-request ref of the hub repository (e.g. "refs/pr/1")"""
+    return isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}", v) is not None
+
+
 def _bool(v: Any) -> bool:
     return isinstance(v, bool)
 
@@ -110,7 +115,7 @@ _inputs.__doc__ = "a non-empty list from " + ", ".join(ADAPTER_INPUTS)
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {
         "name": _name, "family": _one_of(FAMILIES), "base_model": _str, "description": _str,
-        "resolution": _pos_int, "pixel_space": _bool, "prompts": _str,
+        "resolution": _pos_int, "pixel_space": _bool, "prompts": _str, "revision": _revision,
     },
     "sampling": {
         "scheduler": _one_of(SCHEDULERS), "steps": _pos_int,
@@ -137,6 +142,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "negative_swap_share": _probability,
     },
     "memory": {"profile": _str, "vae_tiling": _bool},
+    # a part that runs in its own precision in half-precision runs (a text encoder trained in
+    # bf16 beside an fp16 transformer); fp32 runs stay fp32
+    "dtypes": {"text_encoder": _one_of(DTYPES), "text_encoder_2": _one_of(DTYPES),
+               "text_encoder_3": _one_of(DTYPES)},
 }
 ARCH_KEYS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae",
              "scheduler", "tokenizer")
@@ -153,11 +162,13 @@ class Preset:
     description: str = ""
     pixel_space: bool = False
     prompts: str | None = None
+    revision: str | None = None  # the hub revision of base_model (None: the main branch)
     sampling: dict = field(default_factory=dict)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     collect: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
+    dtypes: dict = field(default_factory=dict)  # part -> dtype name ([dtypes])
     architecture: dict = field(default_factory=dict)
     source: Path | None = None
     raw: dict = field(default_factory=dict)
@@ -257,6 +268,7 @@ def from_dict(data: dict, source: Path | None = None) -> Preset:
         pixel_space=data.get("pixel_space", False), prompts=data.get("prompts"),
         sampling=merged["sampling"], adapter=AdapterConfig(**data.get("adapter", {})),
         collect=merged["collect"], train=merged["train"], memory=merged["memory"],
+        revision=data.get("revision"), dtypes=dict(data.get("dtypes", {})),
         architecture=copy.deepcopy(data.get("architecture", {})), source=source,
         raw=copy.deepcopy(data),
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import AutoencoderKL
 from torch import nn
 
 from agd_cli.config.presets import Preset, is_random_base
@@ -18,13 +18,18 @@ from agd_cli.core.adapter_file import AdapterFile
 from agd_cli.core.adapters import AdapterSet, ContextCache, Site
 from agd_cli.core.conditions import cond_cat, cond_to
 from agd_cli.core.guidance import cfg_combine
+from agd_cli.families.precision import (
+    TORCH_DTYPES,
+    cast_like_loading,
+    resolve_precision,
+    text_dtypes,
+)
 from agd_cli.families.spec import vae_factor
-from agd_cli.families.weights import PretrainedBase, checkpoint_identity, is_single_file, open_base
+from agd_cli.families.weights import checkpoint_identity, gated_error, is_single_file, open_base
 from agd_cli.infra.errors import AgdError, DataError, InputError, ModelError
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RANDOM_SEED = 0  # random-weight bases are identical in every process
 
 
@@ -43,12 +48,13 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Half precision on CUDA; CPU kernels for fp16 are slow or missing, so CPU runs fp32."""
+    """Half precision on CUDA (bf16 falls back to fp16 on a card without it, said once); CPU
+    kernels for fp16 are slow or missing, so CPU runs fp32."""
     if name not in TORCH_DTYPES:
         raise InputError(f"unknown dtype '{name}'", hint="use fp16, bf16 or fp32")
     if device.type == "cpu" and name != "fp32":
         return torch.float32
-    return TORCH_DTYPES[name]
+    return TORCH_DTYPES[resolve_precision(name, device)]
 
 
 def _seeded(build):
@@ -81,7 +87,9 @@ class Denoiser:
         self.model.to(device, dtype)
         for module in text.values():
             if isinstance(module, nn.Module):
-                module.requires_grad_(False).eval().to(device, dtype)
+                # moved only: a cast would undo the dtypes the library chose at load (T5's `wo`
+                # stays fp32 in fp16 runs); each encoder already has its own dtype (see load)
+                module.requires_grad_(False).eval().to(device)
 
     # --- loading -------------------------------------------------------------------------
     @classmethod
@@ -93,17 +101,25 @@ class Denoiser:
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
         source = preset.resolve_base_model()
         random = weights == "random" or source == "config"
+        dtypes = text_dtypes(preset, cls.text_part_names(), dt, dev)
         try:
             parts = (cls._build_random(preset, text=text) if random
-                     else cls._load_pretrained(preset, source, text, dt))
+                     else cls._load_pretrained(preset, source, text, dt, dtypes))
         except AgdError:
             raise
         except (OSError, ValueError) as e:
+            gated = gated_error(e, source)
+            if gated is not None:
+                raise gated from None
             raise ModelError(f"cannot load base model '{source}' for preset '{preset.name}': "
                              f"{str(e).splitlines()[0][:300]}",
                              hint="check the model id or folder; the hub must be reachable, or "
                                   "point base_model at a local copy") from None
         model, text_parts, sched, vae_cfg = parts
+        if random:  # as from_pretrained would have loaded them, keep-in-fp32 layers included
+            for name, module in text_parts.items():
+                if isinstance(module, nn.Module):
+                    cast_like_loading(module, dtypes.get(name, dt))
         den = cls(preset, model, text_parts if text else {}, sched, dev, dt,
                   preset.base_source(random_weights=random), vae_cfg)
         if not random and is_single_file(source):
@@ -117,8 +133,16 @@ class Denoiser:
         raise NotImplementedError
 
     @classmethod
-    def _load_pretrained(cls, preset: Preset, source: str, text: bool, dtype: torch.dtype):
+    def _load_pretrained(cls, preset: Preset, source: str, text: bool, dtype: torch.dtype,
+                         text_dtypes: dict[str, torch.dtype] | None = None):
+        """(model, text parts, scheduler config, VAE config) from a folder, hub id or file;
+        each text encoder in text_dtypes[its part name], else in `dtype`."""
         raise NotImplementedError
+
+    @classmethod
+    def text_part_names(cls) -> tuple[str, ...]:
+        """The subfolders of the base's text encoders (text_encoder, text_encoder_2, …)."""
+        return ()
 
     def free_text_encoders(self) -> None:
         """Conditions are encoded once; the encoders can then go."""
@@ -363,9 +387,6 @@ def warn_truncated(den, texts: Sequence[str], what: str = "prompts") -> None:
                 f"{tokenizer.model_max_length} tokens and were truncated")
 
 
-def _load_scheduler_config(source: str) -> dict:
-    return PretrainedBase(source).config(DDIMScheduler, "scheduler")
-
-
-def _vae_config(source: str) -> dict | None:
-    return PretrainedBase(source).config(AutoencoderKL, "vae")
+def _vae_config(base) -> dict | None:
+    """The VAE's config from a weight source (None where a local folder has no vae/)."""
+    return base.config(AutoencoderKL, "vae")

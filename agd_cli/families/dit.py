@@ -32,14 +32,14 @@ class DiTDenoiser(Denoiser):
         return model, {"id2label": {}}, arch["scheduler"], arch.get("vae")
 
     @classmethod
-    def _load_pretrained(cls, preset, source, text, dtype):
+    def _load_pretrained(cls, preset, source, text, dtype, text_dtypes=None):
         if is_single_file(source):
             raise InputError(f"single-file checkpoints are not supported for DiT: '{source}'",
                              hint="point base_model at a diffusers folder or hub id")
         base = open_base(preset, source)
         model = base.model(DiTTransformer2DModel, "transformer", dtype)
         try:
-            id2label = dict(DiTPipeline.load_config(source).get("id2label") or {})
+            id2label = dict(base.config(DiTPipeline, "").get("id2label") or {})
         except (OSError, ValueError):
             id2label = {}
         return (model, {"id2label": id2label}, base.config(DDIMScheduler, "scheduler"),

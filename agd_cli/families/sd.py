@@ -33,14 +33,19 @@ class SDDenoiser(Denoiser):
         return [("", CLIPTextModel)]
 
     @classmethod
-    def _load_pretrained(cls, preset, source, text, dtype):
+    def text_part_names(cls) -> tuple[str, ...]:
+        return tuple("text_encoder" + sub for sub, _ in cls._text_encoder_classes())
+
+    @classmethod
+    def _load_pretrained(cls, preset, source, text, dtype, text_dtypes=None):
         base = open_base(preset, source)
         unet = base.model(UNet2DConditionModel, "unet", dtype)
-        parts = {}
+        parts, dtypes = {}, text_dtypes or {}
         if text:
             for sub, encoder in cls._text_encoder_classes():
+                name = "text_encoder" + sub
                 parts["tokenizer" + sub] = base.tokenizer(CLIPTokenizer, "tokenizer" + sub)
-                parts["text_encoder" + sub] = base.text_encoder(encoder, "text_encoder" + sub, dtype)
+                parts[name] = base.text_encoder(encoder, name, dtypes.get(name, dtype))
         vae = None if preset.pixel_space else base.config(AutoencoderKL, "vae")
         return unet, parts, base.config(DDIMScheduler, "scheduler"), vae
 

@@ -13,7 +13,7 @@ import diffusers
 import torch
 import transformers
 
-from agd_cli.families.base import Denoiser, _load_scheduler_config, _seeded, _vae_config
+from agd_cli.families.base import Denoiser, _seeded, _vae_config
 from agd_cli.families.weights import open_base
 from agd_cli.infra.errors import ModelError
 
@@ -39,15 +39,19 @@ class TextTransformerDenoiser(Denoiser):
         raise NotImplementedError
 
     @classmethod
-    def _load_pretrained(cls, preset, source, text, dtype):
-        base = open_base(preset, source)  # safetensors only, fp16 variant for half loads
+    def text_part_names(cls) -> tuple[str, ...]:
+        return tuple(n for n in cls.text_parts if not n.startswith("tokenizer"))
+
+    @classmethod
+    def _load_pretrained(cls, preset, source, text, dtype, text_dtypes=None):
+        base = open_base(preset, source)  # safetensors only, the variant that fits the dtype
         model = base.model(getattr(diffusers, cls.model_class), cls.model_subfolder, dtype)
-        parts = {}
+        parts, dtypes = {}, text_dtypes or {}
         for name, cls_name in (cls.text_parts.items() if text else ()):
             loader = getattr(transformers, cls_name)
             parts[name] = (base.tokenizer(loader, name) if name.startswith("tokenizer")
-                           else base.text_encoder(loader, name, dtype))
-        return model, parts, _load_scheduler_config(source), _vae_config(source)
+                           else base.text_encoder(loader, name, dtypes.get(name, dtype)))
+        return model, parts, base.config(diffusers.DDIMScheduler, "scheduler"), _vae_config(base)
 
     def _encoder_pipeline(self):
         """The family's diffusers pipeline holding only the text parts (no weights copied)."""

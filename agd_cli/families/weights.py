@@ -4,8 +4,10 @@ Both sources answer the same questions (a model part in a dtype, a text encoder,
 the scheduler and VAE configs), so families load every source with the same code. No pickles:
 folders and hub repos load with `use_safetensors=True` (a folder holding only `.bin` weights
 is refused with a hint to convert it), and single-file checkpoints must be `.safetensors`.
-Half-precision loads take the repo's `fp16` variant when it has one (SDXL: ~7 GB instead of
-~14 GB to download and hold).
+Half-precision loads take the repo's `fp16` / `bf16` variant when it has one (SDXL: ~7 GB
+instead of ~14 GB to download and hold), recognised by diffusers' own naming rules (sharded
+variants included); a repo that ships only a variant (bf16-only) loads from it in any dtype.
+A preset's `revision` (a branch, tag, commit or refs/pr/N) goes with every hub call.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import json
 import tempfile
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+from diffusers.pipelines.pipeline_loading_utils import variant_compatible_siblings
+from huggingface_hub.errors import GatedRepoError
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTokenizer
 
@@ -26,7 +31,7 @@ from agd_cli.config.presets import Preset
 from agd_cli.families.text import build_char_tokenizer
 from agd_cli.infra.errors import InputError, ModelError
 
-HALF = (torch.float16, torch.bfloat16)
+VARIANTS = ("fp16", "bf16")  # the half-precision variants diffusers repos ship
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 CONVERT_HINT = ("convert it once to safetensors where you trust the file, e.g. load it with "
                 "diffusers and call save_pretrained(folder, safe_serialization=True), then point "
@@ -49,13 +54,19 @@ def with_base_model(preset: Preset, base_model: str | None) -> Preset:
     if is_single_file(base_model) and not path.is_file():
         raise InputError(f"--base-model: checkpoint file '{base_model}' not found",
                          hint="check the path; a diffusers folder or a hub id also works")
-    return dataclasses.replace(preset, base_model=str(path.resolve()) if path.exists()
-                               else base_model)
+    resolved = str(path.resolve()) if path.exists() else base_model
+    if resolved == preset.base_model:
+        return preset
+    # the preset's revision names a version of its own repository, not of the new base
+    raw = {k: v for k, v in preset.raw.items() if k != "revision"}
+    return dataclasses.replace(preset, base_model=resolved, revision=None, raw=raw)
 
 
 def open_base(preset: Preset, source: str):
     """The weight source of a preset's base: SingleFileBase or PretrainedBase."""
-    return SingleFileBase(preset, source) if is_single_file(source) else PretrainedBase(source)
+    if is_single_file(source):
+        return SingleFileBase(preset, source)
+    return PretrainedBase(source, getattr(preset, "revision", None))
 
 
 def _dtype_kwarg(cls, dtype: torch.dtype) -> dict:
@@ -64,62 +75,152 @@ def _dtype_kwarg(cls, dtype: torch.dtype) -> dict:
 
 
 @functools.lru_cache(maxsize=16)
-def repo_files(source: str) -> tuple[str, ...] | None:
-    """Relative paths of a local folder or hub repo (cached snapshot offline); None if unknown."""
+def repo_files(source: str, revision: str | None = None) -> tuple[str, ...] | None:
+    """Relative paths of a local folder or hub repo (cached snapshot offline); None if unknown.
+    A gated repository the user may not download yet raises the licence message."""
     path = Path(source)
     if path.is_dir():
         return tuple(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    check_hub_access(source)
     try:
-        from huggingface_hub import list_repo_files
+        import huggingface_hub
 
-        return tuple(list_repo_files(source))
-    except Exception:  # noqa: BLE001 - offline, unknown repo, no network: ask the cache
+        return tuple(huggingface_hub.list_repo_files(source, revision=revision))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no network: ask the cache
+        gated = gated_error(e, source)
+        if gated is not None:
+            raise gated from None
         try:
             from huggingface_hub import snapshot_download
 
-            return repo_files(snapshot_download(source, local_files_only=True))
+            return repo_files(snapshot_download(source, revision=revision, local_files_only=True))
         except Exception:  # noqa: BLE001 - not cached either: diffusers will say why
             return None
 
 
-def pretrained_kwargs(source: str, subfolder: str, dtype: torch.dtype) -> dict:
-    """from_pretrained arguments: safetensors only, and the fp16 variant when it helps and exists."""
+def check_hub_access(repo_id: str) -> None:
+    """Refuse a gated repository (SD 3.5) whose licence this account has not accepted, with the
+    way out; anything else (offline, no network, not found) is left to the loaders to say."""
+    if not _hub_online():
+        return  # the cache answers: whoever filled it had access
+    try:
+        huggingface_hub.auth_check(repo_id)
+    except Exception as e:  # noqa: BLE001 - only a gated repo is answered here
+        gated = gated_error(e, repo_id)
+        if gated is not None:
+            raise gated from None
+
+
+def _hub_online() -> bool:
+    return not huggingface_hub.constants.HF_HUB_OFFLINE
+
+
+def gated_error(error: BaseException, repo_id: str) -> ModelError | None:
+    """The licence message where `error`, or an error it was raised from (diffusers turns the
+    hub's GatedRepoError into "not a valid model identifier"), is a GatedRepoError."""
+    seen: BaseException | None = error
+    for _ in range(16):  # a chain of causes, never a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, GatedRepoError):
+            return ModelError(
+                f"base model '{repo_id}' is a gated repository: accept the licence at "
+                f"https://huggingface.co/{repo_id}, then log in",
+                hint="log in with `hf auth login` (or `huggingface-cli login`) as the account "
+                     "that accepted it, or set HF_TOKEN to one of its access tokens")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _pickle_hint(source: str) -> str:
+    if Path(source).is_dir():
+        return CONVERT_HINT
+    return ("if the repository keeps safetensors weights under another revision (a branch, or "
+            "a pull request such as refs/pr/1 on its 'Files and versions' page), set "
+            "revision = \"refs/pr/1\" (that revision) at the top of the preset; else "
+            + CONVERT_HINT)
+
+
+def half_variants(files) -> tuple[set[str], bool]:
+    """(the half-precision variants that have safetensors weights, whether full-precision
+    safetensors weights exist) among one part's files, by diffusers' naming rules:
+    `x.fp16.safetensors`, sharded `x.fp16-00001-of-00002.safetensors` with
+    `x.safetensors.index.fp16.json`, and the legacy `x-00001-of-00002.fp16.safetensors`."""
+    safe = [f for f in files if ".safetensors" in Path(f).name]
+    found = set()
+    for variant in VARIANTS:
+        try:
+            _, named = variant_compatible_siblings(safe, variant=variant)
+        except ValueError:  # diffusers' answer for "no files of this variant"
+            continue
+        if any(f.endswith(".safetensors") for f in named):
+            found.add(variant)
+    plain, _ = variant_compatible_siblings(safe, variant=None)
+    return found, any(f.endswith(".safetensors") for f in plain)
+
+
+def choose_variant(files, dtype: torch.dtype) -> str | None:
+    """The variant a load in `dtype` takes: its own half variant, else (bf16) the fp16 one as
+    before, else the full-precision files; a part that has only a variant loads from it."""
+    found, plain = half_variants(files)
+    own = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+    for variant in ((own, "fp16") if dtype == torch.bfloat16 else (own,)):
+        if variant in found:
+            return variant
+    if plain or not found:
+        return None
+    return next(v for v in VARIANTS if v in found)
+
+
+def pretrained_kwargs(source: str, subfolder: str, dtype: torch.dtype,
+                      revision: str | None = None) -> dict:
+    """from_pretrained arguments: safetensors only, the preset's revision, and the variant that
+    fits `dtype` where the part has one (see choose_variant)."""
     kwargs: dict = {"use_safetensors": True}
-    files = [f for f in repo_files(source) or () if f.startswith(subfolder + "/")]
+    if revision:
+        kwargs["revision"] = revision
+    files = [f for f in repo_files(source, revision) or () if f.startswith(subfolder + "/")]
     weights = [f for f in files if f.endswith((".safetensors", ".bin"))]
     if weights and not any(f.endswith(".safetensors") for f in weights):
-        raise ModelError(f"base model '{source}' holds only pickle weights in {subfolder}/ "
+        at = f" at revision '{revision}'" if revision else ""
+        raise ModelError(f"base model '{source}'{at} holds only pickle weights in {subfolder}/ "
                          f"({Path(weights[0]).name}); agd loads safetensors only, because "
-                         "loading a pickle can run code", hint=CONVERT_HINT)
-    if dtype in HALF and any(f.endswith(".fp16.safetensors") for f in weights):
-        kwargs["variant"] = "fp16"
+                         "loading a pickle can run code", hint=_pickle_hint(source))
+    variant = choose_variant(files, dtype)
+    if variant is not None:
+        kwargs["variant"] = variant
     return kwargs
 
 
 class PretrainedBase:
-    """A diffusers folder or hub repo."""
+    """A diffusers folder or hub repo (at `revision`, where the preset names one)."""
 
     checkpoint: dict | None = None
 
-    def __init__(self, source: str):
-        self.source = source
+    def __init__(self, source: str, revision: str | None = None):
+        self.source, self.revision = source, revision
+
+    def _hub(self) -> dict:
+        return {"revision": self.revision} if self.revision else {}
 
     def model(self, cls, subfolder: str, dtype: torch.dtype):
         """A model part (unet, transformer, vae, text_encoder…) in `dtype`."""
         return cls.from_pretrained(self.source, subfolder=subfolder, **_dtype_kwarg(cls, dtype),
-                                   **pretrained_kwargs(self.source, subfolder, dtype))
+                                   **pretrained_kwargs(self.source, subfolder, dtype,
+                                                       self.revision))
 
     text_encoder = model
 
     def tokenizer(self, cls, subfolder: str):
         """A tokenizer (its files hold no weights)."""
-        return cls.from_pretrained(self.source, subfolder=subfolder)
+        return cls.from_pretrained(self.source, subfolder=subfolder, **self._hub())
 
     def config(self, cls, subfolder: str) -> dict | None:
-        """A part's config, or None where a local folder has no such part (pixel space)."""
+        """A part's config ("": the pipeline's model_index.json), or None where a local folder
+        has no such part (pixel space)."""
         if Path(self.source).is_dir() and not (Path(self.source) / subfolder).is_dir():
             return None
-        return dict(cls.load_config(self.source, subfolder=subfolder))
+        return dict(cls.load_config(self.source, subfolder=subfolder or None, **self._hub()))
 
 
 @functools.lru_cache(maxsize=4)
@@ -194,7 +295,9 @@ class SingleFileBase:
         if original == "config":  # the tokenizer the random-weight build uses
             return build_char_tokenizer(
                 self.preset.architecture.get("tokenizer", {}).get("model_max_length", 77))
-        return (cls or CLIPTokenizer).from_pretrained(original, subfolder=subfolder)
+        revision = self.preset.raw.get("revision")
+        return (cls or CLIPTokenizer).from_pretrained(
+            original, subfolder=subfolder, **({"revision": revision} if revision else {}))
 
     def config(self, cls, subfolder: str) -> dict | None:
         """The preset's config of a part (scheduler, vae)."""

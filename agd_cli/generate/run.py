@@ -37,6 +37,7 @@ from agd_cli.families import (
     resolve_dtype,
     warn_truncated,
 )
+from agd_cli.families.precision import preset_half_precision
 from agd_cli.families.spec import FamilySpec
 from agd_cli.generate.files import folder_lock, image_path, image_stem, still_free
 from agd_cli.infra import ui
@@ -176,9 +177,8 @@ def load_generator(adapter: AdapterFile, base: Preset, device: str | None, dtype
 def _offload_to(den, device, dtype) -> None:
     """diffusers-style model CPU offload: each model moves to the GPU only while it runs."""
     vae = None if den.preset.pixel_space else den.vae_model()  # built on the CPU, offloaded too
+    # text encoders were loaded in their own dtypes (T5's `wo` in fp32): moved, never cast
     modules = [m for m in den.text.values() if isinstance(m, torch.nn.Module)]
-    for m in modules:
-        m.to(dtype)
     den.model.to(dtype)
     den.adapters.to(device, dtype)  # small: they live on the GPU
     den.device, den.dtype = device, dtype
@@ -269,7 +269,7 @@ def plan_generation(f: GenerateFlags) -> Plan:
     plan = Plan(path, file, base, jobs, distinct, omega, check_omega_range(omega, file),
                 mode, f.steps or int(base.sampling["steps"]),
                 f.scheduler or base.sampling["scheduler"], f.batch_size or DEFAULT_BATCH_SIZE,
-                height, width, folder, single, negative, f.dtype or "fp16", note)
+                height, width, folder, single, negative, f.dtype or preset_half_precision(base), note)
     place_jobs(plan)
     return plan
 

@@ -31,6 +31,14 @@ def bf16_supported(device: Any) -> bool:
         return bool(torch.cuda.is_bf16_supported())
 
 
+def usable_precision(name: str, device: Any) -> str:
+    """The precision (fp16, bf16, fp32) `device` runs for `name`: fp16 where bf16 is asked of a
+    CUDA card without it (the same 16-bit width; training adds fp16's loss scaling)."""
+    if name == "bf16" and torch.device(device).type == "cuda" and not bf16_supported(device):
+        return "fp16"
+    return name
+
+
 def xformers_available() -> bool:
     """Whether xformers is installed (its kernels are CUDA-only)."""
     if "xformers" in _ASSUMED:

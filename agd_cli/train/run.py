@@ -30,6 +30,7 @@ from agd_cli.config import checks
 from agd_cli.config.presets import Preset
 from agd_cli.core.guidance import per_sample, swapped_roles
 from agd_cli.families import FAMILY_CLASSES
+from agd_cli.families.precision import resolve_precision
 from agd_cli.infra import ui
 from agd_cli.infra.errors import DataError, InputError, Interrupted
 from agd_cli.infra.locks import run_lock
@@ -341,7 +342,9 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
     if not trajectories.has_negatives:
         settings.negative_swap_share = 0.0
     settings.adapter.omega_range = trained_omega_range(trajectories)
-    # 3. The model: frozen base + fresh adapters on this process's device
+    # 3. The model: frozen base + fresh adapters on this process's device; a card without
+    # bf16 trains in fp16 with loss scaling instead (said once)
+    settings.precision = resolve_precision(settings.precision, process_device(acc))
     check_cpu_memory(preset_obj, settings, process_device(acc))
     den = prepare_denoiser(preset_obj, process_device(acc), settings)
     if trajectories.sample_shape[0] != den.in_channels:

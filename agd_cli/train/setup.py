@@ -5,7 +5,6 @@ and the process group). The loop itself lives in train.py.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ from agd_cli.collect.store import TrajectoryStore
 from agd_cli.config.presets import Preset, load_preset, preset_from_record
 from agd_cli.config.workspace import latest_collection
 from agd_cli.families import load_denoiser, resolve_device
+from agd_cli.families.attention import use_fast_attention
 from agd_cli.infra.errors import DataError, InputError
 from agd_cli.train.data import collection_root, unique_roots
 from agd_cli.train.probe import measure_in_process
@@ -75,11 +75,8 @@ def recorded_preset(roots: list[Path], override: str | None) -> Preset:
 def prepare_denoiser(preset: Preset, device: torch.device, settings: TrainSettings):
     """Frozen base in half precision and eval mode, fast attention, fresh fp32 adapters."""
     den = load_denoiser(preset, device=device, dtype=settings.precision, text=False)
-    if device.type == "cuda":
-        # the adapters hook the attention modules, so any processor set here keeps them
-        with contextlib.suppress(Exception):
-            den.model.enable_xformers_memory_efficient_attention()
-            logger.info("attention: xformers")
+    if use_fast_attention(den) == "xformers":  # only where it is the same model
+        logger.info("attention: xformers")
     if settings.gradient_checkpointing:
         if not getattr(den.model, "_supports_gradient_checkpointing", False):
             raise InputError(f"--gradient-checkpointing: {type(den.model).__name__} does not support it",
