@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from agd_cli.config.presets import load_preset
 from agd_cli.core.adapters import adapter_metadata, read_adapter_file
 from agd_cli.families import load_denoiser
-from agd_cli.families.weights import pretrained_kwargs, repo_files, with_base_model
+from agd_cli.families.weights import pretrained_kwargs, repo_files
 from agd_cli.infra.errors import ModelError
 from tests.original_layout import to_original_sd
 from tests.test_generate import agd as agd_here
@@ -39,7 +39,7 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_single_file_checkpoint_loads_exactly_the_model_it_came_from(tiny_sd, tmp_path):
     ckpt = _checkpoint(tiny_sd, tmp_path / "tiny-finetune.safetensors")
-    den = load_denoiser(with_base_model(load_preset("tiny-sd"), str(ckpt)), device="cpu")
+    den = load_denoiser(load_preset("tiny-sd").with_base_model(str(ckpt)), device="cpu")
     assert _same(den.model, tiny_sd.model) and _same(den.vae_model(), tiny_sd.vae)
     assert _same(den.text["text_encoder"], tiny_sd.text["text_encoder"])
     assert den.checkpoint == {"file": "tiny-finetune.safetensors",
@@ -68,7 +68,7 @@ def test_collect_train_generate_on_a_single_file_checkpoint(tiny_sd, tmp_path, c
 
     # the same architecture with other weights: it loads, with a warning naming both files
     other = _checkpoint(tiny_sd, tmp_path / "other.safetensors", scale=1.01)
-    den = load_denoiser(with_base_model(load_preset("tiny-sd"), str(other)), device="cpu")
+    den = load_denoiser(load_preset("tiny-sd").with_base_model(str(other)), device="cpu")
     from agd_cli.infra import ui
 
     with ui.err.capture() as cap:
@@ -118,7 +118,7 @@ def test_half_precision_takes_the_fp16_variant_where_the_folder_has_one(tiny_sd,
                                                                      "variant": "fp16"}
     assert pretrained_kwargs(str(folder), "unet", torch.float32) == {"use_safetensors": True}
     assert pretrained_kwargs(str(folder), "text_encoder", torch.float16) == {"use_safetensors": True}
-    preset = with_base_model(load_preset("tiny-sd"), str(folder))
+    preset = load_preset("tiny-sd").with_base_model(str(folder))
     half = load_denoiser(preset, device=torch.device("cpu"), dtype=torch.float16)  # --offload
     assert half.model.dtype == torch.float16 and _same(half.model, variant)
     full = load_denoiser(preset, device="cpu", dtype="fp32")
@@ -148,7 +148,7 @@ def test_sdxl_folder_loads_both_text_encoders(tmp_path):
     source.text["tokenizer_2"].save_pretrained(folder / "tokenizer_2")
     source.vae_model().save_pretrained(folder / "vae")
     repo_files.cache_clear()
-    den = load_denoiser(with_base_model(load_preset("tiny-sdxl"), str(folder)), device="cpu")
+    den = load_denoiser(load_preset("tiny-sdxl").with_base_model(str(folder)), device="cpu")
     assert _same(den.model, source.model)
     assert {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"} <= set(den.text)
     got, want = den.encode(["a red fox"]), source.encode(["a red fox"])

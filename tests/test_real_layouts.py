@@ -24,7 +24,7 @@ from agd_cli.config.presets import from_dict, load_preset, preset_from_record
 from agd_cli.families import load_denoiser
 from agd_cli.families import weights as weights_mod
 from agd_cli.families.pixart import random_t5
-from agd_cli.families.weights import pretrained_kwargs, repo_files, with_base_model
+from agd_cli.families.weights import pretrained_kwargs, repo_files
 from agd_cli.infra.errors import InputError, ModelError
 
 if sys.version_info >= (3, 11):
@@ -261,9 +261,9 @@ def test_revision_key_is_checked_recorded_and_dropped_with_another_base(tmp_path
     assert preset_from_record(record).revision == "refs/pr/1"
     folder = tmp_path / "my-dit"
     folder.mkdir()
-    other = with_base_model(dit, str(folder))
+    other = dit.with_base_model(str(folder))
     assert other.revision is None and "revision" not in other.raw
-    assert with_base_model(dit, dit.base_model).revision == "refs/pr/1"
+    assert dit.with_base_model(dit.base_model).revision == "refs/pr/1"
 
 
 # --- sd3: sharded transformer, T5 from spiece.model, fp16 variant, wo in fp32 (rows 1, 5, 7) ---

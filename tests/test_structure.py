@@ -21,7 +21,7 @@ def test_the_spec_from_configs_agrees_with_the_loaded_model(name):
     spec, den = FamilySpec(p), load_denoiser(p, "cpu", text=False)
     assert spec.latent_shape() == den.latent_shape()
     assert spec.latent_shape(64, 96) == den.latent_shape(64, 96)
-    assert spec.base_source == den.source == f"random:{name}"
+    assert spec.preset.base_source() == den.source == f"random:{name}"
     if p.family == "dit":
         assert spec.num_classes == den.null_class == den.cond_spec()["num_classes"]
 

@@ -17,7 +17,6 @@ from agd_cli.config.presets import Preset, load_preset
 from agd_cli.config.prompts import load_negative_set, load_prompt_set, prompts_sha256
 from agd_cli.config.workspace import run_dir
 from agd_cli.families import resolve_device
-from agd_cli.families.weights import with_base_model
 from agd_cli.infra.errors import InputError
 
 MAX_TRAJECTORIES = 10_000_000  # per collection; ids are listed in memory
@@ -152,7 +151,7 @@ def preset_num_per_prompt(p: Preset, negatives: bool) -> int:
 def resolve_settings(f: CollectFlags) -> CollectSettings:
     """Check every flag against the preset (flag > preset > default); nothing loads or is written."""
     p = load_preset(f.preset) if isinstance(f.preset, str) else f.preset
-    p = with_base_model(p, f.base_model)
+    p = p.with_base_model(f.base_model)
     prompt_list, source = load_prompt_set(p, f.prompts, f.classes)
     negatives, negative_source, empty_p = load_negative_set(p, f.negative_prompts,
                                                             f.empty_negative_probability)

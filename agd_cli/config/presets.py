@@ -7,6 +7,7 @@ raises InputError naming the key and the value. Command-line flags override pres
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from agd_cli.config.checks import is_finite, is_int, omega_range
 from agd_cli.config.vocab import (
     ADAPTER_INPUTS,
     ADAPTER_KINDS,
+    CHECKPOINT_SUFFIXES,
     DTYPES,
     FAMILIES,
     OPTIMIZERS,
@@ -42,6 +44,11 @@ def _preset_dir() -> Path:
 
 
 PRESET_DIR = _preset_dir()
+
+
+def is_single_file(source: str) -> bool:
+    """A base model given as one checkpoint file rather than a folder or hub id."""
+    return source.lower().endswith(CHECKPOINT_SUFFIXES) and not Path(source).is_dir()
 
 
 def is_random_base(source: object) -> bool:
@@ -182,6 +189,24 @@ class Preset:
         'random:<preset>' for seeded random weights (built from the architecture config)."""
         source = self.resolve_base_model()
         return RANDOM_BASE + self.name if random_weights or source == "config" else source
+
+    def with_base_model(self, base_model: str | None) -> Preset:
+        """This preset with `--base-model` in place of its base_model (checked, paths made
+        absolute); the preset's own revision goes with the base it named."""
+        if base_model is None:
+            return self
+        if not base_model.strip():
+            raise InputError("--base-model is empty", hint="give a .safetensors file, a diffusers "
+                                                           "folder or a hub id")
+        path = Path(base_model).expanduser()
+        if is_single_file(base_model) and not path.is_file():
+            raise InputError(f"--base-model: checkpoint file '{base_model}' not found",
+                             hint="check the path; a diffusers folder or a hub id also works")
+        resolved = str(path.resolve()) if path.exists() else base_model
+        if resolved == self.base_model:
+            return self
+        raw = {k: v for k, v in self.raw.items() if k != "revision"}
+        return dataclasses.replace(self, base_model=resolved, revision=None, raw=raw)
 
     def resolve_base_model(self) -> str:
         """A local folder (relative paths are taken from the preset's folder) or a hub id."""

@@ -13,3 +13,4 @@ SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "ddpm", "unipc", "heun", "flo
 DTYPES = ("fp16", "bf16", "fp32")
 OPTIMIZERS = ("adamw8bit", "adamw")
 RANDOM_BASE = "random:"  # a base built from the preset's config: "random:<preset name>"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # one-file base models

@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from agd_cli.config.presets import Preset, is_random_base
+from agd_cli.config.presets import Preset, is_random_base, is_single_file
 from agd_cli.core.adapter_config import AdapterConfig
 from agd_cli.core.adapter_file import AdapterFile
 from agd_cli.core.adapters import AdapterSet, ContextCache, Site
@@ -25,7 +25,7 @@ from agd_cli.families.precision import (
     text_dtypes,
 )
 from agd_cli.families.spec import vae_factor
-from agd_cli.families.weights import checkpoint_identity, gated_error, is_single_file, open_base
+from agd_cli.families.weights import checkpoint_identity, gated_error, open_base
 from agd_cli.infra.errors import AgdError, DataError, InputError, ModelError
 
 logger = logging.getLogger(__name__)

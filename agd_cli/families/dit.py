@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
+from agd_cli.config.presets import is_single_file
 from agd_cli.families.base import Denoiser, _seeded
 from agd_cli.families.spec import num_classes
-from agd_cli.families.weights import is_single_file, open_base
+from agd_cli.families.weights import open_base
 from agd_cli.infra.errors import InputError
 
 

@@ -44,11 +44,6 @@ class FamilySpec:
     def family(self) -> str:
         return self.preset.family
 
-    @property
-    def base_source(self) -> str:
-        """The base as a loaded model reports it ('random:<preset>' for config-built ones)."""
-        return self.preset.base_source()
-
     def config(self, part: str) -> dict | None:
         """A model part's config: the preset's architecture, else a local model folder's."""
         if self.preset.architecture.get(part):

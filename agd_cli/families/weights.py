@@ -12,7 +12,6 @@ A preset's `revision` (a branch, tag, commit or refs/pr/N) goes with every hub c
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -27,39 +26,14 @@ from huggingface_hub.errors import GatedRepoError
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTokenizer
 
-from agd_cli.config.presets import Preset
+from agd_cli.config.presets import Preset, is_single_file
 from agd_cli.families.text import build_char_tokenizer
 from agd_cli.infra.errors import InputError, ModelError
 
 VARIANTS = ("fp16", "bf16")  # the half-precision variants diffusers repos ship
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 CONVERT_HINT = ("convert it once to safetensors where you trust the file, e.g. load it with "
                 "diffusers and call save_pretrained(folder, safe_serialization=True), then point "
                 "base_model (or --base-model) at the new folder")
-
-
-def is_single_file(source: str) -> bool:
-    """A base model given as one checkpoint file rather than a folder or hub id."""
-    return source.lower().endswith(CHECKPOINT_SUFFIXES) and not Path(source).is_dir()
-
-
-def with_base_model(preset: Preset, base_model: str | None) -> Preset:
-    """The preset with `--base-model` in place of its base_model (checked, paths made absolute)."""
-    if base_model is None:
-        return preset
-    if not base_model.strip():
-        raise InputError("--base-model is empty", hint="give a .safetensors file, a diffusers "
-                                                       "folder or a hub id")
-    path = Path(base_model).expanduser()
-    if is_single_file(base_model) and not path.is_file():
-        raise InputError(f"--base-model: checkpoint file '{base_model}' not found",
-                         hint="check the path; a diffusers folder or a hub id also works")
-    resolved = str(path.resolve()) if path.exists() else base_model
-    if resolved == preset.base_model:
-        return preset
-    # the preset's revision names a version of its own repository, not of the new base
-    raw = {k: v for k, v in preset.raw.items() if k != "revision"}
-    return dataclasses.replace(preset, base_model=resolved, revision=None, raw=raw)
 
 
 def open_base(preset: Preset, source: str):
