@@ -25,6 +25,7 @@ from agd_cli.disk import (
     human_bytes,
 )
 from agd_cli.errors import InputError, Interrupted
+from agd_cli.finite import StepWatch, check_conditions, nonfinite_trajectory
 from agd_cli.locks import run_lock, worker_lock_name
 from agd_cli.presets import Preset
 from agd_cli.trajectories import (
@@ -116,6 +117,10 @@ def encode_conditions(den, prompts: list, indices: list[int],
                for i in range(0, len(negatives), ENCODE_CHUNK)]
     den.free_text_encoders()  # never needed again in this process
     table = cond_cat(chunks) if chunks else {}
+    # data enter here: a text encoder that overflows (T5 in fp16) is named, not collected with
+    check_conditions(table, [(i, prompts[i]) for i in indices])
+    check_conditions(cond_cat(uncond), [(None, "the empty prompt"), *enumerate(negatives)],
+                     "negative prompt")
     return table, {p: r for r, p in enumerate(indices)}, cond_cat(uncond)
 
 
@@ -147,8 +152,10 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
     xs = torch.empty(shape, dtype=torch.float16, device=den.device)
     targets = torch.empty_like(xs)
     timesteps = torch.empty(len(keep), dtype=torch.float64)
+    watch = StepWatch(b, den.device)  # a NaN or inf at any step, kept or not
 
     def record(info: dict) -> None:
+        watch.update(info["i"], info["model_input"], info["output"])
         k = slot.get(info["i"])
         if k is not None:
             xs[:, k] = info["model_input"]
@@ -159,14 +166,30 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
 
     res = sample(den, cond, uncond_b, omega.to(den.device), noise, mode="cfg", steps=s.steps,
                  scheduler=s.scheduler, callback=record)
+    x_final = res.x.to(torch.float16)
+    refuse_nonfinite(watch, s, ids, prompt_index, omega,
+                     [(xs, keep), (targets, keep), (x_final[:, None], [s.steps - 1])])
     # Integer schedules (DDIM, DDPM, trailing Euler/DPM) store int64 as the layout says
     ts = timesteps.long() if bool((timesteps == timesteps.round()).all()) else timesteps.float()
-    return {"x": xs.cpu(), "target": targets.cpu(), "x_final": res.x.to("cpu", torch.float16),
+    return {"x": xs.cpu(), "target": targets.cpu(), "x_final": x_final.cpu(),
             "timesteps": ts.expand(b, -1).clone(), "omega": omega.float(),
             "prompt_index": prompt_index, "trajectory_id": torch.tensor(ids), "cond_row": cond_row,
             "uncond_row": uncond_row, "negative_index": negative_index,
             **{f"cond.{k}": v for k, v in shard_cond.items()},
             **{f"uncond.{k}": v for k, v in shard_uncond.items()}}
+
+
+def refuse_nonfinite(watch: StepWatch, s: CollectSettings, ids: list[int], prompt_index,
+                     omega, stored: list) -> None:
+    """Raise NonFiniteError, naming the trajectory, when any of the batch went non-finite: at a
+    sampling step (watched) or in its tensors as stored (fp16)."""
+    found = watch.first_bad(stored)
+    if found is None:
+        return
+    row, step = found
+    p = int(prompt_index[row])
+    raise nonfinite_trajectory(ids[row], p, s.prompts[p] if p >= 0 else "", s.seed, step,
+                               s.steps, float(omega[row]), ids)
 
 
 def _shard_conditions(table: dict, row_of: dict[int, int], uncond: dict, prompt_index):

@@ -28,6 +28,7 @@ from agd_cli import checks, ui
 from agd_cli.checkpoint import RunCheckpoints
 from agd_cli.data import Batch, ShuffledSampler, TrajectoryData
 from agd_cli.errors import DataError, InputError, Interrupted
+from agd_cli.finite import NonFiniteSteps, check_finite_weights
 from agd_cli.guidance import per_sample, swapped_roles
 from agd_cli.locks import run_lock
 from agd_cli.presets import Preset
@@ -99,6 +100,7 @@ class Trainer:
         self.records: list[dict] = []
         self.metrics_path = self.run / "train" / "metrics.jsonl"
         self.checkpoints = RunCheckpoints(self, check_resumable=self._check_resumable)
+        self.nonfinite = NonFiniteSteps(settings.precision)  # skipped steps; stops a run that keeps diverging
         self.previews = Previews(self.run / "train")
 
     # --- numerics ----------------------------------------------------------------------------
@@ -175,7 +177,11 @@ class Trainer:
             group["lr"] = lr_at(self.step, s)
         total = self.update(self._micro_losses())
         self.step += 1
-        return self._reduce([total])[0]
+        loss = self._reduce([total])[0]
+        # a fp16 overflow with a finite loss is the grad scaler's routine skip, not divergence
+        nonfinite = not math.isfinite(loss) or (self.update.skipped and self.update.scaler is None)
+        self.nonfinite.record(self.step, loss, nonfinite, s.lr)
+        return loss
 
     def _micro_losses(self):
         """The grad_accum losses of one step, each its share of the step's mean, one at a time."""
@@ -272,19 +278,31 @@ class Trainer:
             while self.step < self.s.steps:
                 lr = lr_at(self.step, self.s)
                 loss = self.train_step()
-                smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+                if math.isfinite(loss):  # a skipped step's NaN would stick in the average
+                    smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
                 rate = (self.step - first) / max(time.time() - t0, 1e-9)
                 self._log({"step": self.step, "loss": loss, "lr": lr})
                 if self.step % self.s.checkpoint_every == 0 or self.step == self.s.steps:
                     self._validate()
+                    self._refuse_nonfinite("checkpoint")
                     self.checkpoints.save()
                 if self.s.preview_every and self.step % self.s.preview_every == 0:
                     self.preview()
-                prog.update(task, completed=self.step, loss=f"{smoothed:.4g}",
+                prog.update(task, completed=self.step, loss=fmt_loss(smoothed),
                             val=fmt_loss(self.last_val), rate=f"{rate:.2f}")
         if self.step == first and self.last_val is None:  # nothing left to train
             self.last_val = self.evaluate()
         return self.finish(time.time() - t0, smoothed)
+
+    def _refuse_nonfinite(self, what: str) -> None:
+        """Stop before writing a checkpoint or the adapter file whose weights or validation loss
+        are not finite (every process decides alike: same weights, reduced loss)."""
+        last = self.checkpoints.last_step()
+        kept = (f"the newest checkpoint (step {last}) and any adapter file already in "
+                f"{self.run} are kept" if last is not None else
+                f"no checkpoint was written yet; any adapter file already in {self.run} is kept")
+        check_finite_weights(self.den.adapters.parameters(), self.last_val, what, self.step, kept,
+                             self.s.precision)
 
     def preview(self) -> Path | None:
         """CFG vs adapters from the same noise (fixed seeds), as one PNG; main process only."""
@@ -294,7 +312,9 @@ class Trainer:
 
     def finish(self, seconds: float, train_loss: float | None) -> dict:
         """Write the adapter file and the loss curve; the summary `--json` prints."""
+        self._refuse_nonfinite("adapter file")
         summary = run_summary(self, seconds, train_loss)
+        summary["nonfinite_steps"] = self.nonfinite.total
         if self.main:
             write_adapter(self, summary)
         self.barrier()
