@@ -165,6 +165,7 @@ def _offload_to(den, device, dtype) -> None:
     import torch
     from accelerate import cpu_offload_with_hook
 
+    den.place_model()  # on the CPU, where it loaded: the offload hooks move it from now on
     vae = None if den.preset.pixel_space else den.vae_model()  # built on the CPU, offloaded too
     modules = [m for m in den.text.values() if isinstance(m, torch.nn.Module)]
     for m in modules:
