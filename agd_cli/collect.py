@@ -286,7 +286,12 @@ def run_collect(preset: str | Preset | CollectFlags, **flags) -> dict:
     request = preset if isinstance(preset, CollectFlags) else CollectFlags(preset, **flags)
     t0 = time.perf_counter()
     # 1. Check inputs: flags, prompts and the existing run folder, before anything loads
-    return collect(resolve_settings(request), t0)
+    settings = resolve_settings(request)
+    if request.dry_run:
+        from agd_cli.dry_run import collect_dry_run
+
+        return collect_dry_run(settings)
+    return collect(settings, t0)
 
 
 def collect(s: CollectSettings, t0: float | None = None) -> dict:

@@ -44,6 +44,7 @@ class CollectFlags:
     empty_negative_probability: float | None = None
     negative_only_probability: float | None = None
     omega_skew: float | None = None
+    dry_run: bool = False  # plan and estimate memory only (agd_cli.dry_run): nothing loads
 
 
 @dataclass

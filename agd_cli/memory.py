@@ -287,8 +287,10 @@ def train_step_of(den, params: list, opt, precision: str):
 
 
 def measure_in_process(preset_name, precision: str, optimizer: str, checkpointing: bool,
-                       batch_size: int, device: str, resolution: int | None) -> dict:
-    """One training step's peak memory, measured in this process (the probe's child side)."""
+                       batch_size: int, device: str, resolution: int | None,
+                       flops: bool = True) -> dict:
+    """One training step's peak memory, measured in this process (the probe's child side);
+    on the meta device `flops=False` skips counting FLOPs (a memory check is faster without)."""
     import torch
 
     from agd_cli.families import resolve_device
@@ -308,7 +310,7 @@ def measure_in_process(preset_name, precision: str, optimizer: str, checkpointin
         adapters = den.new_adapters().train()
         inputs = random_inputs(den, batch_size, res)
     params = [p for p in adapters.parameters() if p.requires_grad]
-    figures = (_estimate(den, adapters, inputs, optimizer, precision) if dev.type == "meta"
+    figures = (_estimate(den, adapters, inputs, optimizer, precision, flops) if dev.type == "meta"
                else _run_steps(den, params, inputs, optimizer, precision, dev))
     return {"preset": preset.name, "family": preset.family, "device": str(dev),
             "precision": precision, "optimizer_requested": optimizer,
@@ -320,14 +322,15 @@ def measure_in_process(preset_name, precision: str, optimizer: str, checkpointin
             "torch": torch.__version__, **figures}
 
 
-def _estimate(den, adapters, inputs: dict, optimizer: str, precision: str) -> dict:
+def _estimate(den, adapters, inputs: dict, optimizer: str, precision: str,
+              flops: bool = True) -> dict:
     """The meta-device figures (no GPU needed): peak bytes and FLOPs per sample."""
     from agd_cli.estimate import estimate_train_step
 
     def make_step(params, opt):
         return train_step_of(den, params, opt, precision)
 
-    est = estimate_train_step(den, adapters, inputs, make_step, optimizer)
+    est = estimate_train_step(den, adapters, inputs, make_step, optimizer, flops)
     return {**est, "optimizer": optimizer, "seconds_step": None}
 
 

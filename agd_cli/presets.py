@@ -96,6 +96,14 @@ def _one_of(options: tuple[str, ...]):
     return check
 
 
+CARD_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)\s*", re.IGNORECASE)
+
+
+def _card_size(v: Any) -> bool:
+    """a GPU memory size such as "24GB" (the card the preset's defaults are sized for)"""
+    return isinstance(v, str) and CARD_SIZE.fullmatch(v) is not None
+
+
 def _inputs(v: Any) -> bool:
     return isinstance(v, list) and len(v) > 0 and all(x in ADAPTER_INPUTS for x in v)
 
@@ -132,7 +140,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "preview_every": _nonneg_int, "weight_decay": _nonneg, "omega_loss_power": _nonneg,
         "negative_swap_share": _probability,
     },
-    "memory": {"profile": _str, "vae_tiling": _bool},
+    "memory": {"profile": _card_size, "vae_tiling": _bool},
 }
 ARCH_KEYS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae",
              "scheduler", "tokenizer")

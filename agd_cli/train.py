@@ -44,6 +44,7 @@ from agd_cli.train_output import (
 from agd_cli.train_settings import TrainSettings, lr_at, omega_loss_weight
 from agd_cli.train_setup import (
     check_cpu_memory,
+    fit_gpu_memory,
     locate,
     prepare_denoiser,
     process_accelerator,
@@ -329,13 +330,18 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
               checkpoint_every: int | None = None, keep_checkpoints: int | None = None,
               preview_every: int | None = None, resume: bool = True, seed: int = 0,
               adapter_kind: str | None = None, device: str = "auto",
-              workdir: str = "agd-runs") -> dict:
-    """Train adapters on collected trajectories; returns the summary `agd train --json` prints."""
+              workdir: str = "agd-runs", dry_run: bool = False) -> dict:
+    """Train adapters on collected trajectories; returns the summary `agd train --json` prints.
+    `dry_run`: the settings and one step's estimated peak memory only (agd_cli.dry_run)."""
     from agd_cli.families import FAMILY_CLASSES
 
     flags = {k: v for k, v in locals().items() if k not in ("run", "data", "preset", "device",
-                                                             "workdir", "resume")}
+                                                             "workdir", "resume", "dry_run")}
     checks.seed(seed)  # the flags that need no preset, before looking for data
+    if dry_run:
+        from agd_cli.dry_run import train_dry_run
+
+        return train_dry_run(run, data, preset, flags, device, workdir)
     # 1. Where: the run folder and its collection(s); the preset they were recorded with
     run_path, roots = locate(run, data, workdir)
     checks.writable_folder(run_path, "the run folder")
@@ -347,11 +353,13 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
     acc = process_accelerator(device)
     lock = run_lock(run_path, "train") if acc.is_main_process else contextlib.nullcontext()
     with lock:  # one writer per run folder (the main process writes for all)
-        return _train(run_path, roots, preset, preset_obj, settings, acc, resume)
+        return _train(run_path, roots, preset, preset_obj, settings, acc, resume,
+                      gradient_checkpointing)
 
 
 def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_obj: Preset,
-           settings: TrainSettings, acc, resume: bool) -> dict:
+           settings: TrainSettings, acc, resume: bool,
+           checkpointing_flag: bool | None = None) -> dict:
     """Load the data and the model, resume or start over, and fit (the run folder is locked)."""
     trajectories = TrajectoryData(roots, processes=acc.num_processes)
     # collections with negative prompts train adapters that also read the negative
@@ -361,6 +369,7 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
     settings.adapter.omega_range = trained_omega_range(trajectories)
     # 3. The model: frozen base + fresh adapters on this process's device
     check_cpu_memory(preset_obj, settings, process_device(acc))
+    fit_gpu_memory(preset_obj, settings, process_device(acc), checkpointing_flag)
     den = prepare_denoiser(preset_obj, process_device(acc), settings)
     if trajectories.sample_shape[0] != den.in_channels:
         raise DataError(f"collection holds {trajectories.sample_shape[0]}-channel samples; "

@@ -120,6 +120,39 @@ def check_cpu_memory(preset: Preset, settings: TrainSettings, device: torch.devi
                               f"{-(-settings.batch_size // fits)} for as many samples per step)")
 
 
+def fit_gpu_memory(preset: Preset, settings: TrainSettings, device: torch.device,
+                   explicit: bool | None) -> None:
+    """On CUDA, before the first step: compare one step's estimated peak memory (meta device,
+    phase_memory.training_step) with the card's free memory (hardware.free_memory) and turn on
+    gradient checkpointing where only that fits, said in one line; refuse, naming the flags
+    that would fit, where neither does or where --no-gradient-checkpointing was asked for
+    (`explicit`: the flag as given, None when it was not)."""
+    from agd_cli import hardware
+    from agd_cli.phase_memory import card, choose_checkpointing, quiet_casts, training_step
+
+    if device.type != "cuda" or hardware.free_memory(device) is None:
+        return
+    c = card(preset, device)
+
+    def estimate(on: bool):
+        return training_step(preset, settings.precision, settings.optimizer, on,
+                             settings.batch_size)
+
+    ui.info(f"checking that a training step fits {device} (estimated on the meta device)…")
+    try:
+        with quiet_casts():
+            choice = choose_checkpointing(estimate, c, settings.gradient_checkpointing, explicit)
+    except Exception as e:  # noqa: BLE001 - a model the estimate cannot build is not the user's error
+        ui.warn(f"could not estimate the memory of a training step ({type(e).__name__}); "
+                "training without the check")
+        return
+    if choice.action == "refuse":
+        raise InputError(f"training does not fit {device}: {choice.message}", hint=choice.hint)
+    if choice.action == "turn on":
+        settings.gradient_checkpointing = True
+        ui.info(choice.message)
+
+
 def process_accelerator(device: str):
     """HF accelerate state: device placement and the process group (no-op for one process)."""
     from accelerate import Accelerator

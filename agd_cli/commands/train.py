@@ -36,6 +36,9 @@ from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alia
               help="Adapter init, validation split and data order.")
 @click.option("--adapter-kind", help="cross_attention or offset (preset default).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--dry-run", is_flag=True,
+              help="Print the settings and one training step's estimated peak GPU memory (with "
+                   "--preset, also before any collection); loads no weights.")
 @common_options
 def command(as_json: bool, workdir: str, **flags) -> None:
     """Train guidance adapters on collected CFG trajectories; the base stays frozen.
@@ -50,6 +53,11 @@ def command(as_json: bool, workdir: str, **flags) -> None:
     from agd_cli.train import run_train
 
     summary = run_train(workdir=workdir, **flags)
+    if summary.get("dry_run"):
+        from agd_cli.dry_run import show_train
+
+        ui.emit_json(summary) if as_json else show_train(summary)
+        return
     if as_json:
         if summary["processes"] == 1 or _is_main():
             ui.emit_json(summary)
