@@ -345,16 +345,16 @@ def _run_steps(den, params, inputs: dict, optimizer: str, precision: str, dev) -
     # The window covers two steps: the first allocates the optimizer state (after its
     # backward), the second runs with it in place: the steady state of a training run.
     with PeakMemory(dev) as mem:
-        step(inputs)
+        losses = [step(inputs)]
         t0 = time.perf_counter()
-        step(inputs)
+        losses.append(step(inputs))
         seconds = time.perf_counter() - t0
     method, baseline, peak = mem.method, mem.start, mem.peak
     state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values()
                       for v in s.values() if isinstance(v, torch.Tensor))
     return {"optimizer": used, "optimizer_state_bytes": state_bytes, "baseline_bytes": baseline,
             "peak_bytes": peak, "step_bytes": peak - baseline, "method": method,
-            "seconds_step": round(seconds, 2)}
+            "seconds_step": round(seconds, 2), "losses": losses}
 
 
 def main(argv: list[str] | None = None) -> None:

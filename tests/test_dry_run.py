@@ -184,3 +184,27 @@ def test_the_decision_itself():
 def test_the_out_of_memory_hint_names_gradient_checkpointing():
     err = _as_agd_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert err.message.startswith("out of memory") and "--gradient-checkpointing" in err.hint
+
+
+# --- benchmarks/gpu_check.py --phases: the GPU's side of the dry run, runnable here on the CPU ---
+def _gpu_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_phases_runs_the_collect_path_and_checks_every_output(tmp_path):
+    gpu_check = _gpu_check()
+    assert set(gpu_check.REAL_PRESETS) == {"sdxl", "sd15", "sd21", "sd35-medium", "sd35-large",
+                                           "pixart-sigma", "sana-1600m", "dit"}
+    r = gpu_check.check_phases("tiny-sd3", "cpu", tmp_path)
+    assert list(r["phases"]) == [*PHASES, "training step"] and r["all_finite"]
+    for p in r["phases"].values():
+        assert p["estimate_gib"] is not None and p["allocated_gib"] is None  # no CUDA here
+    assert r["phases"]["sampling"]["seconds_per_step"] > 0
+    assert "| tiny-sd3 | sampling |" in gpu_check.phase_table({"tiny-sd3": r})
