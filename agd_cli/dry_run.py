@@ -32,11 +32,14 @@ def _estimated(make) -> tuple[list[Phase], str | None]:
         return [], f"could not estimate ({type(e).__name__}: {first})"
 
 
-def memory_report(phases: list[Phase], c: Card, why: str | None = None) -> dict:
-    """The --json "memory" object: the card, each phase's peak and whether all fit."""
+def memory_report(phases: list[Phase], c: Card, why: str | None = None,
+                  fits: bool | None = None) -> dict:
+    """The --json "memory" object: the card, each phase's peak and whether the run fits (by
+    default: every phase does)."""
+    if fits is None and phases:
+        fits = all(p.peak_bytes <= c.budget for p in phases)
     return {"card": c.to_dict(), "phases": [p.to_dict(c.budget) for p in phases],
-            "fits": all(p.peak_bytes <= c.budget for p in phases) if phases else None,
-            "method": METHOD, "note": why}
+            "fits": fits, "method": METHOD, "note": why}
 
 
 def show_memory(title: str, memory: dict) -> None:
@@ -44,13 +47,17 @@ def show_memory(title: str, memory: dict) -> None:
     c = memory["card"]
     ui.result(f"{title}; card {c['gib']:.1f} GiB ({c['source']}): each phase must stay under "
               f"{c['budget_gib']:.1f} GiB")
+    width = max([14, *(len(p["name"]) for p in memory["phases"])])
     for p in memory["phases"]:
         verdict = "fits" if p["fits"] else "DOES NOT FIT"
-        ui.result(f"  {p['name']:<14} {p['peak_gib']:6.2f} GiB  {verdict:<12}  {p['note']}")
+        ui.result(f"  {p['name']:<{width}} {p['peak_gib']:6.2f} GiB  {verdict:<12}  {p['note']}")
     if memory["note"]:
         ui.result(f"  {memory['note']}")
+    elif memory["fits"] is not None and all(p["fits"] for p in memory["phases"]):
+        ui.result("every phase fits")
     elif memory["fits"] is not None:
-        ui.result("every phase fits" if memory["fits"] else "a phase does not fit this card")
+        ui.result("it fits, as set on the last line" if memory["fits"]
+                  else "it does not fit this card")
 
 
 # --- collect -------------------------------------------------------------------------------------
@@ -131,7 +138,12 @@ def train_dry_run(run: str | None, data, preset: str | None, flags: dict, device
                                           flags.get("gradient_checkpointing"))
         except Exception as e:  # noqa: BLE001 - reported, as _estimated does
             why = f"could not estimate ({type(e).__name__}: {str(e).strip()[:200]})"
-    phases = [] if choice is None else [choice.phase]
+    phases, fits = [], None
+    if choice is not None:
+        phases = [choice.asked, choice.phase] if choice.asked else [choice.phase]
+        fits = choice.action != "refuse"
+        if choice.asked:
+            choice.phase.name = "training step (checkpointing)"
     return {"dry_run": True, "command": "train", "preset": preset_obj.name,
             "run": None if run_path is None else str(run_path),
             "collections": [str(r) for r in roots],
@@ -140,7 +152,7 @@ def train_dry_run(run: str | None, data, preset: str | None, flags: dict, device
                          "optimizer": settings.optimizer, "precision": settings.precision,
                          "gradient_checkpointing": settings.gradient_checkpointing},
             "checkpointing": None if choice is None else choice.to_dict(),
-            "memory": memory_report(phases, c, why)}
+            "memory": memory_report(phases, c, why, fits)}
 
 
 def show_train(summary: dict) -> None:
@@ -153,6 +165,7 @@ def show_train(summary: dict) -> None:
     show_memory(f"estimated peak GPU memory of one training step ({s['precision']}, batch "
                 f"{s['batch_size']})", summary["memory"])
     choice = summary["checkpointing"]
-    if choice and choice["action"] != "fits":
-        ui.result(f"on this card agd train would: {choice['message']}"
-                  + (f" ({choice['hint']})" if choice["hint"] else ""))
+    if choice and choice["action"] == "turn on":
+        ui.result(f"agd train on this card: {choice['message']}")
+    elif choice and choice["action"] == "refuse":
+        ui.result(f"agd train on this card refuses: {choice['message']}; {choice['hint']}")

@@ -258,9 +258,10 @@ class CheckpointingChoice:
 
     action: str
     checkpointing: bool
-    phase: Phase
+    phase: Phase          # the step as it will run (or as it was asked for, when refused)
     message: str
     hint: str | None = None
+    asked: Phase | None = None  # the step as set, where agd turned checkpointing on instead
 
     def to_dict(self) -> dict:
         return {"action": self.action, "gradient_checkpointing": self.checkpointing,
@@ -297,4 +298,4 @@ def choose_checkpointing(estimate, c: Card, checkpointing: bool,
     return CheckpointingChoice("turn on", True, on,
                                f"{need} without gradient checkpointing: turning it on "
                                f"(~{on.peak_bytes / GiB:.1f} GiB; about 1/3 more compute per "
-                               "step)")
+                               "step)", asked=now)

@@ -120,6 +120,23 @@ def test_cli_train_dry_run_with_a_preset_and_no_collection(tmp_path, capsys):
     assert step["peak_bytes"] >= step["parts"]["denoiser_weights"] > 0
 
 
+def test_cli_train_dry_run_says_checkpointing_would_be_turned_on(tmp_path, capsys):
+    """A card the step fits only with gradient checkpointing: both estimates, and the choice
+    agd train makes on such a card (tiny-sdxl: ~0.14 GiB off, ~0.04 GiB on; budget 0.1 GiB)."""
+    text = (load_preset("tiny-sdxl").source.read_text(encoding="utf-8")
+            .replace('name = "tiny-sdxl"', 'name = "tiny-sdxl-small-card"')
+            + '\n[memory]\nprofile = "2.1GB"\n')
+    preset = tmp_path / "small-card.toml"
+    preset.write_text(text, encoding="utf-8")
+    main(["--workdir", str(tmp_path / "ws"), "train", "--preset", str(preset), "--dry-run",
+          "--json"])
+    s = json.loads(capsys.readouterr().out)
+    asked, chosen = s["memory"]["phases"]
+    assert s["checkpointing"]["action"] == "turn on" and s["memory"]["fits"] is True
+    assert not asked["fits"] and chosen["fits"] and chosen["peak_bytes"] < asked["peak_bytes"]
+    assert chosen["name"] == "training step (checkpointing)"
+
+
 # --- row 12: gradient checkpointing where only that fits, decided before the first step ---------
 @pytest.fixture(scope="module")
 def tiny_steps() -> dict[bool, int]:
