@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -109,26 +110,53 @@ def _weights(module: nn.Module | None) -> int:
 
 
 def meta_parts(preset: Preset, dtype: torch.dtype, text: bool = True):
-    """(Denoiser on the meta device, {name: text encoder}) at real size, no weights read."""
+    """(Denoiser on the meta device, {name: text encoder}) at real size, no weights read: from
+    the preset's [architecture], else from a local model folder's config files (mnist)."""
     from accelerate import init_empty_weights
 
     from agd_cli.families import FAMILY_CLASSES
 
     cls = FAMILY_CLASSES[preset.family]
-    if preset.architecture.get("unet") or preset.architecture.get("transformer"):
-        with init_empty_weights(), torch.device(META):
+    with init_empty_weights(), torch.device(META):
+        if preset.architecture.get("unet") or preset.architecture.get("transformer"):
             model, parts, sched, vae = cls._build_random(preset, text=text)
-        den = cls(preset, model, {}, sched, META, dtype, preset.base_source(random_weights=True),
-                  vae)
-    else:  # a local model folder without an [architecture] section (mnist): read, then meta
-        den = cls.load(preset, device="cpu", text=text)
-        parts = den.text
-        den.text = {}
-        den.device, den.dtype, den._model_placed = META, dtype, True
-        den.model.to(META, dtype)
+        else:
+            model, parts, sched, vae = _from_folder_configs(cls, preset, text)
+    den = cls(preset, model, {}, sched, META, dtype, preset.base_source(random_weights=True), vae)
     encoders = {k: _loaded_dtype(v.to(META), dtype) for k, v in parts.items()
                 if isinstance(v, nn.Module)}
     return den, encoders
+
+
+def _from_folder_configs(cls, preset: Preset, text: bool):
+    """(model, text encoders, scheduler config, VAE config) of a local diffusers folder, each
+    part built from its config.json alone; a hub id's configs are not at hand offline."""
+    import diffusers
+    import transformers
+
+    from agd_cli.io import read_json
+
+    root = Path(preset.resolve_base_model())
+    if not root.is_dir():
+        raise InputError(f"preset '{preset.name}' has no [architecture] section and its base "
+                         f"'{preset.base_model}' is no local folder: its sizes are not known "
+                         "offline", hint="add the model's configs to the preset's "
+                                         "[architecture] section, as the shipped presets have")
+    name = getattr(cls, "model_class", "") or (
+        "DiTTransformer2DModel" if preset.family == "dit" else "UNet2DConditionModel")
+    model_cls = getattr(diffusers, name)
+    model = model_cls.from_config(model_cls.load_config(root, subfolder=cls.model_subfolder))
+    encoders = {}
+    wanted = (getattr(cls, "text_parts", None) or
+              {"text_encoder" + sub: enc.__name__ for sub, enc in
+               getattr(cls, "_text_encoder_classes", lambda: [])()})
+    for part, class_name in (wanted.items() if text else ()):
+        if part.startswith("text_encoder") and (root / part / "config.json").is_file():
+            enc_cls = getattr(transformers, class_name)
+            encoders[part] = enc_cls(enc_cls.config_class.from_pretrained(root / part))
+    sched = read_json(root / "scheduler" / "scheduler_config.json")
+    vae = read_json(root / "vae" / "config.json") if (root / "vae").is_dir() else None
+    return model, encoders, sched, vae
 
 
 def _peak_of(run) -> int:

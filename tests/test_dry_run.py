@@ -22,13 +22,20 @@ PHASES = ["text encoding", "sampling", "VAE decode"]
 
 @pytest.fixture(autouse=True)
 def no_weights(monkeypatch):
-    """A dry run must not open a base model: any attempt fails the test."""
-    import agd_cli.families.base as base
+    """A dry run must not open a base model's files: any attempt fails the test."""
+    import agd_cli.families.base
+    import agd_cli.families.dit
+    import agd_cli.families.sd
+    import agd_cli.families.transformer
+    from agd_cli.families.weights import PretrainedBase
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run tried to open a base model's files")
 
-    monkeypatch.setattr(base, "open_base", refuse)
+    for module in (agd_cli.families.base, agd_cli.families.dit, agd_cli.families.sd,
+                   agd_cli.families.transformer):
+        monkeypatch.setattr(module, "open_base", refuse)
+    monkeypatch.setattr(PretrainedBase, "__init__", refuse)
 
 
 def dry_collect(preset: str, tmp_path, **flags) -> dict:
