@@ -102,7 +102,8 @@ def _as_agd_error(e: BaseException) -> AgdError:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return AgdError(f"out of memory: {first[:300]}",
                         hint="ask for less at once: a smaller --batch-size, --size or -n, or fewer "
-                             "--seeds (agd bench --memory estimates training)")
+                             "--seeds; in agd train also --gradient-checkpointing (--dry-run "
+                             "estimates each phase's memory)")
     internal = AgdError(f"internal error: {type(e).__name__}: {e}",
                         hint="rerun with --debug for the traceback and report it")
     internal.exit_code = 1

@@ -381,3 +381,31 @@ def test_a_deleted_model_frees_its_adapters(adapter_files):
     del pipe
     gc.collect()
     assert model() is None and adapters() is None
+
+
+def test_adapters_follow_their_model_to_another_dtype_and_device(adapter_files):
+    """pipe.to(dtype) / model.to(device) take the attached adapters along (issue 31, row 8);
+    the model's own state_dict stays the base's, and unloading leaves no trace."""
+    pipe, shape = tiny_sd_pipeline()
+    keys = set(pipe.unet.state_dict())
+    adapters = load_agd_adapter(pipe, adapter_files["tiny-sd"])
+    pipe.to(torch.float64)
+    assert {p.dtype for p in adapters.parameters()} == {torch.float64}
+    noise = sampling.initial_noise(shape, [0]).double()
+    out = latents(pipe, noise, cross_attention_kwargs={"agd_omega": OMEGA})
+    assert out.dtype == torch.float64 and bool(torch.isfinite(out).all())
+
+    unet = pipe.unet
+    x = torch.randn(1, *shape, dtype=torch.float64)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, dtype=torch.float64)
+    unet.to("meta")  # a device move, seen on a CPU-only machine
+    assert {p.device.type for p in adapters.parameters()} == {"meta"}
+    out = unet(x.to("meta"), 10, encoder_hidden_states=text.to("meta"),
+               cross_attention_kwargs={"agd_omega": OMEGA}).sample
+    assert out.device.type == "meta" and out.shape == x.shape
+    assert set(unet.state_dict()) == keys  # the adapters are not the model's submodules
+
+    unload_agd_adapter(pipe)
+    assert "_apply" not in vars(unet)
+    unet.to(torch.float32)  # no longer attached: the adapters stay as they were
+    assert {p.dtype for p in adapters.parameters()} == {torch.float64}

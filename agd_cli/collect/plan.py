@@ -4,6 +4,7 @@ of a sharded collection this process is. `agd_cli.collect.run` records what the 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,15 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from agd_cli.collect.disk import (
+    DISK_MARGIN,
+    DISK_RESERVE,
+    block_size,
+    estimate_bytes_per_trajectory,
+    estimate_collection_bytes,
+    free_bytes,
+    human_bytes,
+)
 from agd_cli.collect.store import worker_ids
 from agd_cli.config import checks
 from agd_cli.config.presets import Preset, load_preset
@@ -18,6 +28,10 @@ from agd_cli.config.prompts import load_negative_set, load_prompt_set, prompts_s
 from agd_cli.config.workspace import run_dir
 from agd_cli.families import resolve_device
 from agd_cli.infra.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+ENCODE_CHUNK = 64  # prompts per text-encoder call
 
 MAX_TRAJECTORIES = 10_000_000  # per collection; ids are listed in memory
 
@@ -48,6 +62,7 @@ class CollectFlags:
     empty_negative_probability: float | None = None
     negative_only_probability: float | None = None
     omega_skew: float | None = None
+    dry_run: bool = False  # plan and estimate memory only (agd_cli.dry_run): nothing loads
 
 
 @dataclass
@@ -207,3 +222,44 @@ def resolve_negative_only(p: Preset, flag: float | None, negatives: bool) -> flo
 
 
 # --- 2. plan -----------------------------------------------------------------------------------
+
+
+def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> list[int]:
+    """Print what will be done and check the disk can hold it; returns the ids still to collect.
+
+    `redo`: ids of damaged shards, stored but to be collected again."""
+    done = set() if (s.overwrite or not store.exists()) else store.completed() - redo
+    remaining = [i for i in s.ids if i not in done]
+    est = estimate_bytes_per_trajectory(s.preset, s.keep_steps, s.num_per_prompt)
+    need = estimate_collection_bytes(est, len(remaining), s.batch_size, block_size(store.root))
+    free = free_bytes(store.root)
+    if s.overwrite and store.exists():
+        free += sum(info["bytes"] for info in store.shards())  # --overwrite deletes them first
+    total = len(s.prompts) * s.num_per_prompt
+    worker = f" · worker {s.shard_index + 1} of {s.num_shards}" if s.num_shards > 1 else ""
+    logger.info(f"plan: {s.preset.name} · {len(s.prompts)} prompts × {s.num_per_prompt} = {total} "
+            f"trajectories{worker} · {len(remaining)} to do, {len(s.ids) - len(remaining)} done · "
+            f"{s.keep_steps} of {s.steps} {s.scheduler} steps kept · "
+            f"ω {omega_law(s)} · seed {s.seed}")
+    if s.negatives:
+        alone = (f"; {s.negative_only_probability:g} of those with a negative have no prompt"
+                 if s.negative_only_probability else "")
+        logger.info(f"negatives: {len(s.negatives)} from {s.negative_source}, the empty prompt with "
+                f"probability {s.empty_negative_probability:g}{alone}")
+    shape = "×".join(map(str, est["latent_shape"] or ["?"]))
+    logger.info(f"disk: ~{human_bytes(need)} needed ({human_bytes(est['bytes'])} per trajectory: "
+            f"2 × {s.keep_steps} × {shape} fp16), {human_bytes(free)} free at {store.root}")
+    if need is not None and need * DISK_MARGIN + DISK_RESERVE > free:
+        raise InputError(f"not enough disk space at {store.root}: the collection needs "
+                         f"~{human_bytes(need)} plus a {round(DISK_MARGIN * 100 - 100)} % margin "
+                         f"and {human_bytes(DISK_RESERVE)} kept free; {human_bytes(free)} are free",
+                         hint="free some space, collect elsewhere with --run DIR, keep fewer steps "
+                              "(--keep-steps) or split the prompts (--shard-index/--num-shards)")
+    return remaining
+
+
+def omega_law(s: CollectSettings) -> str:
+    """How collect draws ω, in words."""
+    if s.omega_skew == 1:
+        return f"~ U[{s.omega_min:g}, {s.omega_max:g}]"
+    return f"= {s.omega_min:g} + {s.omega_max - s.omega_min:g}·u^{s.omega_skew:g}, u ~ U[0, 1)"

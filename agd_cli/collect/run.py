@@ -18,16 +18,13 @@ import torch
 from rich.progress import TextColumn
 
 from agd_cli import __version__
-from agd_cli.collect.disk import (
-    DISK_MARGIN,
-    DISK_RESERVE,
-    block_size,
-    estimate_bytes_per_trajectory,
-    estimate_collection_bytes,
-    free_bytes,
-    human_bytes,
+from agd_cli.collect.plan import (
+    ENCODE_CHUNK,
+    CollectFlags,
+    CollectSettings,
+    plan_collection,
+    resolve_settings,
 )
-from agd_cli.collect.plan import CollectFlags, CollectSettings, resolve_settings
 from agd_cli.collect.store import (
     TrajectoryStore,
     keep_indices,
@@ -41,50 +38,17 @@ from agd_cli.config.presets import Preset
 from agd_cli.config.workspace import TRAJECTORIES
 from agd_cli.core.conditions import cond_cat, cond_select
 from agd_cli.core.sampling import initial_noise, sample
+from agd_cli.dry_run import collect_dry_run
 from agd_cli.families import load_denoiser, warn_truncated
 from agd_cli.families.attention import use_fast_attention
 from agd_cli.infra import ui
-from agd_cli.infra.errors import InputError, Interrupted
+from agd_cli.infra.errors import Interrupted
+from agd_cli.infra.finite import StepWatch, check_conditions, nonfinite_trajectory
 from agd_cli.infra.locks import run_lock, worker_lock_name
 
 logger = logging.getLogger(__name__)
 
-ENCODE_CHUNK = 64          # prompts per text-encoder call
 FP32_COND_KEYS = ("time_ids",)  # SDXL size/crop ids: exact integers, tiny, keep fp32
-
-
-def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> list[int]:
-    """Print what will be done and check the disk can hold it; returns the ids still to collect.
-
-    `redo`: ids of damaged shards, stored but to be collected again."""
-    done = set() if (s.overwrite or not store.exists()) else store.completed() - redo
-    remaining = [i for i in s.ids if i not in done]
-    est = estimate_bytes_per_trajectory(s.preset, s.keep_steps, s.num_per_prompt)
-    need = estimate_collection_bytes(est, len(remaining), s.batch_size, block_size(store.root))
-    free = free_bytes(store.root)
-    if s.overwrite and store.exists():
-        free += sum(info["bytes"] for info in store.shards())  # --overwrite deletes them first
-    total = len(s.prompts) * s.num_per_prompt
-    worker = f" · worker {s.shard_index + 1} of {s.num_shards}" if s.num_shards > 1 else ""
-    logger.info(f"plan: {s.preset.name} · {len(s.prompts)} prompts × {s.num_per_prompt} = {total} "
-            f"trajectories{worker} · {len(remaining)} to do, {len(s.ids) - len(remaining)} done · "
-            f"{s.keep_steps} of {s.steps} {s.scheduler} steps kept · "
-            f"ω {omega_law(s)} · seed {s.seed}")
-    if s.negatives:
-        alone = (f"; {s.negative_only_probability:g} of those with a negative have no prompt"
-                 if s.negative_only_probability else "")
-        logger.info(f"negatives: {len(s.negatives)} from {s.negative_source}, the empty prompt with "
-                f"probability {s.empty_negative_probability:g}{alone}")
-    shape = "×".join(map(str, est["latent_shape"] or ["?"]))
-    logger.info(f"disk: ~{human_bytes(need)} needed ({human_bytes(est['bytes'])} per trajectory: "
-            f"2 × {s.keep_steps} × {shape} fp16), {human_bytes(free)} free at {store.root}")
-    if need is not None and need * DISK_MARGIN + DISK_RESERVE > free:
-        raise InputError(f"not enough disk space at {store.root}: the collection needs "
-                         f"~{human_bytes(need)} plus a {round(DISK_MARGIN * 100 - 100)} % margin "
-                         f"and {human_bytes(DISK_RESERVE)} kept free; {human_bytes(free)} are free",
-                         hint="free some space, collect elsewhere with --out DIR, keep fewer steps "
-                              "(--keep-steps) or split the prompts (--shard-index/--num-shards)")
-    return remaining
 
 
 # --- 3. teacher and conditions -----------------------------------------------------------------
@@ -117,6 +81,10 @@ def encode_conditions(den, prompts: list, indices: list[int],
                for i in range(0, len(negatives), ENCODE_CHUNK)]
     den.free_text_encoders()  # never needed again in this process
     table = cond_cat(chunks) if chunks else {}
+    # data enter here: a text encoder that overflows (T5 in fp16) is named, not collected with
+    check_conditions(table, [(i, prompts[i]) for i in indices])
+    check_conditions(cond_cat(uncond), [(None, "the empty prompt"), *enumerate(negatives)],
+                     "negative prompt")
     return table, {p: r for r, p in enumerate(indices)}, cond_cat(uncond)
 
 
@@ -143,8 +111,10 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
     xs = torch.empty(shape, dtype=torch.float16, device=den.device)
     targets = torch.empty_like(xs)
     timesteps = torch.empty(len(keep), dtype=torch.float64)
+    watch = StepWatch(b, den.device)  # a NaN or inf at any step, kept or not
 
     def record(info: dict) -> None:
+        watch.update(info["i"], info["model_input"], info["output"])
         k = slot.get(info["i"])
         if k is not None:
             xs[:, k] = info["model_input"]
@@ -155,14 +125,30 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
 
     res = sample(den, cond, uncond_b, omega.to(den.device), noise, mode="cfg", steps=s.steps,
                  scheduler=s.scheduler, callback=record)
+    x_final = res.x.to(torch.float16)
+    refuse_nonfinite(watch, s, ids, prompt_index, omega,
+                     [(xs, keep), (targets, keep), (x_final[:, None], [s.steps - 1])])
     # Integer schedules (DDIM, DDPM, trailing Euler/DPM) store int64 as the layout says
     ts = timesteps.long() if bool((timesteps == timesteps.round()).all()) else timesteps.float()
-    return {"x": xs.cpu(), "target": targets.cpu(), "x_final": res.x.to("cpu", torch.float16),
+    return {"x": xs.cpu(), "target": targets.cpu(), "x_final": x_final.cpu(),
             "timesteps": ts.expand(b, -1).clone(), "omega": omega.float(),
             "prompt_index": prompt_index, "trajectory_id": torch.tensor(ids), "cond_row": cond_row,
             "uncond_row": uncond_row, "negative_index": negative_index,
             **{f"cond.{k}": v for k, v in shard_cond.items()},
             **{f"uncond.{k}": v for k, v in shard_uncond.items()}}
+
+
+def refuse_nonfinite(watch: StepWatch, s: CollectSettings, ids: list[int], prompt_index,
+                     omega, stored: list) -> None:
+    """Raise NonFiniteError, naming the trajectory, when any of the batch went non-finite: at a
+    sampling step (watched) or in its tensors as stored (fp16)."""
+    found = watch.first_bad(stored)
+    if found is None:
+        return
+    row, step = found
+    p = int(prompt_index[row])
+    raise nonfinite_trajectory(ids[row], p, s.prompts[p] if p >= 0 else "", s.seed, step,
+                               s.steps, float(omega[row]), ids)
 
 
 def _shard_conditions(table: dict, row_of: dict[int, int], uncond: dict, prompt_index):
@@ -193,13 +179,6 @@ def _open_store(s: CollectSettings, store, config: dict) -> None:
     # A lone worker may clean everything; parallel workers only their own files, since another
     # worker's shard may sit between its rename and its sidecar right now.
     store.clean_partial("" if s.num_shards == 1 else f"w{s.shard_index}-")
-
-
-def omega_law(s: CollectSettings) -> str:
-    """How collect draws ω, in words."""
-    if s.omega_skew == 1:
-        return f"~ U[{s.omega_min:g}, {s.omega_max:g}]"
-    return f"= {s.omega_min:g} + {s.omega_max - s.omega_min:g}·u^{s.omega_skew:g}, u ~ U[0, 1)"
 
 
 def manifest_config(s: CollectSettings, den, keep: list[int], source: str) -> dict:
@@ -253,7 +232,10 @@ def run_collect(preset: str | Preset | CollectFlags, **flags) -> dict:
     request = preset if isinstance(preset, CollectFlags) else CollectFlags(preset, **flags)
     t0 = time.perf_counter()
     # 1. Check inputs: flags, prompts and the existing run folder, before anything loads
-    return collect(resolve_settings(request), t0)
+    settings = resolve_settings(request)
+    if request.dry_run:
+        return collect_dry_run(settings)
+    return collect(settings, t0)
 
 
 def collect(s: CollectSettings, t0: float | None = None) -> dict:

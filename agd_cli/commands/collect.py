@@ -53,6 +53,9 @@ from agd_cli.config.vocab import DTYPES
               help="Share of the trajectories with a negative whose prompt is the empty prompt, "
                    "so the adapters also learn a negative on its own [preset, 0].")
 @click.option("--overwrite", is_flag=True, help="Replace a different collection in the folder.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan and each phase's estimated peak GPU memory (text encoding, "
+                   "sampling, VAE decode) for the preset, dtype and batch; loads no weights.")
 @common_options
 def command(as_json: bool, workdir: str, **flags) -> None:
     """Record CFG-guided sampling trajectories of the teacher, the data `agd train` learns from.
@@ -66,6 +69,11 @@ def command(as_json: bool, workdir: str, **flags) -> None:
     summary = run_collect(workdir=workdir, **flags)
     if as_json:
         ui.emit_json(summary)
+        return
+    if summary.get("dry_run"):
+        from agd_cli.dry_run import show_collect
+
+        show_collect(summary)
         return
     rate = (f", {summary['trajectories_per_s']:.2f} trajectories/s"
             if summary["trajectories_per_s"] else "")

@@ -38,6 +38,9 @@ from agd_cli.config.vocab import ADAPTER_KINDS, DTYPES, OPTIMIZERS
               help="Adapter init, validation split and data order.")
 @click.option("--adapter-kind", type=NamedChoice(ADAPTER_KINDS, "adapter kind"), help="Adapter kind (preset default).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--dry-run", is_flag=True,
+              help="Print the settings and one training step's estimated peak GPU memory (with "
+                   "--preset, also before any collection); loads no weights.")
 @common_options
 def command(as_json: bool, workdir: str, **flags) -> None:
     """Train guidance adapters on collected CFG trajectories; the base stays frozen.
@@ -52,6 +55,11 @@ def command(as_json: bool, workdir: str, **flags) -> None:
     from agd_cli.train.run import run_train
 
     summary = run_train(workdir=workdir, **flags)
+    if summary.get("dry_run"):
+        from agd_cli.dry_run import show_train
+
+        ui.emit_json(summary) if as_json else show_train(summary)
+        return
     if as_json:
         if summary["processes"] == 1 or _is_main():
             ui.emit_json(summary)

@@ -112,6 +112,14 @@ def _one_of(options: tuple[str, ...]):
     return check
 
 
+CARD_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)\s*", re.IGNORECASE)
+
+
+def _card_size(v: Any) -> bool:
+    """a GPU memory size such as "24GB" (the card the preset's defaults are sized for)"""
+    return isinstance(v, str) and CARD_SIZE.fullmatch(v) is not None
+
+
 def _inputs(v: Any) -> bool:
     return isinstance(v, list) and len(v) > 0 and all(x in ADAPTER_INPUTS for x in v)
 
@@ -148,7 +156,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "preview_every": _nonneg_int, "weight_decay": _nonneg, "omega_loss_power": _nonneg,
         "negative_swap_share": _probability,
     },
-    "memory": {"profile": _str, "vae_tiling": _bool},
+    "memory": {"profile": _card_size, "vae_tiling": _bool},
     # a part that runs in its own precision in half-precision runs (a text encoder trained in
     # bf16 beside an fp16 transformer); fp32 runs stay fp32
     "dtypes": {"text_encoder": _one_of(DTYPES), "text_encoder_2": _one_of(DTYPES),

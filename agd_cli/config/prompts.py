@@ -2,6 +2,12 @@
 
 Everything here is validated before any model loads; bad files raise InputError naming the
 file (and line) and saying how to fix it.
+
+Built-in sets (`builtin:NAME`, agd_cli/assets/prompts/; a bare NAME that is no file here means
+the same): coco500.txt, 500 COCO-2017 captions, the paper's text-to-image prompt set and the
+text-to-image presets' default (COCO captions © the COCO Consortium, CC BY 4.0,
+https://cocodataset.org/#termsofuse); tiny-prompts.txt for the tiny test presets; negatives-sd.txt
+and mnist-negatives.txt, negative prompts.
 """
 
 from __future__ import annotations
@@ -120,10 +126,31 @@ def builtin_prompts(spec: str, flag: str = "--prompts") -> list[str]:
         name = "mnist.txt"
     path = ASSET_PROMPTS / name
     if not path.is_file():
-        shipped = sorted(p.name for p in ASSET_PROMPTS.iterdir()) if ASSET_PROMPTS.is_dir() else []
+        shipped = shipped_sets()
         raise InputError(f"unknown built-in prompt set '{spec}'",
                          hint=f"shipped sets: {', '.join('builtin:' + s for s in shipped)}")
     return read_prompts(path)
+
+
+def shipped_sets() -> list[str]:
+    """File names of the built-in prompt sets (agd_cli/assets/prompts/)."""
+    if not ASSET_PROMPTS.is_dir():
+        return []
+    return sorted(p.name for p in ASSET_PROMPTS.iterdir() if p.suffix.lower() in FORMATS)
+
+
+def resolve_spec(spec: str, flag: str = "--prompts") -> str:
+    """A prompt spec as given, or 'builtin:NAME' for a bare NAME that is no file here but a
+    built-in set (README's `--prompts coco500.txt`); said in one line when it happens."""
+    if spec.startswith("builtin:") or Path(spec).exists() or spec not in shipped_sets():
+        return spec
+    logger.info(f"{flag} {spec}: no such file here; using the built-in set builtin:{spec}")
+    return f"builtin:{spec}"
+
+
+def read_prompt_spec(spec: str, flag: str = "--prompts") -> list[str]:
+    """The prompts of a file or a built-in set (resolve_spec already applied)."""
+    return builtin_prompts(spec, flag) if spec.startswith("builtin:") else read_prompts(spec, flag)
 
 
 def parse_classes(spec: str, num_classes: int) -> list[int | str]:
@@ -185,7 +212,8 @@ def load_prompt_set(preset: Preset, prompts: str | None = None,
                               + (" or --classes all" if preset.family == "dit" else ""))
     if preset.family == "dit" and prompts is None and not spec.startswith("builtin:"):
         return parse_classes(spec, _num_classes(preset)), f"classes:{spec}"
-    items = builtin_prompts(spec) if spec.startswith("builtin:") else read_prompts(spec)
+    spec = resolve_spec(spec)
+    items = read_prompt_spec(spec)
     if preset.family == "dit":  # a file of class ids or names, one per line
         items = parse_classes(",".join(items), _num_classes(preset))
     return items, spec if spec.startswith("builtin:") else str(Path(spec))
@@ -202,9 +230,9 @@ def load_negative_set(preset: Preset, spec: str | None,
     spec = spec if spec is not None else preset.collect.get("negative_prompts")
     if spec is None or p == 1:
         return [], None, 1.0
+    spec = resolve_spec(spec, "--negative-prompts")
     try:
-        items = (builtin_prompts(spec, "--negative-prompts") if spec.startswith("builtin:")
-                 else read_prompts(spec, "--negative-prompts"))
+        items = read_prompt_spec(spec, "--negative-prompts")
     except InputError as e:
         raise InputError(f"--negative-prompts: {e.message}", hint=e.hint) from None
     if preset.family == "dit":  # a file of class ids or names, one per line

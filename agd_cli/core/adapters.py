@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -167,6 +168,34 @@ def _shown(value) -> str:
 def _versions(inputs: dict) -> tuple:
     """In-place changes bump a tensor's version: a cached input changed in place is a miss."""
     return tuple(v._version if isinstance(v, torch.Tensor) else None for v in inputs.values())
+
+
+def _follow_apply(model: nn.Module, fn, *args, **kwargs):
+    """The model's `_apply` (what `.to()`, `.half()`, `.cuda()` call), then the same on the agd
+    adapters attached to it: they move and cast with their model."""
+    out = type(model)._apply(model, fn, *args, **kwargs)
+    adapters = attached_adapters(model)
+    if adapters is not None:
+        adapters._apply(fn, *args, **kwargs)
+    return out
+
+
+class FollowModel:
+    """Makes an attached AdapterSet follow its model's device and dtype: `model.to(...)`, a
+    pipeline's `.to(...)` and accelerate's offload hooks all go through the model's `_apply`,
+    which this overrides on the model instance (a bound method: a deep copy of the model gets
+    its own, and adapters are looked up in the registry, so the copy carries none). The adapters
+    stay out of the model's submodules: its state_dict and saved files remain the base's."""
+
+    def __init__(self, model: nn.Module):
+        self.model = weakref.ref(model)
+        model._apply = types.MethodType(_follow_apply, model)
+
+    def remove(self) -> None:
+        model = self.model()
+        own = None if model is None else model.__dict__.get("_apply")
+        if getattr(own, "__func__", None) is _follow_apply:
+            del model.__dict__["_apply"]
 
 
 @dataclass
@@ -318,6 +347,7 @@ class AdapterSet(nn.Module):
                 handles += AttentionHook(adapter, fallback).install(module)
         hook = self._omega_hook(model, extract, omega_kwarg, routed)
         handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+        handles.append(FollowModel(model))
         self._attached = Attachment(model, {n: modules[n] for n in wanted}, handles)
         _ATTACHED[model] = weakref.ref(self)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,7 +85,13 @@ class Denoiser:
         self.adapters: AdapterSet | None = None
         self.nfe = 0  # model evaluations per sample, summed over calls
         model.requires_grad_(False).eval()
-        self.model.to(device, dtype)
+        # Load order: with text encoders loaded, the denoiser waits on the CPU (cast already)
+        # and goes to the device once they are freed (place_model), so the two never share the
+        # GPU: SD 3.5 Large's 8.1 B transformer and 5.7 B of encoders would need 25.6 GiB
+        self._model_placed = False
+        self.model.to(dtype)
+        if not any(isinstance(m, nn.Module) for m in text.values()):
+            self.place_model()
         for module in text.values():
             if isinstance(module, nn.Module):
                 # moved only: a cast would undo the dtypes the library chose at load (T5's `wo`
@@ -144,11 +151,23 @@ class Denoiser:
         """The subfolders of the base's text encoders (text_encoder, text_encoder_2, …)."""
         return ()
 
+    _model_placed = True  # a Denoiser built without __init__ (api's view) wraps a placed model
+
+    def place_model(self) -> None:
+        """Move the denoiser to its device, once: when the text encoders are freed, or at its
+        first call where they are kept (bench --quality encodes as it goes)."""
+        if not self._model_placed:
+            self.model.to(self.device, self.dtype)
+            self._model_placed = True
+
     def free_text_encoders(self) -> None:
-        """Conditions are encoded once; the encoders can then go."""
+        """Conditions are encoded once; the encoders can then go, and the denoiser takes their
+        place on the device."""
         self.text = {}
         if self.device.type == "cuda":
+            gc.collect()  # encode_prompt's pipelines may hold the encoders in reference cycles
             torch.cuda.empty_cache()
+        self.place_model()
 
     # --- conditions ----------------------------------------------------------------------
     def encode(self, prompts: Sequence) -> dict:
@@ -194,6 +213,7 @@ class Denoiser:
         CFG's unconditional condition (a negative prompt, or the null one) for adapters trained
         with negatives; others ignore it. `cache` (one per sampling run) lets the adapters reuse
         their work on the inputs that stay fixed over the run."""
+        self.place_model()
         kwargs = self._model_kwargs(cond_to(cond, self.device, self.dtype))
         if omega is not None:
             kwargs[self.omega_kwarg] = {"agd_omega": omega}

@@ -176,6 +176,7 @@ def load_generator(adapter: AdapterFile, base: Preset, device: str | None, dtype
 
 def _offload_to(den, device, dtype) -> None:
     """diffusers-style model CPU offload: each model moves to the GPU only while it runs."""
+    den.place_model()  # on the CPU, where it loaded: the offload hooks move it from now on
     vae = None if den.preset.pixel_space else den.vae_model()  # built on the CPU, offloaded too
     # text encoders were loaded in their own dtypes (T5's `wo` in fp32): moved, never cast
     modules = [m for m in den.text.values() if isinstance(m, torch.nn.Module)]

@@ -72,3 +72,8 @@ def storage_error(e: OSError) -> StorageError | None:
         return None
     where = f" '{e.filename}'" if e.filename else ""
     return StorageError(f"cannot write{where}: {e.strerror or e}", hint=hint)
+
+
+class NonFiniteError(AgdError):
+    """NaN or inf where data enter (a teacher's output at collect) or where weights are written
+    (a diverging training run): refused, never stored."""

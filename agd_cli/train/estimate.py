@@ -80,12 +80,14 @@ def efficient_attention():
         F.scaled_dot_product_attention = original
 
 
-def estimate_train_step(den, adapters, inputs: dict, make_step, optimizer: str) -> dict:
+def estimate_train_step(den, adapters, inputs: dict, make_step, optimizer: str,
+                        flops: bool = True) -> dict:
     """Peak bytes over two training steps, and FLOPs per sample, of a meta-device denoiser.
 
     `make_step(params, opt)` returns one training step, `step(inputs)` (probe.train_step_of:
     the step `agd train` takes); torch AdamW stands in for AdamW8bit
-    (no meta kernels) and its state is then rescaled to 8-bit size."""
+    (no meta kernels) and its state is then rescaled to 8-bit size. `flops=False` skips the
+    FLOP-counting third step (flops_per_sample None): a memory check needs only the peak."""
     params = [p for p in adapters.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)  # foreach temporaries are fused on CUDA
     step = make_step(params, opt)
@@ -100,8 +102,10 @@ def estimate_train_step(den, adapters, inputs: dict, make_step, optimizer: str) 
             for _ in range(2):  # the first step creates the optimizer state, the second has it
                 step(inputs)
                 gc.collect()
-        with FlopCounterMode(display=False) as flops:
-            step(inputs)
+        counter = FlopCounterMode(display=False) if flops else contextlib.nullcontext()
+        with counter:
+            if flops:
+                step(inputs)
     state_bytes = sum(p.numel() for p in params) * ADAMW_STATE_BYTES
     saved = 0
     if optimizer == "adamw8bit":
@@ -111,6 +115,6 @@ def estimate_train_step(den, adapters, inputs: dict, make_step, optimizer: str) 
     return {"peak_bytes": tracker.peak - saved, "baseline_bytes": baseline,
             "step_bytes": tracker.peak - saved - baseline,
             "optimizer_state_bytes": state_bytes - saved,
-            "flops_per_sample": flops.get_total_flops() / batch,
+            "flops_per_sample": counter.get_total_flops() / batch if flops else None,
             "method": "meta-device estimate: live tensor storages, memory-efficient SDPA; "
                       "add CUDA context and allocator slack"}

@@ -149,8 +149,10 @@ def train_step_of(den, params: list, opt, precision: str):
 
 
 def measure_in_process(preset_name, precision: str, optimizer: str, checkpointing: bool,
-                       batch_size: int, device: str, resolution: int | None) -> dict:
-    """One training step's peak memory, measured in this process (the probe's child side)."""
+                       batch_size: int, device: str, resolution: int | None,
+                       flops: bool = True) -> dict:
+    """One training step's peak memory, measured in this process (the probe's child side);
+    on the meta device `flops=False` skips counting FLOPs (a memory check is faster without)."""
     checks.dtype(precision, "precision")
     preset = load_preset(preset_name) if isinstance(preset_name, str) else preset_name
     dev = resolve_device(device)
@@ -164,7 +166,7 @@ def measure_in_process(preset_name, precision: str, optimizer: str, checkpointin
         adapters = den.new_adapters().train()
         inputs = random_inputs(den, batch_size, res)
     params = [p for p in adapters.parameters() if p.requires_grad]
-    figures = (_estimate(den, adapters, inputs, optimizer, precision) if dev.type == "meta"
+    figures = (_estimate(den, adapters, inputs, optimizer, precision, flops) if dev.type == "meta"
                else _run_steps(den, params, inputs, optimizer, precision, dev))
     return {"preset": preset.name, "family": preset.family, "device": str(dev),
             "precision": precision, "optimizer_requested": optimizer,
@@ -176,12 +178,13 @@ def measure_in_process(preset_name, precision: str, optimizer: str, checkpointin
             "torch": torch.__version__, **figures}
 
 
-def _estimate(den, adapters, inputs: dict, optimizer: str, precision: str) -> dict:
+def _estimate(den, adapters, inputs: dict, optimizer: str, precision: str,
+              flops: bool = True) -> dict:
     """The meta-device figures (no GPU needed): peak bytes and FLOPs per sample."""
     def make_step(params, opt):
         return train_step_of(den, params, opt, precision)
 
-    est = estimate_train_step(den, adapters, inputs, make_step, optimizer)
+    est = estimate_train_step(den, adapters, inputs, make_step, optimizer, flops)
     return {**est, "optimizer": optimizer, "seconds_step": None}
 
 
@@ -192,16 +195,16 @@ def _run_steps(den, params, inputs: dict, optimizer: str, precision: str, dev) -
     # The window covers two steps: the first allocates the optimizer state (after its
     # backward), the second runs with it in place: the steady state of a training run.
     with PeakMemory(dev) as mem:
-        step(inputs)
+        losses = [step(inputs)]
         t0 = time.perf_counter()
-        step(inputs)
+        losses.append(step(inputs))
         seconds = time.perf_counter() - t0
     method, baseline, peak = mem.method, mem.start, mem.peak
     state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values()
                       for v in s.values() if isinstance(v, torch.Tensor))
     return {"optimizer": used, "optimizer_state_bytes": state_bytes, "baseline_bytes": baseline,
             "peak_bytes": peak, "step_bytes": peak - baseline, "method": method,
-            "seconds_step": round(seconds, 2)}
+            "seconds_step": round(seconds, 2), "losses": losses}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,10 +29,12 @@ from rich.progress import TextColumn
 from agd_cli.config import checks
 from agd_cli.config.presets import Preset
 from agd_cli.core.guidance import per_sample, swapped_roles
+from agd_cli.dry_run import train_dry_run
 from agd_cli.families import FAMILY_CLASSES
 from agd_cli.families.precision import resolve_precision
 from agd_cli.infra import ui
 from agd_cli.infra.errors import DataError, InputError, Interrupted
+from agd_cli.infra.finite import NonFiniteSteps, check_finite_weights
 from agd_cli.infra.locks import run_lock
 from agd_cli.train.checkpoint import RunCheckpoints
 from agd_cli.train.data import Batch, ShuffledSampler, TrajectoryData
@@ -47,6 +49,7 @@ from agd_cli.train.output import (
 from agd_cli.train.settings import TrainSettings, lr_at, omega_loss_weight
 from agd_cli.train.setup import (
     check_cpu_memory,
+    fit_gpu_memory,
     locate,
     prepare_denoiser,
     process_accelerator,
@@ -106,6 +109,7 @@ class Trainer:
         self.records: list[dict] = []
         self.metrics_path = self.run / "train" / "metrics.jsonl"
         self.checkpoints = RunCheckpoints(self, check_resumable=self._check_resumable)
+        self.nonfinite = NonFiniteSteps(settings.precision)  # skipped steps; stops a run that keeps diverging
         self.previews = Previews(self.run / "train")
 
     # --- numerics ----------------------------------------------------------------------------
@@ -182,7 +186,11 @@ class Trainer:
             group["lr"] = lr_at(self.step, s)
         total = self.update(self._micro_losses())
         self.step += 1
-        return self._reduce([total])[0]
+        loss = self._reduce([total])[0]
+        # a fp16 overflow with a finite loss is the grad scaler's routine skip, not divergence
+        nonfinite = not math.isfinite(loss) or (self.update.skipped and self.update.scaler is None)
+        self.nonfinite.record(self.step, loss, nonfinite, s.lr)
+        return loss
 
     def _micro_losses(self):
         """The grad_accum losses of one step, each its share of the step's mean, one at a time."""
@@ -277,19 +285,31 @@ class Trainer:
             while self.step < self.s.steps:
                 lr = lr_at(self.step, self.s)
                 loss = self.train_step()
-                smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+                if math.isfinite(loss):  # a skipped step's NaN would stick in the average
+                    smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
                 rate = (self.step - first) / max(time.time() - t0, 1e-9)
                 self._log({"step": self.step, "loss": loss, "lr": lr})
                 if self.step % self.s.checkpoint_every == 0 or self.step == self.s.steps:
                     self._validate()
+                    self._refuse_nonfinite("checkpoint")
                     self.checkpoints.save()
                 if self.s.preview_every and self.step % self.s.preview_every == 0:
                     self.preview()
-                prog.update(task, completed=self.step, loss=f"{smoothed:.4g}",
+                prog.update(task, completed=self.step, loss=fmt_loss(smoothed),
                             val=fmt_loss(self.last_val), rate=f"{rate:.2f}")
         if self.step == first and self.last_val is None:  # nothing left to train
             self.last_val = self.evaluate()
         return self.finish(time.time() - t0, smoothed)
+
+    def _refuse_nonfinite(self, what: str) -> None:
+        """Stop before writing a checkpoint or the adapter file whose weights or validation loss
+        are not finite (every process decides alike: same weights, reduced loss)."""
+        last = self.checkpoints.last_step()
+        kept = (f"the newest checkpoint (step {last}) and any adapter file already in "
+                f"{self.run} are kept" if last is not None else
+                f"no checkpoint was written yet; any adapter file already in {self.run} is kept")
+        check_finite_weights(self.den.adapters.parameters(), self.last_val, what, self.step, kept,
+                             self.s.precision)
 
     def preview(self) -> Path | None:
         """CFG vs adapters from the same noise (fixed seeds), as one PNG; main process only."""
@@ -299,7 +319,9 @@ class Trainer:
 
     def finish(self, seconds: float, train_loss: float | None) -> dict:
         """Write the adapter file and the loss curve; the summary `--json` prints."""
+        self._refuse_nonfinite("adapter file")
         summary = run_summary(self, seconds, train_loss)
+        summary["nonfinite_steps"] = self.nonfinite.total
         if self.main:
             write_adapter(self, summary)
         self.barrier()
@@ -314,11 +336,14 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
               checkpoint_every: int | None = None, keep_checkpoints: int | None = None,
               preview_every: int | None = None, resume: bool = True, seed: int = 0,
               adapter_kind: str | None = None, device: str = "auto",
-              workdir: str = "agd-runs") -> dict:
-    """Train adapters on collected trajectories; returns the summary `agd train --json` prints."""
+              workdir: str = "agd-runs", dry_run: bool = False) -> dict:
+    """Train adapters on collected trajectories; returns the summary `agd train --json` prints.
+    `dry_run`: the settings and one step's estimated peak memory only (agd_cli.dry_run)."""
     flags = {k: v for k, v in locals().items() if k not in ("run", "data", "preset", "device",
-                                                             "workdir", "resume")}
+                                                             "workdir", "resume", "dry_run")}
     checks.seed(seed)  # the flags that need no preset, before looking for data
+    if dry_run:
+        return train_dry_run(run, data, preset, flags, device, workdir)
     # 1. Where: the run folder and its collection(s); the preset they were recorded with
     run_path, roots = locate(run, data, workdir)
     checks.writable_folder(run_path, "the run folder")
@@ -330,11 +355,13 @@ def run_train(run: str | None = None, data: tuple | list = (), preset: str | Non
     acc = process_accelerator(device)
     lock = run_lock(run_path, "train") if acc.is_main_process else contextlib.nullcontext()
     with lock:  # one writer per run folder (the main process writes for all)
-        return _train(run_path, roots, preset, preset_obj, settings, acc, resume)
+        return _train(run_path, roots, preset, preset_obj, settings, acc, resume,
+                      gradient_checkpointing)
 
 
 def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_obj: Preset,
-           settings: TrainSettings, acc, resume: bool) -> dict:
+           settings: TrainSettings, acc, resume: bool,
+           checkpointing_flag: bool | None = None) -> dict:
     """Load the data and the model, resume or start over, and fit (the run folder is locked)."""
     trajectories = TrajectoryData(roots, processes=acc.num_processes)
     # collections with negative prompts train adapters that also read the negative
@@ -346,6 +373,7 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
     # bf16 trains in fp16 with loss scaling instead (said once)
     settings.precision = resolve_precision(settings.precision, process_device(acc))
     check_cpu_memory(preset_obj, settings, process_device(acc))
+    fit_gpu_memory(preset_obj, settings, process_device(acc), checkpointing_flag)
     den = prepare_denoiser(preset_obj, process_device(acc), settings)
     if trajectories.sample_shape[0] != den.in_channels:
         raise DataError(f"collection holds {trajectories.sample_shape[0]}-channel samples; "

@@ -19,8 +19,10 @@ from agd_cli.config.presets import Preset, load_preset, preset_from_record
 from agd_cli.config.workspace import latest_collection
 from agd_cli.families import load_denoiser, resolve_device
 from agd_cli.families.attention import use_fast_attention
+from agd_cli.infra import hardware
 from agd_cli.infra.errors import DataError, InputError
 from agd_cli.train.data import collection_root, unique_roots
+from agd_cli.train.phase_memory import card, choose_checkpointing, quiet_casts, training_step
 from agd_cli.train.probe import measure_in_process
 
 if TYPE_CHECKING:
@@ -112,6 +114,36 @@ def check_cpu_memory(preset: Preset, settings: TrainSettings, device: torch.devi
                          f"{free / 2**30:.1f} GiB free",
                          hint=f"use --batch-size {fits} or less (with --grad-accum "
                               f"{-(-settings.batch_size // fits)} for as many samples per step)")
+
+
+def fit_gpu_memory(preset: Preset, settings: TrainSettings, device: torch.device,
+                   explicit: bool | None) -> None:
+    """On CUDA, before the first step: compare one step's estimated peak memory (meta device,
+    phase_memory.training_step) with the card's free memory (hardware.free_memory) and turn on
+    gradient checkpointing where only that fits, said in one line; refuse, naming the flags
+    that would fit, where neither does or where --no-gradient-checkpointing was asked for
+    (`explicit`: the flag as given, None when it was not)."""
+    if device.type != "cuda" or hardware.free_memory(device) is None:
+        return
+    c = card(preset, device)
+
+    def estimate(on: bool):
+        return training_step(preset, settings.precision, settings.optimizer, on,
+                             settings.batch_size)
+
+    logger.info(f"checking that a training step fits {device} (estimated on the meta device)…")
+    try:
+        with quiet_casts():
+            choice = choose_checkpointing(estimate, c, settings.gradient_checkpointing, explicit)
+    except Exception as e:  # noqa: BLE001 - a model the estimate cannot build is not the user's error
+        logger.warning(f"could not estimate the memory of a training step ({type(e).__name__}); "
+                "training without the check")
+        return
+    if choice.action == "refuse":
+        raise InputError(f"training does not fit {device}: {choice.message}", hint=choice.hint)
+    if choice.action == "turn on":
+        settings.gradient_checkpointing = True
+        logger.info(choice.message)
 
 
 def process_accelerator(device: str):

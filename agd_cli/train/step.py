@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -68,6 +69,7 @@ class AdapterStep:
         half = device.type == "cuda" and precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if half else None  # fp16 grads underflow
         self.sync_grads = sync_grads  # multi-process: sums the gradients before the clip
+        self.skipped = False  # the last step's loss or gradients were not finite: no update
 
     def autocast(self):
         """The context a training forward runs in (see autocast_dtype)."""
@@ -77,20 +79,38 @@ class AdapterStep:
 
     def __call__(self, losses: Iterable[torch.Tensor]) -> float:
         """Accumulate the gradients of `losses` (each already a share of the step's mean),
-        then update; returns their sum. A generator keeps one micro-batch's graph alive at a time."""
-        total = 0.0
+        then update; returns their sum. A generator keeps one micro-batch's graph alive at a time.
+
+        A step whose loss or gradients are not finite applies no update (AdamW8bit's state
+        would turn NaN for good); `skipped` then says so. Under fp16 loss scaling, gradients
+        that overflow with a finite loss are the scaler's routine skip (it lowers the scale)."""
+        total, meta = 0.0, False
         for loss in losses:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
+            meta = meta or loss.is_meta
             total += float("nan") if loss.is_meta else loss.item()  # meta (an estimate): no value
+        if not meta and not math.isfinite(total):
+            self._poison_grads()  # every process then skips alike, after the all-reduce
         if self.sync_grads:
             self.sync_grads()
         if self.scaler:
             self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+        # the same answer in every process: the gradients were all-reduced before the norm
+        self.skipped = not meta and not bool(torch.isfinite(norm))
         if self.scaler:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
+            if not self.skipped:
+                self.scaler.step(self.opt)
+            self.scaler.update()  # an overflow lowers the scale, as the scaler's own skip does
+        elif not self.skipped:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return total
+
+    def _poison_grads(self) -> None:
+        """A non-finite local loss marks the gradients non-finite, so that the (all-reduced)
+        gradient norm every process sees tells each of them to skip this step."""
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.view(-1)[:1].fill_(float("nan"))
+                return
