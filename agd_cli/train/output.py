@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from agd_cli.core.sampling import initial_noise, sample_images
 from agd_cli.infra.images import make_grid, save_png, to_pil
 from agd_cli.infra.io import atomic_path, json_line, naming
 from agd_cli.train.plots import loss_curve
+
+logger = logging.getLogger(__name__)
 
 
 def gap_closed(val_loss: float | None, no_adapter: float | None) -> float | None:
@@ -151,3 +154,20 @@ def negatives_metadata(data, adapter) -> dict:
         "empty_negative_probability": configs[0].get("empty_negative_probability"),
         "negative_only_probability": configs[0].get("negative_only_probability") or 0.0}}
 
+
+def announce(tr, roots: list[Path], preset_flag: str | None) -> None:
+    """The run in a few log lines: what trains on what, with which settings, where."""
+    s = tr.s
+    origin = "--preset" if preset_flag else "recorded with the collection"
+    logger.info(f"training {s.adapter.kind} adapters for preset '{tr.den.preset.name}' ({origin}) "
+            f"({sum(p.numel() for p in tr.params):,} params) on {tr.data.num_trajectories} "
+            f"trajectories from {', '.join(map(str, roots))}: {tr.n_train_traj} train / "
+            f"{tr.n_val_traj} val trajectories ({tr.n_train} / {tr.n_val} samples)")
+    logger.info(f"steps {s.steps}, batch {s.batch_size} × accum {s.grad_accum}, lr {s.lr:g}, "
+            f"{tr.optimizer_name}, {s.precision}, gradient checkpointing "
+            f"{'on' if s.gradient_checkpointing else 'off'}, {tr.world} process(es) on "
+            f"{tr.device}; results in {tr.run}")
+    if tr.device.type == "cpu" and s.precision != "fp32":
+        logger.info(f"note: on CPU the base computes in fp32 ({s.precision} applies on CUDA)")
+    if tr.resumed_from is None and tr.step == 0:
+        logger.info(f"starting from fresh adapters (seed {s.seed})")

@@ -16,8 +16,7 @@ loading the base (train_setup.py).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import functools
 import logging
 import math
 import time
@@ -40,12 +39,14 @@ from agd_cli.train.checkpoint import RunCheckpoints
 from agd_cli.train.data import Batch, ShuffledSampler, TrajectoryData
 from agd_cli.train.output import (
     Previews,
+    announce,
     append_jsonl,
     fmt_loss,
     gap_closed,
     run_summary,
     write_adapter,
 )
+from agd_cli.train.resume import check_resumable, run_identity
 from agd_cli.train.settings import TrainSettings, lr_at, omega_loss_weight
 from agd_cli.train.setup import (
     check_cpu_memory,
@@ -62,15 +63,6 @@ logger = logging.getLogger(__name__)
 
 MAX_VAL_SAMPLES = 512  # validation cost stays bounded on big collections
 SWAP_MIN_OMEGA = 1.5  # swapped targets divide by ω − 1: fp16 targets stay exact enough above it
-# must match to resume; --steps may grow (the schedule then stretches), precision may change
-RESUME_KEYS = ("preset", "adapter", "seed", "batch_size", "grad_accum", "lr", "optimizer",
-               "val_fraction", "weight_decay", "omega_loss_power", "negative_swap_share", "data")
-IDENTITY_DEFAULTS = {"omega_loss_power": 0.0, "negative_swap_share": 0.0}  # keys added later: what older checkpoints used
-# adapter settings added later that do not change training: a checkpoint from before them resumes
-# (omega_range only clamps the ω embedding beyond the range, and training stays inside it)
-ADAPTER_KEYS_ADDED_LATER = ("omega_range",)
-
-
 class Trainer:
     """One training run of attached adapters on a denoiser; single or multi-process."""
 
@@ -108,7 +100,7 @@ class Trainer:
         self.last_val: float | None = None
         self.records: list[dict] = []
         self.metrics_path = self.run / "train" / "metrics.jsonl"
-        self.checkpoints = RunCheckpoints(self, check_resumable=self._check_resumable)
+        self.checkpoints = RunCheckpoints(self, check_resumable=functools.partial(check_resumable, self))
         self.nonfinite = NonFiniteSteps(settings.precision)  # skipped steps; stops a run that keeps diverging
         self.previews = Previews(self.run / "train")
 
@@ -218,43 +210,12 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------
     def identity(self) -> dict:
         """What a checkpoint records about the run, to check before resuming it."""
-        keys = sorted(self.data.keys)
-        digest = hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
-        s = self.s
-        return {"preset": self.den.preset.name, "adapter": s.adapter.to_dict(), "seed": s.seed,
-                "batch_size": s.batch_size, "grad_accum": s.grad_accum, "lr": s.lr,
-                "optimizer": s.optimizer, "val_fraction": s.val_fraction,
-                "warmup_steps": s.warmup_steps, "weight_decay": s.weight_decay,
-                "omega_loss_power": s.omega_loss_power, "negative_swap_share": s.negative_swap_share,
-                "data": f"{len(keys)} trajectories, {len(self.data)} samples, {digest}"}
+        return run_identity(self)
 
     def barrier(self) -> None:
         """Wait for every process (no-op for one)."""
         if self.world > 1:
             self.acc.wait_for_everyone()
-
-    def _check_resumable(self, path: Path, state: dict) -> None:
-        """Refuse a checkpoint of other settings, another optimizer, or beyond --steps."""
-        old, new = state.get("identity", {}), self.identity()
-        if isinstance(old.get("adapter"), dict):
-            added = {k: new["adapter"].get(k) for k in ADAPTER_KEYS_ADDED_LATER}
-            old = {**old, "adapter": {**added, **old["adapter"]}}
-        for key in RESUME_KEYS:
-            if old.get(key, IDENTITY_DEFAULTS.get(key)) != new[key]:
-                raise InputError(
-                    f"checkpoint {path} was made with {key} = {old.get(key)!r}; "
-                    f"this run has {key} = {new[key]!r}",
-                    hint="rerun with the same settings to resume, or pass --no-resume to start "
-                         "over (the old checkpoints are then deleted)")
-        if state.get("optimizer_used") != self.optimizer_name:
-            raise InputError(f"checkpoint {path} holds {state.get('optimizer_used')} state but "
-                             f"{self.optimizer_name} runs here",
-                             hint="resume on a machine where the same optimizer works, "
-                                  "or pass --no-resume")
-        if int(state["step"]) > self.s.steps:
-            raise InputError(f"checkpoint {path} is at step {state['step']}, beyond "
-                             f"--steps {self.s.steps}",
-                             hint=f"pass --steps {state['step']} or more, or --no-resume")
 
     # --- the loop --------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -384,7 +345,7 @@ def _train(run_path: Path, roots: list[Path], preset_flag: str | None, preset_ob
         if not resume:
             trainer.checkpoints.start_over()
     if trainer.main:
-        _announce(trainer, roots, preset_flag)
+        announce(trainer, roots, preset_flag)
     try:
         return trainer.fit()
     except KeyboardInterrupt:
@@ -403,20 +364,3 @@ def trained_omega_range(data: TrajectoryData) -> list[float]:
         return [min(float(c["omega_min"]) for c in configs),
                 max(float(c["omega_max"]) for c in configs)]
     return [float(data.omega.min()), float(data.omega.max())]
-
-
-def _announce(tr: Trainer, roots: list[Path], preset_flag: str | None) -> None:
-    s = tr.s
-    origin = "--preset" if preset_flag else "recorded with the collection"
-    logger.info(f"training {s.adapter.kind} adapters for preset '{tr.den.preset.name}' ({origin}) "
-            f"({sum(p.numel() for p in tr.params):,} params) on {tr.data.num_trajectories} "
-            f"trajectories from {', '.join(map(str, roots))}: {tr.n_train_traj} train / "
-            f"{tr.n_val_traj} val trajectories ({tr.n_train} / {tr.n_val} samples)")
-    logger.info(f"steps {s.steps}, batch {s.batch_size} × accum {s.grad_accum}, lr {s.lr:g}, "
-            f"{tr.optimizer_name}, {s.precision}, gradient checkpointing "
-            f"{'on' if s.gradient_checkpointing else 'off'}, {tr.world} process(es) on "
-            f"{tr.device}; results in {tr.run}")
-    if tr.device.type == "cpu" and s.precision != "fp32":
-        logger.info(f"note: on CPU the base computes in fp32 ({s.precision} applies on CUDA)")
-    if tr.resumed_from is None and tr.step == 0:
-        logger.info(f"starting from fresh adapters (seed {s.seed})")

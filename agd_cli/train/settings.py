@@ -75,7 +75,7 @@ class TrainSettings:
     def check(self) -> None:
         """Refuse values that cannot train, naming the flag and the value."""
         for flag, value, minimum, example in (
-                ("--steps", self.steps, 1, "--steps 2000"),
+                ("--max-steps", self.steps, 1, "--max-steps 2000"),
                 ("--batch-size", self.batch_size, 1, "--batch-size 8"),
                 ("--grad-accum", self.grad_accum, 1, "--grad-accum 4"),
                 ("--checkpoint-every", self.checkpoint_every, 1, "--checkpoint-every 500"),
