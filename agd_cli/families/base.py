@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import diffusers
 import torch
@@ -14,20 +12,18 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from agd_cli.config.presets import Preset, is_random_base, is_single_file
-from agd_cli.core.adapter_config import AdapterConfig
-from agd_cli.core.adapter_file import AdapterFile
-from agd_cli.core.adapters import AdapterSet, ContextCache, Site
-from agd_cli.core.conditions import cond_cat, cond_to
-from agd_cli.core.guidance import cfg_combine
+from agd_cli.core.adapters import AdapterSet
+from agd_cli.families.adapter_host import AdapterHost
 from agd_cli.families.precision import (
     TORCH_DTYPES,
     cast_like_loading,
     resolve_precision,
     text_dtypes,
 )
+from agd_cli.families.prediction import Predictor
 from agd_cli.families.spec import vae_factor
 from agd_cli.families.weights import checkpoint_identity, gated_error, open_base
-from agd_cli.infra.errors import AgdError, DataError, InputError, ModelError
+from agd_cli.infra.errors import AgdError, InputError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +60,9 @@ def _seeded(build):
         return build()
 
 
-class Denoiser:
-    """A frozen base model of one family, with optional guidance adapters attached."""
+class Denoiser(AdapterHost, Predictor):
+    """A frozen base model of one family: loading, encoding conditions and decoding here; the
+    prediction contract (`Predictor`) and the adapter plumbing (`AdapterHost`) beside it."""
 
     family = "base"
     adapter_kinds: tuple[str, ...] = ("cross_attention", "offset")
@@ -206,140 +203,6 @@ class Denoiser:
     @property
     def in_channels(self) -> int:
         return self.model.config.in_channels
-
-    def forward(self, x: torch.Tensor, t, cond: dict, omega=None,
-                negative: dict | None = None, cache: ContextCache | None = None) -> torch.Tensor:
-        """One batched model call; with `omega` the attached adapters are active. `negative` is
-        CFG's unconditional condition (a negative prompt, or the null one) for adapters trained
-        with negatives; others ignore it. `cache` (one per sampling run) lets the adapters reuse
-        their work on the inputs that stay fixed over the run."""
-        self.place_model()
-        kwargs = self._model_kwargs(cond_to(cond, self.device, self.dtype))
-        if omega is not None:
-            kwargs[self.omega_kwarg] = {"agd_omega": omega}
-            if cache is not None:
-                kwargs[self.omega_kwarg]["agd_cache"] = cache
-            if negative is not None and self.adapters is not None and self.adapters.wants_negative:
-                kwargs[self.omega_kwarg]["agd_negative"] = self.adapter_cond(negative, x)
-        t = torch.as_tensor(t, device=self.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        out = self.model(x.to(self.device, self.dtype), timestep=t, return_dict=False, **kwargs)[0]
-        return out[:, : self.in_channels]  # learned-sigma models: keep the ε/v channels
-
-    def predict(self, x, t, cond: dict, omega=None, negative: dict | None = None,
-                cache: ContextCache | None = None) -> torch.Tensor:
-        """Single-pass prediction (1 NFE); adapters active when `omega` is given."""
-        self.nfe += 1
-        return self.forward(x, t, cond, omega, negative, cache)
-
-    def predict_cfg(self, x, t, cond: dict, uncond: dict, omega,
-                    pair: dict | None = None) -> torch.Tensor:
-        """Real CFG (2 NFE): cond and uncond in one batched call, adapters off. `pair` is
-        cond_cat([cond, uncond]) when the caller made it once for a whole run."""
-        self.nfe += 2
-        b = x.shape[0]
-        ctx = self.adapters.disabled() if self.adapters is not None else contextlib.nullcontext()
-        with ctx:
-            out = self.forward(torch.cat([x, x]), torch.as_tensor(t).expand(2 * b)
-                               if torch.as_tensor(t).ndim else t,
-                               cond_cat([cond, uncond]) if pair is None else pair)
-        return cfg_combine(out[b:], out[:b], omega)
-
-    # --- adapters ------------------------------------------------------------------------
-    def cond_spec(self) -> dict:
-        raise NotImplementedError
-
-    def adapter_sites(self, kind: str) -> list[Site]:
-        """Attention modules that get an adapter: attn2 (cross-attention) or attn1 (offset)."""
-        leaf = "attn2" if kind == "cross_attention" else "attn1"
-        return [Site(name, m.to_out[0].out_features) for name, m in self.model.named_modules()
-                if name.endswith("." + leaf)]
-
-    def extract_adapter_cond(self, arguments: dict) -> tuple[int, dict]:
-        raise NotImplementedError
-
-    def adapter_cond(self, cond: dict, x: torch.Tensor) -> dict:
-        """A condition dict in the form the adapters read (as the model call would pass it)."""
-        kwargs = self._model_kwargs(cond_to(cond, self.device, self.dtype))
-        return self.extract_adapter_cond({"sample": x, "hidden_states": x, **kwargs})[1]
-
-    def check_adapter_kind(self, kind: str) -> None:
-        if kind not in self.adapter_kinds:
-            raise InputError(f"adapter kind '{kind}' does not fit family '{self.family}'",
-                             hint=f"family '{self.family}' supports: {', '.join(self.adapter_kinds)}")
-
-    def new_adapters(self, cfg: AdapterConfig | None = None) -> AdapterSet:
-        """Fresh adapters (fp32) attached to this base."""
-        cfg = cfg or self.preset.adapter
-        self.check_adapter_kind(cfg.kind)
-        sites = self.adapter_sites(cfg.kind)
-        aset = AdapterSet(cfg, sites, self.cond_spec()).to(self.device)
-        self.attach(aset)
-        return aset
-
-    def attach(self, aset: AdapterSet) -> None:
-        if self.adapters is not None:
-            self.adapters.detach()
-        aset.attach(self.model, self.extract_adapter_cond, self.omega_kwarg, self.omega_kwarg_routed)
-        self.adapters = aset
-
-    def adapter_metadata(self, train_steps: int = 0, **extra) -> dict:
-        """What an adapter file says about where it came from (see AdapterSet.save)."""
-        lo, hi = self.preset.omega_range
-        where = ({"base_checkpoint_file": self.checkpoint["file"],
-                  "base_checkpoint_sha256": self.checkpoint["sha256"]} if self.checkpoint else {})
-        return {"family": self.family, "base_model": self.source, "preset": self.preset.name,
-                "preset_toml": self.preset.raw, "omega_min": lo, "omega_max": hi,
-                "train_steps": train_steps, **where, **extra}
-
-    def load_adapters(self, file: str | Path | AdapterFile,
-                      dtype: torch.dtype | None = None) -> AdapterSet:
-        """Load an adapter file written by `agd train` and attach it; refuse one made for
-        another base."""
-        mine = self.read_adapters(file, dtype)
-        self.attach(mine)
-        return mine
-
-    def read_adapters(self, file: str | Path | AdapterFile,
-                      dtype: torch.dtype | None = None) -> AdapterSet:
-        """An adapter file's adapters, checked against this base and loaded, not attached yet
-        (a refused file leaves whatever is attached in place)."""
-        file = AdapterFile.open(file)
-        path, meta = file.path, file.meta
-        cfg = AdapterConfig(**meta["adapter_config"])
-        mine = AdapterSet(cfg, self.adapter_sites(cfg.kind), self.cond_spec())
-        if meta.get("family") == self.family and meta.get("base_model") == self.source \
-                and meta["signature"] != mine.signature():
-            raise DataError(f"adapter {path} does not fit the blocks of '{self.source}': it was "
-                            f"trained on an architecture with other attention sites or condition "
-                            f"sizes (signature {meta['signature']}, this base {mine.signature()})",
-                            hint="the preset's architecture changed since; retrain the adapter")
-        if meta.get("signature") != mine.signature() or meta.get("family") != self.family:
-            raise DataError(
-                f"adapter {path} was trained for '{meta.get('base_model')}' "
-                f"(family {meta.get('family')}), which does not match the loaded base "
-                f"'{self.source}' (family {self.family})",
-                hint="use the adapter with the base it was trained on, or train a new one")
-        try:
-            mine.load_state_dict(file.tensors())
-        except RuntimeError as e:
-            raise DataError(f"adapter {path} does not match this agd version's adapter layout: "
-                            f"{str(e).splitlines()[0][:200]}",
-                            hint="retrain it with `agd train` (the base was not changed)") from None
-        mine.to(self.device, dtype or self.dtype).requires_grad_(False).eval()
-        mine.metadata = meta
-        self._warn_other_checkpoint(path, meta)
-        return mine
-
-    def _warn_other_checkpoint(self, path, meta: dict) -> None:
-        """Same architecture, other weights: it runs, but the adapter learned another teacher."""
-        trained = meta.get("base_checkpoint_sha256")
-        mine = (self.checkpoint or {}).get("sha256")
-        if trained and mine and trained != mine:
-            logger.warning(f"adapter {path} was trained on checkpoint "
-                    f"{meta.get('base_checkpoint_file')} (sha256 {trained[:12]}…), but the base "
-                    f"is {self.checkpoint['file']} (sha256 {mine[:12]}…); results may not match CFG")
 
     # --- images --------------------------------------------------------------------------
     def decode(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,62 @@
+"""The prediction side of a denoiser: the small contract the sampling loop, training and bench
+call (in the spirit of k-diffusion's external.py wrappers): `predict(x, t, cond, ω)` at one pass
+with the adapters, `predict_cfg(x, t, cond, uncond, ω)` at two passes without them.
+
+A family supplies `model`, `device`, `dtype`, `adapters`, `omega_kwarg`, `_model_kwargs(cond)`
+and `adapter_cond`; `nfe` counts model evaluations per sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from agd_cli.core.adapters import ContextCache
+from agd_cli.core.conditions import cond_cat, cond_to
+from agd_cli.core.guidance import cfg_combine
+
+
+class Predictor:
+    """ε (or v) for a batch: one pass with the adapters fed ω, or real CFG at two passes."""
+
+    nfe = 0
+
+    def forward(self, x: torch.Tensor, t, cond: dict, omega=None,
+                negative: dict | None = None, cache: ContextCache | None = None) -> torch.Tensor:
+        """One batched model call; with `omega` the attached adapters are active. `negative` is
+        CFG's unconditional condition (a negative prompt, or the null one) for adapters trained
+        with negatives; others ignore it. `cache` (one per sampling run) lets the adapters reuse
+        their work on the inputs that stay fixed over the run."""
+        self.place_model()
+        kwargs = self._model_kwargs(cond_to(cond, self.device, self.dtype))
+        if omega is not None:
+            kwargs[self.omega_kwarg] = {"agd_omega": omega}
+            if cache is not None:
+                kwargs[self.omega_kwarg]["agd_cache"] = cache
+            if negative is not None and self.adapters is not None and self.adapters.wants_negative:
+                kwargs[self.omega_kwarg]["agd_negative"] = self.adapter_cond(negative, x)
+        t = torch.as_tensor(t, device=self.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        out = self.model(x.to(self.device, self.dtype), timestep=t, return_dict=False, **kwargs)[0]
+        return out[:, : self.in_channels]  # learned-sigma models: keep the ε/v channels
+
+    def predict(self, x, t, cond: dict, omega=None, negative: dict | None = None,
+                cache: ContextCache | None = None) -> torch.Tensor:
+        """Single-pass prediction (1 NFE); adapters active when `omega` is given."""
+        self.nfe += 1
+        return self.forward(x, t, cond, omega, negative, cache)
+
+    def predict_cfg(self, x, t, cond: dict, uncond: dict, omega,
+                    pair: dict | None = None) -> torch.Tensor:
+        """Real CFG (2 NFE): cond and uncond in one batched call, adapters off. `pair` is
+        cond_cat([cond, uncond]) when the caller made it once for a whole run."""
+        self.nfe += 2
+        b = x.shape[0]
+        ctx = self.adapters.disabled() if self.adapters is not None else contextlib.nullcontext()
+        with ctx:
+            out = self.forward(torch.cat([x, x]), torch.as_tensor(t).expand(2 * b)
+                               if torch.as_tensor(t).ndim else t,
+                               cond_cat([cond, uncond]) if pair is None else pair)
+        return cfg_combine(out[b:], out[:b], omega)
