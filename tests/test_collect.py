@@ -345,9 +345,9 @@ def test_omega_skew_draws_low_omega_more_often_and_is_part_of_the_identity(tmp_p
 
 
 def test_disk_too_small_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    import agd_cli.collect.run as collect
+    import agd_cli.collect.plan as plan
 
-    monkeypatch.setattr(collect, "DISK_MARGIN", 1e15)  # pretend the disk is nearly full
+    monkeypatch.setattr(plan, "DISK_MARGIN", 1e15)  # pretend the disk is nearly full
     with pytest.raises(SystemExit) as exc:
         main(["collect", "--preset", "tiny-sd", "--out", str(tmp_path / "run")])
     err = " ".join(capsys.readouterr().err.split())
