@@ -95,9 +95,8 @@ class LoraSet(nn.Module):
 
     def __init__(self, cfg: AdapterConfig, model: nn.Module):
         super().__init__()
-        if cfg.lora_w_ref is None:
-            raise InputError("a LoRA needs lora_w_ref", hint="set [adapter] lora_w_ref in the preset")
-        lora_scale(2 * cfg.lora_w_ref, cfg.lora_w_ref)  # w_ref checked
+        if cfg.lora_w_ref is not None:  # None: a preset's LoRA before `agd train` sets it
+            lora_scale(2 * cfg.lora_w_ref, cfg.lora_w_ref)  # w_ref checked
         self.config = cfg
         targets = lora_targets(model)
         if not targets:
