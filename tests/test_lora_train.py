@@ -88,3 +88,21 @@ def test_a_preset_with_a_bad_lora_key_is_refused(tmp_path):
             load_preset(str(toml))
     toml.write_text(text.replace('kind = "cross_attention"', 'kind = "lora"\nlora_rank = 4'))
     assert load_preset(str(toml)).adapter.lora_rank == 4
+
+
+def test_parameter_count_of_a_lora_preset(tmp_path):
+    from agd_cli.families import count_parameters
+
+    text = (REPO / "presets" / "tiny-sd.toml").read_text()
+    toml = tmp_path / "tiny-sd-lora.toml"
+    toml.write_text(text.replace('kind = "cross_attention"', 'kind = "lora"\nlora_rank = 4'))
+    lora, plain = count_parameters(load_preset(str(toml))), count_parameters(load_preset("tiny-sd"))
+    assert lora["base_params"] == plain["base_params"]  # the LoRA's layers are not the base's
+    # rank 4 × (in + out) over q/k/v/out of each transformer-block attention
+    from agd_cli.families import load_denoiser
+
+    den = load_denoiser(load_preset("tiny-sd"), "cpu", text=False)
+    linears = [m for n, m in den.model.named_modules() if ".transformer_blocks." in n
+               and n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    assert lora["adapter_params"] == sum(4 * (m.in_features + m.out_features) for m in linears)
+    assert lora["adapter_sites"] == len(linears)
