@@ -49,12 +49,16 @@ from torch import nn
 
 from agd_cli.core.adapter_file import AdapterFile
 from agd_cli.core.adapters import AdapterSet, attached_adapters, checked_omega
+from agd_cli.core.lora import lora_scale
 from agd_cli.families import FAMILY_CLASSES
 from agd_cli.families.spec import num_classes
 from agd_cli.infra.errors import DataError, InputError, ModelError
 
+# lora_scale(ω, w_ref): the strength of an agd guidance LoRA (`agd train --adapter-kind lora`)
+# for guidance scale ω, λ = (ω − 1)/(w_ref − 1): pipe.set_adapters([...], adapter_weights=[λ])
+# at guidance_scale=1 (docs/lora.md); w_ref is in the file's metadata (agd_lora_w_ref)
 __all__ = ["agd_adapter", "agd_guidance", "denoiser_of", "family_of", "load_agd_adapter",
-           "unload_agd_adapter"]
+           "lora_scale", "unload_agd_adapter"]
 
 # model -> the negative-prompt feed of its attached adapters; weak keys: a deleted pipeline frees it
 _NEGATIVE_FEEDS: weakref.WeakKeyDictionary[nn.Module, _NegativeFeed] = weakref.WeakKeyDictionary()

@@ -45,7 +45,8 @@ def adapter_flops(den, case: Case, uncond: dict, batches: Sequence[int]) -> dict
         out[str(b)] = {"base_flops": counts["base"], "agd_flops": counts["agd"],
                        "adapter_flops_pct": 100 * (counts["agd"] - counts["base"]) / counts["base"]}
     params = sum(p.numel() for p in den.adapters.parameters())
-    base = sum(p.numel() for p in den.model.parameters())
+    mine = {id(p) for p in den.adapters.parameters()}  # a LoRA's layers sit inside the model
+    base = sum(p.numel() for p in den.model.parameters() if id(p) not in mine)
     return {"adapter_params": params, "base_params": base, "params_pct": 100 * params / base,
             "by_batch": out,
             "what": "FLOPs of one sampling step's model call with adapters vs the base alone "

@@ -120,6 +120,13 @@ def _card_size(v: Any) -> bool:
     return isinstance(v, str) and CARD_SIZE.fullmatch(v) is not None
 
 
+def _above_one(v: Any) -> bool:
+    return v is None or (_positive(v) and v > 1)
+
+
+_above_one.__doc__ = "a number > 1 (LoRA strength 1 stands for this ω)"
+
+
 def _inputs(v: Any) -> bool:
     return isinstance(v, list) and len(v) > 0 and all(x in ADAPTER_INPUTS for x in v)
 
@@ -139,7 +146,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "adapter": {
         "kind": _one_of(ADAPTER_KINDS), "hidden_dim": _pos_int, "context_dim": _pos_int,
         "heads": _pos_int, "inputs": _inputs, "init": _one_of(("xavier", "zero")),
-        "omega_gain": _bool,
+        "omega_gain": _bool, "lora_rank": _pos_int, "lora_w_ref": _above_one,
     },
     "collect": {
         "num_per_prompt": _pos_int, "num_per_prompt_with_negatives": _pos_int,

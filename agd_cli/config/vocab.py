@@ -7,7 +7,8 @@ from __future__ import annotations
 
 FAMILIES = ("sd", "sdxl", "dit", "sd3", "pixart", "sana")
 UNET_FAMILIES = ("sd", "sdxl")  # the UNet families; the rest are diffusion transformers
-ADAPTER_KINDS = ("cross_attention", "offset")
+ADAPTER_KINDS = ("cross_attention", "offset", "lora")
+LORA_FAMILIES = ("sd", "sdxl")  # families whose LoRA files agd writes (kohya UNet keys)
 ADAPTER_INPUTS = ("omega", "timestep", "condition")
 SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "ddpm", "unipc", "heun", "flow-euler")
 DTYPES = ("fp16", "bf16", "fp32")

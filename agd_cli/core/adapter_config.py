@@ -24,6 +24,10 @@ class AdapterConfig:
     # embedding sees ω clamped to it, so beyond the range only the (ω − 1) gain extrapolates,
     # as CFG does; None (files from before) feeds ω unclamped
     omega_range: list[float] | None = None
+    # kind "lora" (core.lora): the LoRA's rank, and the ω its strength 1 stands for (None: the
+    # preset's default ω, set by `agd train`); λ = (ω − 1)/(w_ref − 1)
+    lora_rank: int = 8
+    lora_w_ref: float | None = None
 
     def to_dict(self) -> dict:
         d = {"kind": self.kind, "hidden_dim": self.hidden_dim,
@@ -33,4 +37,7 @@ class AdapterConfig:
             d["negatives"] = True
         if self.omega_range is not None:  # likewise
             d["omega_range"] = [float(w) for w in self.omega_range]
+        if self.kind == "lora":  # likewise: only LoRA files and checkpoints carry these
+            d["lora_rank"] = self.lora_rank
+            d["lora_w_ref"] = None if self.lora_w_ref is None else float(self.lora_w_ref)
         return d

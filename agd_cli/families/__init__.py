@@ -51,10 +51,11 @@ def count_parameters(preset: Preset) -> dict:
     else:  # a small shipped model without an architecture section: load it for real
         den = cls.load(preset, device="cpu", text=False)
         adapters = den.new_adapters()
-    base = sum(p.numel() for p in den.model.parameters())
+    mine = {id(p) for p in adapters.parameters()}  # a LoRA's layers sit inside the model
+    base = sum(p.numel() for p in den.model.parameters() if id(p) not in mine)
     extra = sum(p.numel() for p in adapters.parameters())
     return {"base_params": base, "adapter_params": extra, "ratio": extra / base,
-            "adapter_sites": len(adapters.sites)}
+            "adapter_sites": len(adapters.sites) or len(getattr(adapters, "names", ()))}
 
 
 def load_with_adapters(path, device=None, dtype: str = "fp32", text: bool = True,

@@ -12,6 +12,7 @@ from agd_cli.core.adapter_config import AdapterConfig
 from agd_cli.core.adapter_file import AdapterFile
 from agd_cli.core.adapters import AdapterSet, Site
 from agd_cli.core.conditions import cond_to
+from agd_cli.core.lora import LORA, LORA_UNSUPPORTED, build_adapters
 from agd_cli.infra.errors import DataError, InputError
 
 logger = logging.getLogger(__name__)
@@ -42,15 +43,15 @@ class AdapterHost:
 
     def check_adapter_kind(self, kind: str) -> None:
         if kind not in self.adapter_kinds:
-            raise InputError(f"adapter kind '{kind}' does not fit family '{self.family}'",
+            raise InputError(f"adapter kind '{kind}' does not fit family '{self.family}'"
+                             + (LORA_UNSUPPORTED if kind == LORA else ""),
                              hint=f"family '{self.family}' supports: {', '.join(self.adapter_kinds)}")
 
     def new_adapters(self, cfg: AdapterConfig | None = None) -> AdapterSet:
         """Fresh adapters (fp32) attached to this base."""
         cfg = cfg or self.preset.adapter
         self.check_adapter_kind(cfg.kind)
-        sites = self.adapter_sites(cfg.kind)
-        aset = AdapterSet(cfg, sites, self.cond_spec()).to(self.device)
+        aset = build_adapters(cfg, self.model, self.adapter_sites, self.cond_spec()).to(self.device)
         self.attach(aset)
         return aset
 
@@ -84,7 +85,7 @@ class AdapterHost:
         file = AdapterFile.open(file)
         path, meta = file.path, file.meta
         cfg = AdapterConfig(**meta["adapter_config"])
-        mine = AdapterSet(cfg, self.adapter_sites(cfg.kind), self.cond_spec())
+        mine = build_adapters(cfg, self.model, self.adapter_sites, self.cond_spec())
         if meta.get("family") == self.family and meta.get("base_model") == self.source \
                 and meta["signature"] != mine.signature():
             raise DataError(f"adapter {path} does not fit the blocks of '{self.source}': it was "

@@ -18,6 +18,7 @@ class SDDenoiser(Denoiser):
     """UNet2DConditionModel + one CLIP text encoder; cond = {"prompt_embeds": (B, L, D)}."""
 
     family = "sd"
+    adapter_kinds = ("cross_attention", "offset", "lora")  # lora: kohya UNet keys (core.lora_file)
 
     @classmethod
     def _build_random(cls, preset, text=True):

@@ -12,6 +12,7 @@ import torch
 from agd_cli.config import checks
 from agd_cli.config.presets import Preset
 from agd_cli.core.adapter_config import AdapterConfig
+from agd_cli.infra.errors import InputError
 
 # below this ω − 1 the loss weight stops growing: targets are stored in fp16, so the error of an
 # adapter whose output is scaled by (ω − 1) ≈ 0 is storage noise, not signal
@@ -54,6 +55,8 @@ class TrainSettings:
         adapter = AdapterConfig(**preset.adapter.to_dict())
         if flags.get("adapter_kind"):
             adapter.kind = flags["adapter_kind"]
+        if adapter.kind == "lora" and adapter.lora_w_ref is None:  # strength 1 = the default ω
+            adapter.lora_w_ref = float(preset.sampling["default_omega"])
         s = cls(steps=t["steps"], batch_size=t["batch_size"], grad_accum=t["grad_accum"],
                 # checked as given (checks.number returns floats): a flag's text shows in errors
                 lr=checks.number("--lr", t["lr"], example="--lr 1e-4"), optimizer=t["optimizer"], precision=t["precision"],
@@ -85,6 +88,10 @@ class TrainSettings:
         checks.seed(self.seed)
         checks.optimizer(self.optimizer)
         checks.dtype(self.precision, "precision")
+        w_ref = self.adapter.lora_w_ref
+        if self.adapter.kind == "lora" and not (w_ref is not None and math.isfinite(w_ref) and w_ref > 1):
+            raise InputError(f"lora_w_ref must be a number > 1, got {w_ref!r}",
+                             hint="the ω the LoRA's strength 1 stands for: [adapter] lora_w_ref = 4.0")
 
     def describe(self) -> dict:
         """The settings as JSON-able values (for checkpoints)."""
