@@ -69,7 +69,7 @@ def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> 
     logger.info(f"plan: {s.preset.name} · {len(s.prompts)} prompts × {s.num_per_prompt} = {total} "
             f"trajectories{worker} · {len(remaining)} to do, {len(s.ids) - len(remaining)} done · "
             f"{s.keep_steps} of {s.steps} {s.scheduler} steps kept · "
-            f"ω {omega_law(s)} · seed {s.seed}")
+            f"ω {omega_law(s)} · seed {s.seed} · teacher {s.guidance.label()}")
     if s.negatives:
         alone = (f"; {s.negative_only_probability:g} of those with a negative have no prompt"
                  if s.negative_only_probability else "")
@@ -154,7 +154,7 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
             on_step(b)
 
     res = sample(den, cond, uncond_b, omega.to(den.device), noise, mode="cfg", steps=s.steps,
-                 scheduler=s.scheduler, callback=record)
+                 scheduler=s.scheduler, callback=record, guidance=s.guidance)
     # Integer schedules (DDIM, DDPM, trailing Euler/DPM) store int64 as the layout says
     ts = timesteps.long() if bool((timesteps == timesteps.round()).all()) else timesteps.float()
     return {"x": xs.cpu(), "target": targets.cpu(), "x_final": res.x.to("cpu", torch.float16),
@@ -339,7 +339,7 @@ def _summary(s: CollectSettings, store, m: dict, new: int, seconds: float, atten
             "negative_prompts": len(s.negatives),
             "empty_negative_probability": s.empty_negative_probability,
             "negative_only_probability": s.negative_only_probability,
-            "omega_skew": s.omega_skew,
+            "omega_skew": s.omega_skew, "guidance": s.guidance.record(),
             "collect_seconds": round(seconds, 3), "wall_seconds": round(wall, 3),
             "trajectories_per_s": round(new / seconds, 4) if seconds else None,
             "steps_per_s": round(new * s.steps / seconds, 2) if seconds else None}

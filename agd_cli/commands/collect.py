@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alias
+from agd_cli.commands import (
+    DEVICE_HELP,
+    FLOAT,
+    common_options,
+    deprecated_alias,
+    guidance_options,
+)
 from agd_cli.config.vocab import DTYPES
 
 
@@ -53,6 +59,7 @@ from agd_cli.config.vocab import DTYPES
               help="Share of the trajectories with a negative whose prompt is the empty prompt, "
                    "so the adapters also learn a negative on its own [preset, 0].")
 @click.option("--overwrite", is_flag=True, help="Replace a different collection in the folder.")
+@guidance_options("The teacher's two-pass rule whose output the adapters learn: cfg, interval, apg, cfg-zero-star or rescale (docs/guidance-rules.md) [preset, cfg].")
 @common_options
 def command(as_json: bool, workdir: str, **flags) -> None:
     """Record CFG-guided sampling trajectories of the teacher, the data `agd train` learns from.

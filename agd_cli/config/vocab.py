@@ -13,3 +13,5 @@ SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "ddpm", "unipc", "heun", "flo
 DTYPES = ("fp16", "bf16", "fp32")
 OPTIMIZERS = ("adamw8bit", "adamw")
 RANDOM_BASE = "random:"  # a base built from the preset's config: "random:<preset name>"
+# the teacher's two-pass rule (agd_cli.core.guidance_rules): plain CFG or a refinement of it
+GUIDANCE_RULES = ("cfg", "interval", "apg", "cfg-zero-star", "rescale")

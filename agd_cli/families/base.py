@@ -213,10 +213,11 @@ class Denoiser:
         self.nfe += 1
         return self.forward(x, t, cond, omega, negative, cache)
 
-    def predict_cfg(self, x, t, cond: dict, uncond: dict, omega,
-                    pair: dict | None = None) -> torch.Tensor:
+    def predict_cfg(self, x, t, cond: dict, uncond: dict, omega, pair: dict | None = None,
+                    combine=None) -> torch.Tensor:
         """Real CFG (2 NFE): cond and uncond in one batched call, adapters off. `pair` is
-        cond_cat([cond, uncond]) when the caller made it once for a whole run."""
+        cond_cat([cond, uncond]) when the caller made it once for a whole run; `combine`
+        (uncond, cond, ω) a two-pass rule's step (guidance_rules.RuleRun), else cfg_combine."""
         self.nfe += 2
         b = x.shape[0]
         ctx = self.adapters.disabled() if self.adapters is not None else contextlib.nullcontext()
@@ -224,7 +225,7 @@ class Denoiser:
             out = self.forward(torch.cat([x, x]), torch.as_tensor(t).expand(2 * b)
                                if torch.as_tensor(t).ndim else t,
                                cond_cat([cond, uncond]) if pair is None else pair)
-        return cfg_combine(out[b:], out[:b], omega)
+        return (combine or cfg_combine)(out[b:], out[:b], omega)
 
     # --- adapters ------------------------------------------------------------------------
     def cond_spec(self) -> dict:
