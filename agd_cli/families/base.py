@@ -215,9 +215,8 @@ class Denoiser:
 
     def predict_cfg(self, x, t, cond: dict, uncond: dict, omega, pair: dict | None = None,
                     combine=None) -> torch.Tensor:
-        """Real CFG (2 NFE): cond and uncond in one batched call, adapters off. `pair` is
-        cond_cat([cond, uncond]) when the caller made it once for a whole run; `combine`
-        (uncond, cond, ω) a two-pass rule's step (guidance_rules.RuleRun), else cfg_combine."""
+        """CFG or a two-pass rule's `combine` (2 NFE): cond and uncond in one batched call,
+        adapters off. `pair`: cond_cat([cond, uncond]) when the caller made it once per run."""
         self.nfe += 2
         b = x.shape[0]
         ctx = self.adapters.disabled() if self.adapters is not None else contextlib.nullcontext()

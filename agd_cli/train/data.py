@@ -40,7 +40,6 @@ def collection_root(path: str | Path) -> Path:
                     hint="pass a run folder written by `agd collect` (or its trajectories/ folder)")
 
 
-@dataclass
 def common_guidance(manifests: list[dict], stores) -> GuidanceRule:
     """The teacher's rule of every collection (none recorded: CFG); mixed rules are refused,
     since the adapters would learn two targets for the same (x_t, t, ω)."""
@@ -53,6 +52,7 @@ def common_guidance(manifests: list[dict], stores) -> GuidanceRule:
     return rules[0]
 
 
+@dataclass
 class Batch:
     """One batch: model input, guided target, timesteps, ω, the condition rows and the rows of
     CFG's unconditional branch (the trajectory's negative, or the null condition)."""
