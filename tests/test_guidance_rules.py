@@ -228,3 +228,24 @@ def test_rule_recorded_in_manifest_and_adapter_and_run_by_generate_and_bench(tmp
     assert b["guidance"]["name"] == "cfg-zero-star" and b["adapter_guidance"]["name"] == "apg"
     assert (b["methods"]["agd"]["nfe"], b["methods"]["cfg"]["nfe"]) == (4, 8)
     assert math.isfinite(b["agreement"]["psnr"])
+
+
+def test_quality_compares_agd_with_the_rule_and_with_plain_cfg_on_the_same_seeds(tmp_path):
+    from agd_cli.bench.quality import print_quality_table
+    from agd_cli.bench.run import run_bench
+    from tests.test_bench import FAST, make_adapter
+
+    make_adapter(tmp_path, "mnist")  # an adapter file from before the rules: learned plain CFG
+    r = run_bench(preset="mnist", quality=True, quality_samples=20, quality_batch=20,
+                  omegas=["6"], workdir=str(tmp_path), guidance="apg",
+                  guidance_params={"apg_momentum": 0.0}, **FAST)
+    q = r["quality"]
+    assert q["settings"]["rows"] == ["cfg", "agd", "cfg-plain"]
+    assert q["settings"]["guidance"]["name"] == "apg"
+    assert q["settings"]["adapter_guidance"] == {"name": "cfg"}
+    assert (q["cfg"]["6"]["nfe"], q["cfg-plain"]["6"]["nfe"], q["agd"]["6"]["nfe"]) == (8, 8, 4)
+    assert q["cfg"]["6"]["fid"] != q["cfg-plain"]["6"]["fid"]  # APG is not CFG
+    for key, versus in (("vs_cfg", "cfg"), ("vs_cfg_plain", "cfg-plain")):
+        v = q["agd"]["6"][key]
+        assert v["fid"] == pytest.approx(q["agd"]["6"]["fid"] - q[versus]["6"]["fid"], abs=1e-6)
+    print_quality_table(q)  # the rule's rows and plain CFG's rows, labelled

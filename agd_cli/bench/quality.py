@@ -29,7 +29,7 @@ def sample_for_quality(den, method: str, omega: float, prompts: list, plan: Benc
     """N images (model range [-1, 1]) for one method and ω, batched; seconds per image.
     `negatives` (one per prompt) replace the empty prompt as CFG's unconditional branch.
     Method cfg is the two-pass teacher (plan.guidance's rule), cfg-plain plain CFG."""
-    mode, rule = ("cfg", None) if method == "cfg-plain" else (method, plan.guidance)
+    mode, rule = ("cfg", None) if method == "cfg-plain" else (method, getattr(plan, "guidance", None))
     shape, out, seconds = den.latent_shape(), [], 0.0
     uncond_all = den.encode_null(plan.quality_batch)
     for idx in batch_ranges(len(prompts), plan.quality_batch):
@@ -119,15 +119,16 @@ def print_quality_table(q: dict) -> None:
     t = Table(title=f"quality: {info['samples_per_omega']} samples per row (seeds "
                     f"{seeds[0]}–{seeds[1]}), {info['steps']} steps; "
                     f"digit-classifier accuracy and FID vs held-out MNIST (agd trained on ω {lo:g}–{hi:g})")
+    rule = (info.get("guidance") or {}).get("name", "cfg")
+    teacher = "CFG" if rule == "cfg" else rule
     for col in ("method", "ω", "accuracy", "FID", "NFE/img", "s/img (batched)",
-                "agd − CFG: accuracy, points (95 % CI)", "agd − CFG: FID (95 % CI)"):
+                f"agd − {teacher}: accuracy, points (95 % CI)", f"agd − {teacher}: FID (95 % CI)"):
         t.add_column(col, justify="left" if col == "method" else "right")
     if info.get("real_digits"):
         r = info["real_digits"]
         t.add_row("real digits (train split)", "—", f"{r['accuracy']:.3f}", f"{r['fid']:.2f}",
                   "—", "—", "", "")
     rows = [("unguided", "1")] + [(m, w) for w in q["cfg"] for m in info.get("rows", ["cfg", "agd"])]
-    rule = (info.get("guidance") or {}).get("name", "cfg")
     names = {"cfg": "CFG" if rule == "cfg" else f"{rule} (2-pass)", "cfg-plain": "CFG"}
     for method, w in rows:
         e = q[method][w]
