@@ -165,6 +165,7 @@ def _agd(*args, capsys):
     (["--guidance", "interval", "--interval-start", "0.9", "--interval-stop", "0.5"],
      "--interval-start 0.9 is not below --interval-stop 0.5"),
     (["--guidance", "interval", "--interval-stop", "nan"], "got nan"),
+    (["--guidance", "cfg", "--apg-eta", "0.5"], "--apg-eta is not a parameter of guidance rule 'cfg'"),
 ])
 def test_bad_rule_names_and_values_exit_2_naming_them(tmp_path, capsys, flags, needle):
     code, _, err = _agd("--workdir", str(tmp_path), "collect", "--preset", "tiny-sd3",

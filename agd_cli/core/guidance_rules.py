@@ -69,6 +69,11 @@ class GuidanceRule:
         flags, preset_values = flags or {}, preset_values or {}
         name = checks.choice(preset_values.get("guidance", "cfg") if name is None else name,
                              GUIDANCE_RULES, "guidance rule")
+        own = {p[0] for p in PARAMETERS[name]}
+        stray = [k for k, v in flags.items() if v is not None and k not in own]
+        if stray:
+            raise InputError(f"{flag_of(stray[0])} is not a parameter of guidance rule '{name}'",
+                             hint="drop it, or choose the rule it belongs to with --guidance")
         params = {}
         for key, default, lo, hi, lo_open, hi_open, integer, _ in PARAMETERS[name]:
             value = flags.get(key)

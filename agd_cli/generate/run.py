@@ -284,6 +284,9 @@ def plan_generation(f: GenerateFlags) -> Plan:
                 height, width, folder, single, negative, f.dtype or preset_half_precision(base), note)
     plan.guidance = GuidanceRule.at_inference(f.guidance, f.guidance_params, file.guidance,
                                               base.collect)
+    if f.guidance is not None and mode == "agd" and plan.guidance != file.guidance:
+        logger.warning(f"--guidance {f.guidance}: agd samples the rule its adapter learned, "
+                       f"{file.guidance.label()}; add --mode cfg to run {f.guidance} itself")
     place_jobs(plan)
     return plan
 
