@@ -12,6 +12,7 @@ from pathlib import Path
 from agd_cli.config import checks, workspace
 from agd_cli.config.prompts import load_prompt_set, read_prompts
 from agd_cli.core.adapter_file import AdapterFile
+from agd_cli.core.guidance_rules import GuidanceRule
 from agd_cli.evaluation import mnist
 from agd_cli.infra.errors import DataError, InputError
 
@@ -85,6 +86,7 @@ class BenchPlan:
     negatives: bool = False             # the negative-prompt table (agd_cli.bench.negatives)
     negative_omegas: list[float] = field(default_factory=list)
     file: AdapterFile | None = None     # the adapter file, its metadata read once
+    guidance: GuidanceRule = GuidanceRule()  # the two-pass teacher's rule (method cfg)
 
 
 @dataclass
@@ -123,6 +125,8 @@ class BenchFlags:
     negatives: bool = False
     throughput_batch: int = 16           # --throughput-batch (0: latency only)
     quality_seed: int = 0                # --quality-seed: sample i uses seed S + i
+    guidance: str | None = None          # the two-pass teacher's rule [the adapter's]
+    guidance_params: dict | None = None
 
 
 def plan_bench(f: BenchFlags) -> BenchPlan:
@@ -165,7 +169,9 @@ def plan_bench(f: BenchFlags) -> BenchPlan:
                      quality_batch=f.quality_batch, quality_seed=f.quality_seed,
                      quality_omegas=checks.omega_list(f.omegas, QUALITY_OMEGAS),
                      negative_prompt=f.negative_prompt, negatives=f.negatives,
-                     negative_omegas=checks.omega_list(f.omegas, default_omega), file=file)
+                     negative_omegas=checks.omega_list(f.omegas, default_omega), file=file,
+                     guidance=GuidanceRule.at_inference(f.guidance, f.guidance_params,
+                                                        file.guidance, p.collect))
 
 
 # --- 2. prompts -----------------------------------------------------------------------------

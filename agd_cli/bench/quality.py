@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 def sample_for_quality(den, method: str, omega: float, prompts: list, plan: BenchPlan,
                        negatives: list | None = None):
     """N images (model range [-1, 1]) for one method and ω, batched; seconds per image.
-    `negatives` (one per prompt) replace the empty prompt as CFG's unconditional branch."""
+    `negatives` (one per prompt) replace the empty prompt as CFG's unconditional branch.
+    Method cfg is the two-pass teacher (plan.guidance's rule), cfg-plain plain CFG."""
+    mode, rule = ("cfg", None) if method == "cfg-plain" else (method, getattr(plan, "guidance", None))
     shape, out, seconds = den.latent_shape(), [], 0.0
     uncond_all = den.encode_null(plan.quality_batch)
     for idx in batch_ranges(len(prompts), plan.quality_batch):
@@ -36,8 +38,8 @@ def sample_for_quality(den, method: str, omega: float, prompts: list, plan: Benc
                   else den.encode([negatives[i] for i in idx]))
         # seed quality_seed + i for sample i: the same noise in every method
         noise = initial_noise(shape, [plan.quality_seed + i for i in idx])
-        got = sample_images(den, cond, uncond, omega, noise, mode=method, steps=plan.steps,
-                            scheduler=plan.scheduler)
+        got = sample_images(den, cond, uncond, omega, noise, mode=mode, steps=plan.steps,
+                            scheduler=plan.scheduler, guidance=rule)
         seconds += got.seconds
         out.append(got.images * 2 - 1)
     return torch.cat(out), seconds / len(prompts), got.nfe
@@ -48,7 +50,8 @@ def run_quality(den, plan: BenchPlan, show_table: bool = True, evaluator=None) -
     evaluator = mnist.load_evaluator(den.device) if evaluator is None else evaluator
     prompts = [mnist.PROMPTS[i % len(mnist.PROMPTS)] for i in range(plan.quality_samples)]
     digits = [mnist.digit_of(p) for p in prompts]
-    jobs = [("unguided", 1.0)] + [(m, w) for w in plan.quality_omegas for m in ("cfg", "agd")]
+    methods = quality_methods(plan)
+    jobs = [("unguided", 1.0)] + [(m, w) for w in plan.quality_omegas for m in methods]
     shown = [digits.index(d) for d in range(10) if d in digits]  # one sample per digit, for the grid
     quality: dict = {}
     picks: dict = {}
@@ -66,18 +69,26 @@ def run_quality(den, plan: BenchPlan, show_table: bool = True, evaluator=None) -
                 "beyond_trained_range": method == "agd" and omega > plan.preset.omega_range[1]}
             bar.advance(task)
     for omega in plan.quality_omegas:
-        quality["agd"][f"{omega:g}"]["vs_cfg"] = paired_difference(
-            evaluator, scores[("agd", omega)], scores[("cfg", omega)])
+        for versus in ("cfg", "cfg-plain")[: len(methods) - 1]:  # the teacher, plain CFG
+            quality["agd"][f"{omega:g}"]["vs_" + versus.replace("-", "_")] = paired_difference(
+                evaluator, scores[("agd", omega)], scores[(versus, omega)])
     lo, hi = plan.preset.omega_range
     summary = {**quality, "settings": {  # the one key of `quality` that is not a method
         "samples_per_omega": plan.quality_samples, "batch": plan.quality_batch,
         "seeds": [plan.quality_seed, plan.quality_seed + plan.quality_samples - 1],
-        "steps": plan.steps, "trained_omega_range": [lo, hi],
+        "steps": plan.steps, "trained_omega_range": [lo, hi], "rows": methods,
+        "guidance": plan.guidance.record(), "adapter_guidance": plan.file.guidance.record(),
         "real_digits": _real_digit_reference(evaluator, plan.quality_samples),
         "grid": str(write_quality_grid(picks, [digits[i] for i in shown], plan.out_dir / "quality.png"))}}
     if show_table:
         print_quality_table(summary)
     return summary
+
+
+def quality_methods(plan: BenchPlan) -> list[str]:
+    """The rows per ω: the two-pass teacher (cfg: plan.guidance's rule), agd, and plain CFG too
+    when the teacher's rule is another, so agd(rule) meets the rule and CFG on the same seeds."""
+    return ["cfg", "agd"] + (["cfg-plain"] if plan.guidance.name != "cfg" else [])
 
 
 def write_quality_grid(picks: dict, digits: list[int], path: Path) -> Path:
@@ -108,18 +119,21 @@ def print_quality_table(q: dict) -> None:
     t = Table(title=f"quality: {info['samples_per_omega']} samples per row (seeds "
                     f"{seeds[0]}–{seeds[1]}), {info['steps']} steps; "
                     f"digit-classifier accuracy and FID vs held-out MNIST (agd trained on ω {lo:g}–{hi:g})")
+    rule = (info.get("guidance") or {}).get("name", "cfg")
+    teacher = "CFG" if rule == "cfg" else rule
     for col in ("method", "ω", "accuracy", "FID", "NFE/img", "s/img (batched)",
-                "agd − CFG: accuracy, points (95 % CI)", "agd − CFG: FID (95 % CI)"):
+                f"agd − {teacher}: accuracy, points (95 % CI)", f"agd − {teacher}: FID (95 % CI)"):
         t.add_column(col, justify="left" if col == "method" else "right")
     if info.get("real_digits"):
         r = info["real_digits"]
         t.add_row("real digits (train split)", "—", f"{r['accuracy']:.3f}", f"{r['fid']:.2f}",
                   "—", "—", "", "")
-    rows = [("unguided", "1")] + [(m, w) for w in q["cfg"] for m in ("cfg", "agd")]
+    rows = [("unguided", "1")] + [(m, w) for w in q["cfg"] for m in info.get("rows", ["cfg", "agd"])]
+    names = {"cfg": "CFG" if rule == "cfg" else f"{rule} (2-pass)", "cfg-plain": "CFG"}
     for method, w in rows:
         e = q[method][w]
         beyond = " (beyond trained)" if e["beyond_trained_range"] else ""
-        t.add_row("CFG" if method == "cfg" else method, w + beyond, f"{e['accuracy']:.3f}",
+        t.add_row(names.get(method, method), w + beyond, f"{e['accuracy']:.3f}",
                   f"{e['fid']:.2f}", str(e["nfe"]), f"{e['seconds_per_image']:.4f}",
                   *_versus_cells(e.get("vs_cfg")))
     console().print(t)

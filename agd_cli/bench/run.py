@@ -66,7 +66,7 @@ def timed_sample(den, method: str, batch: list, uncond: dict, plan) -> list[Gene
     omega = torch.tensor([c.omega for c in batch]) if len(batch) > 1 else batch[0].omega
     null = {k: v.expand(len(batch), *v.shape[1:]) for k, v in uncond.items()}
     got = sample_images(den, cond, null, omega, noise, mode=method, steps=plan.steps,
-                        scheduler=plan.scheduler, cutoff=plan.cutoff)
+                        scheduler=plan.scheduler, cutoff=plan.cutoff, guidance=plan.guidance)
     b = len(batch)
     return [Generated(im, got.seconds / b, got.denoise_seconds / b, got.cpu_seconds / b, got.nfe)
             for im in got.images]
@@ -224,7 +224,8 @@ def run_compare(den, plan: BenchPlan) -> dict:
         "threads": torch.get_num_threads() if den.device.type == "cpu" else None,
         "steps": plan.steps, "scheduler": plan.scheduler, "omegas": plan.omegas, "seeds": plan.seeds,
         "prompts": [str(p) for p in prompts], "cutoff": plan.cutoff if "cfg-cutoff" in plan.methods else None,
-        "negative_prompt": plan.negative_prompt,
+        "negative_prompt": plan.negative_prompt, "guidance": plan.guidance.record(),
+        "adapter_guidance": plan.file.guidance.record(),
         "adapter_trained_with_negatives": den.adapters.wants_negative,
         "methods": methods, "ratio_agd_to_cfg": agd["speed_ratio_to_cfg"],
         "denoise_ratio_agd_to_cfg": agd["denoise_ratio_to_cfg"],

@@ -26,6 +26,7 @@ from agd_cli.config import checks
 from agd_cli.config.presets import Preset, load_preset
 from agd_cli.config.prompts import load_negative_set, load_prompt_set, prompts_sha256
 from agd_cli.config.workspace import run_dir
+from agd_cli.core.guidance_rules import GuidanceRule
 from agd_cli.families import resolve_device
 from agd_cli.infra.errors import InputError
 
@@ -63,6 +64,8 @@ class CollectFlags:
     negative_only_probability: float | None = None
     omega_skew: float | None = None
     dry_run: bool = False  # plan and estimate memory only (agd_cli.dry_run): nothing loads
+    guidance: str | None = None       # the teacher's rule [preset, cfg]
+    guidance_params: dict = field(default_factory=dict)  # its parameters' flags (None: preset)
 
 
 @dataclass
@@ -94,6 +97,7 @@ class CollectSettings:
     # share of the trajectories with a negative whose prompt is the empty prompt (null condition)
     negative_only_probability: float = 0.0
     omega_skew: float = 1.0  # ω = lo + (hi − lo)·u^skew (1: uniform)
+    guidance: GuidanceRule = field(default_factory=GuidanceRule)  # the teacher's two-pass rule
 
     @property
     def scheduler(self) -> str:
@@ -117,7 +121,9 @@ class CollectSettings:
                     self.empty_negative_probability if self.negatives else None,
                 "negative_only_probability": self.negative_only_probability or None,
                 # None when uniform: collections from before the skew still resume
-                "omega_skew": None if self.omega_skew == 1 else self.omega_skew}
+                "omega_skew": None if self.omega_skew == 1 else self.omega_skew,
+                # None for plain CFG: collections from before the rules read as (and resume as) CFG
+                "guidance": None if self.guidance.name == "cfg" else self.guidance.record()}
 
 
 # --- 1. inputs ---------------------------------------------------------------------------------
@@ -205,6 +211,7 @@ def resolve_settings(f: CollectFlags) -> CollectSettings:
     s = CollectSettings(p, prompt_list, source, npp, steps, keep, lo, hi, batch, seed, device,
                         dtype, index, num, run, overwrite, state)
     s.omega_skew = skew
+    s.guidance = GuidanceRule.resolve(f.guidance, f.guidance_params, p.collect)
     s.ids = worker_ids(len(prompt_list), npp, index, num)
     s.negatives, s.negative_source, s.empty_negative_probability = negatives, negative_source, empty_p
     s.negative_only_probability = resolve_negative_only(p, f.negative_only_probability,
@@ -240,7 +247,7 @@ def plan_collection(s: CollectSettings, store, redo: set[int] = frozenset()) -> 
     logger.info(f"plan: {s.preset.name} · {len(s.prompts)} prompts × {s.num_per_prompt} = {total} "
             f"trajectories{worker} · {len(remaining)} to do, {len(s.ids) - len(remaining)} done · "
             f"{s.keep_steps} of {s.steps} {s.scheduler} steps kept · "
-            f"ω {omega_law(s)} · seed {s.seed}")
+            f"ω {omega_law(s)} · seed {s.seed} · teacher {s.guidance.label()}")
     if s.negatives:
         alone = (f"; {s.negative_only_probability:g} of those with a negative have no prompt"
                  if s.negative_only_probability else "")

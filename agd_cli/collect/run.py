@@ -124,7 +124,7 @@ def collect_batch(den, s: CollectSettings, ids: list[int], table: dict, row_of: 
             on_step(b)
 
     res = sample(den, cond, uncond_b, omega.to(den.device), noise, mode="cfg", steps=s.steps,
-                 scheduler=s.scheduler, callback=record)
+                 scheduler=s.scheduler, callback=record, guidance=s.guidance)
     x_final = res.x.to(torch.float16)
     refuse_nonfinite(watch, s, ids, prompt_index, omega,
                      [(xs, keep), (targets, keep), (x_final[:, None], [s.steps - 1])])
@@ -321,7 +321,7 @@ def _summary(s: CollectSettings, store, m: dict, new: int, seconds: float, atten
             "negative_prompts": len(s.negatives),
             "empty_negative_probability": s.empty_negative_probability,
             "negative_only_probability": s.negative_only_probability,
-            "omega_skew": s.omega_skew,
+            "omega_skew": s.omega_skew, "guidance": s.guidance.record(),
             "collect_seconds": round(seconds, 3), "wall_seconds": round(wall, 3),
             "trajectories_per_s": round(new / seconds, 4) if seconds else None,
             "steps_per_s": round(new * s.steps / seconds, 2) if seconds else None}

@@ -40,12 +40,13 @@ from agd_cli.infra.tensor_files import save_tensors
 DAMAGED = "damaged"  # where resume moves shards that fail their checksum
 IDENTITY_KEYS = ("preset", "base_model", "prompts_sha256", "seed", "steps", "keep_steps",
                  "omega_min", "omega_max", "num_per_prompt", "scheduler", "negatives_sha256",
-                 "empty_negative_probability", "negative_only_probability", "omega_skew")
+                 "empty_negative_probability", "negative_only_probability", "omega_skew",
+                 "guidance")
 
 
 # what an identity key left out (None) means, for messages: off, or uniform ω
 UNSET = {"negatives_sha256": "no negatives", "empty_negative_probability": "no negatives",
-         "negative_only_probability": 0.0, "omega_skew": 1.0}
+         "negative_only_probability": 0.0, "omega_skew": 1.0, "guidance": "cfg"}
 
 
 # the JSON type of each manifest field a reader relies on; a field may be absent (older
@@ -60,7 +61,7 @@ CONFIG_FIELDS = {
     "omega_skew": _NUMBER, "prompts": list, "negative_prompts": list, "prompt_source": str,
     "negative_source": str, "resolution": int, "latent_shape": list, "kept_step_indices": list,
     "total_trajectories": int, "preset_toml": dict, "base_model_source": str, "dtype": str,
-    "storage_dtype": str, "prediction_type": str}
+    "storage_dtype": str, "prediction_type": str, "guidance": dict}
 NULLABLE = {*UNSET, "negative_source", "prompt_source", "preset_toml", "base_model_source"}
 
 

@@ -49,6 +49,40 @@ class NamedChoice(click.Choice):
 
         return choice(value, self.choices, self.what)
 
+# the two-pass rules' parameter flags (agd_cli.core.guidance_rules.PARAMETERS has the ranges)
+GUIDANCE_FLAGS = (
+    ("--interval-start", "interval: first guided step, a fraction of the steps [preset, 0.2]."),
+    ("--interval-stop", "interval: guidance stops at this fraction of the steps [preset, 0.8]."),
+    ("--apg-eta", "apg: weight of the update's part parallel to the cond prediction [0]."),
+    ("--apg-momentum", "apg: momentum of the update's running average, in (-1, 1) [-0.5]."),
+    ("--apg-norm-threshold", "apg: clip the update's norm to this (0: off) [0]."),
+    ("--zero-init-steps", "cfg-zero-star: first steps whose prediction is zeroed [1]."),
+    ("--rescale-phi", "rescale: blend of the std-matched output, from 0 to 1 [0.7]."),
+)
+
+
+def guidance_options(rule_help: str):
+    """--guidance RULE and the rules' parameter flags; the command gets `guidance` and
+    `guidance_params` ({key: value or None})."""
+    from agd_cli.config.vocab import GUIDANCE_RULES
+
+    def decorate(func):
+        @click.option("--guidance", type=NamedChoice(GUIDANCE_RULES, "guidance rule"),
+                      default=None, help=rule_help)
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            keys = [flag[2:].replace("-", "_") for flag, _ in GUIDANCE_FLAGS]
+            kwargs["guidance_params"] = {k: kwargs.pop(k) for k in keys}
+            return func(*args, **kwargs)
+
+        for flag, text in reversed(GUIDANCE_FLAGS):
+            kind = int if flag == "--zero-init-steps" else FLOAT
+            wrapper = click.option(flag, type=kind, default=None, help=text)(wrapper)
+        return wrapper
+
+    return decorate
+
+
 # hidden option name -> (old flag, new flag, the new flag's parameter name)
 DEPRECATED: dict[str, tuple[str, str, str]] = {}
 

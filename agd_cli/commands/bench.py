@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, FLOAT, NamedChoice, common_options, deprecated_alias
+from agd_cli.commands import (
+    DEVICE_HELP,
+    FLOAT,
+    NamedChoice,
+    common_options,
+    deprecated_alias,
+    guidance_options,
+)
 from agd_cli.config.vocab import DTYPES, OPTIMIZERS, SCHEDULERS
 
 
@@ -31,6 +38,8 @@ from agd_cli.config.vocab import DTYPES, OPTIMIZERS, SCHEDULERS
 @click.option("--seeds", multiple=True, help="Seeds: 0,1,2 or 0-3 [0].")
 @click.option("--baselines", default=None,
               help="Methods besides agd, from cfg,cfg-cutoff,unguided [cfg,unguided].")
+@guidance_options("The two-pass teacher's rule (method cfg): cfg, interval, apg, cfg-zero-star "
+                  "or rescale; --quality then adds plain CFG rows [the rule the adapter learned].")
 @click.option("--cutoff", type=FLOAT, default=0.5, show_default=True,
               help="cfg-cutoff: fraction of the steps that use CFG.")
 @click.option("-b", "--batch-size", type=int, default=1, show_default=True,
@@ -120,7 +129,9 @@ def command(compare_cfg: bool, memory: bool, as_json: bool, workdir: str, **kwar
 MEMORY_ONLY = ("optimizer", "checkpointing", "train_batch_size")
 COMPARE_ONLY = ("prompts", "n", "steps", "omegas", "seeds", "baselines", "cutoff", "batch_size",
                 "throughput_batch", "repeats", "scheduler", "grid", "threads", "quality",
-                "negative_prompt", "negatives", "quality_samples", "quality_batch", "quality_seed")
+                "negative_prompt", "negatives", "quality_samples", "quality_batch", "quality_seed", "guidance",
+                "interval_start", "interval_stop", "apg_eta", "apg_momentum",
+                "apg_norm_threshold", "zero_init_steps", "rescale_phi")
 
 
 def _check_mode_options(ctx: click.Context, compare: bool, memory: bool) -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, FLOAT, common_options, deprecated_alias
+from agd_cli.commands import (
+    DEVICE_HELP,
+    FLOAT,
+    common_options,
+    deprecated_alias,
+    guidance_options,
+)
 from agd_cli.config.vocab import DTYPES
 
 
@@ -56,6 +62,7 @@ from agd_cli.config.vocab import DTYPES
 @click.option("--dry-run", is_flag=True,
               help="Print the plan and each phase's estimated peak GPU memory (text encoding, "
                    "sampling, VAE decode) for the preset, dtype and batch; loads no weights.")
+@guidance_options("The teacher's two-pass rule whose output the adapters learn: cfg, interval, apg, cfg-zero-star or rescale (docs/guidance-rules.md) [preset, cfg].")
 @common_options
 def command(as_json: bool, workdir: str, **flags) -> None:
     """Record CFG-guided sampling trajectories of the teacher, the data `agd train` learns from.

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from agd_cli.commands import DEVICE_HELP, FLOAT, NamedChoice, common_options, deprecated_alias
+from agd_cli.commands import (
+    DEVICE_HELP,
+    FLOAT,
+    NamedChoice,
+    common_options,
+    deprecated_alias,
+    guidance_options,
+)
 from agd_cli.config.vocab import DTYPES, SCHEDULERS
 
 
@@ -38,6 +45,8 @@ from agd_cli.config.vocab import DTYPES, SCHEDULERS
               help="[agd] agd: one pass per step with the adapters; cfg: real two-pass CFG on the same "
                    "base with adapters off, for comparison.")
 @deprecated_alias("--cfg", "--mode cfg", "mode", is_flag=True, flag_value="cfg")
+@guidance_options("--mode cfg's two-pass rule: cfg, interval, apg, cfg-zero-star or rescale "
+                  "[the rule the adapter learned].")
 @click.option("--negative-prompt", type=str, default=None,
               help="Negative prompt (DiT: a class). One pass per step with an adapter trained "
                    "with negatives, else real CFG.")

@@ -22,6 +22,7 @@ from agd_cli.config.vocab import (
     CHECKPOINT_SUFFIXES,
     DTYPES,
     FAMILIES,
+    GUIDANCE_RULES,
     OPTIMIZERS,
     RANDOM_BASE,
     SCHEDULERS,
@@ -74,6 +75,11 @@ def _nonneg(v: Any) -> bool:
 def _probability(v: Any) -> bool:
     """a number from 0 to 1"""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+
+
+def _open_unit(v: Any) -> bool:
+    """a number in (-1, 1)"""
+    return is_finite(v) and -1 < v < 1
 
 
 def _nonneg_int(v: Any) -> bool:
@@ -154,6 +160,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "negative_prompts": _str,
         "empty_negative_probability": _probability, "negative_only_probability": _probability,
         "omega_skew": _positive,
+        # the teacher's rule and its parameters (agd_cli.core.guidance_rules.PARAMETERS)
+        "guidance": _one_of(GUIDANCE_RULES), "interval_start": _probability,
+        "interval_stop": _probability, "apg_eta": _probability, "apg_momentum": _open_unit,
+        "apg_norm_threshold": _nonneg, "zero_init_steps": _nonneg_int, "rescale_phi": _probability,
     },
     "train": {
         "lr": _positive, "batch_size": _pos_int, "grad_accum": _pos_int, "steps": _pos_int,
@@ -241,7 +251,7 @@ DEFAULTS: dict[str, dict] = {
     "sampling": {"scheduler": "ddim", "steps": 50},
     "collect": {"num_per_prompt": 1, "batch_size": 4, "dtype": "fp16",
                 "empty_negative_probability": 0.5, "negative_only_probability": 0.0,
-                "omega_skew": 1.0},
+                "omega_skew": 1.0, "guidance": "cfg"},
     "train": {"lr": 1e-4, "batch_size": 8, "grad_accum": 1, "steps": 2000,
               "optimizer": "adamw8bit", "precision": "bf16", "gradient_checkpointing": True,
               "warmup_steps": 100, "val_fraction": 0.1, "checkpoint_every": 500,

@@ -15,3 +15,5 @@ DTYPES = ("fp16", "bf16", "fp32")
 OPTIMIZERS = ("adamw8bit", "adamw")
 RANDOM_BASE = "random:"  # a base built from the preset's config: "random:<preset name>"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # one-file base models
+# the teacher's two-pass rule (agd_cli.core.guidance_rules): plain CFG or a refinement of it
+GUIDANCE_RULES = ("cfg", "interval", "apg", "cfg-zero-star", "rescale")

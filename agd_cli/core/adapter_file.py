@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from agd_cli.config.checks import omega_range
 from agd_cli.config.presets import SCHEMA, Preset, load_preset, preset_from_record
 from agd_cli.core.adapter_config import AdapterConfig
+from agd_cli.core.guidance_rules import GuidanceRule
 from agd_cli.infra.errors import DataError, InputError
 from agd_cli.infra.tensor_files import tensors_sha256
 
@@ -105,6 +106,11 @@ class AdapterFile:
         """The ω range the adapter was trained on (the preset's, for files that omit it)."""
         lo, hi = self.preset.omega_range
         return float(self.meta.get("omega_min", lo)), float(self.meta.get("omega_max", hi))
+
+    @property
+    def guidance(self) -> GuidanceRule:
+        """The teacher's rule the adapters learned (files from before the rules: plain CFG)."""
+        return GuidanceRule.from_record(self.meta.get("guidance"))
 
     @property
     def negatives(self) -> bool:

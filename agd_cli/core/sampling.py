@@ -13,6 +13,7 @@ import torch
 
 from agd_cli.core.adapters import ContextCache
 from agd_cli.core.conditions import cond_cat, cond_to
+from agd_cli.core.guidance_rules import GuidanceRule, RuleRun
 from agd_cli.infra.errors import InputError
 
 if TYPE_CHECKING:
@@ -64,34 +65,42 @@ def model_output(denoiser, mode: str, x, t, cond: dict, uncond: dict | None, ome
         return denoiser.predict(x, t, cond, omega=omega, negative=uncond,
                                 cache=run.cache if run else None)
     if mode in ("cfg", "cfg-cutoff") and guided:
-        return denoiser.predict_cfg(x, t, cond, uncond, omega, pair=run.pair if run else None)
+        return denoiser.predict_cfg(x, t, cond, uncond, omega, pair=run.pair if run else None,
+                                    combine=run.rule.combine if run else None)
     return denoiser.predict(x, t, cond)
 
 
 @dataclass
 class RunInputs:
     """What stays fixed over a sampling run, made once instead of at every step: conditions on
-    the model's device and dtype, CFG's cond+uncond batch, the adapters' ContextCache."""
+    the model's device and dtype, CFG's cond+uncond batch, the adapters' ContextCache, and the
+    two-pass rule's per-run state (its step index, APG's momentum), made fresh for each run."""
 
     cond: dict
     uncond: dict | None
     pair: dict | None
     cache: ContextCache | None
+    rule: RuleRun | None = None
 
     @classmethod
     def make(cls, denoiser, mode: str, cond: dict, uncond: dict | None,
-             timesteps: torch.Tensor | None = None) -> RunInputs:
+             timesteps: torch.Tensor | None = None,
+             guidance: GuidanceRule | None = None) -> RunInputs:
         cond = cond_to(cond, denoiser.device, denoiser.dtype)
         uncond = None if uncond is None else cond_to(uncond, denoiser.device, denoiser.dtype)
         pair = cond_cat([cond, uncond]) if mode in ("cfg", "cfg-cutoff") else None
-        return cls(cond, uncond, pair, ContextCache(timesteps) if mode == "agd" else None)
+        steps = 0 if timesteps is None else len(timesteps)
+        return cls(cond, uncond, pair, ContextCache(timesteps) if mode == "agd" else None,
+                   (guidance or GuidanceRule()).start(steps))
 
 
 @torch.no_grad()
 def sample(denoiser, cond: dict, uncond: dict | None, omega, noise: torch.Tensor, *,
            mode: str = "agd", steps: int = 50, scheduler: str = "ddim", cutoff: float = 0.5,
-           callback: Callable[[dict], None] | None = None) -> SampleResult:
+           callback: Callable[[dict], None] | None = None,
+           guidance: GuidanceRule | None = None) -> SampleResult:
     """Run the reverse process from `noise`; `callback(info)` is called after every step.
+    `guidance`: the two-pass rule of modes cfg and cfg-cutoff (None: plain CFG).
 
     info = {"i", "t", "model_input", "output", "x_next"}: the model input x_t as the model saw
     it, the (guided) model output used by the scheduler, and the next sample.
@@ -105,10 +114,11 @@ def sample(denoiser, cond: dict, uncond: dict | None, omega, noise: torch.Tensor
     # flow-matching schedulers start at σ = 1 and take the model input as is
     x = noise.to(denoiser.device, torch.float32) * getattr(sched, "init_noise_sigma", 1.0)
     scale = getattr(sched, "scale_model_input", lambda x, t: x)
-    run = RunInputs.make(denoiser, mode, cond, uncond, sched.timesteps)
+    run = RunInputs.make(denoiser, mode, cond, uncond, sched.timesteps, guidance)
     start = denoiser.nfe
     timesteps = sched.timesteps
     for i, t in enumerate(timesteps):
+        run.rule.step = i
         model_input = scale(x, t)
         guided = i < int(round(cutoff * len(timesteps))) if mode == "cfg-cutoff" else True
         out = model_output(denoiser, mode, model_input, t, run.cond, run.uncond, omega, guided,
@@ -144,13 +154,14 @@ class SampledImages:
 
 def sample_images(denoiser, cond: dict, uncond: dict | None, omega, noise: torch.Tensor, *,
                   mode: str, steps: int, scheduler: str, cutoff: float = 0.5,
-                  callback: Callable[[dict], None] | None = None) -> SampledImages:
+                  callback: Callable[[dict], None] | None = None,
+                  guidance: GuidanceRule | None = None) -> SampledImages:
     """Sample one batch from `noise` and decode it, timed with the device synchronised: the one
     batched step of `agd generate`, `agd bench` (comparison, --quality) and training previews."""
     synchronize(denoiser.device)
     t0, c0 = time.perf_counter(), time.process_time()
     res = sample(denoiser, cond, uncond, omega, noise, mode=mode, steps=steps,
-                 scheduler=scheduler, cutoff=cutoff, callback=callback)
+                 scheduler=scheduler, cutoff=cutoff, callback=callback, guidance=guidance)
     synchronize(denoiser.device)
     t1 = time.perf_counter()
     images = denoiser.decode(res.x)  # CPU tensors: synchronised by the copy

@@ -48,10 +48,10 @@ class Predictor:
         self.nfe += 1
         return self.forward(x, t, cond, omega, negative, cache)
 
-    def predict_cfg(self, x, t, cond: dict, uncond: dict, omega,
-                    pair: dict | None = None) -> torch.Tensor:
-        """Real CFG (2 NFE): cond and uncond in one batched call, adapters off. `pair` is
-        cond_cat([cond, uncond]) when the caller made it once for a whole run."""
+    def predict_cfg(self, x, t, cond: dict, uncond: dict, omega, pair: dict | None = None,
+                    combine=None) -> torch.Tensor:
+        """CFG or a two-pass rule's `combine` (2 NFE): cond and uncond in one batched call,
+        adapters off. `pair`: cond_cat([cond, uncond]) when the caller made it once per run."""
         self.nfe += 2
         b = x.shape[0]
         ctx = self.adapters.disabled() if self.adapters is not None else contextlib.nullcontext()
@@ -59,4 +59,4 @@ class Predictor:
             out = self.forward(torch.cat([x, x]), torch.as_tensor(t).expand(2 * b)
                                if torch.as_tensor(t).ndim else t,
                                cond_cat([cond, uncond]) if pair is None else pair)
-        return cfg_combine(out[b:], out[:b], omega)
+        return (combine or cfg_combine)(out[b:], out[:b], omega)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from agd_cli.infra.errors import InputError
+from agd_cli.core.adapter_file import AdapterFile
+from agd_cli.infra.errors import InputError, Interrupted
 from agd_cli.infra.images import read_png_metadata
 
 
@@ -95,3 +96,22 @@ def still_free(path: Path, settings: str, stem: str, single: bool) -> Path:
     while path.exists() and not holds_image(path, settings):
         path, k = path.with_name(f"{stem}-{k}.png"), k + 1
     return path
+
+
+def negative_mode(file: AdapterFile) -> tuple[str, str]:
+    """(mode, note): agd when the adapter was trained with negatives (one pass per step), else
+    real CFG. The note is said later, once the prompts have passed their checks."""
+    if file.negatives:
+        return "agd", "negative prompt: one pass per step (the adapter was trained with negatives)"
+    return "cfg", ("note: this adapter was trained without negative prompts, so this run uses real "
+                   "CFG (2 passes per step) with the negative prompt; collect and train again "
+                   "with --negative-prompts to get one pass")
+
+
+def interrupted(plan) -> Interrupted:
+    """Ctrl-C (`plan`: generate.run.Plan): what is written, and that a rerun skips it."""
+    done, total = sum(j.done for j in plan.jobs), len(plan.jobs)
+    return Interrupted(f"interrupted: {done} of {total} image(s) are written in "
+                       f"{plan.single or plan.folder}",
+                       hint=f"rerun the same command to resume: it keeps the {done} written and "
+                            f"makes the other {total - done}")

@@ -31,6 +31,7 @@ from agd_cli.config.presets import Preset
 from agd_cli.core import sampling
 from agd_cli.core.adapter_file import AdapterFile
 from agd_cli.core.conditions import cond_select
+from agd_cli.core.guidance_rules import GuidanceRule
 from agd_cli.families import (
     load_denoiser,
     resolve_device,
@@ -39,9 +40,16 @@ from agd_cli.families import (
 )
 from agd_cli.families.precision import preset_half_precision
 from agd_cli.families.spec import FamilySpec
-from agd_cli.generate.files import folder_lock, image_path, image_stem, still_free
+from agd_cli.generate.files import (
+    folder_lock,
+    image_path,
+    image_stem,
+    interrupted,
+    negative_mode,
+    still_free,
+)
 from agd_cli.infra import ui
-from agd_cli.infra.errors import InputError, Interrupted
+from agd_cli.infra.errors import InputError
 from agd_cli.infra.images import read_png_metadata, save_png
 
 logger = logging.getLogger(__name__)
@@ -84,6 +92,8 @@ class GenerateFlags:
     device: str | None = None
     dtype: str | None = None
     workdir: str = "agd-runs"
+    guidance: str | None = None  # --mode cfg's rule [the adapter's, whose output it learned]
+    guidance_params: dict | None = None
 
 
 # --- 1. checks that need nothing loaded ------------------------------------------------------
@@ -209,7 +219,7 @@ def _batch_conditions(cond: dict, uncond: dict, rows: list[int]):
 
 def sample_jobs(den, jobs: list[Job], prompts: list[str], cond: dict, uncond: dict, *,
                 omega: float, mode: str, steps: int, scheduler: str, batch_size: int,
-                height: int, width: int):
+                height: int, width: int, guidance: GuidanceRule | None = None):
     """Yield (job, image (C, H, W) in [0, 1], nfe per image, seconds) batch by batch."""
     shape = den.latent_shape(height, width)
     batches = [[jobs[i] for i in r] for r in sampling.batch_ranges(len(jobs), batch_size)]
@@ -219,7 +229,8 @@ def sample_jobs(den, jobs: list[Job], prompts: list[str], cond: dict, uncond: di
             c, u = _batch_conditions(cond, uncond, [prompts.index(j.prompt) for j in batch])
             noise = sampling.initial_noise(shape, [j.seed for j in batch])
             got = sampling.sample_images(den, c, u, omega, noise, mode=mode, steps=steps,
-                                         scheduler=scheduler, callback=lambda _: bar.advance(task))
+                                         scheduler=scheduler, callback=lambda _: bar.advance(task),
+                                         guidance=guidance)
             for job, image in zip(batch, got.images, strict=True):
                 yield job, image, got.nfe, got.seconds / len(batch)
 
@@ -247,6 +258,7 @@ class Plan:
     negative_prompt: str | None = None
     dtype: str = "fp16"
     note: str | None = None  # said once the prompts are known to be valid (DiT: after loading)
+    guidance: GuidanceRule = GuidanceRule()  # mode cfg's two-pass rule
 
 
 def plan_generation(f: GenerateFlags) -> Plan:
@@ -271,18 +283,13 @@ def plan_generation(f: GenerateFlags) -> Plan:
                 mode, f.steps or int(base.sampling["steps"]),
                 f.scheduler or base.sampling["scheduler"], f.batch_size or DEFAULT_BATCH_SIZE,
                 height, width, folder, single, negative, f.dtype or preset_half_precision(base), note)
+    plan.guidance = GuidanceRule.at_inference(f.guidance, f.guidance_params, file.guidance,
+                                              base.collect)
+    if f.guidance is not None and mode == "agd" and plan.guidance != file.guidance:
+        logger.warning(f"--guidance {f.guidance}: agd samples the rule its adapter learned, "
+                       f"{file.guidance.label()}; add --mode cfg to run {f.guidance} itself")
     place_jobs(plan)
     return plan
-
-
-def negative_mode(file: AdapterFile) -> tuple[str, str]:
-    """(mode, note): agd when the adapter was trained with negatives (one pass per step), else
-    real CFG. The note is said later, once the prompts have passed their checks."""
-    if file.negatives:
-        return "agd", "negative prompt: one pass per step (the adapter was trained with negatives)"
-    return "cfg", ("note: this adapter was trained without negative prompts, so this run uses real "
-                   "CFG (2 passes per step) with the negative prompt; collect and train again "
-                   "with --negative-prompts to get one pass")
 
 
 def image_settings(plan: Plan, job: Job) -> str:
@@ -293,7 +300,9 @@ def image_settings(plan: Plan, job: Job) -> str:
                        "mode": plan.mode, "steps": plan.steps, "scheduler": plan.scheduler,
                        "size": [plan.width, plan.height], "negative_prompt": plan.negative_prompt,
                        "preset": plan.base.name, "base_model": plan.base.base_model,
-                       "dtype": plan.dtype, "adapter": adapter}, sort_keys=True)
+                       "dtype": plan.dtype, "adapter": adapter,
+                       **({"guidance": plan.guidance.record()} if plan.mode == "cfg" else {})},
+                      sort_keys=True)
 
 
 def place_jobs(plan: Plan) -> None:
@@ -339,22 +348,13 @@ def make_images(plan: Plan, todo: list[Job], device: str | None, offload: bool) 
     for job, image, nfe, secs in sample_jobs(
             den, todo, prompts, cond, uncond, omega=plan.omega, mode=plan.mode,
             steps=plan.steps, scheduler=plan.scheduler, batch_size=plan.batch_size,
-            height=plan.height, width=plan.width):
+            height=plan.height, width=plan.width, guidance=plan.guidance):
         with folder_lock(job.path.parent):  # one writer at a time per folder, a few ms each
             job.path = still_free(job.path, job.settings,
                                   image_stem(job, plan.omega, plan.mode), plan.single is not None)
             save_png(image, job.path, _png_metadata(plan, job, nfe, den))
         job.done, made.nfe, made.seconds = True, nfe, made.seconds + secs
     return made
-
-
-def interrupted(plan: Plan) -> Interrupted:
-    """Ctrl-C: what is written, and that a rerun skips it."""
-    done, total = sum(j.done for j in plan.jobs), len(plan.jobs)
-    return Interrupted(f"interrupted: {done} of {total} image(s) are written in "
-                       f"{plan.single or plan.folder}",
-                       hint=f"rerun the same command to resume: it keeps the {done} written and "
-                            f"makes the other {total - done}")
 
 
 def run_generate(prompts: Sequence[str] | GenerateFlags, **flags) -> dict:
@@ -395,4 +395,5 @@ def summary(plan: Plan, made: Made | None, skipped: int) -> dict:
             "dtype": str(den.dtype).replace("torch.", "") if den else None,
             "size": [plan.width, plan.height], "batch_size": plan.batch_size,
             "vae_decode": den.vae_decode(plan.height, plan.width) if den else None,
-            "negative_prompt": plan.negative_prompt}
+            "negative_prompt": plan.negative_prompt,
+            "guidance": (plan.guidance if plan.mode == "cfg" else plan.file.guidance).record()}

@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from agd_cli.collect.store import IDENTITY_KEYS, TrajectoryStore
+from agd_cli.core.guidance_rules import GuidanceRule
 from agd_cli.infra.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,18 @@ def collection_root(path: str | Path) -> Path:
         return path
     raise DataError(f"no trajectory collection in '{path}' (no manifest.json)",
                     hint="pass a run folder written by `agd collect` (or its trajectories/ folder)")
+
+
+def common_guidance(manifests: list[dict], stores) -> GuidanceRule:
+    """The teacher's rule of every collection (none recorded: CFG); mixed rules are refused,
+    since the adapters would learn two targets for the same (x_t, t, ω)."""
+    rules = [GuidanceRule.from_record(m.get("config", {}).get("guidance")) for m in manifests]
+    for rule, store in zip(rules, stores, strict=True):
+        if rule != rules[0]:
+            raise DataError(f"collection {store.root} was made with guidance {rule.label()}, "
+                            f"{stores[0].root} with {rules[0].label()}",
+                            hint="train on collections made with one rule (agd collect --guidance)")
+    return rules[0]
 
 
 @dataclass
@@ -83,6 +96,7 @@ class TrajectoryData:
                  in_memory: bool | None = None, processes: int = 1):
         self.stores = [TrajectoryStore(r) for r in unique_roots(roots)]
         self.manifests = [s.manifest() for s in self.stores]
+        self.guidance = common_guidance(self.manifests, self.stores)  # the rule the targets follow
         self._shards: list[_Shard] = []
         self._first: tuple[Path, dict] | None = None  # the first shard and its sample shapes
         self._seen: dict[tuple[str, int], Path] = {}  # (collection identity, id) -> its shard

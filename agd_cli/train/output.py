@@ -135,7 +135,7 @@ def write_adapter(tr, summary: dict) -> None:
         gap_closed=summary["gap_closed"], lr=s.lr, batch_size=s.batch_size * s.grad_accum,
         optimizer=tr.optimizer_name, seed=s.seed, trajectories=tr.data.num_trajectories,
         collections=[str(st.root) for st in tr.data.stores],
-        **negatives_metadata(tr.data, s.adapter))
+        guidance=tr.data.guidance.record(), **negatives_metadata(tr.data, s.adapter))
     tr.den.adapters.save(adapter_path(tr), meta)
     if tr.records:
         loss_curve(tr.records, summary["loss_plot"],
