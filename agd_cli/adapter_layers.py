@@ -203,6 +203,29 @@ class PreparedAttention:
         self.key_slot, self.value_slot = self.keys[:, 0], None
         self.key_heads, self.value_heads = heads(self.keys[..., :h]), heads(self.keys[..., h:])
 
+    def call_keys_values(self, ctx: AgdContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """This call's keys and values, t's entries in slot 0: folded (B, C, H·L) and (B, H·L, C),
+        plain per head (B, H, L, d) twice. Eagerly t's entries are written into the run's buffers
+        (one copy, from the tables); inside a compiled graph they are computed from this call's
+        t token and joined on, the buffers left as they are: a graph that writes its inputs is
+        not replayed as a CUDA graph, and tables indexed by step would make the step a constant."""
+        if not torch.compiler.is_compiling():
+            self.write_time(ctx)
+            if self.folded:
+                return self.key_matrix, self.value_matrix
+            return self.key_heads, self.value_heads
+        key, value = self.time_entries(ctx.tokens[:, SharedConditioning.TIME_TOKEN],
+                                       self.gain.view(-1))
+        b = self.keys.shape[0]
+        if self.folded:
+            keys = torch.cat([key[..., None], self.keys[..., 1:]], dim=-1)  # (B, C, H, L)
+            values = torch.cat([value, self.values[:, :, 1:]], dim=2)  # (B, H, L, C)
+            return keys.view(b, keys.shape[1], -1), values.view(b, -1, values.shape[-1])
+        kv = torch.cat([key[:, None], self.keys[:, 1:]], dim=1)  # (B, L, 2h): [K | gain·V]
+        h = kv.shape[-1] // 2
+        heads = lambda y: y.view(b, -1, self.heads, h // self.heads).transpose(1, 2)  # noqa: E731
+        return heads(kv[..., :h]), heads(kv[..., h:])
+
     def time_entries(self, t: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t's slot-0 entries for t's embeddings (…, D) and gains g (broadcastable to t's
         leading shape): plain [key | g·value] and an unused second; folded the key column
@@ -288,17 +311,17 @@ class CrossAttentionAdapter(nn.Module):
         and on a GPU a launch)."""
         x = hidden.to(prep.values.dtype)
         b, n, dim = x.shape[0], x.shape[1], self.out.out_features
-        prep.write_time(ctx)
+        keys, values = prep.call_keys_values(ctx)
         fused = residual.dtype == x.dtype and residual.shape == (b, n, dim) and residual.is_contiguous()
         if prep.folded:
-            scores = torch.bmm(x, prep.key_matrix).view(b, n, self.heads, -1)  # (B, N, H, L)
+            scores = torch.bmm(x, keys).view(b, n, self.heads, -1)  # (B, N, H, L)
             attn = scores.softmax(-1, dtype=torch.float32).to(x.dtype).view(b, n, -1)
             if fused:
-                return torch.baddbmm(residual, attn, prep.value_matrix)
-            return residual + torch.bmm(attn, prep.value_matrix).to(residual.dtype)
+                return torch.baddbmm(residual, attn, values)
+            return residual + torch.bmm(attn, values).to(residual.dtype)
         h = self.q.out_features
         q = F.linear(x, self.q.weight).view(b, n, self.heads, h // self.heads).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, prep.key_heads, prep.value_heads)
+        a = F.scaled_dot_product_attention(q, keys, values)
         a = a.transpose(1, 2).reshape(b * n, h)
         if fused:  # residual + a·Woᵀ in one kernel, then the gained bias
             out = torch.addmm(residual.view(b * n, dim), a, self.out.weight.T)

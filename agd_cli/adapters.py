@@ -13,6 +13,11 @@ base's modules and weights are never edited. ω travels with each call in
 `cross_attention_kwargs["agd_omega"]`; a forward pre-hook turns it into a per-call context that
 flows down with the kwargs, so nothing is tied to a batch size and gradient checkpointing
 recomputes with the same inputs.
+
+Everything a call runs is tensor arithmetic on that call's inputs, so `torch.compile` captures
+the adapters with the base in one graph: ω is read as a tensor (a new value is new data, not a
+new graph), values are checked eagerly and never inside a graph, and a compiled sampling run gets
+its run-constant part (`agd_constant`, computed eagerly from the run's ContextCache) as tensors.
 """
 
 from __future__ import annotations
@@ -148,9 +153,12 @@ def checked_omega(omega, batch: int) -> torch.Tensor:
     if w.is_complex() or w.dtype == torch.bool or w.numel() not in (1, batch):
         raise bad(f"one real number or {batch} (one per image)")
     w = w.float()
-    # values read on the CPU only: on a GPU the check would wait for the device every call
-    # (training passes a tensor per step), and meta tensors (memory estimates) hold none
-    if w.device.type == "cpu" and not bool(torch.isfinite(w).all() and (w > 0).all()):
+    # values read on the CPU only, and never inside a compiled graph: on a GPU the check would
+    # wait for the device every call (training passes a tensor per step), meta tensors (memory
+    # estimates) hold none, and in a graph a value check is a graph break; `agd` checks -w
+    # before any model loads, library callers' numbers are checked eagerly here
+    if (w.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not bool(torch.isfinite(w).all() and (w > 0).all())):
         raise bad("finite and > 0")
     return w
 
@@ -262,6 +270,13 @@ class AdapterSet(nn.Module):
                         else v.to(p.device) for k, v in negative.items() if v is not None}
         return w.to(p.device), negative
 
+    def run_constant(self, cache: ContextCache, omega, cond: dict, batch: int, device,
+                     negative: dict | None = None) -> AgdContext:
+        """The context without t for a compiled call (`agd_constant`), from `cache` while the
+        run's inputs stay the same (computed eagerly: a cache lookup is Python, not tensors)."""
+        with torch.no_grad():
+            return self._constant(cache, omega, cond, batch, device, negative)
+
     def _constant(self, cache: ContextCache, omega, cond: dict, batch: int, device,
                   negative: dict | None) -> AgdContext:
         """The context without t, from `cache` while ω, condition, negative and weights are the
@@ -339,8 +354,11 @@ class AdapterSet(nn.Module):
             omega = cak.pop("agd_omega", None)
             negative = cak.pop("agd_negative", None)
             cache = cak.pop("agd_cache", None)
+            constant = cak.pop("agd_constant", None)  # a compiled run's part without t
             ctx = None
-            if omega is not None and self.enabled:
+            if constant is not None and self.enabled:
+                ctx = self.shared.with_time(constant, arguments["timestep"])
+            elif omega is not None and self.enabled:
                 batch, cond = extract(arguments)
                 device = arguments[names[0]].device
                 ctx = self.context(omega, arguments["timestep"], cond, batch, device, negative,
@@ -358,8 +376,9 @@ class AdapterSet(nn.Module):
 
     def check_sites(self) -> None:
         """Raise if an attention module that carries an adapter was replaced after attaching:
-        its adapter would be dropped silently."""
-        if self._attached is None:
+        its adapter would be dropped silently. Not inside a compiled graph: there the module
+        tree is fixed when the graph is made, and a lookup per site would be a guard per call."""
+        if self._attached is None or torch.compiler.is_compiling():
             return
         model = self._attached.model
         for name, module in self._attached.modules.items():

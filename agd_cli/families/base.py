@@ -76,6 +76,7 @@ class Denoiser:
     omega_kwarg_routed = True  # does the model hand that dict on to its attention processors?
     vae_class = "AutoencoderKL"
     checkpoint: dict | None = None  # file name and sha256 of a single-file base
+    compiled = None  # the model call through torch.compile (`compile`), else None: eager
 
     def __init__(self, preset: Preset, model: nn.Module, text: dict, scheduler_config: dict,
                  device: torch.device, dtype: torch.dtype, source: str, vae_config: dict | None):
@@ -186,11 +187,34 @@ class Denoiser:
                 kwargs[self.omega_kwarg]["agd_cache"] = cache
             if negative is not None and self.adapters is not None and self.adapters.wants_negative:
                 kwargs[self.omega_kwarg]["agd_negative"] = self.adapter_cond(negative, x)
+            if self.compiled is not None:
+                kwargs[self.omega_kwarg] = self._graph_inputs(x, kwargs, kwargs[self.omega_kwarg])
         t = torch.as_tensor(t, device=self.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        out = self.model(x.to(self.device, self.dtype), timestep=t, return_dict=False, **kwargs)[0]
+        model = self.model if self.compiled is None else self.compiled
+        out = model(x.to(self.device, self.dtype), timestep=t, return_dict=False, **kwargs)[0]
         return out[:, : self.in_channels]  # learned-sigma models: keep the ε/v channels
+
+    def compile(self, backend=None) -> None:
+        """Run the model (with its adapters) through torch.compile from now on (`--compile`);
+        `backend`: another torch.compile backend than inductor (tests)."""
+        from agd_cli.compiling import CompiledModel
+
+        self.compiled = CompiledModel(self.model, self.device, backend)
+
+    def _graph_inputs(self, x: torch.Tensor, kwargs: dict, agd: dict) -> dict:
+        """The adapters' inputs for a compiled call, tensors only (a Python value in a graph's
+        inputs is a constant of the graph: a new ω would compile a new graph). With a run's
+        cache, its part without t, made eagerly once per run; else ω as a tensor."""
+        omega, cache = agd.pop("agd_omega"), agd.pop("agd_cache", None)
+        if cache is None or self.adapters is None or not self.adapters.enabled:
+            return {**agd, "agd_omega": torch.as_tensor(omega, dtype=torch.float32,
+                                                        device=self.device).view(-1)}
+        batch, cond = self.extract_adapter_cond({"sample": x, "hidden_states": x, **kwargs})
+        constant = self.adapters.run_constant(cache, omega, cond, batch, self.device,
+                                              agd.get("agd_negative"))
+        return {"agd_constant": constant}
 
     def predict(self, x, t, cond: dict, omega=None, negative: dict | None = None,
                 cache: ContextCache | None = None) -> torch.Tensor:
