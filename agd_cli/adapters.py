@@ -111,6 +111,9 @@ class ContextCache:
         self.constant: AgdContext | None = None
         self.times: torch.Tensor | None = None  # (S, D): t's token at each of the run's timesteps
         self.computed = 0  # how often the constant part was (re)computed
+        # the row of the run's timesteps the next call is at, when the sampling loop says so:
+        # looking t's value up would wait for the device every step
+        self.next_step: int | None = None
 
     def get(self, key: tuple, inputs: dict) -> AgdContext | None:
         if (self.constant is None or key != self.key or inputs.keys() != self.inputs.keys()
@@ -130,9 +133,10 @@ class ContextCache:
 
     def step_of(self, timestep: torch.Tensor) -> int | None:
         """The row of the run's timestep that every sample of this call is at, if any."""
+        step, self.next_step = self.next_step, None
         if self.times is None or not (timestep.numel() == 1 or timestep.stride(0) == 0):
             return None  # no tables, or per-sample timesteps
-        return self._rows.get(float(timestep.view(-1)[0]))
+        return step if step is not None else self._rows.get(float(timestep.view(-1)[0]))
 
 
 def checked_omega(omega, batch: int) -> torch.Tensor:

@@ -56,6 +56,7 @@ class BenchPlan:
     negatives: bool = False             # the negative-prompt table (agd_cli.negative_bench)
     negative_omegas: list[float] = field(default_factory=list)
     file: AdapterFile | None = None     # the adapter file, its metadata read once
+    compile: bool = False               # also time every method with the model compiled
 
 
 @dataclass
@@ -94,6 +95,7 @@ class BenchFlags:
     negatives: bool = False
     throughput_batch: int = 16           # --throughput-batch (0: latency only)
     quality_seed: int = 0                # --quality-seed: sample i uses seed S + i
+    compile: bool | None = None          # --compile / --no-compile; None: the preset's
 
 
 def plan_bench(f: BenchFlags) -> BenchPlan:
@@ -129,6 +131,12 @@ def plan_bench(f: BenchFlags) -> BenchPlan:
     out_dir = checks.writable_folder(run_folder / "bench", "the bench folder")
     if f.grid is not None:
         checks.writable_folder(Path(f.grid).parent, "--grid's folder")
+    compile_model = p.sampling.get("compile", False) if f.compile is None else f.compile
+    if compile_model:
+        from agd_cli.compiling import check_compile
+        from agd_cli.families import resolve_device
+
+        check_compile(resolve_device(f.device))
     return BenchPlan(adapter=path, preset=p, out_dir=out_dir, methods=methods,
                      omegas=checks.omega_list(f.omegas, default_omega), seeds=seed_list,
                      prompts_file=prompt_list, n=f.n or 4, steps=f.steps or p.sampling["steps"],
@@ -139,7 +147,8 @@ def plan_bench(f: BenchFlags) -> BenchPlan:
                      quality_batch=f.quality_batch, quality_seed=f.quality_seed,
                      quality_omegas=checks.omega_list(f.omegas, QUALITY_OMEGAS),
                      negative_prompt=f.negative_prompt, negatives=f.negatives,
-                     negative_omegas=checks.omega_list(f.omegas, default_omega), file=file)
+                     negative_omegas=checks.omega_list(f.omegas, default_omega), file=file,
+                     compile=bool(compile_model))
 
 
 # --- 2. prompts -----------------------------------------------------------------------------

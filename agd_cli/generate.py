@@ -66,6 +66,7 @@ class GenerateFlags:
     device: str | None = None
     dtype: str | None = None
     workdir: str = "agd-runs"
+    compile: bool | None = None  # --compile / --no-compile; None: the preset's
 
 
 # --- 1. checks that need nothing loaded ------------------------------------------------------
@@ -244,6 +245,7 @@ class Plan:
     negative_prompt: str | None = None
     dtype: str = "fp16"
     note: str | None = None  # said once the prompts are known to be valid (DiT: after loading)
+    compile: bool = False  # torch.compile the model (agd_cli.compiling)
 
 
 def plan_generation(f: GenerateFlags) -> Plan:
@@ -267,9 +269,25 @@ def plan_generation(f: GenerateFlags) -> Plan:
     plan = Plan(path, file, base, jobs, distinct, omega, check_omega_range(omega, file),
                 mode, f.steps or int(base.sampling["steps"]),
                 f.scheduler or base.sampling["scheduler"], f.batch_size or DEFAULT_BATCH_SIZE,
-                height, width, folder, single, negative, f.dtype or "fp16", note)
+                height, width, folder, single, negative, f.dtype or "fp16", note,
+                plan_compile(f, base))
     place_jobs(plan)
     return plan
+
+
+def plan_compile(f: GenerateFlags, base: Preset) -> bool:
+    """--compile / --no-compile, else the preset's `sampling.compile`; checked before loading."""
+    from agd_cli.compiling import check_compile
+    from agd_cli.families import resolve_device
+
+    wanted = base.sampling.get("compile", False) if f.compile is None else f.compile
+    if wanted and f.offload:
+        raise InputError("--compile and --offload do not go together: offloading moves the "
+                         "weights during every call, a compiled graph needs them in place",
+                         hint="drop one of them (--no-compile where the preset compiles)")
+    if wanted:
+        check_compile(resolve_device(f.device))
+    return bool(wanted)
 
 
 def negative_mode(file: AdapterFile) -> tuple[str, str]:
@@ -336,6 +354,8 @@ def make_images(plan: Plan, todo: list[Job], device: str | None, offload: bool) 
     cond, uncond = encode_conditions(den, prompts, plan.negative_prompt, (plan.height, plan.width))
     if plan.note:
         ui.info(plan.note)
+    if plan.compile:
+        den.compile()
     made = Made(den, 0, 0.0, time.perf_counter() - t0)
     for job, image, nfe, secs in sample_jobs(
             den, todo, prompts, cond, uncond, omega=plan.omega, mode=plan.mode,
@@ -398,4 +418,6 @@ def summary(plan: Plan, made: Made | None, skipped: int) -> dict:
             "dtype": str(den.dtype).replace("torch.", "") if den else None,
             "size": [plan.width, plan.height], "batch_size": plan.batch_size,
             "vae_decode": den.vae_decode(plan.height, plan.width) if den else None,
-            "negative_prompt": plan.negative_prompt}
+            "negative_prompt": plan.negative_prompt, "compile": plan.compile,
+            "compile_seconds": round(den.compiled.warmup_seconds, 3)
+            if den is not None and den.compiled is not None else 0.0}
