@@ -32,14 +32,24 @@ class Site:
 class AgdContext:
     """Per-call adapter inputs: context tokens (B, n, D), a pooled vector (B, D), and the gain
     (B, 1, 1) every adapter output is multiplied by. In a cached sampling run (ContextCache)
-    `prepared` maps each cross-attention adapter to its run-constant inputs (`prepare`), and
-    `step` picks this call's timestep in their tables."""
+    `prepared` maps each adapter to its run-constant inputs (`prepare`), `table` holds every
+    adapter's t entries at each of the run's steps, and `step` (eager) or `row` (compiled: the
+    step is a tensor there, not a constant of the graph) picks this call's."""
 
     tokens: torch.Tensor
     vector: torch.Tensor
     gain: torch.Tensor
     prepared: dict | None = None
     step: int | None = None  # this call's row in the run's per-timestep tables (cached runs)
+    table: torch.Tensor | None = None  # (S, B, Σ): the tables of all prepared adapters, side by side
+    row: torch.Tensor | None = None    # (B, Σ): this call's row of `table` (compiled calls)
+
+    def entries(self, prep) -> torch.Tensor | None:
+        """The prepared adapter's t entries for this call from `row`, shaped as its table's."""
+        if self.row is None or prep.columns is None:
+            return None
+        return self.row[:, prep.columns[0]:prep.columns[1]].view(self.row.shape[0],
+                                                                 *prep.table.shape[2:])
 
 
 class OmegaEmbedding(nn.Module):
@@ -165,7 +175,7 @@ class SharedConditioning(nn.Module):
         i = self.TIME_TOKEN
         return AgdContext(tokens=torch.cat([tokens[:, :i], t[:, None], tokens[:, i:]], dim=1),
                           vector=const.vector + t, gain=const.gain, prepared=const.prepared,
-                          step=step)
+                          step=step, table=const.table)
 
 
 @dataclass
@@ -186,9 +196,11 @@ class PreparedAttention:
     t_keys: torch.Tensor     # t's embedding -> its key: Wk (h, D) | its column of M (C·H, D)
     t_values: torch.Tensor   # t's embedding -> its value: Wv (h, D) | its column of VWᵀ (C·H, D)
     # t's slot-0 entries at every step of the run, gained, as `write_time` stores them:
-    # (S, B, 2h) | (S, B, 2, C, H); tens of MB at SDXL's sizes, batch 16
+    # (S, B, 2h) | (S, B, 2, C, H); tens of MB at SDXL's sizes, batch 16. A view of the run's
+    # table of all adapters (AgdContext.table), whose `columns` it is
     table: torch.Tensor | None = None
     heads: int = 1
+    columns: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         """The views every step reads and writes, made once per run: each view op a step
@@ -216,7 +228,10 @@ class PreparedAttention:
         if not torch.compiler.is_compiling():
             self.write_time(ctx)
             return self.keys, self.values
-        entry = self.time_entries(ctx.tokens[:, SharedConditioning.TIME_TOKEN], self.gain.view(-1))
+        entry = ctx.entries(self)  # from the run's table, or from this call's t token
+        if entry is None:
+            entry = self.time_entries(ctx.tokens[:, SharedConditioning.TIME_TOKEN],
+                                      self.gain.view(-1))
         if self.folded:
             return self._views(torch.cat([entry[..., None], self.buffer[..., 1:]], dim=-1))
         return self._views(torch.cat([entry[:, None], self.buffer[:, 1:]], dim=1))
@@ -341,8 +356,10 @@ class OffsetAdapter(nn.Module):
               residual: torch.Tensor) -> torch.Tensor:
         if ctx.step is not None and prep.table is not None:
             offset = prep.table.select(0, ctx.step)  # (B, 1, C), gained
-        else:
-            offset = ctx.gain * self(hidden, ctx)
+        else:  # compiled: the step's row of the run's table; else from this call's t
+            offset = ctx.entries(prep)
+            if offset is None:
+                offset = ctx.gain * self(hidden, ctx)
         return residual + offset.to(residual.dtype)
 
 
@@ -355,6 +372,7 @@ class PreparedOffset:
     vector: torch.Tensor
     gain: torch.Tensor
     table: torch.Tensor | None = None
+    columns: tuple[int, int] | None = None  # its part of the run's table (AgdContext.table)
 
     def tabulate(self, times: torch.Tensor) -> None:
         self.table = self.gain[None] * self.net(self.vector[None] + times[:, None])[:, :, None]

@@ -17,7 +17,8 @@ recomputes with the same inputs.
 Everything a call runs is tensor arithmetic on that call's inputs, so `torch.compile` captures
 the adapters with the base in one graph: ω is read as a tensor (a new value is new data, not a
 new graph), values are checked eagerly and never inside a graph, and a compiled sampling run gets
-its run-constant part (`agd_constant`, computed eagerly from the run's ContextCache) as tensors.
+its run-constant part (`agd_constant`, computed eagerly from the run's ContextCache) and its step
+(`agd_step`, a tensor indexing the run's per-step table) as tensors.
 """
 
 from __future__ import annotations
@@ -167,6 +168,21 @@ def checked_omega(omega, batch: int) -> torch.Tensor:
     return w
 
 
+def side_by_side(prepared: list) -> torch.Tensor:
+    """One (S, B, Σ) table of every prepared adapter's per-step t entries; each adapter's
+    `table` becomes a view of its columns, so that a compiled call picks every adapter's entries
+    for its step with one index (AgdContext.row) and an eager one copies from the views."""
+    steps, batch = prepared[0].table.shape[:2]
+    table = torch.cat([p.table.reshape(steps, batch, -1) for p in prepared], dim=-1)
+    start = 0
+    for p in prepared:
+        width = p.table[0, 0].numel()
+        p.columns = (start, start + width)
+        p.table = table[..., start:start + width].view(p.table.shape)
+        start += width
+    return table
+
+
 def _shown(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor {value.tolist() if value.numel() <= 8 else tuple(value.shape)}"
@@ -303,6 +319,7 @@ class AdapterSet(nn.Module):
                 times = self.shared.time_embedding(cache.timesteps.to(p.device)).to(const.tokens.dtype)
                 for prep in const.prepared.values():
                     prep.tabulate(times)
+                const.table = side_by_side(list(const.prepared.values()))
             cache.put(key, inputs, const, times)
         return const
 
@@ -359,9 +376,12 @@ class AdapterSet(nn.Module):
             negative = cak.pop("agd_negative", None)
             cache = cak.pop("agd_cache", None)
             constant = cak.pop("agd_constant", None)  # a compiled run's part without t
+            step = cak.pop("agd_step", None)  # its row of the run's table, a tensor (1,)
             ctx = None
             if constant is not None and self.enabled:
                 ctx = self.shared.with_time(constant, arguments["timestep"])
+                if step is not None:
+                    ctx.row = constant.table.index_select(0, step)[0]
             elif omega is not None and self.enabled:
                 batch, cond = extract(arguments)
                 device = arguments[names[0]].device

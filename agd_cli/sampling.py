@@ -86,8 +86,6 @@ class RunInputs:
         cond = cond_to(cond, denoiser.device, denoiser.dtype)
         uncond = None if uncond is None else cond_to(uncond, denoiser.device, denoiser.dtype)
         pair = cond_cat([cond, uncond]) if mode in ("cfg", "cfg-cutoff") else None
-        if getattr(denoiser, "compiled", None) is not None:
-            timesteps = None  # a compiled graph computes t's share from t: no per-step tables
         return cls(cond, uncond, pair, ContextCache(timesteps) if mode == "agd" else None)
 
 

@@ -187,11 +187,11 @@ class Denoiser:
                 kwargs[self.omega_kwarg]["agd_cache"] = cache
             if negative is not None and self.adapters is not None and self.adapters.wants_negative:
                 kwargs[self.omega_kwarg]["agd_negative"] = self.adapter_cond(negative, x)
-            if self.compiled is not None:
-                kwargs[self.omega_kwarg] = self._graph_inputs(x, kwargs, kwargs[self.omega_kwarg])
         t = torch.as_tensor(t, device=self.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        if omega is not None and self.compiled is not None:
+            kwargs[self.omega_kwarg] = self._graph_inputs(x, t, kwargs, kwargs[self.omega_kwarg])
         model = self.model if self.compiled is None else self.compiled
         out = model(x.to(self.device, self.dtype), timestep=t, return_dict=False, **kwargs)[0]
         return out[:, : self.in_channels]  # learned-sigma models: keep the ε/v channels
@@ -203,10 +203,11 @@ class Denoiser:
 
         self.compiled = CompiledModel(self.model, self.device, backend)
 
-    def _graph_inputs(self, x: torch.Tensor, kwargs: dict, agd: dict) -> dict:
+    def _graph_inputs(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, agd: dict) -> dict:
         """The adapters' inputs for a compiled call, tensors only (a Python value in a graph's
-        inputs is a constant of the graph: a new ω would compile a new graph). With a run's
-        cache, its part without t, made eagerly once per run; else ω as a tensor."""
+        inputs is a constant of the graph: a new ω or step would compile a new graph). With a
+        run's cache, its part without t, made eagerly once per run, and the step's row of its
+        table; else ω as a tensor."""
         omega, cache = agd.pop("agd_omega"), agd.pop("agd_cache", None)
         if cache is None or self.adapters is None or not self.adapters.enabled:
             return {**agd, "agd_omega": torch.as_tensor(omega, dtype=torch.float32,
@@ -214,7 +215,11 @@ class Denoiser:
         batch, cond = self.extract_adapter_cond({"sample": x, "hidden_states": x, **kwargs})
         constant = self.adapters.run_constant(cache, omega, cond, batch, self.device,
                                               agd.get("agd_negative"))
-        return {"agd_constant": constant}
+        step = cache.step_of(t)
+        if step is None or constant.table is None:
+            return {"agd_constant": constant}
+        return {"agd_constant": constant,
+                "agd_step": torch.full((1,), step, dtype=torch.long, device=self.device)}
 
     def predict(self, x, t, cond: dict, omega=None, negative: dict | None = None,
                 cache: ContextCache | None = None) -> torch.Tensor:
