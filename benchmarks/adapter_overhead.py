@@ -17,8 +17,16 @@ FlopCounterMode: matmuls, convolutions, attention; machine-independent). active 
 the agd/CFG time per sampling step, the best ratio a sampling loop can reach. `--flops-only`
 builds the model on the meta device (no memory, no compute): real-size FLOPs of any preset.
 
-    python benchmarks/adapter_overhead.py --threads 1 --repeats 5   # mnist + tiny presets, batch 1, 16
+`--mode compiled` times the same variants with the model compiled as `--compile` runs it
+(agd_cli.core.compiling: CUDA graphs on CUDA, inductor on the CPU). A compiled model's hooks are part
+of its graph, so there "base" is the model with the adapters attached but not fed ω (the graph
+without them); "attached" is then the same call. Compile time is reported apart.
+
+    python benchmarks/adapter_overhead.py --threads 1 --repeats 5   # mnist + tiny presets, batch 1, 4
     python benchmarks/adapter_overhead.py --flops-only --preset sdxl --preset sd15 --preset dit
+    # a GPU: SDXL 1024², SD 1.5 512², DiT 256², eager and compiled, batch 1 and 4
+    python benchmarks/adapter_overhead.py --device cuda --preset sdxl --preset sd15 --preset dit \
+        --mode eager --mode compiled --repeats 20 --json > adapter-overhead.json
 
 UNet (sd, sdxl) and DiT families: the mnist teacher is loaded, the others built from config.
 """
@@ -136,6 +144,8 @@ def run_cache(den, x, t, cond):
 
 def time_round(den, aset, x, t, cond, x2, cond2, cache) -> dict:
     """One timing of every variant (base and cfg pass with the adapters fully detached)."""
+    if den.compiled is not None:
+        return time_round_compiled(den, x, t, cond, x2, cond2, cache)
     aset.detach()
     den.adapters = None
     sample = {"base": time_call(lambda: den.forward(x, t, cond), den.device),
@@ -147,8 +157,19 @@ def time_round(den, aset, x, t, cond, x2, cond2, cache) -> dict:
     return sample
 
 
+def time_round_compiled(den, x, t, cond, x2, cond2, cache) -> dict:
+    """One timing of every variant with the model compiled: the adapters stay attached (their
+    hooks are in the graph; without ω it is the base's graph)."""
+    sample = {"base": time_call(lambda: den.forward(x, t, cond), den.device),
+              "cfg_pass": time_call(lambda: den.forward(x2, t, cond2), den.device)}
+    sample["attached"] = sample["base"]
+    sample["active"] = time_call(lambda: den.forward(x, t, cond, omega=4.0, cache=cache), den.device)
+    sample["uncached"] = time_call(lambda: den.forward(x, t, cond, omega=4.0), den.device)
+    return sample
+
+
 def measure(name: str, repeats: int, batch: int, flops_only: bool = False,
-            device: str = "cpu", dtype: str = "fp32") -> dict:
+            device: str = "cpu", dtype: str = "fp32", mode: str = "eager") -> dict:
     """Median seconds per forward of each variant, FLOPs, and the derived overheads."""
     import torch
 
@@ -160,16 +181,25 @@ def measure(name: str, repeats: int, batch: int, flops_only: bool = False,
     times: dict[str, list[tuple[float, float]]] = {}
     with torch.no_grad():
         cache = run_cache(den, x, t, cond)
-        for r in range(0 if flops_only else repeats + 1):  # round 0 warms up and is dropped
-            for k, v in time_round(den, aset, x, t, cond, x2, cond2, cache).items():
-                if r:
-                    times.setdefault(k, []).append(v)
         flops = {"active": count_flops(lambda: den.forward(x, t, cond, omega=4.0, cache=cache)),
                  "uncached": count_flops(lambda: den.forward(x, t, cond, omega=4.0))}
+        compiled = mode == "compiled" and not flops_only
+        if compiled:
+            den.compile()
+            cache = run_cache(den, x, t, cond)  # a compiled run's cache: no per-step tables
+        warmup = 3 if compiled else 1  # compiling, then (CUDA graphs) recording
+        for r in range(0 if flops_only else repeats + warmup):  # warm-up rounds are dropped
+            for k, v in time_round(den, aset, x, t, cond, x2, cond2, cache).items():
+                if r >= warmup:
+                    times.setdefault(k, []).append(v)
+        compile_info = ({"graphs": den.compiled.graphs, "compile_mode": den.compiled.mode,
+                         "compile_seconds": den.compiled.warmup_seconds} if compiled else {})
+        den.compiled = None
         aset.detach()
         den.adapters = None
         flops["base"] = count_flops(lambda: den.forward(x, t, cond))
     out = {"model": name, "family": den.family, "device": str(den.device), "dtype": dtype,
+           "mode": mode if not flops_only else "flops", **compile_info,
            "latent": list(den.latent_shape()), "batch": batch,
            "repeats": 0 if flops_only else repeats,
            "adapter_params": sum(p.numel() for p in aset.parameters()),
@@ -192,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", action="append", help="preset name, or NAME@RESOLUTION")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--batch", type=int, action="append", help="rows per forward [1 and 16]")
+    ap.add_argument("--batch", type=int, action="append", help="rows per forward [1 and 4]")
+    ap.add_argument("--mode", action="append", choices=["eager", "compiled"],
+                    help="eager and/or compiled (torch.compile as --compile runs it) [eager]")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--flops-only", action="store_true",
                     help="count FLOPs on the meta device (real sizes, no timing)")
@@ -213,10 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     # real-size bases are slow to time on a CPU: their FLOPs come from --flops-only
     for name in args.preset or ["mnist", "tiny-sd", "tiny-sdxl", "tiny-dit"]:
-        for batch in args.batch or [1, 16]:
-            rows.append(measure(name, args.repeats, batch, args.flops_only, args.device, dtype))
-            if not args.json:
-                _print_row(rows[-1])
+        for batch in args.batch or [1, 4]:
+            for mode in (["eager"] if args.flops_only else args.mode or ["eager"]):
+                rows.append(measure(name, args.repeats, batch, args.flops_only, args.device,
+                                    dtype, mode))
+                if not args.json:
+                    _print_row(rows[-1])
     if args.json:
         print(json.dumps({"threads": torch.get_num_threads(), "device": args.device,
                           "gpu": torch.cuda.get_device_name(args.device)
@@ -224,8 +258,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _print_row(r: dict) -> None:
-    print(f"{r['model']} ({r['device']}, {r['dtype']}) latent {tuple(r['latent'])} batch {r['batch']}, "
-          f"{r['repeats']} repeats, "
+    compiled = (f", compiled ({r['compile_mode']}, {r['graphs']} graphs, "
+                f"{r['compile_seconds']:.0f} s)" if r.get("graphs") else "")
+    print(f"{r['model']} ({r['device']}, {r['dtype']}{compiled}) latent {tuple(r['latent'])} "
+          f"batch {r['batch']}, {r['repeats']} repeats, "
           f"adapters {r['adapter_params'] / 1e6:.3f}M / base {r['base_params'] / 1e6:.1f}M, "
           f"FLOPs base {r['flops']['base'] / 1e9:.3f} G, adapters +{r['adapter_flops_pct']:.2f}% "
           f"(uncached +{r['uncached_flops_pct']:.2f}%)")

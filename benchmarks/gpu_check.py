@@ -5,7 +5,8 @@ Runs, in one process, the four stages a 24 GB user runs, with the preset's own d
   1. collect 4 trajectories           (agd collect --preset sdxl, 50 DDIM steps)
   2. train 20 steps                   (agd train: bf16 base, AdamW8bit, the preset's batch)
   3. generate 2 images                (agd generate, 1 NFE per step, VAE decode at 1024²)
-  4. bench --compare-cfg: batch 1 and the batch-16 throughput pass (agd vs real CFG, same seeds)
+  4. bench --compare-cfg: batch 1 and the batch-16 throughput pass (agd vs real CFG, same seeds);
+     with --compile also compiled (CUDA graphs), side by side, and the latency/compute verdict
 
 and reports per stage the peak `torch.cuda.max_memory_reserved` / `max_memory_allocated`,
 seconds per step, the agd/CFG time ratios, and whether xformers and 8-bit AdamW were used,
@@ -15,6 +16,10 @@ memory and speed are those of the real model; the images are noise.
     python benchmarks/gpu_check.py                      # -> gpu-check.json
     python benchmarks/gpu_check.py --device cuda:1 --out check.json --bench-steps 50
     python benchmarks/gpu_check.py --preset tiny-sdxl --device cpu   # a dry run of the code
+    python benchmarks/gpu_check.py --compile          # bench eager and compiled (issue 32)
+
+The adapters' own cost per model call, eager and compiled, batch 1 and 4, is
+benchmarks/adapter_overhead.py (--device cuda --preset sdxl --mode eager --mode compiled).
 
 CI never runs it (no GPU there); on an H200 the stages took 36 + 69 + 25 + 121 s. On the CPU
 the memory figures are left out (null): only a dry run of the stages.
@@ -90,7 +95,7 @@ def stage(name: str, device, run):
 
 
 def run_stages(preset_name: str, device: str, workdir: Path, train_steps: int,
-               bench_steps: int) -> dict:
+               bench_steps: int, compile_model: bool = False) -> dict:
     """The four stages, in order, on one device; one dict of results."""
     import torch
 
@@ -121,12 +126,13 @@ def run_stages(preset_name: str, device: str, workdir: Path, train_steps: int,
     # one bench run times batch 1 (latency) and the throughput batch (16) side by side
     out["bench"] = stage("bench", dev, lambda: run_bench(
         compare_cfg=True, run=str(run), prompts=str(prompts), n=4, steps=bench_steps,
-        batch_size=1, show_table=False, **common))
+        batch_size=1, show_table=False, compile=compile_model, **common))
     b = out["bench"]["summary"]
     for key in ("latency", "throughput"):
         out["bench"][key] = {"batch_size": b[key]["batch_size"],
                              "ratio_agd_to_cfg": b[key]["ratio_agd_to_cfg"],
                              "ratio_agd_to_unguided": b[key]["ratio_agd_to_unguided"]}
+    out["bench"]["speed_verdict"] = b["speed_verdict"]  # eager and compiled rows, one sentence
     out["used"] = {"attention_collect": c.get("attention"), "optimizer_train": t["optimizer"],
                    "adamw8bit": t["optimizer"] == "adamw8bit", "xformers": _xformers_used(c),
                    "images": g.get("images")}
@@ -204,8 +210,9 @@ def check_phases(name: str, device: str, workdir: Path) -> dict:
     encoding (one chunk of prompts, the encoders alone), CFG sampling of one batch (seconds per
     step), VAE decode of one image, and one training step, each measured against the dry run's
     estimate (phase_memory), every output checked for NaN/inf."""
+    from agd_cli.train.run.phase_memory import collect_phases, quiet_casts, training_step
+
     from agd_cli.collect.plan import ENCODE_CHUNK, CollectFlags, resolve_settings
-    from agd_cli.train.phase_memory import collect_phases, quiet_casts, training_step
 
     preset = random_weights(name)
     prompts = workdir / f"{name}-prompts.txt"
@@ -338,6 +345,8 @@ def main() -> None:
     p.add_argument("--presets", default=None,
                    help="with --families or --phases: comma-separated preset names (default: "
                         "every real one)")
+    p.add_argument("--compile", action="store_true",
+                   help="bench: also time every method compiled (CUDA graphs), next to eager")
     a = p.parse_args()
     import torch
 
@@ -356,7 +365,7 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         result = {"env": env_report(workdir), "preset": f"{a.preset}, random weights",
                   "stages": run_stages(a.preset, a.device, workdir, a.train_steps,
-                                       a.bench_steps)}
+                                       a.bench_steps, a.compile)}
     Path(a.out).write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     s = result["stages"]
     for name in ("collect", "train", "generate", "bench"):
@@ -365,6 +374,11 @@ def main() -> None:
     lat, thr = s["bench"]["latency"], s["bench"]["throughput"]
     print(f"agd/CFG time: batch {lat['batch_size']} {lat['ratio_agd_to_cfg']:.2f}, batch "
           f"{thr['batch_size']} {thr['ratio_agd_to_cfg']:.2f}; used: {s['used']}; wrote {a.out}")
+    for row in s["bench"]["speed_verdict"]["rows"]:
+        print(f"  {row['variant']:8s} batch {row['batch_size']:2d}: agd/CFG {row['agd_to_cfg']:.3f}, "
+              f"agd/unguided {row['agd_to_unguided']:.3f}, CFG pair {row['cfg_pair_over_one_row']:.2f} "
+              f"× one row ({row['bound']}-bound)")
+    print(s["bench"]["speed_verdict"]["sentence"])
 
 
 def main_phases(a) -> None:

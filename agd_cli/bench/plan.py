@@ -12,8 +12,10 @@ from pathlib import Path
 from agd_cli.config import checks, workspace
 from agd_cli.config.prompts import load_prompt_set, read_prompts
 from agd_cli.core.adapter_file import AdapterFile
+from agd_cli.core.compiling import check_compile
 from agd_cli.core.guidance_rules import GuidanceRule
 from agd_cli.evaluation import mnist
+from agd_cli.families import resolve_device
 from agd_cli.infra.errors import DataError, InputError
 
 BASELINES = ("cfg", "cfg-cutoff", "unguided")
@@ -87,6 +89,7 @@ class BenchPlan:
     negative_omegas: list[float] = field(default_factory=list)
     file: AdapterFile | None = None     # the adapter file, its metadata read once
     guidance: GuidanceRule = GuidanceRule()  # the two-pass teacher's rule (method cfg)
+    compile: bool = False               # also time every method with the model compiled
 
 
 @dataclass
@@ -127,6 +130,7 @@ class BenchFlags:
     quality_seed: int = 0                # --quality-seed: sample i uses seed S + i
     guidance: str | None = None          # the two-pass teacher's rule [the adapter's]
     guidance_params: dict | None = None
+    compile: bool | None = None          # --compile / --no-compile; None: the preset's
 
 
 def plan_bench(f: BenchFlags) -> BenchPlan:
@@ -159,6 +163,9 @@ def plan_bench(f: BenchFlags) -> BenchPlan:
     out_dir = checks.writable_folder(run_folder / "bench", "the bench folder")
     if f.grid is not None:
         checks.writable_folder(Path(f.grid).parent, "--grid's folder")
+    compile_model = p.sampling.get("compile", False) if f.compile is None else f.compile
+    if compile_model:
+        check_compile(resolve_device(f.device))
     return BenchPlan(adapter=path, preset=p, out_dir=out_dir, methods=methods,
                      omegas=checks.omega_list(f.omegas, default_omega), seeds=seed_list,
                      prompts_file=prompt_list, n=f.n or 4, steps=f.steps or p.sampling["steps"],
@@ -171,7 +178,8 @@ def plan_bench(f: BenchFlags) -> BenchPlan:
                      negative_prompt=f.negative_prompt, negatives=f.negatives,
                      negative_omegas=checks.omega_list(f.omegas, default_omega), file=file,
                      guidance=GuidanceRule.at_inference(f.guidance, f.guidance_params,
-                                                        file.guidance, p.collect))
+                                                        file.guidance, p.collect),
+                     compile=bool(compile_model))
 
 
 # --- 2. prompts -----------------------------------------------------------------------------

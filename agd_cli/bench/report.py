@@ -79,6 +79,10 @@ def print_table(report: dict) -> None:
     logger.info(f"memory: {report['memory_measure']}", extra={"style": "dim"})
     if report.get("throughput"):
         print_speed_table(report)
+    if report.get("compiled"):
+        print_compiled_table(report)
+    if report.get("speed_verdict", {}).get("sentence"):
+        logger.info(report["speed_verdict"]["sentence"])
 
 
 def print_speed_table(report: dict) -> None:
@@ -130,3 +134,68 @@ def idle_device_notes(parts: list[dict], key: str = "seconds_per_image") -> list
                          f"it pays off where the device is busy: larger batches or images (on a "
                          f"GPU, also a smaller card).")
     return notes
+
+
+# CFG's batched pair over one row: below LATENCY_BOUND the second row is nearly free (the device
+# waits on launches and per-call costs); from COMPUTE_BOUND on it costs nearly a full pass
+LATENCY_BOUND, COMPUTE_BOUND = 1.5, 1.8
+
+
+def bound_of(pair: float) -> str:
+    """'latency', 'compute' or 'partly compute': what sets the time of a call at this size."""
+    if pair < LATENCY_BOUND:
+        return "latency"
+    return "compute" if pair >= COMPUTE_BOUND else "partly compute"
+
+
+def speed_verdict(speed: dict, device_type: str, preset: str) -> dict:
+    """Eager and compiled side by side (agd/CFG, agd/unguided, CFG's pair over one row) at each
+    timed batch, and one sentence on what agd gains at the latency batch on this device."""
+    suffix = "_cpu" if device_type == "cpu" else ""  # the CPU's process time: steadier
+    variants = [("eager", speed)] + ([("compiled", speed["compiled"])] if "compiled" in speed else [])
+    rows = []
+    for variant, parts in variants:
+        for part in (parts.get("latency"), parts.get("throughput")):
+            if part is None or "cfg_pair_over_one_row" not in part:
+                continue
+            pair = part["cfg_pair_over_one_row" + suffix]
+            rows.append({"variant": variant, "batch_size": part["batch_size"],
+                         "agd_to_cfg": part["ratio_agd_to_cfg" + suffix],
+                         "agd_to_unguided": part["ratio_agd_to_unguided" + suffix],
+                         "cfg_pair_over_one_row": pair, "bound": bound_of(pair)})
+    first = [r for r in rows if r["batch_size"] == speed["latency"]["batch_size"]]
+    return {"clock": "process CPU time" if suffix else "wall time", "rows": rows,
+            "sentence": _verdict_sentence(first[-1], device_type, preset) if first else None}
+
+
+def _verdict_sentence(row: dict, device_type: str, preset: str) -> str:
+    where = f"At batch {row['batch_size']} ({row['variant']}) this {device_type.upper()} is"
+    pair, ratio = row["cfg_pair_over_one_row"], row["agd_to_cfg"]
+    if row["bound"] == "latency":
+        return (f"{where} latency-bound for {preset}: CFG's pair costs {pair:.2f} × one row, so "
+                f"agd gains little over CFG here (agd/CFG {ratio:.2f}); larger batches or images "
+                f"make it compute-bound, where agd halves the time.")
+    if row["bound"] == "compute":
+        return (f"{where} compute-bound for {preset}: CFG's pair costs {pair:.2f} × one row, so "
+                f"agd's one pass halves CFG's time (agd/CFG {ratio:.2f}).")
+    return (f"{where} partly compute-bound for {preset}: CFG's pair costs {pair:.2f} × one row, "
+            f"so agd saves part of CFG's second pass (agd/CFG {ratio:.2f}).")
+
+
+def print_compiled_table(report: dict) -> None:
+    """Eager and compiled timings side by side (`--compile`), then the verdict sentence."""
+    verdict = report["speed_verdict"]
+    t = Table(title=f"eager vs compiled — {report['preset']} on {report['device']} "
+                    f"({verdict['clock']})")
+    for col in ("model", "batch", "agd/CFG", "agd/unguided", "CFG pair / one row", "bound",
+                "compile s"):
+        t.add_column(col, justify="left" if col in ("model", "bound") else "right")
+    compiled = report.get("compiled", {})
+    for r in verdict["rows"]:
+        part = compiled.get("latency" if r["batch_size"] == report["latency"]["batch_size"]
+                            else "throughput") if r["variant"] == "compiled" else None
+        warm = sum(e.get("warmup_seconds", 0.0) for e in part["methods"].values()) if part else None
+        t.add_row(r["variant"], str(r["batch_size"]), f"{r['agd_to_cfg']:.3f}",
+                  f"{r['agd_to_unguided']:.3f}", f"{r['cfg_pair_over_one_row']:.2f}", r["bound"],
+                  f"{warm:.1f}" if warm is not None else "—")
+    console().print(t)

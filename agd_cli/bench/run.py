@@ -5,6 +5,7 @@ batched; optional cfg-cutoff and unguided) starts from the same x_T. Reported pe
 median seconds per image (warm-up excluded, device synchronised), NFE, peak memory, speed
 ratio to CFG, and agreement with the CFG image in pixel space (PSNR, SSIM). `--quality`
 adds the mini paper table (accuracy, FID) on presets that ship an evaluator (mnist).
+`--compile` times every method again with the model compiled, next to the eager figures.
 The flags are checked and resolved first, in bench_plan.py.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +23,7 @@ from agd_cli.bench.memory import run_memory
 from agd_cli.bench.negatives import run_negatives
 from agd_cli.bench.plan import BenchFlags, BenchPlan, Case, bench_prompts, plan_bench
 from agd_cli.bench.quality import run_quality
-from agd_cli.bench.report import print_table, write_grid
+from agd_cli.bench.report import print_table, speed_verdict, write_grid
 from agd_cli.config import checks
 from agd_cli.core.conditions import cond_cat
 from agd_cli.core.sampling import batch_ranges, initial_noise, sample_images
@@ -120,20 +122,52 @@ THROUGHPUT_MEANING = ("batch {b} (throughput): {b} images per call, the cost per
 
 
 def throughput(den, cases: list[Case], uncond: dict, plan: BenchPlan) -> dict:
-    """Seconds per image with `throughput_batch` rows per call (the cases repeated to fill it),
-    every method warmed up once, then timed `repeats` times, interleaved."""
-    batch = [cases[i % len(cases)] for i in range(plan.throughput_batch)]
+    """Seconds per image with `throughput_batch` rows per call (the cases repeated to fill it)."""
+    return speed_at(den, cases, uncond, plan, plan.throughput_batch)
+
+
+def speed_at(den, cases: list[Case], uncond: dict, plan: BenchPlan, batch: int) -> dict:
+    """Seconds per image with `batch` rows per call, over the cases in turn (repeated to fill a
+    batch): every method warmed up first (that call's seconds reported apart as warmup_seconds:
+    with --compile, compiling its graph), then timed `repeats` times, methods interleaved."""
+    rounds = max(1, len(cases) // batch)
+    batches = [[cases[(r * batch + i) % len(cases)] for i in range(batch)] for r in range(rounds)]
     order = [m for m in METHOD_ORDER if m in plan.methods]
+    warmup = {}
     for m in order:
-        timed_sample(den, m, batch, uncond, plan)
+        t0 = time.perf_counter()
+        timed_sample(den, m, batches[0], uncond, plan)
+        warmup[m] = time.perf_counter() - t0
+        if den.compiled is not None and den.compiled.cuda_graphs:
+            timed_sample(den, m, batches[0], uncond, plan)  # a CUDA graph is recorded on call 2
     runs: dict[str, list[Generated]] = {m: [] for m in order}
     with ui.progress() as bar:
-        task = bar.add_task(f"batch {len(batch)}", total=len(order) * plan.repeats)
+        task = bar.add_task(f"batch {batch}", total=len(order) * plan.repeats * rounds)
         for _ in range(plan.repeats):
-            for m in order:
-                runs[m].append(timed_sample(den, m, batch, uncond, plan)[0])
-                bar.advance(task)
-    return timing_summary(runs, len(batch), THROUGHPUT_MEANING.format(b=len(batch)))
+            for rows in batches:
+                for m in order:
+                    runs[m].append(timed_sample(den, m, rows, uncond, plan)[0])
+                    bar.advance(task)
+    meaning = LATENCY_MEANING if batch == 1 else THROUGHPUT_MEANING.format(b=batch)
+    out = timing_summary(runs, batch, meaning)
+    for m in order:
+        out["methods"][m]["warmup_seconds"] = warmup[m]
+    return out
+
+
+def compiled_speed(den, cases: list[Case], uncond: dict, plan: BenchPlan) -> dict:
+    """--compile: the latency and throughput timings again with the model compiled (inductor;
+    CUDA graphs on CUDA), compile time apart; the model is eager again afterwards."""
+    den.compile()
+    try:
+        out = {"mode": den.compiled.mode, "latency": speed_at(den, cases, uncond, plan,
+                                                              plan.batch_size)}
+        if plan.throughput_batch:
+            out["throughput"] = speed_at(den, cases, uncond, plan, plan.throughput_batch)
+        out.update(graphs=den.compiled.graphs, warmup_seconds=den.compiled.warmup_seconds)
+    finally:
+        den.compiled = None  # --quality and --negatives sample eagerly (their own batch sizes)
+    return out
 
 
 def timing_summary(runs: dict[str, list[Generated]], batch: int, meaning: str) -> dict:
@@ -148,6 +182,11 @@ def timing_summary(runs: dict[str, list[Generated]], batch: int, meaning: str) -
                 key = "ratio_agd_to_" + ref + ("_cpu" if clock == "cpu_seconds" else "")
                 out[key] = (methods["agd"][f"{clock}_per_image"]
                             / max(methods[ref][f"{clock}_per_image"], 1e-12))
+    if "cfg" in methods and "unguided" in methods:  # ≈ 1: the second row is free; ≈ 2: full price
+        for clock, suffix in (("seconds", ""), ("cpu_seconds", "_cpu")):
+            out["cfg_pair_over_one_row" + suffix] = (
+                methods["cfg"][f"{clock}_per_image"]
+                / max(methods["unguided"][f"{clock}_per_image"], 1e-12))
     return out
 
 
@@ -216,6 +255,9 @@ def run_compare(den, plan: BenchPlan) -> dict:
     speed = {"latency": latency}
     if plan.throughput_batch:
         speed["throughput"] = throughput(den, cases, uncond, plan)
+    if plan.compile:
+        speed["compiled"] = compiled_speed(den, cases, uncond, plan)
+    speed["speed_verdict"] = speed_verdict(speed, den.device.type, plan.preset.name)
     speed["adapter_overhead"] = adapter_flops(den, cases[0], uncond, [plan.batch_size,
                                                               plan.throughput_batch or plan.batch_size])
     return {

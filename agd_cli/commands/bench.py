@@ -48,6 +48,10 @@ from agd_cli.config.vocab import DTYPES, OPTIMIZERS, SCHEDULERS
 @click.option("--throughput-batch", type=int, default=16, show_default=True,
               help="Also time every method at this many images per call (throughput), next to "
                    "--batch-size (latency); 0 skips it.")
+@click.option("--compile/--no-compile", "compile", default=None,
+              help="Also time every method with the model compiled (torch.compile: CUDA graphs "
+                   "on CUDA, inductor on the CPU), next to the eager times; compiling is timed "
+                   "apart [preset: sampling.compile, off].")
 @click.option("--repeats", type=int, default=1, show_default=True,
               help="Time every image this many times (steadier medians on a busy machine).")
 @click.option("--scheduler", type=NamedChoice(SCHEDULERS, "scheduler"), default=None, help="Sampler [preset].")
@@ -99,6 +103,7 @@ def command(compare_cfg: bool, memory: bool, as_json: bool, workdir: str, **kwar
       agd bench --compare-cfg --preset mnist --quality
       agd bench --preset mnist --negatives --negative-prompt "a handwritten 1"
       agd bench --compare-cfg -w 2,4,6 --seeds 0-3 --baselines cfg,cfg-cutoff,unguided
+      agd bench --compare-cfg --compile --threads 1
       agd bench --memory --preset sdxl --optimizer adamw8bit --train-batch-size 4
     """
     from agd_cli.bench.run import run_bench

@@ -50,6 +50,9 @@ from agd_cli.config.vocab import DTYPES, SCHEDULERS
 @click.option("--negative-prompt", type=str, default=None,
               help="Negative prompt (DiT: a class). One pass per step with an adapter trained "
                    "with negatives, else real CFG.")
+@click.option("--compile/--no-compile", "compile", default=None,
+              help="torch.compile the model: CUDA graphs on CUDA, inductor on the CPU; the first "
+                   "batch of each size compiles (minutes) [preset: sampling.compile, off].")
 @click.option("--offload", is_flag=True,
               help="Model CPU offload: each model moves to the GPU only while it runs.")
 @click.option("--device", type=str, default="auto", show_default=True, help=DEVICE_HELP)
@@ -81,6 +84,8 @@ def command(prompts: tuple[str, ...], as_json: bool, workdir: str, **flags) -> N
         per_step += f", negative prompt {summary['negative_prompt']!r}"
     made = len(summary["images"]) - summary["skipped"]
     kept = f" ({summary['skipped']} kept from an earlier run)" if summary["skipped"] else ""
+    compiled = (f", compiled ({summary['compile_seconds']:.1f} s compiling)"
+                if summary["compile"] else "")
     ui.info(f"{made} image(s) made{kept}, ω={summary['omega']:g}, {summary['steps']} "
             f"{summary['scheduler']} steps, {summary['nfe']} NFE each ({summary['mode']}, "
-            f"{per_step}), {summary['seconds_per_image']:.3f} s/image")
+            f"{per_step}), {summary['seconds_per_image']:.3f} s/image{compiled}")

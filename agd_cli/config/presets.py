@@ -148,6 +148,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "sampling": {
         "scheduler": _one_of(SCHEDULERS), "steps": _pos_int,
         "omega_min": _positive, "omega_max": _positive, "default_omega": _positive,
+        "compile": _bool,  # generate and bench: torch.compile the model (--compile / --no-compile)
     },
     "adapter": {
         "kind": _one_of(ADAPTER_KINDS), "hidden_dim": _pos_int, "context_dim": _pos_int,
@@ -248,7 +249,7 @@ class Preset:
 
 
 DEFAULTS: dict[str, dict] = {
-    "sampling": {"scheduler": "ddim", "steps": 50},
+    "sampling": {"scheduler": "ddim", "steps": 50, "compile": False},
     "collect": {"num_per_prompt": 1, "batch_size": 4, "dtype": "fp16",
                 "empty_negative_probability": 0.5, "negative_only_probability": 0.0,
                 "omega_skew": 1.0, "guidance": "cfg"},

@@ -32,14 +32,24 @@ class Site:
 class AgdContext:
     """Per-call adapter inputs: context tokens (B, n, D), a pooled vector (B, D), and the gain
     (B, 1, 1) every adapter output is multiplied by. In a cached sampling run (ContextCache)
-    `prepared` maps each cross-attention adapter to its run-constant inputs (`prepare`), and
-    `step` picks this call's timestep in their tables."""
+    `prepared` maps each adapter to its run-constant inputs (`prepare`), `table` holds every
+    adapter's t entries at each of the run's steps, and `step` (eager) or `row` (compiled: the
+    step is a tensor there, not a constant of the graph) picks this call's."""
 
     tokens: torch.Tensor
     vector: torch.Tensor
     gain: torch.Tensor
     prepared: dict | None = None
     step: int | None = None  # this call's row in the run's per-timestep tables (cached runs)
+    table: torch.Tensor | None = None  # (S, B, Σ): the tables of all prepared adapters, side by side
+    row: torch.Tensor | None = None    # (B, Σ): this call's row of `table` (compiled calls)
+
+    def entries(self, prep) -> torch.Tensor | None:
+        """The prepared adapter's t entries for this call from `row`, shaped as its table's."""
+        if self.row is None or prep.columns is None:
+            return None
+        return self.row[:, prep.columns[0]:prep.columns[1]].view(self.row.shape[0],
+                                                                 *prep.table.shape[2:])
 
 
 class OmegaEmbedding(nn.Module):
@@ -165,74 +175,93 @@ class SharedConditioning(nn.Module):
         i = self.TIME_TOKEN
         return AgdContext(tokens=torch.cat([tokens[:, :i], t[:, None], tokens[:, i:]], dim=1),
                           vector=const.vector + t, gain=const.gain, prepared=const.prepared,
-                          step=step)
+                          step=step, table=const.table)
 
 
 @dataclass
 class PreparedAttention:
     """A cross-attention adapter's work on the context tokens that stay fixed over a sampling
-    run (all but t's), done once per run. `folded`: the query and output maps are folded into
-    the keys and values (scores = hidden·M, output = softmax·VW), which costs fewer FLOPs when
-    the block is narrow (heads·L·C < hidden·(C + L)); otherwise plain keys and values, held in
-    one buffer [K | gain·V] so that a step writes t's key and value with one copy."""
+    run (all but t's), done once per run, held in one buffer whose slot 0 (last-but-one axis
+    plain, last axis folded) is t's, so that a step writes t's keys and values with one copy.
+    `folded`: the query and output maps are folded into the keys and values (scores = hidden·M,
+    output = softmax·VW), which costs fewer FLOPs when the block is narrow (heads·L·C <
+    hidden·(C + L)); else plain keys and values [K | gain·V]."""
 
     folded: bool
-    keys: torch.Tensor    # [K | gain·V] (B, Lc, 2h) | M = Wq_hᵀ·K_hᵀ/√d (B, C, H, Lc)
-    values: torch.Tensor  # the same buffer | gain·(V_h·Wo_hᵀ + b/H) (B, H, Lc, C)
-    bias: torch.Tensor    # gain·b (B, 1, C) | gain·b/H (B, 1, 1, C)
+    # plain [K | gain·V] (B, L, 2h); folded [M | (gain·(V_h·Wo_hᵀ + b/H))ᵀ] (B, 2, C, H, L),
+    # M = Wq_hᵀ·K_hᵀ/√d: the values stored transposed, laid out as the keys
+    buffer: torch.Tensor
+    bias: torch.Tensor    # gain·b (B, 1, C) | gain·b/H (B, C, 1)
     gain: torch.Tensor    # (B, 1, 1)
     t_keys: torch.Tensor     # t's embedding -> its key: Wk (h, D) | its column of M (C·H, D)
-    t_values: torch.Tensor   # t's embedding -> its value: Wv (h, D) | its rows of VW (H·C, D)
-    # t's slot-0 entries at every step of the run, gained and shaped as `write_time` stores
-    # them: (S, B, 2h) | (S, 1, C, H) and (S, B, H, 1, C); tens of MB at SDXL's sizes, batch 16
-    key_table: torch.Tensor | None = None
-    value_table: torch.Tensor | None = None
+    t_values: torch.Tensor   # t's embedding -> its value: Wv (h, D) | its column of VWᵀ (C·H, D)
+    # t's slot-0 entries at every step of the run, gained, as `write_time` stores them:
+    # (S, B, 2h) | (S, B, 2, C, H); tens of MB at SDXL's sizes, batch 16. A view of the run's
+    # table of all adapters (AgdContext.table), whose `columns` it is
+    table: torch.Tensor | None = None
     heads: int = 1
+    columns: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         """The views every step reads and writes, made once per run: each view op a step
         skips is one dispatch less, and a GPU at batch 1 waits on dispatch, not arithmetic."""
-        b = self.keys.shape[0]
-        if self.folded:
-            self.key_slot, self.value_slot = self.keys[..., 0], self.values[:, :, :1]
-            self.key_matrix = self.keys.view(b, self.keys.shape[1], -1)  # (B, C, H·L)
-            self.value_matrix = self.values.view(b, -1, self.values.shape[-1])  # (B, H·L, C)
-            return
-        h = self.keys.shape[-1] // 2
-        heads = lambda y: y.view(b, -1, self.heads, h // self.heads).transpose(1, 2)  # noqa: E731
-        self.key_slot, self.value_slot = self.keys[:, 0], None
-        self.key_heads, self.value_heads = heads(self.keys[..., :h]), heads(self.keys[..., h:])
+        self.slot = self.buffer[..., 0] if self.folded else self.buffer[:, 0]
+        self.keys, self.values = self._views(self.buffer)
 
-    def time_entries(self, t: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values `apply` reads from a buffer: folded (B, C, H·L) and (B, H·L, C),
+        plain per head (B, H, L, d) twice."""
+        b = buffer.shape[0]
+        if self.folded:
+            c = buffer.shape[2]
+            return buffer[:, 0].view(b, c, -1), buffer[:, 1].view(b, c, -1).transpose(1, 2)
+        h = buffer.shape[-1] // 2
+        heads = lambda y: y.view(b, -1, self.heads, h // self.heads).transpose(1, 2)  # noqa: E731
+        return heads(buffer[..., :h]), heads(buffer[..., h:])
+
+    def call_keys_values(self, ctx: AgdContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """This call's keys and values, t's entries in slot 0. Eagerly t's entries are written
+        into the run's buffer (one copy, from the table); inside a compiled graph they are
+        computed from this call's t token and joined on, the buffer left as it is: a graph that
+        writes its inputs is not replayed as a CUDA graph, and a table indexed by step would
+        make the step a constant of the graph."""
+        if not torch.compiler.is_compiling():
+            self.write_time(ctx)
+            return self.keys, self.values
+        entry = ctx.entries(self)  # from the run's table, or from this call's t token
+        if entry is None:
+            entry = self.time_entries(ctx.tokens[:, SharedConditioning.TIME_TOKEN],
+                                      self.gain.view(-1))
+        if self.folded:
+            return self._views(torch.cat([entry[..., None], self.buffer[..., 1:]], dim=-1))
+        return self._views(torch.cat([entry[:, None], self.buffer[:, 1:]], dim=1))
+
+    def time_entries(self, t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """t's slot-0 entries for t's embeddings (…, D) and gains g (broadcastable to t's
-        leading shape): plain [key | g·value] and an unused second; folded the key column
-        (…, C, H) and the value rows g·value + b/H·gain (…, H, 1, C)."""
+        leading shape): plain [key | g·value] (…, 2h); folded the key column and the value
+        column g·value + g·b/H, (…, 2, C, H)."""
         key, value = t @ self.t_keys.T, t @ self.t_values.T
+        lead = torch.broadcast_shapes(key.shape[:-1], g.shape)
         if not self.folded:
-            lead = torch.broadcast_shapes(key.shape[:-1], g.shape)
-            entry = torch.cat([key.expand(*lead, -1), g[..., None] * value], dim=-1)
-            return entry, entry
-        heads, dim = self.values.shape[1], self.values.shape[-1]
-        value = value.view(*value.shape[:-1], heads, 1, dim) * g[..., None, None, None]
-        return key.view(*key.shape[:-1], dim, heads), value + self.bias
+            return torch.cat([key.expand(*lead, -1), g[..., None] * value], dim=-1)
+        c, heads = self.buffer.shape[2], self.buffer.shape[3]
+        key, value = key.view(*key.shape[:-1], c, heads), value.view(*value.shape[:-1], c, heads)
+        return torch.stack([key.expand(*lead, c, heads), g[..., None, None] * value + self.bias],
+                           dim=-3)
 
     def tabulate(self, times: torch.Tensor) -> None:
         """t's entries for the embeddings (S, D) of all the run's timesteps at once, (S, B, …)."""
-        self.key_table, self.value_table = self.time_entries(times[:, None], self.gain.view(1, -1))
+        self.table = self.time_entries(times[:, None], self.gain.view(1, -1))
 
     def write_time(self, ctx: AgdContext) -> None:
-        """Write this call's t entries into slot 0 of the run's key/value buffers (used
-        without autograd): from the tables when the call is at one of the run's steps."""
-        if ctx.step is not None and self.key_table is not None:
-            self.key_slot.copy_(self.key_table[ctx.step])  # plain: [key | gain·value], one copy
-            if self.folded:
-                self.value_slot.copy_(self.value_table[ctx.step])
+        """Write this call's t entries into slot 0 of the run's buffer (used without autograd):
+        from the table when the call is at one of the run's steps."""
+        if ctx.step is not None and self.table is not None:
+            self.slot.copy_(self.table[ctx.step])
             return
         # per-sample timesteps, or one the run did not tabulate: t's token, per sample
-        key, value = self.time_entries(ctx.tokens[:, SharedConditioning.TIME_TOKEN], self.gain.view(-1))
-        self.key_slot.copy_(key)
-        if self.folded:
-            self.value_slot.copy_(value)
+        self.slot.copy_(self.time_entries(ctx.tokens[:, SharedConditioning.TIME_TOKEN],
+                                          self.gain.view(-1)))
 
 
 class CrossAttentionAdapter(nn.Module):
@@ -265,21 +294,21 @@ class CrossAttentionAdapter(nn.Module):
         k, v = self.k(tokens), self.v(tokens)  # (B, Lc, h)
         if heads * length * dim >= h * (dim + length):
             kv = slot(torch.cat([k, gain * v], dim=-1), 1)
-            return PreparedAttention(False, kv, kv, gain * self.out.bias, gain,
+            return PreparedAttention(False, kv, gain * self.out.bias, gain,
                                      self.k.weight, self.v.weight, heads=heads)
         wq = self.q.weight.view(heads, d, dim)  # (H, d, C)
         wo = self.out.weight.view(dim, heads, d)  # (C, H, d)
         kh, vh = k.view(*k.shape[:2], heads, d), v.view(*v.shape[:2], heads, d)
         scale = d ** -0.5
         g = gain[..., None]  # (B, 1, 1, 1)
-        per_head_bias = self.out.bias / heads  # softmax rows sum to 1 per head: H·(b/H) = b
+        per_head_bias = (self.out.bias / heads)[:, None, None]  # softmax rows sum to 1 per head
+        m = torch.einsum("hdc,blhd->bchl", wq, kh) * scale  # (B, C, H, Lc)
+        vw = g * (torch.einsum("blhd,chd->bchl", vh, wo) + per_head_bias)  # (B, C, H, Lc)
+        wv = self.v.weight.view(heads, d, -1)
         return PreparedAttention(
-            True, slot(torch.einsum("hdc,blhd->bchl", wq, kh) * scale, 3),
-            slot(g * (torch.einsum("blhd,chd->bhlc", vh, wo) + per_head_bias), 2),
-            g * per_head_bias, gain,
+            True, slot(torch.stack([m, vw], dim=1), 4), gain * per_head_bias[..., 0], gain,
             torch.einsum("hdc,hde->che", wq, self.k.weight.view(heads, d, -1)).reshape(dim * heads, -1) * scale,
-            torch.einsum("chd,hde->hce", wo, self.v.weight.view(heads, d, -1)).reshape(heads * dim, -1),
-            heads=heads)
+            torch.einsum("chd,hde->che", wo, wv).reshape(dim * heads, -1), heads=heads)
 
     def apply(self, hidden: torch.Tensor, ctx: AgdContext, prep: PreparedAttention,
               residual: torch.Tensor) -> torch.Tensor:
@@ -288,17 +317,17 @@ class CrossAttentionAdapter(nn.Module):
         and on a GPU a launch)."""
         x = hidden.to(prep.values.dtype)
         b, n, dim = x.shape[0], x.shape[1], self.out.out_features
-        prep.write_time(ctx)
+        keys, values = prep.call_keys_values(ctx)
         fused = residual.dtype == x.dtype and residual.shape == (b, n, dim) and residual.is_contiguous()
         if prep.folded:
-            scores = torch.bmm(x, prep.key_matrix).view(b, n, self.heads, -1)  # (B, N, H, L)
+            scores = torch.bmm(x, keys).view(b, n, self.heads, -1)  # (B, N, H, L)
             attn = scores.softmax(-1, dtype=torch.float32).to(x.dtype).view(b, n, -1)
             if fused:
-                return torch.baddbmm(residual, attn, prep.value_matrix)
-            return residual + torch.bmm(attn, prep.value_matrix).to(residual.dtype)
+                return torch.baddbmm(residual, attn, values)
+            return residual + torch.bmm(attn, values).to(residual.dtype)
         h = self.q.out_features
         q = F.linear(x, self.q.weight).view(b, n, self.heads, h // self.heads).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, prep.key_heads, prep.value_heads)
+        a = F.scaled_dot_product_attention(q, keys, values)
         a = a.transpose(1, 2).reshape(b * n, h)
         if fused:  # residual + a·Woᵀ in one kernel, then the gained bias
             out = torch.addmm(residual.view(b * n, dim), a, self.out.weight.T)
@@ -327,8 +356,10 @@ class OffsetAdapter(nn.Module):
               residual: torch.Tensor) -> torch.Tensor:
         if ctx.step is not None and prep.table is not None:
             offset = prep.table.select(0, ctx.step)  # (B, 1, C), gained
-        else:
-            offset = ctx.gain * self(hidden, ctx)
+        else:  # compiled: the step's row of the run's table; else from this call's t
+            offset = ctx.entries(prep)
+            if offset is None:
+                offset = ctx.gain * self(hidden, ctx)
         return residual + offset.to(residual.dtype)
 
 
@@ -341,6 +372,7 @@ class PreparedOffset:
     vector: torch.Tensor
     gain: torch.Tensor
     table: torch.Tensor | None = None
+    columns: tuple[int, int] | None = None  # its part of the run's table (AgdContext.table)
 
     def tabulate(self, times: torch.Tensor) -> None:
         self.table = self.gain[None] * self.net(self.vector[None] + times[:, None])[:, :, None]

@@ -13,6 +13,12 @@ base's modules and weights are never edited. ω travels with each call in
 `cross_attention_kwargs["agd_omega"]`; a forward pre-hook turns it into a per-call context that
 flows down with the kwargs, so nothing is tied to a batch size and gradient checkpointing
 recomputes with the same inputs.
+
+Everything a call runs is tensor arithmetic on that call's inputs, so `torch.compile` captures
+the adapters with the base in one graph: ω is read as a tensor (a new value is new data, not a
+new graph), values are checked eagerly and never inside a graph, and a compiled sampling run gets
+its run-constant part (`agd_constant`, computed eagerly from the run's ContextCache) and its step
+(`agd_step`, a tensor indexing the run's per-step table) as tensors.
 """
 
 from __future__ import annotations
@@ -110,6 +116,9 @@ class ContextCache:
         self.constant: AgdContext | None = None
         self.times: torch.Tensor | None = None  # (S, D): t's token at each of the run's timesteps
         self.computed = 0  # how often the constant part was (re)computed
+        # the row of the run's timesteps the next call is at, when the sampling loop says so:
+        # looking t's value up would wait for the device every step
+        self.next_step: int | None = None
 
     def get(self, key: tuple, inputs: dict) -> AgdContext | None:
         if (self.constant is None or key != self.key or inputs.keys() != self.inputs.keys()
@@ -129,9 +138,10 @@ class ContextCache:
 
     def step_of(self, timestep: torch.Tensor) -> int | None:
         """The row of the run's timestep that every sample of this call is at, if any."""
+        step, self.next_step = self.next_step, None
         if self.times is None or not (timestep.numel() == 1 or timestep.stride(0) == 0):
             return None  # no tables, or per-sample timesteps
-        return self._rows.get(float(timestep.view(-1)[0]))
+        return step if step is not None else self._rows.get(float(timestep.view(-1)[0]))
 
 
 def checked_omega(omega, batch: int) -> torch.Tensor:
@@ -152,11 +162,29 @@ def checked_omega(omega, batch: int) -> torch.Tensor:
     if w.is_complex() or w.dtype == torch.bool or w.numel() not in (1, batch):
         raise bad(f"one real number or {batch} (one per image)")
     w = w.float()
-    # values read on the CPU only: on a GPU the check would wait for the device every call
-    # (training passes a tensor per step), and meta tensors (memory estimates) hold none
-    if w.device.type == "cpu" and not bool(torch.isfinite(w).all() and (w > 0).all()):
+    # values read on the CPU only, and never inside a compiled graph: on a GPU the check would
+    # wait for the device every call (training passes a tensor per step), meta tensors (memory
+    # estimates) hold none, and in a graph a value check is a graph break; `agd` checks -w
+    # before any model loads, library callers' numbers are checked eagerly here
+    if (w.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not bool(torch.isfinite(w).all() and (w > 0).all())):
         raise bad("finite and > 0")
     return w
+
+
+def side_by_side(prepared: list) -> torch.Tensor:
+    """One (S, B, Σ) table of every prepared adapter's per-step t entries; each adapter's
+    `table` becomes a view of its columns, so that a compiled call picks every adapter's entries
+    for its step with one index (AgdContext.row) and an eager one copies from the views."""
+    steps, batch = prepared[0].table.shape[:2]
+    table = torch.cat([p.table.reshape(steps, batch, -1) for p in prepared], dim=-1)
+    start = 0
+    for p in prepared:
+        width = p.table[0, 0].numel()
+        p.columns = (start, start + width)
+        p.table = table[..., start:start + width].view(p.table.shape)
+        start += width
+    return table
 
 
 def _shown(value) -> str:
@@ -294,6 +322,13 @@ class AdapterSet(nn.Module):
                         else v.to(p.device) for k, v in negative.items() if v is not None}
         return w.to(p.device), negative
 
+    def run_constant(self, cache: ContextCache, omega, cond: dict, batch: int, device,
+                     negative: dict | None = None) -> AgdContext:
+        """The context without t for a compiled call (`agd_constant`), from `cache` while the
+        run's inputs stay the same (computed eagerly: a cache lookup is Python, not tensors)."""
+        with torch.no_grad():
+            return self._constant(cache, omega, cond, batch, device, negative)
+
     def _constant(self, cache: ContextCache, omega, cond: dict, batch: int, device,
                   negative: dict | None) -> AgdContext:
         """The context without t, from `cache` while ω, condition, negative and weights are the
@@ -316,6 +351,7 @@ class AdapterSet(nn.Module):
                 times = self.shared.time_embedding(cache.timesteps.to(p.device)).to(const.tokens.dtype)
                 for prep in const.prepared.values():
                     prep.tabulate(times)
+                const.table = side_by_side(list(const.prepared.values()))
             cache.put(key, inputs, const, times)
         return const
 
@@ -372,8 +408,14 @@ class AdapterSet(nn.Module):
             omega = cak.pop("agd_omega", None)
             negative = cak.pop("agd_negative", None)
             cache = cak.pop("agd_cache", None)
+            constant = cak.pop("agd_constant", None)  # a compiled run's part without t
+            step = cak.pop("agd_step", None)  # its row of the run's table, a tensor (1,)
             ctx = None
-            if omega is not None and self.enabled:
+            if constant is not None and self.enabled:
+                ctx = self.shared.with_time(constant, arguments["timestep"])
+                if step is not None:
+                    ctx.row = constant.table.index_select(0, step)[0]
+            elif omega is not None and self.enabled:
                 batch, cond = extract(arguments)
                 device = arguments[names[0]].device
                 ctx = self.context(omega, arguments["timestep"], cond, batch, device, negative,
@@ -391,8 +433,9 @@ class AdapterSet(nn.Module):
 
     def check_sites(self) -> None:
         """Raise if an attention module that carries an adapter was replaced after attaching:
-        its adapter would be dropped silently."""
-        if self._attached is None:
+        its adapter would be dropped silently. Not inside a compiled graph: there the module
+        tree is fixed when the graph is made, and a lookup per site would be a guard per call."""
+        if self._attached is None or torch.compiler.is_compiling():
             return
         model = self._attached.model
         for name, module in self._attached.modules.items():

@@ -121,6 +121,8 @@ def sample(denoiser, cond: dict, uncond: dict | None, omega, noise: torch.Tensor
         run.rule.step = i
         model_input = scale(x, t)
         guided = i < int(round(cutoff * len(timesteps))) if mode == "cfg-cutoff" else True
+        if run.cache is not None:
+            run.cache.next_step = i  # t is timesteps[i]: the cache need not read it
         out = model_output(denoiser, mode, model_input, t, run.cond, run.uncond, omega, guided,
                            run).float()
         x_next = sched.step(out, t, x, return_dict=False)[0]

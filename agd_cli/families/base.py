@@ -71,6 +71,7 @@ class Denoiser(AdapterHost, Predictor):
     omega_kwarg_routed = True  # does the model hand that dict on to its attention processors?
     vae_class = "AutoencoderKL"
     checkpoint: dict | None = None  # file name and sha256 of a single-file base
+    compiled = None  # the model call through torch.compile (`compile`), else None: eager
 
     def __init__(self, preset: Preset, model: nn.Module, text: dict, scheduler_config: dict,
                  device: torch.device, dtype: torch.dtype, source: str, vae_config: dict | None):

@@ -30,6 +30,7 @@ from agd_cli.config import checks, workspace
 from agd_cli.config.presets import Preset
 from agd_cli.core import sampling
 from agd_cli.core.adapter_file import AdapterFile
+from agd_cli.core.compiling import check_compile
 from agd_cli.core.conditions import cond_select
 from agd_cli.core.guidance_rules import GuidanceRule
 from agd_cli.families import (
@@ -94,6 +95,7 @@ class GenerateFlags:
     workdir: str = "agd-runs"
     guidance: str | None = None  # --mode cfg's rule [the adapter's, whose output it learned]
     guidance_params: dict | None = None
+    compile: bool | None = None  # --compile / --no-compile; None: the preset's
 
 
 # --- 1. checks that need nothing loaded ------------------------------------------------------
@@ -259,6 +261,7 @@ class Plan:
     dtype: str = "fp16"
     note: str | None = None  # said once the prompts are known to be valid (DiT: after loading)
     guidance: GuidanceRule = GuidanceRule()  # mode cfg's two-pass rule
+    compile: bool = False  # torch.compile the model (agd_cli.core.compiling)
 
 
 def plan_generation(f: GenerateFlags) -> Plan:
@@ -282,7 +285,8 @@ def plan_generation(f: GenerateFlags) -> Plan:
     plan = Plan(path, file, base, jobs, distinct, omega, check_omega_range(omega, file),
                 mode, f.steps or int(base.sampling["steps"]),
                 f.scheduler or base.sampling["scheduler"], f.batch_size or DEFAULT_BATCH_SIZE,
-                height, width, folder, single, negative, f.dtype or preset_half_precision(base), note)
+                height, width, folder, single, negative, f.dtype or preset_half_precision(base), note,
+                compile=plan_compile(f, base))
     plan.guidance = GuidanceRule.at_inference(f.guidance, f.guidance_params, file.guidance,
                                               base.collect)
     if f.guidance is not None and mode == "agd" and plan.guidance != file.guidance:
@@ -290,6 +294,18 @@ def plan_generation(f: GenerateFlags) -> Plan:
                        f"{file.guidance.label()}; add --mode cfg to run {f.guidance} itself")
     place_jobs(plan)
     return plan
+
+
+def plan_compile(f: GenerateFlags, base: Preset) -> bool:
+    """--compile / --no-compile, else the preset's `sampling.compile`; checked before loading."""
+    wanted = base.sampling.get("compile", False) if f.compile is None else f.compile
+    if wanted and f.offload:
+        raise InputError("--compile and --offload do not go together: offloading moves the "
+                         "weights during every call, a compiled graph needs them in place",
+                         hint="drop one of them (--no-compile where the preset compiles)")
+    if wanted:
+        check_compile(resolve_device(f.device))
+    return bool(wanted)
 
 
 def image_settings(plan: Plan, job: Job) -> str:
@@ -344,6 +360,8 @@ def make_images(plan: Plan, todo: list[Job], device: str | None, offload: bool) 
     cond, uncond = encode_conditions(den, prompts, plan.negative_prompt, (plan.height, plan.width))
     if plan.note:
         logger.info(plan.note)
+    if plan.compile:
+        den.compile()
     made = Made(den, 0, 0.0, time.perf_counter() - t0)
     for job, image, nfe, secs in sample_jobs(
             den, todo, prompts, cond, uncond, omega=plan.omega, mode=plan.mode,
@@ -396,4 +414,7 @@ def summary(plan: Plan, made: Made | None, skipped: int) -> dict:
             "size": [plan.width, plan.height], "batch_size": plan.batch_size,
             "vae_decode": den.vae_decode(plan.height, plan.width) if den else None,
             "negative_prompt": plan.negative_prompt,
-            "guidance": (plan.guidance if plan.mode == "cfg" else plan.file.guidance).record()}
+            "guidance": (plan.guidance if plan.mode == "cfg" else plan.file.guidance).record(),
+            "compile": plan.compile,
+            "compile_seconds": round(den.compiled.warmup_seconds, 3)
+            if den is not None and den.compiled is not None else 0.0}

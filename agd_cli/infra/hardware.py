@@ -1,4 +1,5 @@
-"""What this machine can do, asked in one place: bf16 support, xformers, free accelerator memory.
+"""What this machine can do, asked in one place: bf16 support, xformers, free accelerator memory,
+whether torch.compile has the compiler it needs.
 
 Every hardware decision in agd (precision fallback, fast attention, gradient checkpointing)
 reads these functions and nothing else, so tests can set the answers with `assume(...)` and
@@ -57,10 +58,27 @@ def free_memory(device: Any) -> int | None:
     return int(free)
 
 
+def compiler_missing(device: Any) -> str | None:
+    """What torch.compile (inductor) lacks to compile for `device`, or None when it has it: a
+    C++ compiler for the CPU's kernels, triton for CUDA's."""
+    if "compiler_missing" in _ASSUMED:
+        return _ASSUMED["compiler_missing"]
+    if torch.device(device).type == "cuda":
+        return None if importlib.util.find_spec("triton") is not None else "triton"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except (RuntimeError, OSError, ImportError):  # InvalidCxxCompiler; MSVC's checks
+        return "a C++ compiler (g++, clang++ or MSVC cl)"
+    return None
+
+
 @contextlib.contextmanager
 def assume(**facts: Any) -> Iterator[None]:
-    """Pretend the hardware answers `facts` (bf16=, xformers=, free_memory=) inside the block."""
-    unknown = set(facts) - {"bf16", "xformers", "free_memory"}
+    """Pretend the hardware answers `facts` (bf16=, xformers=, free_memory=,
+    compiler_missing=) inside the block."""
+    unknown = set(facts) - {"bf16", "xformers", "free_memory", "compiler_missing"}
     if unknown:
         raise ValueError(f"unknown hardware facts: {sorted(unknown)}")
     saved = dict(_ASSUMED)
