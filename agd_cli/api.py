@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from agd_cli.core.adapter_file import AdapterFile
-from agd_cli.core.adapters import AdapterSet, attached_adapters, checked_omega
+from agd_cli.core.adapter_hooks import attached_adapters, checked_omega
+from agd_cli.core.adapters import AdapterSet
 from agd_cli.core.lora import lora_scale
 from agd_cli.families import FAMILY_CLASSES
 from agd_cli.families.spec import num_classes

@@ -134,7 +134,7 @@ def run_cache(den, x, t, cond):
     """A sampling run's ContextCache, primed by one call (the run's first step)."""
     import torch
 
-    from agd_cli.core.adapters import ContextCache
+    from agd_cli.core.adapter_hooks import ContextCache
 
     # the meta device has no values to look timesteps up by: t's share is then computed per call
     cache = ContextCache(None if t.device.type == "meta" else torch.stack([t + 100, t]))

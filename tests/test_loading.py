@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from agd_cli.config.presets import load_preset
-from agd_cli.core.adapters import adapter_metadata, read_adapter_file
+from agd_cli.core.adapter_file import adapter_metadata, read_adapter_file
 from agd_cli.families import load_denoiser
 from agd_cli.families.weights import pretrained_kwargs, repo_files
 from agd_cli.infra.errors import ModelError

@@ -327,7 +327,7 @@ def test_pixart_layout_loads_the_spiece_tokenizer_and_keeps_wo_fp32(tmp_path):
     cond = den.encode(["a lighthouse on a cliff at dusk"])
     assert cond["prompt_embeds"].isfinite().all() and cond["prompt_mask"].sum() > 1
     # generate --offload places the same parts (here on the CPU, the hooks' device): moved only
-    from agd_cli.generate.run import _offload_to
+    from agd_cli.generate.loading import _offload_to
 
     den.new_adapters()
     _offload_to(den, CPU, torch.float16)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from agd_cli.config.presets import load_preset
+from agd_cli.core.adapter_hooks import ContextCache
 from agd_cli.core.adapter_layers import PreparedOffset
-from agd_cli.core.adapters import ContextCache
 from agd_cli.core.sampling import sample
 from agd_cli.families import load_denoiser
 

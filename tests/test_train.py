@@ -84,7 +84,7 @@ def agd(*args: str, capsys=None) -> tuple[int, str, str]:
 
 
 def adapter_state(path: Path) -> dict[str, torch.Tensor]:
-    from agd_cli.core.adapters import read_adapter_file
+    from agd_cli.core.adapter_file import read_adapter_file
 
     return read_adapter_file(path)[0]
 

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 import diffusers
 import torch
 
-from agd_cli.core.adapters import ContextCache
+from agd_cli.core.adapter_hooks import ContextCache
 from agd_cli.core.conditions import cond_cat, cond_to
 from agd_cli.core.guidance_rules import GuidanceRule, RuleRun
 from agd_cli.infra.errors import InputError
 
 if TYPE_CHECKING:
-    from agd_cli.core.adapters import ContextCache
+    from agd_cli.core.adapter_hooks import ContextCache
 
 SCHEDULER_CLASSES = {
     "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from agd_cli.core.adapters import ContextCache
+from agd_cli.core.adapter_hooks import ContextCache
 from agd_cli.core.compiling import CompiledModel
 from agd_cli.core.conditions import cond_cat, cond_to
 from agd_cli.core.guidance import cfg_combine

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextModelWithProjection
 
-from agd_cli.core.adapters import Site
+from agd_cli.core.adapter_layers import Site
 from agd_cli.families.pixart import random_t5
 from agd_cli.families.text import build_char_tokenizer, build_t5_tokenizer
 from agd_cli.families.transformer import TextTransformerDenoiser
