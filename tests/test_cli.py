@@ -69,7 +69,7 @@ BAD_PRESETS = [
     ('name = "x"\nfamily = "sd"\nbase_model = "config"\nresolution = -3\n'
      '[sampling]\nomega_min = 1.0\nomega_max = 4.0\n', "'resolution': -3"),
     ('name = "x"\nfamily = "sd"\nbase_model = "config"\nresolution = 32\n'
-     '[adapter]\nkind = "lora"\n[sampling]\nomega_min = 1.0\nomega_max = 4.0\n', "'adapter.kind': 'lora'"),
+     '[adapter]\nkind = "loha"\n[sampling]\nomega_min = 1.0\nomega_max = 4.0\n', "'adapter.kind': 'loha'"),
     ('name = "x"\nfamily = "sd"\nbase_model = "config"\nresolution = 32\n'
      '[train]\nlr = "fast"\n[sampling]\nomega_min = 1.0\nomega_max = 4.0\n', "'train.lr': 'fast'"),
     ("name = [unclosed", "not valid TOML"),

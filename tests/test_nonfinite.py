@@ -48,8 +48,8 @@ def poison_guided_output(monkeypatch, call: int, row: int) -> dict:
     original = Denoiser.predict_cfg
     calls = {"n": 0}
 
-    def predict_cfg(self, x, t, cond, uncond, omega, pair=None):
-        out = original(self, x, t, cond, uncond, omega, pair)
+    def predict_cfg(self, x, t, cond, uncond, omega, pair=None, **kwargs):
+        out = original(self, x, t, cond, uncond, omega, pair, **kwargs)
         if calls["n"] == call:
             out = out.clone()
             out[row, 0, 0, 0] = float("nan")
