@@ -210,9 +210,8 @@ def check_phases(name: str, device: str, workdir: Path) -> dict:
     encoding (one chunk of prompts, the encoders alone), CFG sampling of one batch (seconds per
     step), VAE decode of one image, and one training step, each measured against the dry run's
     estimate (phase_memory), every output checked for NaN/inf."""
-    from agd_cli.train.phase_memory import collect_phases, quiet_casts, training_step
-
     from agd_cli.collect.plan import ENCODE_CHUNK, CollectFlags, resolve_settings
+    from agd_cli.train.phase_memory import collect_phases, quiet_casts, training_step
 
     preset = random_weights(name)
     prompts = workdir / f"{name}-prompts.txt"
