@@ -216,3 +216,43 @@ def test_gap_needs_the_same_seeds():
     with pytest.raises(ValueError, match="3 seeds without the negative, 2 with it"):
         fidelity_gap(a, b)
 
+
+
+@torch.no_grad()
+def test_compiled_run_is_one_graph_and_matches_eager():
+    """What `--compile` compiles, with the lever: one graph, no break, compiled once over two
+    negatives, the same images as eager (K/V projected per call inside the graph)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from agd_cli.core.sampling import sample
+    from tests.test_compile import Recorder
+
+    torch._dynamo.reset()
+    den = with_adapters(lever_config())
+    for block in den.adapters.blocks.values():
+        torch.nn.init.normal_(block.negative_map.weight, std=0.3)
+    den.adapters.requires_grad_(False).eval()
+
+    def run(negative: str):
+        noise = initial_noise(den.latent_shape(), [0])
+        return sample(den, den.encode(["a red fox"]), den.encode_negative(negative), 4.0, noise,
+                      mode="agd", steps=2, scheduler="ddim").x
+
+    den.compiled = recorder = Recorder(den.model)
+    try:
+        run("blurry")
+    finally:
+        den.compiled = None
+    call = lambda *args, **kwargs: den.model(*args, **kwargs)  # noqa: E731
+    got = torch._dynamo.explain(call)(*recorder.args, **recorder.kwargs)
+    assert (got.graph_count, got.graph_break_count) == (1, 0), got.break_reasons
+    eager = [run(n) for n in ("blurry", "a cat")]
+    counter = CompileCounter()
+    den.compile(backend=counter)
+    try:
+        compiled = [run(n) for n in ("blurry", "a cat")]
+    finally:
+        den.compiled = None
+    assert counter.frame_count == 1
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
