@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--agd-only", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    dens = [load_with_adapters(p, device="cpu") for p in a.adapters]
+    dens = [Lazy(p) for p in a.adapters]  # loaded only when images are missing
     base = load_denoiser(load_preset("mnist"), "cpu")
     evaluator = mnist.load_evaluator(base.device)
     plan = SimpleNamespace(quality_batch=a.batch, quality_seed=a.seed,
@@ -92,13 +92,25 @@ class CfgImages:
         return self.images[key]
 
 
+class Lazy:
+    """An adapter file's denoiser, loaded on first use."""
+
+    def __init__(self, path: str):
+        self.path, self.den = path, None
+
+    def get(self):
+        if self.den is None:
+            self.den = load_with_adapters(self.path, device="cpu")
+        return self.den
+
+
 def agd_images(folder: str | None, path: str, den, name: str, cases, omega: float, plan) -> tuple:
     """agd's images (with the negative, without it) and NFE per image, kept in `folder`."""
     tag = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
     file = Path(folder or ".") / f"{tag}-{name}-{omega:g}-{plan.quality_seed}-{len(cases.prompts)}.pt"
     if folder and file.exists():
         return torch.load(file)
-    got = [sample_for_quality(den, "agd", omega, cases.prompts, plan,
+    got = [sample_for_quality(den.get(), "agd", omega, cases.prompts, plan,
                               cases.negatives if negative else None) for negative in (True, False)]
     out = (got[0][0], got[1][0], got[0][2])
     if folder:

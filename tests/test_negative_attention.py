@@ -77,13 +77,13 @@ def test_signal_is_the_base_attention_for_the_negative_minus_the_prompts():
 def test_the_signal_reaches_the_output_and_cached_runs_match_single_calls():
     den = with_adapters(lever_config())
     for block in den.adapters.blocks.values():
-        torch.nn.init.normal_(block.negative_map.weight, std=0.5)
+        torch.nn.init.normal_(block.negative_map, std=0.5)
     x, cond, neg = inputs(den)
     t = torch.tensor(500)
     with torch.no_grad():
         plain = den.forward(x, t, cond, omega=4.0, negative=neg)
         for block in den.adapters.blocks.values():
-            block.negative_map.weight.mul_(2)
+            block.negative_map.mul_(2)
         doubled = den.forward(x, t, cond, omega=4.0, negative=neg)
         assert (plain - doubled).abs().max() > 1e-4  # the negative_map's input is not zero
         cache = ContextCache(torch.tensor([500.0, 400.0]))
@@ -230,7 +230,7 @@ def test_compiled_run_is_one_graph_and_matches_eager():
     torch._dynamo.reset()
     den = with_adapters(lever_config())
     for block in den.adapters.blocks.values():
-        torch.nn.init.normal_(block.negative_map.weight, std=0.3)
+        torch.nn.init.normal_(block.negative_map, std=0.3)
     den.adapters.requires_grad_(False).eval()
 
     def run(negative: str):
@@ -256,3 +256,16 @@ def test_compiled_run_is_one_graph_and_matches_eager():
     assert counter.frame_count == 1
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_fresh_lever_adapters_start_as_the_adapters_without_it():
+    """negative_map starts at zero: training starts from the adapters without the lever."""
+    x = None
+    outs = []
+    for flag in (False, True):
+        den = with_adapters(lever_config(flag), seed=5)
+        if x is None:
+            x, cond, neg = inputs(den)
+        with torch.no_grad():
+            outs.append(den.forward(x, torch.tensor(500), cond, omega=4.0, negative=neg))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-6)

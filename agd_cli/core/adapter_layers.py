@@ -283,8 +283,9 @@ class CrossAttentionAdapter(nn.Module):
         self.k = nn.Linear(cfg.context_dim, h, bias=False)
         self.v = nn.Linear(cfg.context_dim, h, bias=False)
         self.out = nn.Linear(h, dim)
-        # negative_attention: the base's (negative − prompt) output here (B, N, C), into `a`
-        self.negative_map = nn.Linear(dim, h, bias=False) if (
+        # negative_attention: the base's (negative − prompt) output here (B, N, C) into `a`,
+        # zero at first (no nn.Linear: AdapterSet would initialise it), as if without the lever
+        self.negative_map = nn.Parameter(torch.zeros(h, dim)) if (
             cfg.negatives and cfg.negative_attention) else None
 
     def forward(self, hidden: torch.Tensor, ctx: AgdContext,
@@ -294,7 +295,7 @@ class CrossAttentionAdapter(nn.Module):
         q, k, v = split(self.q(hidden)), split(self.k(ctx.tokens)), split(self.v(ctx.tokens))
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
         if signal is not None:
-            a = a + self.negative_map(signal.to(a.dtype))
+            a = a + F.linear(signal.to(a.dtype), self.negative_map)
         return self.out(a)
 
     # --- a sampling run: the constant tokens' work once, then only t's token per step ---------
@@ -330,7 +331,7 @@ class CrossAttentionAdapter(nn.Module):
         within float rounding, in as few kernels and views as it can (each costs a dispatch,
         and on a GPU a launch)."""
         if signal is not None:  # the base's response to the negative, through `out` unbiased
-            extra = F.linear(F.linear(signal.to(prep.values.dtype), self.negative_map.weight),
+            extra = F.linear(F.linear(signal.to(prep.values.dtype), self.negative_map),
                              self.out.weight)
             residual = residual + (prep.gain * extra).to(residual.dtype)
         x = hidden.to(prep.values.dtype)
