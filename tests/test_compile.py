@@ -245,3 +245,22 @@ def test_compile_refusals_exit_2_before_loading(workdir, capsys, args, message):
     with hardware.assume(compiler_missing="a C++ compiler (g++, clang++ or MSVC cl)"):
         code, _, err = agd(capsys, *args, "--workdir", str(workdir), "--device", "cpu")
     assert code == 2 and message in err, err
+
+
+def test_the_presets_compile_key_is_the_default_and_a_flag_overrides_it(tmp_path):
+    import dataclasses
+
+    from agd_cli.errors import InputError
+    from agd_cli.generate import GenerateFlags, plan_compile
+    from agd_cli.presets import from_dict
+
+    preset = load_preset("tiny-sd")
+    assert preset.sampling["compile"] is False  # off unless a preset or --compile says so
+    on = dataclasses.replace(preset, sampling={**preset.sampling, "compile": True})
+    with hardware.assume(compiler_missing=None):
+        assert plan_compile(GenerateFlags(), on) is True
+        assert plan_compile(GenerateFlags(compile=False), on) is False
+        assert plan_compile(GenerateFlags(compile=True), preset) is True
+    raw = {**preset.raw, "sampling": {**preset.raw["sampling"], "compile": "yes"}}
+    with pytest.raises(InputError, match="'sampling.compile': 'yes'"):
+        from_dict(raw)

@@ -221,10 +221,10 @@ class PreparedAttention:
 
     def call_keys_values(self, ctx: AgdContext) -> tuple[torch.Tensor, torch.Tensor]:
         """This call's keys and values, t's entries in slot 0. Eagerly t's entries are written
-        into the run's buffer (one copy, from the table); inside a compiled graph they are
-        computed from this call's t token and joined on, the buffer left as it is: a graph that
-        writes its inputs is not replayed as a CUDA graph, and a table indexed by step would
-        make the step a constant of the graph."""
+        into the run's buffer (one copy, from the table); inside a compiled graph they are taken
+        from the step's row of the run's table (else computed from this call's t token) and
+        joined on, the buffer left as it is: a graph that writes its inputs is not replayed as
+        a CUDA graph."""
         if not torch.compiler.is_compiling():
             self.write_time(ctx)
             return self.keys, self.values
