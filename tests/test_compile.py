@@ -111,27 +111,40 @@ def test_three_omegas_prompts_and_negatives_compile_once(den):
 
 
 @torch.no_grad()
-def test_library_compile_after_load_takes_new_omegas_without_compiling():
-    """`torch.compile(pipe.unet)` after the adapter is attached: ω given as a tensor, a new value
-    compiles nothing (the adapters' pre-hook and the model are one frame each)."""
+def test_library_compile_after_load_takes_new_omegas_without_compiling(tmp_path):
+    """`torch.compile(pipe.unet)` after `load_agd_adapter` (an adapter trained with negatives,
+    so the negative-prompt feed runs too): ω given as a tensor, no graph break, a new value
+    compiles nothing (the adapters' pre-hook and the UNet are one frame each), images as eager."""
+    from torch._dynamo.utils import counters
+
+    from agd_cli.api import load_agd_adapter
+    from tests.test_api import tiny_sd_pipeline
+
+    path = tmp_path / "adapter.safetensors"
     den = adapted("tiny-sd")
+    den.adapters.save(path, den.adapter_metadata(train_steps=0))
+    pipe, shape = tiny_sd_pipeline()
+    load_agd_adapter(pipe, path)
+    noise = initial_noise(shape, [0])
+
+    def images(w):
+        return pipe("a red fox", num_inference_steps=2, guidance_scale=1.0, latents=noise.clone(),
+                    output_type="latent", negative_prompt="blurry",
+                    cross_attention_kwargs={"agd_omega": torch.tensor([w])}).images
+
+    eager = [images(w) for w in OMEGAS]
+    torch._dynamo.reset()
+    breaks = sum(counters["graph_break"].values())
     counter = CompileCounter()
-    model = torch.compile(den.model, backend=counter)
-    x = torch.randn(1, *den.latent_shape(), generator=torch.Generator().manual_seed(0))
-    kwargs = den._model_kwargs(den.encode(["a red fox"]))
-    negative = {"tokens": den.encode_negative(None)["prompt_embeds"]}
-    outs, frames = [], []
+    pipe.unet = torch.compile(pipe.unet, backend=counter)
+    compiled, frames = [], []
     for w in OMEGAS:
-        agd = {"agd_omega": torch.tensor([w]), "agd_negative": negative}
-        outs.append(model(x, torch.tensor([500]), return_dict=False, **kwargs,
-                          cross_attention_kwargs=agd)[0])
+        compiled.append(images(w))
         frames.append(counter.frame_count)
-    assert frames[0] == frames[-1] <= 2
-    eager = den.model(x, torch.tensor([500]), return_dict=False, **kwargs,
-                      cross_attention_kwargs={"agd_omega": torch.tensor([6.5]),
-                                              "agd_negative": negative})[0]
-    torch.testing.assert_close(outs[-1], eager, atol=1e-5, rtol=0)
-    assert not torch.allclose(outs[0], outs[-1])
+    assert frames[0] == frames[-1] <= 2 and sum(counters["graph_break"].values()) == breaks
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not torch.allclose(eager[0], eager[-1])
 
 
 @pytest.mark.slow
