@@ -48,8 +48,8 @@ class AgdContext:
         """The prepared adapter's t entries for this call from `row`, shaped as its table's."""
         if self.row is None or prep.columns is None:
             return None
-        return self.row[:, prep.columns[0]:prep.columns[1]].view(self.row.shape[0],
-                                                                 *prep.table.shape[2:])
+        start, stop, shape = prep.columns  # plain numbers: a tensor read here is a graph input
+        return self.row[:, start:stop].view(self.row.shape[0], *shape)
 
 
 class OmegaEmbedding(nn.Module):
@@ -200,7 +200,7 @@ class PreparedAttention:
     # table of all adapters (AgdContext.table), whose `columns` it is
     table: torch.Tensor | None = None
     heads: int = 1
-    columns: tuple[int, int] | None = None
+    columns: tuple | None = None  # (start, stop, entry shape): its part of the run's table
 
     def __post_init__(self) -> None:
         """The views every step reads and writes, made once per run: each view op a step
@@ -372,7 +372,7 @@ class PreparedOffset:
     vector: torch.Tensor
     gain: torch.Tensor
     table: torch.Tensor | None = None
-    columns: tuple[int, int] | None = None  # its part of the run's table (AgdContext.table)
+    columns: tuple | None = None  # (start, stop, entry shape): its part of the run's table
 
     def tabulate(self, times: torch.Tensor) -> None:
         self.table = self.gain[None] * self.net(self.vector[None] + times[:, None])[:, :, None]
