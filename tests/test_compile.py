@@ -263,9 +263,9 @@ def test_compile_refusals_exit_2_before_loading(workdir, capsys, args, message):
 def test_the_presets_compile_key_is_the_default_and_a_flag_overrides_it(tmp_path):
     import dataclasses
 
-    from agd_cli.errors import InputError
-    from agd_cli.generate import GenerateFlags, plan_compile
-    from agd_cli.presets import from_dict
+    from agd_cli.config.presets import from_dict
+    from agd_cli.generate.run import GenerateFlags, plan_compile
+    from agd_cli.infra.errors import InputError
 
     preset = load_preset("tiny-sd")
     assert preset.sampling["compile"] is False  # off unless a preset or --compile says so
