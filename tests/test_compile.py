@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from agd_cli.cli import main
 from agd_cli.config.presets import AdapterConfig, load_preset
 from agd_cli.core.sampling import initial_noise, sample
 from agd_cli.families import Denoiser, load_denoiser
 from agd_cli.infra import hardware
+from tests.test_generate import agd
 
 # mnist: folded cross-attention adapters (the shipped teacher); tiny-sd: plain ones, trained
 # with negatives; tiny-sdxl: pooled condition; tiny-dit: offset adapters; tiny-sd3: joint attention
@@ -180,15 +180,6 @@ def workdir(tmp_path_factory):
     return root
 
 
-def agd(capsys, *args: str) -> tuple[int, str, str]:
-    """`agd ARGS` in this process: (exit code, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_generate_compile_makes_the_same_image(workdir, tmp_path, capsys, eager_backend):
