@@ -32,6 +32,15 @@ guidance_scale=1.0, still one UNet pass per step (SD/SDXL pipelines)::
 
     image = pipe("a red fox", negative_prompt="blurry, watermark", guidance_scale=1.0,
                  cross_attention_kwargs={"agd_omega": 6.0}).images[0]
+
+torch.compile works with the adapter attached (attach first, then compile; no graph break in
+agd's code). Give ω as a tensor on the model's device: a Python number is a constant of the
+compiled graph, so each new value would compile again::
+
+    load_agd_adapter(pipe, "agd-runs/sdxl/adapter.safetensors")
+    pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
+    w = torch.tensor([6.0], device="cuda")
+    image = pipe("a red fox", guidance_scale=1.0, cross_attention_kwargs={"agd_omega": w}).images[0]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared test settings: quiet progress bars, few threads, a CLI runner in a subprocess."""
+"""Shared test settings: quiet progress bars, few threads, the CLI run in a subprocess or in this process."""
 
 from __future__ import annotations
 
@@ -17,6 +17,21 @@ def run_agd(*args: str, cwd=None, env=None, timeout: float = 300) -> subprocess.
     full_env = {**os.environ, "AGD_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "agd_cli.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def agd_here(*args: str, capsys=None) -> tuple[int, str, str]:
+    """Run `agd ARGS` in this process: (exit code, stdout, stderr; empty without `capsys`)."""
+    from agd_cli.cli import main
+
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code or 0
+    if capsys is None:
+        return code, "", ""
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.fixture(autouse=True, scope="session")

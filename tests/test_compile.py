@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from agd_cli.cli import main
 from agd_cli.config.presets import AdapterConfig, load_preset
 from agd_cli.core.sampling import initial_noise, sample
 from agd_cli.families import Denoiser, load_denoiser
 from agd_cli.infra import hardware
+from tests.test_generate import agd
 
 # mnist: folded cross-attention adapters (the shipped teacher); tiny-sd: plain ones, trained
 # with negatives; tiny-sdxl: pooled condition; tiny-dit: offset adapters; tiny-sd3: joint attention
@@ -111,27 +111,40 @@ def test_three_omegas_prompts_and_negatives_compile_once(den):
 
 
 @torch.no_grad()
-def test_library_compile_after_load_takes_new_omegas_without_compiling():
-    """`torch.compile(pipe.unet)` after the adapter is attached: ω given as a tensor, a new value
-    compiles nothing (the adapters' pre-hook and the model are one frame each)."""
+def test_library_compile_after_load_takes_new_omegas_without_compiling(tmp_path):
+    """`torch.compile(pipe.unet)` after `load_agd_adapter` (an adapter trained with negatives,
+    so the negative-prompt feed runs too): ω given as a tensor, no graph break, a new value
+    compiles nothing (the adapters' pre-hook and the UNet are one frame each), images as eager."""
+    from torch._dynamo.utils import counters
+
+    from agd_cli.api import load_agd_adapter
+    from tests.test_api import tiny_sd_pipeline
+
+    path = tmp_path / "adapter.safetensors"
     den = adapted("tiny-sd")
+    den.adapters.save(path, den.adapter_metadata(train_steps=0))
+    pipe, shape = tiny_sd_pipeline()
+    load_agd_adapter(pipe, path)
+    noise = initial_noise(shape, [0])
+
+    def images(w):
+        return pipe("a red fox", num_inference_steps=2, guidance_scale=1.0, latents=noise.clone(),
+                    output_type="latent", negative_prompt="blurry",
+                    cross_attention_kwargs={"agd_omega": torch.tensor([w])}).images
+
+    eager = [images(w) for w in OMEGAS]
+    torch._dynamo.reset()
+    breaks = sum(counters["graph_break"].values())
     counter = CompileCounter()
-    model = torch.compile(den.model, backend=counter)
-    x = torch.randn(1, *den.latent_shape(), generator=torch.Generator().manual_seed(0))
-    kwargs = den._model_kwargs(den.encode(["a red fox"]))
-    negative = {"tokens": den.encode_negative(None)["prompt_embeds"]}
-    outs, frames = [], []
+    pipe.unet = torch.compile(pipe.unet, backend=counter)
+    compiled, frames = [], []
     for w in OMEGAS:
-        agd = {"agd_omega": torch.tensor([w]), "agd_negative": negative}
-        outs.append(model(x, torch.tensor([500]), return_dict=False, **kwargs,
-                          cross_attention_kwargs=agd)[0])
+        compiled.append(images(w))
         frames.append(counter.frame_count)
-    assert frames[0] == frames[-1] <= 2
-    eager = den.model(x, torch.tensor([500]), return_dict=False, **kwargs,
-                      cross_attention_kwargs={"agd_omega": torch.tensor([6.5]),
-                                              "agd_negative": negative})[0]
-    torch.testing.assert_close(outs[-1], eager, atol=1e-5, rtol=0)
-    assert not torch.allclose(outs[0], outs[-1])
+    assert frames[0] == frames[-1] <= 2 and sum(counters["graph_break"].values()) == breaks
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not torch.allclose(eager[0], eager[-1])
 
 
 @pytest.mark.slow
@@ -167,15 +180,6 @@ def workdir(tmp_path_factory):
     return root
 
 
-def agd(capsys, *args: str) -> tuple[int, str, str]:
-    """`agd ARGS` in this process: (exit code, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_generate_compile_makes_the_same_image(workdir, tmp_path, capsys, eager_backend):
@@ -245,3 +249,22 @@ def test_compile_refusals_exit_2_before_loading(workdir, capsys, args, message):
     with hardware.assume(compiler_missing="a C++ compiler (g++, clang++ or MSVC cl)"):
         code, _, err = agd(capsys, *args, "--workdir", str(workdir), "--device", "cpu")
     assert code == 2 and message in err, err
+
+
+def test_the_presets_compile_key_is_the_default_and_a_flag_overrides_it(tmp_path):
+    import dataclasses
+
+    from agd_cli.config.presets import from_dict
+    from agd_cli.generate.run import GenerateFlags, plan_compile
+    from agd_cli.infra.errors import InputError
+
+    preset = load_preset("tiny-sd")
+    assert preset.sampling["compile"] is False  # off unless a preset or --compile says so
+    on = dataclasses.replace(preset, sampling={**preset.sampling, "compile": True})
+    with hardware.assume(compiler_missing=None):
+        assert plan_compile(GenerateFlags(), on) is True
+        assert plan_compile(GenerateFlags(compile=False), on) is False
+        assert plan_compile(GenerateFlags(compile=True), preset) is True
+    raw = {**preset.raw, "sampling": {**preset.raw["sampling"], "compile": "yes"}}
+    with pytest.raises(InputError, match="'sampling.compile': 'yes'"):
+        from_dict(raw)

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agd_cli.cli import main
 from agd_cli.infra.images import make_grid, read_png_metadata, save_png, to_pil
-from tests.conftest import run_agd
+from tests.conftest import agd_here, run_agd
 
 STEPS = 4
 
@@ -41,14 +40,8 @@ def ws(tmp_path_factory) -> Path:
 
 
 def agd(capsys, *args: str) -> tuple[int, str, str]:
-    """Run `agd ARGS` in this process: (exit code, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    """`agd ARGS` in this process: (exit code, stdout, stderr)."""
+    return agd_here(*args, capsys=capsys)
 
 
 def generate_json(capsys, ws: Path, *args: str) -> dict:

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from agd_cli.cli import main
 from agd_cli.collect.run import run_collect
 from agd_cli.collect.store import TrajectoryStore
 from agd_cli.families.base import Denoiser
 from agd_cli.infra.errors import NonFiniteError
 from agd_cli.infra.finite import MAX_NONFINITE_STEPS
 from agd_cli.train.step import AdapterStep
+from tests.conftest import agd_here as agd
 
 STEPS = 6  # sampling steps of the small collections here
 
@@ -31,15 +31,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def agd(*args: str, capsys) -> tuple[int, str, str]:
-    """`agd ARGS` in this process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def poison_guided_output(monkeypatch, call: int, row: int) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from agd_cli.cli import main
+from tests.conftest import agd_here as agd
 
 REPO = Path(__file__).resolve().parent.parent
 # One thread per process: these models are tiny, and on a shared 2-core machine two threads
@@ -70,17 +70,6 @@ def run_of(collection, tmp_path):
     return make
 
 
-def agd(*args: str, capsys=None) -> tuple[int, str, str]:
-    """`agd ARGS` in this process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code or 0
-    if capsys is None:
-        return code, "", ""
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def adapter_state(path: Path) -> dict[str, torch.Tensor]:

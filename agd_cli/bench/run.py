@@ -129,7 +129,8 @@ def throughput(den, cases: list[Case], uncond: dict, plan: BenchPlan) -> dict:
 def speed_at(den, cases: list[Case], uncond: dict, plan: BenchPlan, batch: int) -> dict:
     """Seconds per image with `batch` rows per call, over the cases in turn (repeated to fill a
     batch): every method warmed up first (that call's seconds reported apart as warmup_seconds:
-    with --compile, compiling its graph), then timed `repeats` times, methods interleaved."""
+    with --compile, compiling its graph), then timed `repeats` times, methods interleaved, in
+    reverse order every other round (a method timed right after another pays for its caches)."""
     rounds = max(1, len(cases) // batch)
     batches = [[cases[(r * batch + i) % len(cases)] for i in range(batch)] for r in range(rounds)]
     order = [m for m in METHOD_ORDER if m in plan.methods]
@@ -143,9 +144,9 @@ def speed_at(den, cases: list[Case], uncond: dict, plan: BenchPlan, batch: int) 
     runs: dict[str, list[Generated]] = {m: [] for m in order}
     with ui.progress() as bar:
         task = bar.add_task(f"batch {batch}", total=len(order) * plan.repeats * rounds)
-        for _ in range(plan.repeats):
-            for rows in batches:
-                for m in order:
+        for r in range(plan.repeats):
+            for i, rows in enumerate(batches):
+                for m in order if (r * len(batches) + i) % 2 == 0 else order[::-1]:
                     runs[m].append(timed_sample(den, m, rows, uncond, plan)[0])
                     bar.advance(task)
     meaning = LATENCY_MEANING if batch == 1 else THROUGHPUT_MEANING.format(b=batch)

@@ -164,7 +164,7 @@ def side_by_side(prepared: list) -> torch.Tensor:
     start = 0
     for p in prepared:
         width = p.table[0, 0].numel()
-        p.columns = (start, start + width)
+        p.columns = (start, start + width, tuple(p.table.shape[2:]))
         p.table = table[..., start:start + width].view(p.table.shape)
         start += width
     return table

@@ -51,8 +51,8 @@ class AgdContext:
         """The prepared adapter's t entries for this call from `row`, shaped as its table's."""
         if self.row is None or prep.columns is None:
             return None
-        return self.row[:, prep.columns[0]:prep.columns[1]].view(self.row.shape[0],
-                                                                 *prep.table.shape[2:])
+        start, stop, shape = prep.columns  # plain numbers: a tensor read here is a graph input
+        return self.row[:, start:stop].view(self.row.shape[0], *shape)
 
 
 class OmegaEmbedding(nn.Module):
@@ -208,7 +208,7 @@ class PreparedAttention:
     # table of all adapters (AgdContext.table), whose `columns` it is
     table: torch.Tensor | None = None
     heads: int = 1
-    columns: tuple[int, int] | None = None
+    columns: tuple | None = None  # (start, stop, entry shape): its part of the run's table
 
     def __post_init__(self) -> None:
         """The views every step reads and writes, made once per run: each view op a step
@@ -229,10 +229,10 @@ class PreparedAttention:
 
     def call_keys_values(self, ctx: AgdContext) -> tuple[torch.Tensor, torch.Tensor]:
         """This call's keys and values, t's entries in slot 0. Eagerly t's entries are written
-        into the run's buffer (one copy, from the table); inside a compiled graph they are
-        computed from this call's t token and joined on, the buffer left as it is: a graph that
-        writes its inputs is not replayed as a CUDA graph, and a table indexed by step would
-        make the step a constant of the graph."""
+        into the run's buffer (one copy, from the table); inside a compiled graph they are taken
+        from the step's row of the run's table (else computed from this call's t token) and
+        joined on, the buffer left as it is: a graph that writes its inputs is not replayed as
+        a CUDA graph."""
         if not torch.compiler.is_compiling():
             self.write_time(ctx)
             return self.keys, self.values
@@ -391,7 +391,7 @@ class PreparedOffset:
     vector: torch.Tensor
     gain: torch.Tensor
     table: torch.Tensor | None = None
-    columns: tuple[int, int] | None = None  # its part of the run's table (AgdContext.table)
+    columns: tuple | None = None  # (start, stop, entry shape): its part of the run's table
 
     def tabulate(self, times: torch.Tensor) -> None:
         self.table = self.gain[None] * self.net(self.vector[None] + times[:, None])[:, :, None]

@@ -55,14 +55,18 @@ class CompiledModel:
         self.mode = compile_mode(self.device) if backend is None else None
         self.cuda_graphs = self.mode == "reduce-overhead"
         config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, GRAPH_LIMIT)
-        # guards on the model's modules are left out: a guard per attribute of every module is
-        # checked at every call (thousands for a UNet: ~1/3 of a small model's call on a CPU),
-        # and nothing agd compiles changes its modules afterwards (weights are graph inputs)
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), GRAPH_LIMIT))  # torch < 2.6: the old name
+        # guards on the model's modules are left out (torch ≥ 2.7): a guard per attribute of
+        # every module is checked at every call (thousands for a UNet; ~0.5 ms of the mnist
+        # teacher's 10 ms on one CPU thread), and nothing agd compiles changes its modules
+        # afterwards (weights are graph inputs: new values are seen; new modules, hooks or
+        # flags would not be)
+        skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+        options = {} if skip is None else {"guard_filter_fn": skip}
         if self.cuda_graphs:
             options["triton.cudagraphs"] = True  # mode "reduce-overhead", which takes no options
-        self._compiled = torch.compile(self._call, dynamic=False, options=options,
+        self._compiled = torch.compile(self._call, dynamic=False, options=options or None,
                                        **({} if backend is None else {"backend": backend}))
         self.graphs = 0
         self.warmup_seconds = 0.0

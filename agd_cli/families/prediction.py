@@ -68,7 +68,9 @@ class Predictor:
 
     def compile(self, backend=None) -> None:
         """Run the model (with its adapters) through torch.compile from now on (`--compile`);
-        `backend`: another torch.compile backend than inductor (tests)."""
+        `backend`: another torch.compile backend than inductor (tests). Attach the adapters
+        first: the compiled call does not watch the model's modules (`compiled = None` is eager
+        again)."""
         self.compiled = CompiledModel(self.model, self.device, backend)
 
     def _graph_inputs(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, agd: dict) -> dict:
