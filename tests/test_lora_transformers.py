@@ -125,13 +125,3 @@ def test_dit_refuses_a_lora_with_a_clear_message():
     with pytest.raises(InputError, match="adapter kind 'lora' does not fit") as err:
         den_cls.check_adapter_kind(den_cls, "lora")
     assert "class-conditional" in err.value.message and err.value.exit_code == 2
-
-
-def test_lora_targets_preset_key_is_validated(tmp_path):
-    from agd_cli.config.presets import load_preset as load
-
-    bad = tmp_path / "bad.toml"
-    bad.write_text((load("tiny-sd").source.read_text() if load("tiny-sd").source else "")
-                   .replace('[adapter]', '[adapter]\nlora_targets = "everything"'))
-    with pytest.raises(InputError, match="lora_targets"):
-        load(str(bad))
