@@ -350,11 +350,34 @@ def test_bench_negatives_table_on_mnist(tmp_path, capsys):
     check_paired(rows, "accuracy")
 
     check_negative_only(q["negative_only"])
+    far = q["far_pairs"]
+    assert far["settings"]["pairs"] == [[0, 1], [2, 4], [6, 7], [8, 1]]
+    assert set(far["by_omega"]["3"]) == set(METHOD_ORDER)
+    check_paired(far["by_omega"]["3"], "accuracy")
+    for case_set in (q, far, q["negative_only"]):
+        check_fidelity(case_set["by_omega"]["3"])
     print_negatives_table(q)
     err = capsys.readouterr().err
     assert "close digit d′" in err and 'negative only: prompt ""' in err and "lower = the" in err
+    assert "far pairs: prompt digit d" in err and "negative fidelity gap" in err
     words = " ".join(err.split())  # the caption may wrap at any width
     assert "over agd's own without a negative" in words and "ω 3: " in words
+
+
+def check_fidelity(rows: dict) -> None:
+    """The gap on agd + negative's row: agreement without minus with the negative, each mean
+    the row's own PSNR / SSIM, the interval around it."""
+    f = rows["agd-negative"]["fidelity"]
+    assert f["psnr_with_negative"] == pytest.approx(rows["agd-negative"]["psnr_vs_cfg_negative"])
+    assert f["psnr_without_negative"] == pytest.approx(rows["agd"]["psnr_vs_cfg"])
+    assert f["ssim_with_negative"] == pytest.approx(rows["agd-negative"]["ssim_vs_cfg_negative"])
+    assert f["ssim_without_negative"] == pytest.approx(rows["agd"]["ssim_vs_cfg"])
+    for name in ("psnr", "ssim"):
+        assert f[f"{name}_gap"] == pytest.approx(f[f"{name}_without_negative"]
+                                                 - f[f"{name}_with_negative"])
+        lo, hi = f[f"{name}_gap_ci95"]
+        assert lo <= f[f"{name}_gap"] <= hi
+    assert -1 <= f["ssim_with_negative"] <= 1 and -1 <= f["ssim_without_negative"] <= 1
 
 
 def check_negative_only(only: dict) -> None:

@@ -1,16 +1,20 @@
 """`agd bench --negatives`: does agd follow a negative prompt the way CFG does? (mnist evaluator)
 
-Two case sets, each on the same seeds and noise with the same methods: unguided, CFG without the
+Three case sets, each on the same seeds and noise with the same methods: unguided, CFG without the
 negative, CFG with it, agd with it and agd without it, at each ω of plan.negative_omegas.
 
 - close pairs: the prompt is digit d, the negative a visually close digit d′ (7/1, 3/8, 4/9, 5/6,
   both ways). Reported: the classifier's accuracy on d, its mean probability of d′ and PSNR
   against CFG-with-negative. A close negative does not lower P(d′) under CFG: it replaces the
   push away from nothing by a weaker push away from a similar digit.
+- far pairs (JSON `far_pairs`): the same with a visually distant d′ (FAR_PAIRS, both ways).
 - negative only: the prompt is "" and the negative "a handwritten d′", d′ = 0–9 cycling. CFG
   without the negative is unguided sampling here; a negative that works makes the digit
   classifier label fewer images d′. Reported: that rate, the mean probability of d′ and PSNR
   against CFG-with-negative (agd with the negative should agree with it better than agd without).
+
+Per set and ω, the negative fidelity gap (bench.fidelity, on `agd-negative`'s `fidelity`): PSNR and
+SSIM of agd + negative vs CFG + negative next to agd vs CFG without one, their paired difference.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import NamedTuple
 import torch
 from rich.table import Table
 
+from agd_cli.bench.fidelity import agreement, fidelity_gap, print_fidelity_table
 from agd_cli.bench.quality import sample_for_quality
 from agd_cli.evaluation import mnist
 from agd_cli.evaluation.metrics import psnr
@@ -33,6 +38,7 @@ from agd_cli.infra.ui import console
 logger = logging.getLogger(__name__)
 
 CLOSE_PAIRS = ((7, 1), (3, 8), (4, 9), (5, 6))
+FAR_PAIRS = ((0, 1), (2, 4), (6, 7), (8, 1))  # shapes with little in common (chosen by eye)
 # label -> (sampling mode, whether the negative replaces the empty prompt)
 METHODS = {"cfg": ("cfg", False), "cfg-negative": ("cfg", True),
            "agd-negative": ("agd", True), "agd": ("agd", False)}
@@ -58,9 +64,9 @@ def caption(d: int) -> str:
     return CAPTION_TEMPLATES[0].format(n=d, w=DIGIT_WORDS[d])  # "a handwritten d"
 
 
-def negative_cases(n: int) -> CaseSet:
-    """n samples cycling over the close pairs, both ways: prompt d, negative d′."""
-    pairs = [p for a, b in CLOSE_PAIRS for p in ((a, b), (b, a))]
+def negative_cases(n: int, pairs=CLOSE_PAIRS) -> CaseSet:
+    """n samples cycling over `pairs`, both ways: prompt d, negative d′."""
+    pairs = [p for a, b in pairs for p in ((a, b), (b, a))]
     chosen = [pairs[i % len(pairs)] for i in range(n)]
     return CaseSet([caption(d) for d, _ in chosen], [caption(dn) for _, dn in chosen],
                    [d for d, _ in chosen], [dn for _, dn in chosen])
@@ -119,6 +125,12 @@ def run_methods(den, plan, evaluator, cases: CaseSet, omega: float, advance) -> 
         **ratio_over_no_negative(scores)}
     # the method's own fidelity on the same scores: agd without the negative against CFG without it
     rows["agd"]["vs_cfg"] = paired(scores["agd"], scores["cfg"], cases)
+    with_negative = agreement(images["agd-negative"], ref)
+    without = agreement(images["agd"], images["cfg"])
+    rows["agd-negative"]["ssim_vs_cfg_negative"] = float(with_negative["ssim"].mean())
+    rows["agd"].update(psnr_vs_cfg=float(without["psnr"].mean()),
+                       ssim_vs_cfg=float(without["ssim"].mean()))
+    rows["agd-negative"]["fidelity"] = fidelity_gap(with_negative, without)
     return rows
 
 
@@ -168,17 +180,18 @@ def run_negatives(den, plan, show_table: bool = True, evaluator=None) -> dict:
         logger.warning("this adapter was trained without negatives: 'agd + negative' ignores the negative")
     evaluator = mnist.load_evaluator(den.device) if evaluator is None else evaluator
     n = plan.quality_samples
-    sets = ((negative_cases(n), {"pairs": [list(p) for p in CLOSE_PAIRS], "both_ways": True,
-                                 "prompt": "a handwritten d", "negative": "a handwritten d′"}),
+    pairs = lambda p: {"pairs": [list(x) for x in p], "both_ways": True,  # noqa: E731
+                       "prompt": "a handwritten d", "negative": "a handwritten d′"}
+    sets = ((negative_cases(n), pairs(CLOSE_PAIRS)), (negative_cases(n, FAR_PAIRS), pairs(FAR_PAIRS)),
             (negative_only_cases(n), {"prompt": "", "negative": "a handwritten d′",
                                       "negative_digits": "0-9, sample i: i % 10"}))
     runs_per_set = 1 + len(METHODS) * len(plan.negative_omegas)
     with ui.progress() as bar:
         task = bar.add_task("negatives", total=len(sets) * runs_per_set)
-        close, only = [run_case_set(den, plan, evaluator, cases, settings,
-                                    partial(bar.advance, task))
-                       for cases, settings in sets]
-    summary = {**close, "negative_only": only}
+        close, far, only = [run_case_set(den, plan, evaluator, cases, settings,
+                                         partial(bar.advance, task))
+                            for cases, settings in sets]
+    summary = {**close, "far_pairs": far, "negative_only": only}
     if show_table:
         print_negatives_table(summary)
     return summary
@@ -192,11 +205,17 @@ def print_negatives_table(q: dict) -> None:
                      f"({', '.join(f'{a}/{b}' for a, b in info['pairs'])}, both ways); "
                      f"{info['samples_per_row']} samples per row, {info['steps']} steps",
                      caption=ratio_caption(q))
+    far = q["far_pairs"]
+    print_case_table(far, "accuracy", "accuracy",
+                     f"far pairs: prompt digit d, negative a distant digit d′ "
+                     f"({', '.join(f'{a}/{b}' for a, b in far['settings']['pairs'])}, both ways)",
+                     caption=ratio_caption(far))
     print_case_table(q["negative_only"], "d′ rate", "negative_rate",
                      f'negative only: prompt "", negative a handwritten d′, d′ = 0–9 cycling; '
                      f"{only['samples_per_row']} samples per row, {only['steps']} steps",
                      caption="d′ rate: fraction the digit classifier labels d′; lower = the "
                              "negative works (CFG without it is unguided here)")
+    print_fidelity_table({"close pairs": q, "far pairs": far, "negative only": q["negative_only"]})
 
 
 def ratio_caption(q: dict) -> str:

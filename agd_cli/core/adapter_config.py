@@ -20,6 +20,9 @@ class AdapterConfig:
     init: str = "xavier"
     omega_gain: bool = True  # adapter outputs scaled by (ω − 1): exact base at ω = 1, like CFG
     negatives: bool = False  # also fed CFG's unconditional branch (a negative prompt / class)
+    # with negatives, cross_attention only: each adapter also reads the frozen base attention's
+    # output for the negative's keys and values at its site (core.negative_attention)
+    negative_attention: bool = False
     # the ω range the adapters were trained on (set by `agd train` from the collection): the ω
     # embedding sees ω clamped to it, so beyond the range only the (ω − 1) gain extrapolates,
     # as CFG does; None (files from before) feeds ω unclamped
@@ -36,6 +39,8 @@ class AdapterConfig:
              "inputs": list(self.inputs), "init": self.init, "omega_gain": self.omega_gain}
         if self.negatives:  # absent otherwise: files and checkpoints from before stay identical
             d["negatives"] = True
+        if self.negative_attention:  # likewise
+            d["negative_attention"] = True
         if self.omega_range is not None:  # likewise
             d["omega_range"] = [float(w) for w in self.omega_range]
         if self.kind == "lora":  # likewise: only LoRA files and checkpoints carry these

@@ -18,6 +18,7 @@ from torch import nn
 from agd_cli.core.adapter_layers import (
     AgdContext,
 )
+from agd_cli.core.negative_attention import QueryCatcher, negative_signal
 from agd_cli.infra.errors import InputError
 
 ATTENTION_TYPES = (Attention, AttentionModuleMixin)  # the modules cross_attention_kwargs reach
@@ -32,16 +33,22 @@ class AttentionHook:
     `pending` lives from one call's `before` to the same call's `after` (always run, even when
     the forward raises); calls of one attention module never nest. `fallback` supplies the
     per-call context for models whose forward does not hand attention kwargs down to their
-    blocks (Sana)."""
+    blocks (Sana). Adapters with `negative_map` (negative_attention) also get the base's own
+    output for the negative at this site (core.negative_attention), the query caught from the
+    module's `to_q` by `catcher`."""
 
     def __init__(self, adapter: nn.Module | None,
                  fallback: Callable[[], AgdContext | None] | None = None):
         self.adapter = adapter
         self.fallback = fallback
         self.pending: AgdContext | None = None
+        wants = adapter is not None and getattr(adapter, "negative_map", None) is not None
+        self.catcher = QueryCatcher() if wants else None
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.pending = kwargs.pop("agd", None)
+        if self.catcher is not None:
+            self.catcher.take()  # a query left by a call that raised is not this call's
         return args, kwargs
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output):
@@ -53,17 +60,24 @@ class AttentionHook:
         hidden = args[0] if args else kwargs["hidden_states"]
         main = output[0] if isinstance(output, tuple) else output  # joint attention: (image, text)
         prep = agd.prepared.get(self.adapter) if agd.prepared else None
+        extra = {}
+        if self.catcher is not None:  # the base's response to the negative, this site
+            extra["signal"] = negative_signal(module, hidden, main, agd, self.catcher.take())
         if prep is not None and hidden.ndim == 3:
-            main = self.adapter.apply(hidden, agd, prep, main)
+            main = self.adapter.apply(hidden, agd, prep, main, **extra)
         else:
-            delta = agd.gain * self.adapter(hidden.to(agd.tokens.dtype), agd)
+            delta = agd.gain * self.adapter(hidden.to(agd.tokens.dtype), agd, **extra)
             main = main + delta.to(main.dtype)
         return (main, *output[1:]) if isinstance(output, tuple) else main
 
     def install(self, module: nn.Module) -> list:
-        """Register both hooks on `module`; returns their handles."""
-        return [module.register_forward_pre_hook(self.before, with_kwargs=True),
-                module.register_forward_hook(self.after, with_kwargs=True, always_call=True)]
+        """Register both hooks on `module` (and the query catcher on its to_q); returns their
+        handles."""
+        handles = [module.register_forward_pre_hook(self.before, with_kwargs=True),
+                   module.register_forward_hook(self.after, with_kwargs=True, always_call=True)]
+        if self.catcher is not None:
+            handles.append(module.to_q.register_forward_hook(self.catcher))
+        return handles
 
 
 class ContextCache:

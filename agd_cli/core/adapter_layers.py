@@ -43,6 +43,9 @@ class AgdContext:
     step: int | None = None  # this call's row in the run's per-timestep tables (cached runs)
     table: torch.Tensor | None = None  # (S, B, Σ): the tables of all prepared adapters, side by side
     row: torch.Tensor | None = None    # (B, Σ): this call's row of `table` (compiled calls)
+    # negative_attention: the negative's encoder states (B, L, D), its K/V per site (run cache)
+    negative_states: torch.Tensor | None = None
+    negative_kv: dict | None = None
 
     def entries(self, prep) -> torch.Tensor | None:
         """The prepared adapter's t entries for this call from `row`, shaped as its table's."""
@@ -99,6 +102,7 @@ class SharedConditioning(nn.Module):
         negatives = cfg.negatives and use_cond
         self.negative_proj = nn.Linear(d, d, bias=False) if negatives else None
         self.negative_type = nn.Parameter(torch.zeros(d)) if negatives else None
+        self.negative_attention = negatives and cfg.negative_attention and cfg.kind == "cross_attention"
 
     def _cond_vector(self, cond: dict, batch: int, like: torch.Tensor) -> torch.Tensor:
         if self.class_emb is not None and cond.get("class_labels") is not None:
@@ -156,8 +160,11 @@ class SharedConditioning(nn.Module):
         # CFG's correction is (ω − 1)·(ε_c − ε_u): scaling the adapters by (ω − 1) makes agd at
         # ω = 1 exactly the conditional base, as CFG is, and lets them learn the difference term
         gain = (omega.float() - 1.0) if self.omega_gain else torch.ones_like(omega.float())
-        return AgdContext(tokens=torch.cat(parts, dim=1), vector=w + c_vec,
-                          gain=gain.to(w.dtype).view(batch, 1, 1))
+        ctx = AgdContext(tokens=torch.cat(parts, dim=1), vector=w + c_vec,
+                         gain=gain.to(w.dtype).view(batch, 1, 1))
+        if self.negative_attention:  # the base's own response to it, per site (hooks)
+            ctx.negative_states, ctx.negative_kv = negative.get("tokens"), {}
+        return ctx
 
     def time_embedding(self, timestep: torch.Tensor) -> torch.Tensor:
         """t's context token (N,) -> (N, D); zeros when the adapters do not read t."""
@@ -175,7 +182,8 @@ class SharedConditioning(nn.Module):
         i = self.TIME_TOKEN
         return AgdContext(tokens=torch.cat([tokens[:, :i], t[:, None], tokens[:, i:]], dim=1),
                           vector=const.vector + t, gain=const.gain, prepared=const.prepared,
-                          step=step, table=const.table)
+                          step=step, table=const.table, negative_states=const.negative_states,
+                          negative_kv=const.negative_kv)
 
 
 @dataclass
@@ -275,13 +283,20 @@ class CrossAttentionAdapter(nn.Module):
         self.k = nn.Linear(cfg.context_dim, h, bias=False)
         self.v = nn.Linear(cfg.context_dim, h, bias=False)
         self.out = nn.Linear(h, dim)
+        # negative_attention: the base's (negative − prompt) output here (B, N, C) into `a`,
+        # zero at first (no nn.Linear: AdapterSet would initialise it), as if without the lever
+        self.negative_map = nn.Parameter(torch.zeros(h, dim)) if (
+            cfg.negatives and cfg.negative_attention) else None
 
-    def forward(self, hidden: torch.Tensor, ctx: AgdContext) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, ctx: AgdContext,
+                signal: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = hidden.shape  # (B, N, C)
         split = lambda x: x.view(b, -1, self.heads, x.shape[-1] // self.heads).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.q(hidden)), split(self.k(ctx.tokens)), split(self.v(ctx.tokens))
-        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, h/heads)
-        return self.out(a.transpose(1, 2).reshape(b, n, -1))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        if signal is not None:
+            a = a + F.linear(signal.to(a.dtype), self.negative_map)
+        return self.out(a)
 
     # --- a sampling run: the constant tokens' work once, then only t's token per step ---------
     def prepare(self, const: AgdContext) -> PreparedAttention:
@@ -311,10 +326,14 @@ class CrossAttentionAdapter(nn.Module):
             torch.einsum("chd,hde->che", wo, wv).reshape(dim * heads, -1), heads=heads)
 
     def apply(self, hidden: torch.Tensor, ctx: AgdContext, prep: PreparedAttention,
-              residual: torch.Tensor) -> torch.Tensor:
+              residual: torch.Tensor, signal: torch.Tensor | None = None) -> torch.Tensor:
         """residual + gain·adapter(hidden), from `prep` and this call's t: equal to the forward
         within float rounding, in as few kernels and views as it can (each costs a dispatch,
         and on a GPU a launch)."""
+        if signal is not None:  # the base's response to the negative, through `out` unbiased
+            extra = F.linear(F.linear(signal.to(prep.values.dtype), self.negative_map),
+                             self.out.weight)
+            residual = residual + (prep.gain * extra).to(residual.dtype)
         x = hidden.to(prep.values.dtype)
         b, n, dim = x.shape[0], x.shape[1], self.out.out_features
         keys, values = prep.call_keys_values(ctx)
