@@ -347,3 +347,17 @@ def test_idle_device_note_only_where_cfgs_pair_is_nearly_free():
     assert idle_device_notes([part(1, 1.9, 1.05)]) == []  # a busy device: nothing to explain
     assert idle_device_notes([{"batch_size": 1, "methods": {"cfg": {"seconds_per_image": 1.0},
                                                             "agd": {"seconds_per_image": 1.0}}}]) == []
+
+
+def test_quality_needs_the_evaluators_teacher_not_the_presets_name():
+    """--quality works on a renamed copy of the mnist preset (same teacher, e.g. a LoRA variant)
+    and is refused, naming the preset, where no evaluator exists."""
+    import dataclasses
+
+    from agd_cli.bench.plan import check_quality_preset
+    from agd_cli.config.presets import load_preset
+    from agd_cli.infra.errors import InputError
+
+    check_quality_preset(dataclasses.replace(load_preset("mnist"), name="mnist-lora-r16"))
+    with pytest.raises(InputError, match="'tiny-sd'"):
+        check_quality_preset(load_preset("tiny-sd"))

@@ -81,7 +81,8 @@ def test_w_ref_must_be_above_one(w_ref):
 def test_a_preset_with_a_bad_lora_key_is_refused(tmp_path):
     text = (REPO / "presets" / "tiny-sd.toml").read_text()
     assert 'kind = "cross_attention"' in text
-    for bad, needle in [("lora_w_ref = 1.0", "lora_w_ref"), ("lora_rank = 0", "lora_rank")]:
+    for bad, needle in [("lora_w_ref = 1.0", "lora_w_ref"), ("lora_rank = 0", "lora_rank"),
+                        ('lora_targets = "everything"', "lora_targets")]:
         toml = tmp_path / "p.toml"
         toml.write_text(text.replace('kind = "cross_attention"', f'kind = "lora"\n{bad}'))
         with pytest.raises(InputError, match=needle):
@@ -106,3 +107,10 @@ def test_parameter_count_of_a_lora_preset(tmp_path):
                and n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
     assert lora["adapter_params"] == sum(4 * (m.in_features + m.out_features) for m in linears)
     assert lora["adapter_sites"] == len(linears)
+    # lora_targets = "attention_ff": the blocks' feed-forward Linears too
+    toml.write_text(text.replace('kind = "cross_attention"',
+                                 'kind = "lora"\nlora_rank = 4\nlora_targets = "attention_ff"'))
+    ff = [m for n, m in den.model.named_modules() if ".transformer_blocks." in n
+          and n.endswith((".ff.net.0.proj", ".ff.net.2"))]
+    assert ff and count_parameters(load_preset(str(toml)))["adapter_params"] == sum(
+        4 * (m.in_features + m.out_features) for m in linears + ff)

@@ -51,7 +51,9 @@ def test_cached_context_equals_uncached_over_steps_prompts_and_omegas(den):
             plain = den.predict(x, t, cond, omega=omega, negative=uncond)
             base = den.predict(x, t, cond)
             assert _relative_error(cached, plain, base) < 1e-5
-            assert (cached - plain).abs().max() < 1e-5
+            # float32 rounding of a different summation order (seen: 1.3e-5 on tiny-sana at one
+            # thread, outputs ~1); a wrong path is off by the adapters' effect, ~1e-1
+            assert (cached - plain).abs().max() < 3e-5
     assert cache.computed == 4  # once per (condition, ω): the repeated run reused it
 
 

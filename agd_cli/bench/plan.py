@@ -22,12 +22,13 @@ BASELINES = ("cfg", "cfg-cutoff", "unguided")
 DEFAULT_BASELINES = "cfg,unguided"
 QUALITY_OMEGAS = (2.0, 4.0, 6.0, 8.0)
 QUALITY_PRESETS = ("mnist",)  # presets that ship an evaluator (agd_cli.evaluation.mnist)
+EVALUATED_TEACHERS = ("builtin:mnist/teacher",)  # ... and their teachers: a renamed copy counts
 
 
 def check_quality_preset(preset, flag: str = "--quality") -> None:
     """Refuse `flag` (--quality, --negatives) on a preset without an evaluator, before any
     weights load."""
-    if preset.name not in QUALITY_PRESETS:
+    if preset.name not in QUALITY_PRESETS and preset.base_model not in EVALUATED_TEACHERS:
         raise InputError(f"{flag} needs a preset with an evaluator; the adapter's preset is "
                          f"'{preset.name}'",
                          hint=f"{flag} works on: {', '.join(QUALITY_PRESETS)} (train one with "

@@ -23,6 +23,7 @@ from agd_cli.config.vocab import (
     DTYPES,
     FAMILIES,
     GUIDANCE_RULES,
+    LORA_TARGETS,
     OPTIMIZERS,
     RANDOM_BASE,
     SCHEDULERS,
@@ -153,7 +154,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "adapter": {
         "kind": _one_of(ADAPTER_KINDS), "hidden_dim": _pos_int, "context_dim": _pos_int,
         "heads": _pos_int, "inputs": _inputs, "init": _one_of(("xavier", "zero")),
-        "omega_gain": _bool, "negative_attention": _bool, "lora_rank": _pos_int, "lora_w_ref": _above_one,
+        "omega_gain": _bool, "negative_attention": _bool, "lora_rank": _pos_int,
+        "lora_w_ref": _above_one, "lora_targets": _one_of(LORA_TARGETS),
     },
     "collect": {
         "num_per_prompt": _pos_int, "num_per_prompt_with_negatives": _pos_int,

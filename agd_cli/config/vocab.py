@@ -8,7 +8,11 @@ from __future__ import annotations
 FAMILIES = ("sd", "sdxl", "dit", "sd3", "pixart", "sana")
 UNET_FAMILIES = ("sd", "sdxl")  # the UNet families; the rest are diffusion transformers
 ADAPTER_KINDS = ("cross_attention", "offset", "lora")
-LORA_FAMILIES = ("sd", "sdxl")  # families whose LoRA files agd writes (kohya UNet keys)
+# families whose LoRA files agd writes: kohya UNet keys (sd, sdxl), diffusers/peft transformer
+# keys (sd3, pixart, sana); DiT is class-conditional (no text to guide towards, no loader)
+LORA_FAMILIES = ("sd", "sdxl", "sd3", "pixart", "sana")
+# the modules a guidance LoRA trains: attention projections, or those and the feed-forward Linears
+LORA_TARGETS = ("attention", "attention_ff")
 ADAPTER_INPUTS = ("omega", "timestep", "condition")
 SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++", "ddpm", "unipc", "heun", "flow-euler")
 DTYPES = ("fp16", "bf16", "fp32")

@@ -31,6 +31,7 @@ class AdapterConfig:
     # preset's default ω, set by `agd train`); λ = (ω − 1)/(w_ref − 1)
     lora_rank: int = 8
     lora_w_ref: float | None = None
+    lora_targets: str = "attention"  # or "attention_ff": the feed-forward Linears too
 
     def to_dict(self) -> dict:
         d = {"kind": self.kind, "hidden_dim": self.hidden_dim,
@@ -45,4 +46,6 @@ class AdapterConfig:
         if self.kind == "lora":  # likewise: only LoRA files and checkpoints carry these
             d["lora_rank"] = self.lora_rank
             d["lora_w_ref"] = None if self.lora_w_ref is None else float(self.lora_w_ref)
+            if self.lora_targets != "attention":  # likewise
+                d["lora_targets"] = self.lora_targets
         return d

@@ -1,7 +1,9 @@
 """A guidance LoRA: CFG distilled into a LoRA whose strength is the guidance dial.
 
 peft LoRA layers (rank `lora_rank`, alpha = rank: scale 1) on the q/k/v/out projections of the
-UNet's transformer-block attention (attn1 sees the image, attn2 the image and the text). One LoRA
+transformer blocks' attention: a UNet's attn1 (image) and attn2 (image and text); SD3's joint
+attention (image side to_*, text side add_*); PixArt's and Sana's attn1/attn2; with
+`lora_targets = "attention_ff"` also the blocks' feed-forward Linears. One LoRA
 is trained at every ω of the range at once: each sample's ω sets the strength of the LoRA branch,
 
     λ = (ω − 1) / (w_ref − 1),   output = W x + λ · B A x,
@@ -13,7 +15,8 @@ peft's `lora_B`), so training batches mix ω as the adapters' do and share agd t
 step, checkpoint and resume code unchanged (batches of one ω would need their own sampler).
 
 The base's modules are not edited until `attach` swaps peft's wrappers in (each holds the base's
-own Linear); `detach` puts the originals back. The file (lora_file.py) is a kohya LoRA.
+own Linear); `detach` puts the originals back. The file (lora_file.py) is a kohya LoRA for a
+UNet, a diffusers (peft-key) LoRA for a transformer.
 """
 
 from __future__ import annotations
@@ -42,10 +45,15 @@ from agd_cli.infra.errors import InputError, ModelError
 
 LORA = "lora"
 ADAPTER_NAME = "agd"
-PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # each attention's projections
-ATTENTIONS = (".attn1", ".attn2")  # of the transformer blocks (self- and cross-attention)
-LORA_UNSUPPORTED = (" (agd writes LoRA files only in the kohya key format of SD 1.x/2.x and SDXL "
-                    "UNets; this family's LoRA key format is not written yet)")
+# each attention's projections: image side (to_*) and, in SD3's joint attention, text side (add_*)
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+               "to_add_out")
+ATTENTIONS = (".attn", ".attn1", ".attn2")  # of the transformer blocks (self-, cross-, joint)
+FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+KOHYA_MODELS = ("UNet2DConditionModel",)  # kohya keys; diffusers transformers: peft keys
+LORA_UNSUPPORTED = (" (a guidance LoRA is written for text-to-image families only: kohya keys "
+                    "for SD 1.x/2.x and SDXL UNets, diffusers keys for SD3, PixArt-Σ and Sana "
+                    "transformers; DiT is class-conditional and no stock loader reads a DiT LoRA)")
 
 
 def lora_scale(omega, w_ref: float, allow_zero: bool = False):
@@ -70,22 +78,35 @@ def lora_scale(omega, w_ref: float, allow_zero: bool = False):
     return lam if tensor else float(lam)
 
 
-def lora_targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """(dotted name, Linear) of every projection the LoRA trains, in the model's order."""
+def lora_targets(model: nn.Module, targets: str = "attention") -> list[tuple[str, nn.Linear]]:
+    """(dotted name, Linear) of every projection the LoRA trains, in the model's order: the
+    transformer blocks' attention projections, and with "attention_ff" their feed-forward Linears
+    (Sana's feed-forward is convolutions: none there)."""
     modules = dict(model.named_modules())
     found = []
     for name in modules:
-        if ".transformer_blocks." in name and name.endswith(ATTENTIONS):
-            for proj in PROJECTIONS:
-                layer = modules.get(f"{name}.{proj}")
-                if isinstance(layer, nn.Linear):
-                    found.append((f"{name}.{proj}", layer))
+        if ".transformer_blocks." not in f".{name}":
+            continue
+        leaves = PROJECTIONS if name.endswith(ATTENTIONS) else ()
+        if targets == "attention_ff" and _is_block(name):
+            leaves = FEED_FORWARD
+        for leaf in leaves:
+            layer = modules.get(f"{name}.{leaf}")
+            if isinstance(layer, nn.Linear):
+                found.append((f"{name}.{leaf}", layer))
     return found
 
 
-def kohya_name(module: str) -> str:
-    """kohya's (and ComfyUI's, A1111's) key of a diffusers UNet module: lora_unet_ + path with _."""
-    return "lora_unet_" + module.replace(".", "_")
+def _is_block(name: str) -> bool:
+    """A transformer block itself: '...transformer_blocks.<i>'."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2] == "transformer_blocks" and parts[-1].isdigit()
+
+
+def lora_key(module: str, kohya: bool) -> str:
+    """The stem of a module's keys: kohya's (and ComfyUI's, A1111's) `lora_unet_` + path with _,
+    or diffusers' `transformer.` + path (diffusers, ComfyUI read it for SD3 and PixArt)."""
+    return "lora_unet_" + module.replace(".", "_") if kohya else "transformer." + module
 
 
 class LoraSet(nn.Module):
@@ -98,12 +119,13 @@ class LoraSet(nn.Module):
         if cfg.lora_w_ref is not None:  # None: a preset's LoRA before `agd train` sets it
             lora_scale(2 * cfg.lora_w_ref, cfg.lora_w_ref)  # w_ref checked
         self.config = cfg
-        targets = lora_targets(model)
+        targets = lora_targets(model, cfg.lora_targets)
+        self.kohya = type(model).__name__ in KOHYA_MODELS
         if not targets:
             raise ModelError(f"{type(model).__name__} has no transformer-block attention for a LoRA",
                              hint="use --adapter-kind cross_attention")
         peft_cfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.0,
-                              target_modules=list(PROJECTIONS))
+                              target_modules=sorted({n.rsplit(".", 1)[-1] for n, _ in targets}))
         self.names = [n for n, _ in targets]
         self.shapes = [[layer.in_features, layer.out_features] for _, layer in targets]
         # the wrappers hold the base's Linear: kept out of this module's parameters
@@ -128,11 +150,18 @@ class LoraSet(nn.Module):
     def state_dict(self, *args, **kwargs) -> dict:
         out = {}
         for name in self.names:
-            pair, key = self.lora[site_key(name)], kohya_name(name)
-            out[f"{key}.lora_down.weight"] = pair["down"].weight.detach()
-            out[f"{key}.lora_up.weight"] = pair["up"].weight.detach()
-            out[f"{key}.alpha"] = torch.tensor(float(self.config.lora_rank))  # one each: no sharing
+            pair, key = self.lora[site_key(name)], lora_key(name, self.kohya)
+            down, up = self._suffixes()
+            out[f"{key}.{down}"] = pair["down"].weight.detach()
+            out[f"{key}.{up}"] = pair["up"].weight.detach()
+            if self.kohya:  # diffusers' transformer loaders take no alpha keys: alpha = rank there
+                out[f"{key}.alpha"] = torch.tensor(float(self.config.lora_rank))  # one each
         return out
+
+    def _suffixes(self) -> tuple[str, str]:
+        """The down- and up-projection's key suffixes: kohya's or peft's (diffusers')."""
+        return ("lora_down.weight", "lora_up.weight") if self.kohya else ("lora_A.weight",
+                                                                          "lora_B.weight")
 
     def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
         mine = self.state_dict()
@@ -145,11 +174,12 @@ class LoraSet(nn.Module):
                                    f"expected {tuple(mine[key].shape)}")
             if key.endswith(".alpha") and float(value) != self.config.lora_rank:
                 raise RuntimeError(f"LoRA {key} = {float(value):g}; agd's LoRAs use alpha = rank")
+        down, up = self._suffixes()
         with torch.no_grad():
             for name in self.names:
-                pair, key = self.lora[site_key(name)], kohya_name(name)
-                pair["down"].weight.copy_(state[f"{key}.lora_down.weight"])
-                pair["up"].weight.copy_(state[f"{key}.lora_up.weight"])
+                pair, key = self.lora[site_key(name)], lora_key(name, self.kohya)
+                pair["down"].weight.copy_(state[f"{key}.{down}"])
+                pair["up"].weight.copy_(state[f"{key}.{up}"])
         return None
 
     # --- attaching -------------------------------------------------------------------------
@@ -231,7 +261,7 @@ class LoraSet(nn.Module):
 
     def save(self, path, metadata: dict) -> None:
         """A kohya LoRA file with agd's metadata (lora_file.py)."""
-        save_lora(self.state_dict(), self.config, self.signature(), path, metadata)
+        save_lora(self.state_dict(), self.config, self.signature(), path, metadata, self.kohya)
 
 
 def build_adapters(cfg: AdapterConfig, model: nn.Module, sites_of, cond_spec: dict):

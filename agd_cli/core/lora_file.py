@@ -1,4 +1,4 @@
-"""The guidance LoRA's file: a kohya-style LoRA safetensors that stock loaders read as is.
+"""The guidance LoRA's file: a LoRA safetensors that stock loaders read as is.
 
 Keys (kohya sd-scripts' SD 1.x naming, which diffusers' `load_lora_weights` converts, and
 ComfyUI and A1111/Forge map for SD 1.x/2.x and SDXL alike): for each diffusers UNet module
@@ -7,6 +7,13 @@ ComfyUI and A1111/Forge map for SD 1.x/2.x and SDXL alike): for each diffusers U
     lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_q.lora_down.weight  (r, in)
     ...                                                                  .lora_up.weight    (out, r)
     ...                                                                  .alpha             () = r
+
+For a diffusers transformer (SD3, PixArt-Σ, Sana) the keys are diffusers' own (peft's names under
+the pipeline component), which `load_lora_weights` of StableDiffusion3Pipeline and SanaPipeline
+read and ComfyUI maps for SD3 and PixArt; no alpha keys (diffusers' loaders then take alpha = rank):
+
+    transformer.transformer_blocks.0.attn.to_q.lora_A.weight  (r, in)
+    transformer.transformer_blocks.0.attn.to_q.lora_B.weight  (out, r)
 
 Metadata: kohya's `ss_*`, Stability's `modelspec.*` (base model, architecture, what it is: a
 CFG-distillation LoRA, w_ref, ω range, λ formula) and agd's own keys with the tensors' checksum,
@@ -31,6 +38,9 @@ ARCHITECTURES = {
     "sd": ("sd_v1", "stable-diffusion-v1/lora"),
     "sd21": ("sd_v2", "stable-diffusion-v2-768-v/lora"),
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    "sd3": ("sd3", "stable-diffusion-3/lora"),  # kohya sd-scripts' ARCH_SD3_M
+    "pixart": ("pixart_sigma", "pixart-sigma/lora"),
+    "sana": ("sana", "sana/lora"),
 }
 
 
@@ -70,10 +80,13 @@ def lora_metadata(cfg: AdapterConfig, signature: str, metadata: dict) -> dict:
 
 
 def save_lora(state: dict, cfg: AdapterConfig, signature: str, path: str | Path,
-              metadata: dict) -> None:
-    """One safetensors file, written atomically: kohya keys, checksum in the metadata."""
+              metadata: dict, kohya: bool = True) -> None:
+    """One safetensors file, written atomically: kohya or diffusers keys, checksum in the
+    metadata."""
     tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in state.items()}
     meta = lora_metadata(cfg, signature, metadata)
+    if not kohya:  # kohya's network keys describe kohya's networks.lora only
+        meta = {k: v for k, v in meta.items() if k not in ("ss_network_module", "ss_v2")}
     meta["tensors_sha256"] = tensors_sha256(tensors)  # verified on load
     with atomic_path(path) as tmp:
         save_tensors(tensors, tmp, metadata=meta)

@@ -22,6 +22,7 @@ class TextTransformerDenoiser(Denoiser):
     """A diffusers transformer + the text encoders of its pipeline; subclasses set the names."""
 
     model_subfolder = "transformer"
+    adapter_kinds = ("cross_attention", "offset", "lora")  # lora: diffusers keys (core.lora_file)
     model_class = ""      # diffusers transformer class
     pipeline_class = ""   # diffusers pipeline whose encode_prompt we use
     text_parts: dict[str, str] = {}  # pipeline component -> transformers class (pretrained load)
