@@ -3,8 +3,9 @@ function of (uncond prediction, cond prediction, ω, step context), next to `cfg
 
 All of them cost two passes per step, like CFG; `agd collect --guidance RULE` records the rule's
 output as the adapters' target, `agd generate/bench --guidance RULE` run it as the teacher. The
-rules work on the model's own output (ε for the UNet/DiT families, the velocity for the flow-
-matching ones, SD3 and Sana), as diffusers' guiders do. Where diffusers ships the rule as a
+rules work on the model's own output (ε or v, as its scheduler's prediction_type says, for the
+UNet/DiT families: the shipped mnist teacher predicts v; the velocity for the flow-matching ones,
+SD3 and Sana), as diffusers' guiders do. Where diffusers ships the rule as a
 function of a prediction pair it is called here (APG, CFG-Zero*'s scale, CFG-rescale).
 
 The step context is the step index and the number of steps; no rule needs σ: the interval is
