@@ -311,7 +311,7 @@ def _corrupt(run: Path) -> None:
     ("truncated shard", [], _truncate, "is damaged: "),
     ("corrupt shard", [], _corrupt, "is damaged: checksum mismatch"),
     ("adapter kind", ["--adapter-kind", "cross_attention"], None, "does not fit family 'dit'"),
-    ("lora on dit", ["--adapter-kind", "lora"], None, "LoRA files only in the kohya key format"),
+    ("lora on dit", ["--adapter-kind", "lora"], None, "DiT is class-conditional"),
     ("steps 0", ["--max-steps", "0"], None, "--max-steps must be a positive integer, got 0"),
     ("other preset", ["--preset", "tiny-sd"], None, "recorded with preset 'tiny-dit'"),
 ])
