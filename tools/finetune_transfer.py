@@ -8,9 +8,11 @@ dilation (strokes one pixel wider). Same objective as tools/train_mnist_teacher.
 Min-SNR-γ 5 weighting, caption dropout 0.15 to "", captions in varied phrasings.
 
 ``evaluate``: on held-out seeds (sample i on seed quality_seed + i, the same noise in every method),
-per ω: CFG of the fine-tune (2 passes), each adapter file on the fine-tune (1 pass), and CFG of
-the original; accuracy and digit FID with agd's evaluator (agd_cli.bench.quality.sample_for_quality,
-as `agd bench --quality` does), and PSNR of each method to CFG of the fine-tune on the same seeds.
+per ω: CFG of the fine-tune (2 passes), each adapter file on the fine-tune (1 pass) and, with
+--original-cfg, CFG of the original (how far the fine-tune moved the images); accuracy and digit FID
+with agd's evaluator (agd_cli.bench.quality.sample_for_quality, as `agd bench --quality` does), and
+PSNR of each method to CFG of the fine-tune on the same seeds. Run on the original teacher's folder
+it gives the no-transfer baseline (adapters vs CFG of the base they were trained on).
 
 Usage::
 
@@ -118,9 +120,10 @@ def _images(den, method: str, omega: float, prompts: list, plan) -> torch.Tensor
 
 
 def evaluate(finetuned: Path, adapters: dict[str, Path], omegas: list[float], n: int, seed: int,
-             batch: int = 100) -> dict:
-    """Accuracy, digit FID and PSNR to CFG(fine-tune) per ω: CFG of the fine-tune and of the original
-    (2 passes, plain CFG), each adapter file on the fine-tune (1 pass); sample i on seed `seed` + i."""
+             original_cfg: bool = False, batch: int = 100) -> dict:
+    """Accuracy, digit FID and PSNR to CFG(fine-tune) per ω: CFG of the fine-tune (2 passes, plain CFG)
+    and each adapter file on it (1 pass); sample i on seed `seed` + i. With `finetuned` the original
+    teacher folder this is the no-transfer baseline (and its cfg(ft) row is CFG of the original)."""
     original = load_preset("mnist")
     tuned = dataclasses.replace(original, base_model=str(finetuned.resolve()), source=None)
     plan = SimpleNamespace(quality_batch=batch, quality_seed=seed, steps=original.sampling["steps"],
@@ -129,7 +132,7 @@ def evaluate(finetuned: Path, adapters: dict[str, Path], omegas: list[float], n:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
     digits = [digit_of(p) for p in prompts]
     dens = {"cfg(ft)": ("cfg-plain", lambda: load_denoiser(tuned, device="cpu"))}
-    if finetuned.resolve() != TEACHER_DIR.resolve():  # run on the teacher itself: the no-transfer baseline
+    if original_cfg:
         dens["cfg(original)"] = ("cfg-plain", lambda: load_denoiser(original, device="cpu"))
     for name, path in adapters.items():
         dens[f"{name}(ft)"] = ("agd", lambda path=path: load_with_adapters(path, device="cpu", base=tuned))
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("-w", "--omega", default="2,4,6")
     ev.add_argument("-n", "--samples", type=int, default=200)
     ev.add_argument("--quality-seed", type=int, default=0)
+    ev.add_argument("--original-cfg", action="store_true", help="also CFG of the original teacher")
     ev.add_argument("--out", type=Path, help="write the JSON here too")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         adapters = dict((a.split("=", 1)[0], Path(a.split("=", 1)[1])) for a in args.adapter)
         res = evaluate(args.finetune, adapters, [float(w) for w in args.omega.split(",")], args.samples,
-                       args.quality_seed)
+                       args.quality_seed, args.original_cfg)
         if args.out:
             args.out.write_text(json.dumps(res, indent=2) + "\n")
         print(json.dumps(res))
