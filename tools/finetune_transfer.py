@@ -11,7 +11,9 @@ Min-SNR-γ 5 weighting, caption dropout 0.15 to "", captions in varied phrasings
 per ω: CFG of the fine-tune (2 passes), each adapter file on the fine-tune (1 pass) and, with
 --original-cfg, CFG of the original (how far the fine-tune moved the images); accuracy and digit FID
 with agd's evaluator (agd_cli.bench.quality.sample_for_quality, as `agd bench --quality` does), and
-PSNR of each method to CFG of the fine-tune on the same seeds. Run on the original teacher's folder
+PSNR of each method to CFG of the fine-tune on the same seeds; "ink", the share of pixels above
+mid-grey, tells whether a method draws the fine-tune's thicker strokes (real digits 0.10,
+thickened 0.15). Run on the original teacher's folder
 it gives the no-transfer baseline (adapters vs CFG of the base they were trained on).
 
 Usage::
@@ -149,7 +151,8 @@ def evaluate(finetuned: Path, adapters: dict[str, Path], omegas: list[float], n:
             rows[name][f"{w:g}"] = {
                 "accuracy": round(float(hits.float().mean()), 4),
                 "fid": round(evaluator.fid_of_features(evaluator.features(images)), 3),
-                "psnr_to_cfg_ft": round(float(psnr((images + 1) / 2, (reference[w] + 1) / 2).mean()), 2)}
+                "psnr_to_cfg_ft": round(float(psnr((images + 1) / 2, (reference[w] + 1) / 2).mean()), 2),
+                "ink": round(float((images > 0).float().mean()), 4)}  # stroke thickness: share of bright pixels
             log(f"{name} ω={w:g}: {rows[name][f'{w:g}']} ({time.time() - t0:.0f}s)")
         del den
     return {"settings": {"samples_per_omega": n, "seeds": [seed, seed + n - 1], "steps": plan.steps,
