@@ -34,6 +34,17 @@ def agd_here(*args: str, capsys=None) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models are overhead-bound on a shared 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     try:

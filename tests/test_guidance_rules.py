@@ -18,7 +18,6 @@ from diffusers.guiders import (
 )
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
 
-from agd_cli.cli import main
 from agd_cli.collect.run import run_collect
 from agd_cli.collect.store import TrajectoryStore
 from agd_cli.config.presets import PRESET_DIR, load_preset
@@ -28,6 +27,7 @@ from agd_cli.core.guidance_rules import GuidanceRule
 from agd_cli.core.sampling import initial_noise, sample
 from agd_cli.families import load_denoiser
 from agd_cli.train.data import TrajectoryData
+from tests.conftest import agd_here as agd
 from tests.test_collect import one_thread, quiet, write_prompts  # noqa: F401 - autouse fixtures
 
 STEPS = 10
@@ -146,14 +146,6 @@ def test_flow_matching_loop_applies_the_rule_on_the_velocity_at_two_nfe(sd3, nam
     assert unguided.nfe == steps
 
 
-def _agd(*args, capsys):
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -168,7 +160,7 @@ def _agd(*args, capsys):
     (["--guidance", "cfg", "--apg-eta", "0.5"], "--apg-eta is not a parameter of guidance rule 'cfg'"),
 ])
 def test_bad_rule_names_and_values_exit_2_naming_them(tmp_path, capsys, flags, needle):
-    code, _, err = _agd("--workdir", str(tmp_path), "collect", "--preset", "tiny-sd3",
+    code, _, err = agd("--workdir", str(tmp_path), "collect", "--preset", "tiny-sd3",
                         *flags, capsys=capsys)
     assert code == 2 and needle in err, err
     assert not (tmp_path / "tiny-sd3").exists()
@@ -178,7 +170,7 @@ def test_bad_preset_rule_exits_2(tmp_path, capsys):
     preset = tmp_path / "p.toml"
     text = (PRESET_DIR / "tiny-sd3.toml").read_text(encoding="utf-8")
     preset.write_text(text.replace("[collect]", '[collect]\nguidance = "pag"'), encoding="utf-8")
-    code, _, err = _agd("--workdir", str(tmp_path), "collect", "--preset", str(preset),
+    code, _, err = agd("--workdir", str(tmp_path), "collect", "--preset", str(preset),
                         capsys=capsys)
     assert code == 2 and "pag" in err, err
 
@@ -208,20 +200,20 @@ def test_rule_recorded_in_manifest_and_adapter_and_run_by_generate_and_bench(tmp
     assert again["new_trajectories"] == 0 and again["complete"] and old["complete"]
     with pytest.raises(Exception, match="different|guidance"):
         TrajectoryData([store.root, tmp_path / "old/trajectories"])
-    code, out, err = _agd("--workdir", wd, "train", "--steps", "4", "--checkpoint-every", "4",
+    code, out, err = agd("--workdir", wd, "train", "--steps", "4", "--checkpoint-every", "4",
                           "--json", capsys=capsys)
     assert code == 0, err
     adapter = AdapterFile.open(tmp_path / "ws/tiny-sd3/adapter.safetensors")
     assert adapter.guidance.record() == s["guidance"]
-    code, out, err = _agd("--workdir", wd, "generate", "a red fox", "--mode", "cfg", "--steps",
+    code, out, err = agd("--workdir", wd, "generate", "a red fox", "--mode", "cfg", "--steps",
                           "4", "--json", capsys=capsys)
     gen = json.loads(out)
     assert code == 0 and gen["nfe"] == 8 and gen["guidance"]["name"] == "apg"
-    code, out, err = _agd("--workdir", wd, "generate", "a red fox", "--steps", "4", "--json",
+    code, out, err = agd("--workdir", wd, "generate", "a red fox", "--steps", "4", "--json",
                           "--guidance", "rescale", "--mode", "cfg", "--out",
                           str(tmp_path / "r.png"), capsys=capsys)
     assert code == 0 and json.loads(out)["guidance"] == {"name": "rescale", "rescale_phi": 0.7}
-    code, out, err = _agd("--workdir", wd, "bench", "--compare-cfg", "--num-prompts", "1",
+    code, out, err = agd("--workdir", wd, "bench", "--compare-cfg", "--num-prompts", "1",
                           "--steps", "4", "--throughput-batch", "0", "--guidance",
                           "cfg-zero-star", "--json", capsys=capsys)
     b = json.loads(out)

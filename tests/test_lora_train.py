@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from agd_cli.cli import main
 from agd_cli.collect.run import run_collect
 from agd_cli.config.presets import load_preset
 from agd_cli.infra.errors import InputError
 from agd_cli.train.settings import TrainSettings
+from tests.conftest import agd_here as agd
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,14 +32,6 @@ def collection(tmp_path_factory):
     return root / "tiny-sd"
 
 
-def agd(*args: str, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_train_lora_writes_a_kohya_file_and_resumes(collection, tmp_path, capsys):

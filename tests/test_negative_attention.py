@@ -23,13 +23,7 @@ from tests.test_generate import agd
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("AGD_NO_PROGRESS", "1")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
 
 
 def lever_config(flag: bool = True, negatives: bool = True) -> AdapterConfig:

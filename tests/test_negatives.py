@@ -27,13 +27,7 @@ PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of fruit"]
 METHOD_ORDER = ("cfg", "cfg-negative", "agd-negative", "agd")
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("AGD_NO_PROGRESS", "1")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
 
 
 def write_lines(path: Path, lines: list[str]) -> str:

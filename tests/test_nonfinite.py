@@ -23,12 +23,7 @@ from tests.conftest import agd_here as agd
 STEPS = 6  # sampling steps of the small collections here
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
 
 
 

@@ -25,12 +25,7 @@ ENV = {**os.environ, "AGD_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THR
 _COLLECTIONS: dict[str, Path] = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
 
 
 # tiny-dit: 8 classes x 8 = 64 trajectories (a stable validation split, < 2 s to record);
