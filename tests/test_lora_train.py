@@ -70,6 +70,17 @@ def test_w_ref_must_be_above_one(w_ref):
     assert err.value.exit_code == 2
 
 
+def test_adapter_kind_flag_keeps_the_presets_lora_keys():
+    """mnist is a cross-attention preset whose [adapter] also sets lora_rank 16 and the feed-forward
+    targets: `agd train --adapter-kind lora` must train that LoRA, not the rank-8 defaults."""
+    preset = load_preset("mnist")
+    assert preset.adapter.kind == "cross_attention"
+    s = TrainSettings.resolve(preset, {"adapter_kind": "lora"})
+    assert (s.adapter.kind, s.adapter.lora_rank, s.adapter.lora_targets) == ("lora", 16, "attention_ff")
+    assert s.adapter.lora_w_ref == preset.sampling["default_omega"]
+    assert preset.adapter.kind == "cross_attention" and preset.adapter.lora_w_ref is None  # not changed
+
+
 def test_a_preset_with_a_bad_lora_key_is_refused(tmp_path):
     text = (REPO / "presets" / "tiny-sd.toml").read_text()
     assert 'kind = "cross_attention"' in text

@@ -5,7 +5,7 @@ depend only on them: the learning-rate schedule and the per-sample ω loss weigh
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -52,7 +52,9 @@ class TrainSettings:
                     "keep_checkpoints", "preview_every"):
             if flags.get(key) is not None:
                 t[key] = flags[key]
-        adapter = AdapterConfig(**preset.adapter.to_dict())
+        # a copy of every key (to_dict drops a cross-attention preset's lora_* keys, which
+        # --adapter-kind lora must keep)
+        adapter = replace(preset.adapter)
         if flags.get("adapter_kind"):
             adapter.kind = flags["adapter_kind"]
         if adapter.kind == "lora" and adapter.lora_w_ref is None:  # strength 1 = the default ω
