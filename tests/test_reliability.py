@@ -318,8 +318,11 @@ def test_probe(probe, tmp_path):
 
 
 # --- real concurrent processes, kill -9, Ctrl-C -------------------------------------------------
-LONG = ["collect", "--preset", "tiny-dit", "--classes", "all", "--num-per-prompt", "4",
-        "--batch-size", "4", "--json"]  # 4000 trajectories: minutes, so it is still running
+# 40,000 trajectories: about 7 minutes on an idle 2-core machine (4000 took 41 s, which a loaded CI
+# machine could nearly spend starting the second process: the first then finished as the SIGINT
+# came), so it is surely still running when the test interrupts it
+LONG = ["collect", "--preset", "tiny-dit", "--classes", "all", "--num-per-prompt", "40",
+        "--batch-size", "4", "--json"]
 
 
 def _start_collect(out: Path) -> subprocess.Popen:
@@ -349,7 +352,7 @@ def test_second_collect_refused_then_ctrl_c_says_how_to_resume(tmp_path):
     assert f"is in use by agd collect (PID {first.pid} on " in json.loads(second.stdout)["error"]
     first.send_signal(signal.SIGINT)
     out, err = first.communicate(timeout=120)
-    assert first.returncode == 130, err
+    assert first.returncode == 130, (out, err)
     obj = json.loads(out)
     assert "trajectories are stored in" in obj["error"] and "rerun the same command" in obj["hint"]
     assert "Traceback" not in err and not (run / ".agd.lock.json").exists()
