@@ -318,17 +318,20 @@ def test_probe(probe, tmp_path):
 
 
 # --- real concurrent processes, kill -9, Ctrl-C -------------------------------------------------
-# 40,000 trajectories: about 7 minutes on an idle 2-core machine (4000 took 41 s, which a loaded CI
-# machine could nearly spend starting the second process: the first then finished as the SIGINT
-# came), so it is surely still running when the test interrupts it
+# 40,000 trajectories: about 7 minutes on an idle 2-core machine (4000 took 41 s), so it is surely
+# still running when the test interrupts it
 LONG = ["collect", "--preset", "tiny-dit", "--classes", "all", "--num-per-prompt", "40",
         "--batch-size", "4", "--json"]
 
 
 def _start_collect(out: Path) -> subprocess.Popen:
     args = [*LONG, "--out", str(out)]
+    # SIGINT back to its default in the child: a test run started in the background (`.ci/run &`)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler (the collect
+    # ran on through the test's Ctrl-C)
     return subprocess.Popen([sys.executable, "-m", "agd_cli.cli", *args], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(cond: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120) -> None:
