@@ -38,13 +38,7 @@ PRESETS = {"tiny-sd": {}, "tiny-sdxl": {}, "tiny-dit": {"classes": "0-3"},
            "tiny-sd3": {}, "tiny-pixart": {}, "tiny-sana": {}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are overhead-bound: one thread is faster on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
 
 
 @pytest.fixture(autouse=True)

@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from agd_cli.api import agd_guidance, load_agd_adapter, unload_agd_adapter
-from agd_cli.cli import main
 from agd_cli.config.presets import load_preset
 from agd_cli.core.sampling import initial_noise, make_scheduler, sample
 from agd_cli.families import count_parameters, load_denoiser, load_with_adapters
-from tests.test_collect import one_thread  # noqa: F401 - autouse: one thread for tiny models
+from tests.conftest import agd_here
 
 REAL = {"sd35-medium": 24, "sd35-large": 38, "pixart-sigma": 28, "sana-1600m": 20}  # blocks
 TINY = ("tiny-sd3", "tiny-pixart", "tiny-sana")
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of fruit"]
 STEPS = 4
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
 
 
 @pytest.mark.parametrize("name", list(REAL))
@@ -47,11 +48,9 @@ def test_flow_euler_step_is_x_plus_dsigma_times_velocity():
 
 
 def _run(args, capsys) -> dict:
-    try:
-        main([*args, "--json"])
-    except SystemExit as e:  # pragma: no cover - shows the message when a step fails
-        pytest.fail(f"agd {' '.join(args)} exited {e.code}: {capsys.readouterr().err[-2000:]}")
-    return json.loads(capsys.readouterr().out)
+    code, out, err = agd_here(*args, "--json", capsys=capsys)
+    assert code == 0, f"agd {' '.join(args)} exited {code}: {err[-2000:]}"
+    return json.loads(out)
 
 
 @pytest.mark.parametrize("name", TINY)

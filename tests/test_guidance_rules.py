@@ -28,9 +28,11 @@ from agd_cli.core.sampling import initial_noise, sample
 from agd_cli.families import load_denoiser
 from agd_cli.train.data import TrajectoryData
 from tests.conftest import agd_here as agd
-from tests.test_collect import one_thread, quiet, write_prompts  # noqa: F401 - autouse fixtures
+from tests.test_collect import quiet, write_prompts  # noqa: F401 - quiet: autouse
 
 STEPS = 10
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
 RULES = {"interval": {"interval_start": 0.2, "interval_stop": 0.7},
          "apg": {"apg_eta": 0.3, "apg_momentum": -0.5, "apg_norm_threshold": 4.0},
          "cfg-zero-star": {"zero_init_steps": 2}, "rescale": {"rescale_phi": 0.6}}
@@ -146,8 +148,6 @@ def test_flow_matching_loop_applies_the_rule_on_the_velocity_at_two_nfe(sd3, nam
     assert unguided.nfe == steps
 
 
-
-
 @pytest.mark.parametrize("flags, needle", [
     (["--guidance", "apgx"], "unknown guidance rule 'apgx'"),
     (["--guidance", "apg", "--apg-momentum", "1.5"], "--apg-momentum must be"),
@@ -161,7 +161,7 @@ def test_flow_matching_loop_applies_the_rule_on_the_velocity_at_two_nfe(sd3, nam
 ])
 def test_bad_rule_names_and_values_exit_2_naming_them(tmp_path, capsys, flags, needle):
     code, _, err = agd("--workdir", str(tmp_path), "collect", "--preset", "tiny-sd3",
-                        *flags, capsys=capsys)
+                       *flags, capsys=capsys)
     assert code == 2 and needle in err, err
     assert not (tmp_path / "tiny-sd3").exists()
 
@@ -171,7 +171,7 @@ def test_bad_preset_rule_exits_2(tmp_path, capsys):
     text = (PRESET_DIR / "tiny-sd3.toml").read_text(encoding="utf-8")
     preset.write_text(text.replace("[collect]", '[collect]\nguidance = "pag"'), encoding="utf-8")
     code, _, err = agd("--workdir", str(tmp_path), "collect", "--preset", str(preset),
-                        capsys=capsys)
+                       capsys=capsys)
     assert code == 2 and "pag" in err, err
 
 
@@ -201,21 +201,21 @@ def test_rule_recorded_in_manifest_and_adapter_and_run_by_generate_and_bench(tmp
     with pytest.raises(Exception, match="different|guidance"):
         TrajectoryData([store.root, tmp_path / "old/trajectories"])
     code, out, err = agd("--workdir", wd, "train", "--steps", "4", "--checkpoint-every", "4",
-                          "--json", capsys=capsys)
+                         "--json", capsys=capsys)
     assert code == 0, err
     adapter = AdapterFile.open(tmp_path / "ws/tiny-sd3/adapter.safetensors")
     assert adapter.guidance.record() == s["guidance"]
     code, out, err = agd("--workdir", wd, "generate", "a red fox", "--mode", "cfg", "--steps",
-                          "4", "--json", capsys=capsys)
+                         "4", "--json", capsys=capsys)
     gen = json.loads(out)
     assert code == 0 and gen["nfe"] == 8 and gen["guidance"]["name"] == "apg"
     code, out, err = agd("--workdir", wd, "generate", "a red fox", "--steps", "4", "--json",
-                          "--guidance", "rescale", "--mode", "cfg", "--out",
-                          str(tmp_path / "r.png"), capsys=capsys)
+                         "--guidance", "rescale", "--mode", "cfg", "--out",
+                         str(tmp_path / "r.png"), capsys=capsys)
     assert code == 0 and json.loads(out)["guidance"] == {"name": "rescale", "rescale_phi": 0.7}
     code, out, err = agd("--workdir", wd, "bench", "--compare-cfg", "--num-prompts", "1",
-                          "--steps", "4", "--throughput-batch", "0", "--guidance",
-                          "cfg-zero-star", "--json", capsys=capsys)
+                         "--steps", "4", "--throughput-batch", "0", "--guidance",
+                         "cfg-zero-star", "--json", capsys=capsys)
     b = json.loads(out)
     assert code == 0, err
     assert b["guidance"]["name"] == "cfg-zero-star" and b["adapter_guidance"]["name"] == "apg"

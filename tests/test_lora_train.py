@@ -32,8 +32,6 @@ def collection(tmp_path_factory):
     return root / "tiny-sd"
 
 
-
-
 def test_train_lora_writes_a_kohya_file_and_resumes(collection, tmp_path, capsys):
     os.environ["AGD_NO_PROGRESS"] = "1"
     run = tmp_path / "lora"

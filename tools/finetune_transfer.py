@@ -13,8 +13,8 @@ per ω: CFG of the fine-tune (2 passes), each adapter file on the fine-tune (1 p
 with agd's evaluator (agd_cli.bench.quality.sample_for_quality, as `agd bench --quality` does), and
 PSNR of each method to CFG of the fine-tune on the same seeds; "ink", the share of pixels above
 mid-grey, tells whether a method draws the fine-tune's thicker strokes (real digits 0.10,
-thickened 0.15). Run on the original teacher's folder
-it gives the no-transfer baseline (adapters vs CFG of the base they were trained on).
+thickened 0.15). Run on the original teacher's folder it gives the no-transfer baseline
+(adapters vs CFG of the base they were trained on).
 
 Usage::
 
