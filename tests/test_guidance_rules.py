@@ -86,6 +86,27 @@ def test_interval_is_cfg_inside_and_the_conditional_prediction_outside():
     assert inside == [False, False, True, True, True, True, True, False, False, False]
 
 
+def test_interval_ramp_is_a_share_of_cfgs_update_before_start_and_after_stop():
+    """ramp 0.2 of 10 steps (K 2) around [2, 7): weights 1/3, 2/3 before, 2/3, 1/3 after; the
+    output is CFG at 1 + weight·(ω − 1), per sample ω included."""
+    params = {**RULES["interval"], "interval_ramp": 0.2}
+    rule = GuidanceRule.resolve("interval", params)
+    run, omega = rule.start(STEPS), torch.tensor([2.0, 4.0, 9.0])
+    want = [1 / 3, 2 / 3, 1, 1, 1, 1, 1, 2 / 3, 1 / 3, 0]
+    for step, weight in enumerate(want):
+        cond, uncond = _pair(step)
+        run.step = step
+        got = run.combine(uncond, cond, omega)
+        expect = cond + weight * (omega - 1).view(-1, 1, 1, 1) * (cond - uncond)
+        assert torch.allclose(got, expect, atol=1e-5), step
+    # ramp 0 is the hard switch, and an older record (no ramp key) reads as ramp 0
+    assert GuidanceRule.resolve("interval", RULES["interval"]).record() == {
+        "name": "interval", **RULES["interval"]}
+    assert GuidanceRule.from_record({"name": "interval", **RULES["interval"]}).params[
+        "interval_ramp"] == 0.0
+    assert rule.record()["interval_ramp"] == 0.2 and "interval_ramp 0.2" in rule.label()
+
+
 def test_apg_without_momentum_and_clipping_is_the_papers_projection():
     """Sadat et al. eq. 7–8 with β = 0, no rescaling: u + ω(Δ⊥ + ηΔ∥), Δ = c − u, per sample."""
     cond, uncond = _pair(1)
@@ -157,6 +178,8 @@ def test_flow_matching_loop_applies_the_rule_on_the_velocity_at_two_nfe(sd3, nam
     (["--guidance", "interval", "--interval-start", "0.9", "--interval-stop", "0.5"],
      "--interval-start 0.9 is not below --interval-stop 0.5"),
     (["--guidance", "interval", "--interval-stop", "nan"], "got nan"),
+    (["--guidance", "interval", "--interval-ramp", "1.5"], "--interval-ramp must be"),
+    (["--guidance", "apg", "--interval-ramp", "0.1"], "--interval-ramp is not a parameter"),
     (["--guidance", "cfg", "--apg-eta", "0.5"], "--apg-eta is not a parameter of guidance rule 'cfg'"),
 ])
 def test_bad_rule_names_and_values_exit_2_naming_them(tmp_path, capsys, flags, needle):

@@ -53,6 +53,8 @@ class NamedChoice(click.Choice):
 GUIDANCE_FLAGS = (
     ("--interval-start", "interval: first guided step, a fraction of the steps [preset, 0.2]."),
     ("--interval-stop", "interval: guidance stops at this fraction of the steps [preset, 0.8]."),
+    ("--interval-ramp", "interval: ω ramps over this fraction of the steps at each edge (0: a "
+                        "hard switch) [preset, 0]."),
     ("--apg-eta", "apg: weight of the update's part parallel to the cond prediction [0]."),
     ("--apg-momentum", "apg: momentum of the update's running average, in (-1, 1) [-0.5]."),
     ("--apg-norm-threshold", "apg: clip the update's norm to this (0: off) [0]."),

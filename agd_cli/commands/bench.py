@@ -135,7 +135,7 @@ MEMORY_ONLY = ("optimizer", "checkpointing", "train_batch_size")
 COMPARE_ONLY = ("prompts", "n", "steps", "omegas", "seeds", "baselines", "cutoff", "batch_size",
                 "throughput_batch", "repeats", "scheduler", "grid", "threads", "quality",
                 "negative_prompt", "negatives", "quality_samples", "quality_batch", "quality_seed", "guidance",
-                "interval_start", "interval_stop", "apg_eta", "apg_momentum",
+                "interval_start", "interval_stop", "interval_ramp", "apg_eta", "apg_momentum",
                 "apg_norm_threshold", "zero_init_steps", "rescale_phi")
 
 

@@ -33,7 +33,10 @@ PARAMETERS: dict[str, tuple[tuple, ...]] = {
         ("interval_start", 0.2, 0.0, 1.0, False, False, False,
          "first guided step, as a fraction of the steps (0: the noisiest)"),
         ("interval_stop", 0.8, 0.0, 1.0, False, False, False,
-         "guidance stops at this fraction of the steps (1: to the end)")),
+         "guidance stops at this fraction of the steps (1: to the end)"),
+        ("interval_ramp", 0.0, 0.0, 1.0, False, False, False,
+         "soft edges: ω ramps over this fraction of the steps before start and after stop "
+         "(0: a hard switch)")),
     "apg": (
         ("apg_eta", 0.0, 0.0, 1.0, False, False, False,
          "weight of the update's part parallel to the cond prediction"),
@@ -49,6 +52,9 @@ PARAMETERS: dict[str, tuple[tuple, ...]] = {
          "blend of the std-matched and the plain CFG output (1: fully matched)"),),
 }
 PARAMETER_KEYS = tuple(p[0] for params in PARAMETERS.values() for p in params)
+# parameters added after collections recorded their rule: left out of the record at their
+# default, so an older collection's record (and its resume check) reads the same
+LATER = {"interval_ramp": 0.0}
 
 
 def flag_of(key: str) -> str:
@@ -110,11 +116,12 @@ class GuidanceRule:
                                                        if k != "name"})
 
     def record(self) -> dict:
-        return {"name": self.name, **self.params}
+        return {"name": self.name, **{k: v for k, v in self.params.items()
+                                      if not (k in LATER and v == LATER[k])}}
 
     def label(self) -> str:
         """'apg (apg_eta 0, apg_momentum -0.5, …)'."""
-        inner = ", ".join(f"{k} {v:g}" for k, v in self.params.items())
+        inner = ", ".join(f"{k} {v:g}" for k, v in self.record().items() if k != "name")
         return f"{self.name} ({inner})" if inner else self.name
 
     def start(self, steps: int) -> RuleRun:
@@ -134,8 +141,9 @@ class RuleRun:
     def combine(self, uncond: torch.Tensor, cond: torch.Tensor, omega) -> torch.Tensor:
         p, name = self.rule.params, self.rule.name
         if name == "interval":
-            return interval_combine(uncond, cond, omega, self.step, self.steps,
-                                    p["interval_start"], p["interval_stop"])
+            weight = interval_weight(self.step, self.steps, p["interval_start"],
+                                     p["interval_stop"], p["interval_ramp"])
+            return interval_combine(uncond, cond, omega, weight)
         if name == "apg":
             return apg_combine(uncond, cond, omega, self.buffer, p["apg_eta"],
                                p["apg_norm_threshold"])
@@ -150,15 +158,32 @@ def _omega(omega, cond: torch.Tensor) -> torch.Tensor:
     return per_sample(as_omega(omega, cond.shape[0], cond).to(cond.dtype), cond)
 
 
-def interval_combine(uncond, cond, omega, step: int, steps: int, start: float,
-                     stop: float) -> torch.Tensor:
+def interval_weight(step: int, steps: int, start: float, stop: float, ramp: float = 0.0) -> float:
+    """How much of CFG's update step `step` of `steps` gets: 1 on the steps
+    int(start·N) ≤ i < int(stop·N) (diffusers' ClassifierFreeGuidance start/stop), 0 elsewhere;
+    with a ramp of K = round(ramp·N) steps, rising linearly over the K steps before the interval
+    (1/(K+1), …, K/(K+1)) and falling the same way over the K steps after it."""
+    first, end = int(start * steps), int(stop * steps)
+    if first <= step < end:
+        return 1.0
+    k = round(ramp * steps)
+    if first - k <= step < first:
+        return (step - first + k + 1) / (k + 1)
+    if end <= step < end + k:
+        return 1.0 - (step - end + 1) / (k + 1)
+    return 0.0
+
+
+def interval_combine(uncond, cond, omega, weight: float) -> torch.Tensor:
     """Guidance interval (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval
-    improves sample and distribution quality in diffusion models"): CFG on the steps
-    int(start·N) ≤ i < int(stop·N), the conditional prediction elsewhere (diffusers'
-    ClassifierFreeGuidance start/stop)."""
-    if int(start * steps) <= step < int(stop * steps):
+    improves sample and distribution quality in diffusion models"): CFG where `weight`
+    (interval_weight) is 1, the conditional prediction where it is 0, and on a ramp CFG at
+    1 + weight·(ω − 1), a share of CFG's update c + (ω − 1)(c − u)."""
+    if weight >= 1.0:
         return cfg_combine(uncond, cond, omega)
-    return cond
+    if weight <= 0.0:
+        return cond
+    return cfg_combine(uncond, cond, 1.0 + weight * (as_omega(omega, cond.shape[0], cond) - 1.0))
 
 
 def apg_combine(uncond, cond, omega, buffer: MomentumBuffer | None, eta: float,
