@@ -23,7 +23,7 @@ from agd_cli.collect.store import TrajectoryStore
 from agd_cli.config.presets import PRESET_DIR, load_preset
 from agd_cli.core.adapter_file import AdapterFile
 from agd_cli.core.guidance import cfg_combine
-from agd_cli.core.guidance_rules import GuidanceRule
+from agd_cli.core.guidance_rules import GuidanceRule, interval_weight
 from agd_cli.core.sampling import initial_noise, sample
 from agd_cli.families import load_denoiser
 from agd_cli.train.data import TrajectoryData
@@ -105,6 +105,19 @@ def test_interval_ramp_is_a_share_of_cfgs_update_before_start_and_after_stop():
     assert GuidanceRule.from_record({"name": "interval", **RULES["interval"]}).params[
         "interval_ramp"] == 0.0
     assert rule.record()["interval_ramp"] == 0.2 and "interval_ramp 0.2" in rule.label()
+
+
+def test_mnist_interval_preset_teaches_the_ramped_interval():
+    """The shipped recipe (docs/guidance-rules.md): interval 0.2–1.0 with ω ramped in over
+    steps 0–3 of 20, 64 trajectories per prompt, hidden 128, 900 steps."""
+    preset = load_preset("mnist-interval")
+    rule = GuidanceRule.resolve(None, {}, preset.collect)
+    assert rule.record() == {"name": "interval", "interval_start": 0.2, "interval_stop": 1.0,
+                             "interval_ramp": 0.2}
+    weights = [interval_weight(i, 20, 0.2, 1.0, 0.2) for i in range(20)]
+    assert weights[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and min(weights[4:]) == 1.0
+    assert preset.collect["num_per_prompt"] == 64 and preset.adapter.hidden_dim == 128
+    assert preset.train["steps"] == 900 and preset.base_model == load_preset("mnist").base_model
 
 
 def test_apg_without_momentum_and_clipping_is_the_papers_projection():
