@@ -249,6 +249,9 @@ def test_rule_recorded_in_manifest_and_adapter_and_run_by_generate_and_bench(tmp
                          "--guidance", "rescale", "--mode", "cfg", "--out",
                          str(tmp_path / "r.png"), capsys=capsys)
     assert code == 0 and json.loads(out)["guidance"] == {"name": "rescale", "rescale_phi": 0.7}
+    code, _, err = agd("--workdir", wd, "generate", "a red fox", "--steps", "4", "--out",
+                       str(tmp_path / "a.png"), capsys=capsys)
+    assert code == 0 and "(agd, 1 pass per step, taught apg)" in err, err
     code, out, err = agd("--workdir", wd, "bench", "--compare-cfg", "--num-prompts", "1",
                          "--steps", "4", "--throughput-batch", "0", "--guidance",
                          "cfg-zero-star", "--json", capsys=capsys)
