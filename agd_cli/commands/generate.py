@@ -80,7 +80,7 @@ def command(prompts: tuple[str, ...], as_json: bool, workdir: str, **flags) -> N
     for path in summary["images"]:
         ui.result(path)
     per_step = "1 pass per step" if summary["mode"] == "agd" else "2 passes per step"
-    rule = (summary.get("guidance") or {}).get("name", "cfg")
+    rule = summary["guidance"]["name"]
     if rule != "cfg":
         per_step += f", rule {rule}" if summary["mode"] == "cfg" else f", taught {rule}"
     if summary["negative_prompt"] is not None:

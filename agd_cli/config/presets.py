@@ -165,7 +165,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "omega_skew": _positive,
         # the teacher's rule and its parameters (agd_cli.core.guidance_rules.PARAMETERS)
         "guidance": _one_of(GUIDANCE_RULES), "interval_start": _probability,
-        "interval_stop": _probability, "interval_ramp": _probability, "apg_eta": _probability, "apg_momentum": _open_unit,
+        "interval_stop": _probability, "interval_ramp": _probability, "apg_eta": _probability,
+        "apg_momentum": _open_unit,
         "apg_norm_threshold": _nonneg, "zero_init_steps": _nonneg_int, "rescale_phi": _probability,
     },
     "train": {
